@@ -1,0 +1,30 @@
+//! The contract between the `baton` supervisor and a `baton-worker` process.
+//!
+//! A worker is started the way systemd starts a socket-activated `Type=notify` service:
+//! listeners arrive as fds `3..3+LISTEN_FDS` named by `LISTEN_FDNAMES`, readiness and
+//! status go as datagrams to `NOTIFY_SOCKET`, and `SIGTERM` means "drain". On top of that
+//! the supervisor passes a few `BATON_*` variables, described by the constants below, and
+//! the worker reports its counters in a `BATON_STATS=` notify field.
+//!
+//! This crate owns only data and parsing: it never touches a socket or a process.
+
+pub mod notify;
+pub mod settings;
+
+pub use notify::{NotifyMessage, Stats};
+pub use settings::{HttpSettings, WorkerSettings};
+
+/// Environment variable: the generation number the worker belongs to (decimal).
+pub const ENV_GENERATION: &str = "BATON_GENERATION";
+/// Environment variable: the [`WorkerSettings`] as JSON.
+pub const ENV_SETTINGS: &str = "BATON_WORKER_SETTINGS";
+/// Environment variable: the fd number of the read end of the supervisor's lifeline pipe.
+/// The pipe never carries data; end-of-file on it means the supervisor is gone.
+pub const ENV_LIFELINE_FD: &str = "BATON_LIFELINE_FD";
+/// Environment variable: the supervisor's pid. A worker started by the supervisor accepts
+/// `LISTEN_FDS` without `LISTEN_PID` only when this equals its parent's pid (the supervisor
+/// cannot know the worker's pid before `fork`, and setting the environment between `fork`
+/// and `exec` is not async-signal-safe).
+pub const ENV_SUPERVISOR_PID: &str = "BATON_SUPERVISOR_PID";
+/// The first fd systemd's protocol passes listeners at.
+pub const LISTEN_FDS_START: i32 = 3;

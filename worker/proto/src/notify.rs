@@ -1,0 +1,168 @@
+//! The sd_notify datagram format, as workers send it to the supervisor.
+//!
+//! A datagram is newline-separated `KEY=VALUE` assignments (systemd's `sd_notify(3)`).
+//! [`NotifyMessage::parse`] keeps the keys Baton acts on and ignores the rest, as systemd
+//! does; it never fails on unknown keys, only on text that is not an assignment at all.
+
+use thiserror::Error;
+
+/// Counters a worker reports in `BATON_STATS=<open connections> <requests served>`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Connections open right now.
+    pub connections: u64,
+    /// Requests answered since the worker started.
+    pub requests: u64,
+}
+
+impl Stats {
+    /// The `BATON_STATS=` line for these counters.
+    pub fn to_line(self) -> String {
+        format!("BATON_STATS={} {}", self.connections, self.requests)
+    }
+}
+
+/// The parts of one notify datagram the supervisor acts on.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NotifyMessage {
+    /// `READY=1`.
+    pub ready: bool,
+    /// `STOPPING=1`.
+    pub stopping: bool,
+    /// `STATUS=…`.
+    pub status: Option<String>,
+    /// `ERRNO=…`: the worker failed to start with this errno.
+    pub errno: Option<i32>,
+    /// `BATON_STATS=…`.
+    pub stats: Option<Stats>,
+}
+
+/// Why a datagram could not be read as a notify message.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum ParseError {
+    /// The datagram was not UTF-8.
+    #[error("notify message is not UTF-8")]
+    NotUtf8,
+    /// A line had no `=`.
+    #[error("notify line {0:?} is not KEY=VALUE")]
+    NotAssignment(String),
+    /// A value Baton interprets did not parse.
+    #[error("notify field {key} has a bad value {value:?}")]
+    BadValue {
+        /// The key.
+        key: &'static str,
+        /// The offending value.
+        value: String,
+    },
+}
+
+impl NotifyMessage {
+    /// Parses one datagram.
+    pub fn parse(bytes: &[u8]) -> Result<Self, ParseError> {
+        let text = std::str::from_utf8(bytes).map_err(|_| ParseError::NotUtf8)?;
+        let mut msg = NotifyMessage::default();
+        for line in text.split('\n').filter(|l| !l.is_empty()) {
+            let (key, value) = line
+                .split_once('=')
+                .ok_or_else(|| ParseError::NotAssignment(truncate(line)))?;
+            match key {
+                "READY" => msg.ready = value == "1",
+                "STOPPING" => msg.stopping = value == "1",
+                "STATUS" => msg.status = Some(value.to_owned()),
+                "ERRNO" => {
+                    let errno = value.parse().map_err(|_| ParseError::BadValue {
+                        key: "ERRNO",
+                        value: truncate(value),
+                    })?;
+                    msg.errno = Some(errno);
+                }
+                "BATON_STATS" => msg.stats = Some(parse_stats(value)?),
+                _ => {}
+            }
+        }
+        Ok(msg)
+    }
+
+    /// Whether the message reports a start-up failure (`ERRNO=` or `STATUS=failed…`).
+    pub fn failure(&self) -> Option<String> {
+        let status = self
+            .status
+            .as_deref()
+            .filter(|s| s.starts_with("failed"))
+            .map(str::to_owned);
+        match (status, self.errno) {
+            (Some(s), _) => Some(s),
+            (None, Some(e)) => Some(format!("failed with errno {e}")),
+            (None, None) => None,
+        }
+    }
+}
+
+fn parse_stats(value: &str) -> Result<Stats, ParseError> {
+    let bad = || ParseError::BadValue {
+        key: "BATON_STATS",
+        value: truncate(value),
+    };
+    let mut parts = value.split(' ');
+    let connections = parts.next().and_then(|p| p.parse().ok()).ok_or_else(bad)?;
+    let requests = parts.next().and_then(|p| p.parse().ok()).ok_or_else(bad)?;
+    if parts.next().is_some() {
+        return Err(bad());
+    }
+    Ok(Stats {
+        connections,
+        requests,
+    })
+}
+
+fn truncate(s: &str) -> String {
+    s.chars().take(80).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_the_fields_baton_acts_on() {
+        let m = NotifyMessage::parse(b"READY=1\nSTATUS=serving\nBATON_STATS=3 40\nX=y\n").unwrap();
+        assert!(m.ready);
+        assert_eq!(m.status.as_deref(), Some("serving"));
+        assert_eq!(
+            m.stats,
+            Some(Stats {
+                connections: 3,
+                requests: 40
+            })
+        );
+        assert_eq!(m.failure(), None);
+    }
+
+    #[test]
+    fn start_up_failures_are_recognised() {
+        let m = NotifyMessage::parse(b"STATUS=failed: plugin x.so: bad magic\nERRNO=22").unwrap();
+        assert_eq!(m.failure().as_deref(), Some("failed: plugin x.so: bad magic"));
+        let m = NotifyMessage::parse(b"ERRNO=2").unwrap();
+        assert_eq!(m.failure().as_deref(), Some("failed with errno 2"));
+    }
+
+    #[test]
+    fn rejects_what_is_not_an_assignment() {
+        assert_eq!(
+            NotifyMessage::parse(b"READY"),
+            Err(ParseError::NotAssignment("READY".into()))
+        );
+        assert!(NotifyMessage::parse(b"ERRNO=x").is_err());
+        assert!(NotifyMessage::parse(b"BATON_STATS=1").is_err());
+        assert!(NotifyMessage::parse(&[0xff, 0xfe]).is_err());
+    }
+
+    #[test]
+    fn stats_line_round_trips() {
+        let s = Stats {
+            connections: 7,
+            requests: 9,
+        };
+        assert_eq!(NotifyMessage::parse(s.to_line().as_bytes()).unwrap().stats, Some(s));
+    }
+}

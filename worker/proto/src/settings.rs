@@ -1,0 +1,96 @@
+//! What a worker is told to do: the part of the validated configuration it needs, with
+//! every duration already resolved. The supervisor serialises this to JSON in
+//! [`crate::ENV_SETTINGS`]; a worker started without it (for example by
+//! `systemd-socket-activate`) uses [`WorkerSettings::default`].
+
+use serde::{Deserialize, Serialize};
+
+/// Everything a worker process needs besides its listener fds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkerSettings {
+    /// Runtime threads; 0 means one per available core.
+    pub threads: usize,
+    /// How long a drain may take before what is left is closed, in milliseconds.
+    pub drain_timeout_ms: u64,
+    /// How long an idle keep-alive connection is kept open once a drain began, so that a
+    /// request the client is sending at that moment is still answered (with
+    /// `Connection: close`), in milliseconds.
+    pub drain_idle_grace_ms: u64,
+    /// HTTP limits and behaviour.
+    pub http: HttpSettings,
+}
+
+/// HTTP behaviour of a worker.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpSettings {
+    /// Idle keep-alive connections are closed after this long, in milliseconds.
+    pub keepalive_timeout_ms: u64,
+    /// A request's header must arrive within this long, in milliseconds.
+    pub header_read_timeout_ms: u64,
+    /// Largest accepted request header block, in bytes.
+    pub max_header_bytes: usize,
+    /// Largest accepted request body, in bytes.
+    pub max_body_bytes: u64,
+    /// Most connections one worker holds open at once.
+    pub max_connections: usize,
+    /// The path answered with the worker's generation and pid, for load balancers.
+    pub health_path: String,
+}
+
+impl Default for WorkerSettings {
+    fn default() -> Self {
+        Self {
+            threads: 0,
+            drain_timeout_ms: 30_000,
+            drain_idle_grace_ms: 1_000,
+            http: HttpSettings::default(),
+        }
+    }
+}
+
+impl Default for HttpSettings {
+    fn default() -> Self {
+        Self {
+            keepalive_timeout_ms: 60_000,
+            header_read_timeout_ms: 10_000,
+            max_header_bytes: 65_536,
+            max_body_bytes: 1_048_576,
+            max_connections: 10_000,
+            health_path: "/_baton/health".to_owned(),
+        }
+    }
+}
+
+impl WorkerSettings {
+    /// Encodes the settings for [`crate::ENV_SETTINGS`].
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).expect("settings always serialise")
+    }
+
+    /// Decodes the settings from [`crate::ENV_SETTINGS`].
+    pub fn from_json(text: &str) -> Result<Self, serde_json::Error> {
+        serde_json::from_str(text)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_round_trip_keeps_every_field() {
+        let mut settings = WorkerSettings::default();
+        settings.threads = 3;
+        settings.http.health_path = "/healthz".into();
+        let back = WorkerSettings::from_json(&settings.to_json()).unwrap();
+        assert_eq!(back, settings);
+    }
+
+    #[test]
+    fn unknown_fields_are_refused() {
+        let err = WorkerSettings::from_json(r#"{"threads":1,"bogus":2}"#).unwrap_err();
+        assert!(err.to_string().contains("bogus"), "{err}");
+    }
+}

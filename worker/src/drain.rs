@@ -1,0 +1,132 @@
+//! The drain as data: a phase that only moves forward, and a count of open connections
+//! that the drain waits on.
+//!
+//! `Serving` → `Closing` (stop accepting; HTTP/1 responses carry `Connection: close`,
+//! HTTP/2 connections get GOAWAY; idle HTTP/1 connections get a grace period) → `Forced`
+//! (`drain_timeout` passed: whatever is left is dropped). Nothing here sleeps or decides
+//! when to move on; `serve` does.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use tokio::sync::{Notify, watch};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Phase {
+    Serving,
+    Closing,
+    Forced,
+}
+
+/// The one writer of the phase.
+#[derive(Debug)]
+pub struct Drain {
+    tx: watch::Sender<Phase>,
+}
+
+/// A reader of the phase, cloned into every task that must react to it.
+#[derive(Debug, Clone)]
+pub struct DrainWatch {
+    rx: watch::Receiver<Phase>,
+}
+
+impl Drain {
+    pub fn new() -> (Self, DrainWatch) {
+        let (tx, rx) = watch::channel(Phase::Serving);
+        (Self { tx }, DrainWatch { rx })
+    }
+
+    /// Moves to `phase` unless the drain is already further along.
+    pub fn advance(&self, phase: Phase) {
+        self.tx.send_if_modified(|current| {
+            let moved = phase > *current;
+            if moved {
+                *current = phase;
+            }
+            moved
+        });
+    }
+}
+
+impl DrainWatch {
+    /// Resolves once the phase is `phase` or later.
+    pub async fn reached(&mut self, phase: Phase) {
+        // The sender lives as long as the worker serves; if it is gone, so is the worker.
+        let _ = self.rx.wait_for(|p| *p >= phase).await;
+    }
+
+    pub fn is_closing(&self) -> bool {
+        *self.rx.borrow() >= Phase::Closing
+    }
+}
+
+/// Counts open connections; the drain is over when the count reaches zero.
+#[derive(Debug, Default)]
+pub struct Connections {
+    open: AtomicU64,
+    idle: Notify,
+}
+
+/// Held by a connection task for its whole life.
+#[derive(Debug)]
+pub struct ConnectionGuard(Arc<Connections>);
+
+impl Connections {
+    pub fn open(self: &Arc<Self>) -> ConnectionGuard {
+        self.open.fetch_add(1, Ordering::Relaxed);
+        ConnectionGuard(self.clone())
+    }
+
+    pub fn count(&self) -> u64 {
+        self.open.load(Ordering::Relaxed)
+    }
+
+    /// Resolves when no connection is open.
+    pub async fn all_closed(&self) {
+        loop {
+            let notified = self.idle.notified();
+            if self.count() == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        if self.0.open.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn phase_only_moves_forward() {
+        let (drain, mut watch) = Drain::new();
+        drain.advance(Phase::Forced);
+        drain.advance(Phase::Closing);
+        watch.reached(Phase::Forced).await;
+        assert!(watch.is_closing());
+    }
+
+    #[tokio::test]
+    async fn all_closed_waits_for_the_last_guard() {
+        let conns = Arc::new(Connections::default());
+        let a = conns.open();
+        let b = conns.open();
+        drop(a);
+        let waiter = tokio::spawn({
+            let conns = conns.clone();
+            async move { conns.all_closed().await }
+        });
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished());
+        drop(b);
+        waiter.await.unwrap();
+        assert_eq!(conns.count(), 0);
+    }
+}

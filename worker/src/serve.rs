@@ -1,0 +1,393 @@
+//! Accept loops, HTTP connections and the drain sequence of one worker.
+//!
+//! Owns every connection the worker accepts. It answers the health path and 404 for
+//! everything else; it never decides when to drain (a signal or the supervisor's death
+//! does) and never closes an idle keep-alive connection the moment a drain begins (a
+//! client may be sending on it right then): such a connection gets
+//! `drain_idle_grace` to send one more request, answered with `Connection: close`.
+
+use crate::drain::{ConnectionGuard, Connections, Drain, DrainWatch, Phase};
+use crate::inherit::{Listener, NamedListener};
+use crate::notify::Notifier;
+use baton_proto::{Stats, WorkerSettings};
+use bytes::Bytes;
+use http::{HeaderValue, Method, Request, Response, StatusCode, Version, header};
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use std::convert::Infallible;
+use std::future::Future;
+use std::os::fd::OwnedFd;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tracing::Instrument;
+
+/// How often changed counters are reported to the supervisor.
+const STATS_INTERVAL: Duration = Duration::from_secs(1);
+/// Pause after an accept error (EMFILE and friends) so the loop does not spin.
+const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
+/// After `drain_timeout`, how long dropped connections get to release their guards.
+const FORCED_CLOSE_WAIT: Duration = Duration::from_millis(200);
+
+struct Shared {
+    generation: u64,
+    pid: u32,
+    settings: WorkerSettings,
+    requests: AtomicU64,
+    connections: Arc<Connections>,
+    slots: Arc<Semaphore>,
+    builder: auto::Builder<TokioExecutor>,
+}
+
+/// Serves until SIGTERM, SIGINT or the supervisor's death, then drains and returns.
+pub async fn serve(
+    generation: u64,
+    settings: WorkerSettings,
+    listeners: Vec<NamedListener>,
+    lifeline: Option<OwnedFd>,
+    notifier: Notifier,
+) -> anyhow::Result<()> {
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let lifeline = match lifeline {
+        Some(fd) => Some(tokio::net::unix::pipe::Receiver::from_owned_fd(fd)?),
+        None => None,
+    };
+
+    let shared = Arc::new(Shared {
+        generation,
+        pid: std::process::id(),
+        builder: http_builder(&settings),
+        slots: Arc::new(Semaphore::new(settings.http.max_connections.max(1))),
+        settings,
+        requests: AtomicU64::new(0),
+        connections: Arc::new(Connections::default()),
+    });
+    let (drain, watch) = Drain::new();
+
+    let mut accepting = tokio::task::JoinSet::new();
+    let names: Vec<String> = listeners.iter().map(|l| l.name.clone()).collect();
+    for NamedListener { listener, .. } in listeners {
+        let (shared, watch) = (shared.clone(), watch.clone());
+        match listener {
+            Listener::Tcp(l) => {
+                l.set_nonblocking(true)?;
+                let l = tokio::net::TcpListener::from_std(l)?;
+                accepting.spawn(accept_loop(l, shared, watch).in_current_span());
+            }
+            Listener::Unix(l) => {
+                l.set_nonblocking(true)?;
+                let l = tokio::net::UnixListener::from_std(l)?;
+                accepting.spawn(accept_loop(l, shared, watch).in_current_span());
+            }
+        }
+    }
+    notifier.send(&format!(
+        "READY=1\nSTATUS=serving generation {generation} on {}",
+        names.join(", ")
+    ));
+    tracing::info!("serving on {}", names.join(", "));
+    let stats = tokio::spawn(report_stats(shared.clone(), notifier.clone()));
+
+    let reason = tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+        _ = lifeline_closed(lifeline) => "the supervisor is gone",
+    };
+    tracing::info!(
+        "draining ({reason}): {} connection(s) open",
+        shared.connections.count()
+    );
+    notifier.send("STOPPING=1\nSTATUS=draining");
+    drain.advance(Phase::Closing);
+    while accepting.join_next().await.is_some() {}
+
+    let drain_timeout = Duration::from_millis(shared.settings.drain_timeout_ms);
+    let started = Instant::now();
+    if tokio::time::timeout(drain_timeout, shared.connections.all_closed())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            "drain_timeout ({drain_timeout:?}) reached with {} connection(s) open; closing them",
+            shared.connections.count()
+        );
+        drain.advance(Phase::Forced);
+        let _ = tokio::time::timeout(FORCED_CLOSE_WAIT, shared.connections.all_closed()).await;
+    }
+    stats.abort();
+    notifier.send(&stats_of(&shared).to_line());
+    tracing::info!(
+        "drained in {:?} after {} request(s)",
+        started.elapsed(),
+        shared.requests.load(Ordering::Relaxed)
+    );
+    Ok(())
+}
+
+fn http_builder(settings: &WorkerSettings) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_millis(settings.http.header_read_timeout_ms))
+        .max_buf_size(settings.http.max_header_bytes.max(8192));
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(settings.http.max_header_bytes).unwrap_or(u32::MAX));
+    builder
+}
+
+async fn lifeline_closed(lifeline: Option<tokio::net::unix::pipe::Receiver>) {
+    let Some(pipe) = lifeline else {
+        return std::future::pending().await;
+    };
+    let mut buf = [0u8; 64];
+    loop {
+        if pipe.readable().await.is_err() {
+            return;
+        }
+        match pipe.try_read(&mut buf) {
+            Ok(0) => return,
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(_) => return,
+        }
+    }
+}
+
+fn stats_of(shared: &Shared) -> Stats {
+    Stats {
+        connections: shared.connections.count(),
+        requests: shared.requests.load(Ordering::Relaxed),
+    }
+}
+
+async fn report_stats(shared: Arc<Shared>, notifier: Notifier) {
+    let mut last = Stats::default();
+    let mut tick = tokio::time::interval(STATS_INTERVAL);
+    loop {
+        tick.tick().await;
+        let now = stats_of(&shared);
+        if now != last {
+            notifier.send(&now.to_line());
+            last = now;
+        }
+    }
+}
+
+/// A listening socket the accept loop can take connections from.
+trait Accept: Send + Sync + 'static {
+    type Io: AsyncRead + AsyncWrite + Unpin + Send + 'static;
+    fn accept(&self) -> impl Future<Output = std::io::Result<Self::Io>> + Send;
+}
+
+impl Accept for tokio::net::TcpListener {
+    type Io = tokio::net::TcpStream;
+    async fn accept(&self) -> std::io::Result<Self::Io> {
+        let (stream, _) = tokio::net::TcpListener::accept(self).await?;
+        stream.set_nodelay(true)?;
+        Ok(stream)
+    }
+}
+
+impl Accept for tokio::net::UnixListener {
+    type Io = tokio::net::UnixStream;
+    async fn accept(&self) -> std::io::Result<Self::Io> {
+        Ok(tokio::net::UnixListener::accept(self).await?.0)
+    }
+}
+
+/// Accepts until the drain begins. Above `max_connections` it stops accepting, so new
+/// connections wait in the shared backlog instead of being refused.
+async fn accept_loop<L: Accept>(listener: L, shared: Arc<Shared>, mut watch: DrainWatch) {
+    loop {
+        let permit = tokio::select! {
+            permit = shared.slots.clone().acquire_owned() => permit.expect("semaphore never closes"),
+            _ = watch.reached(Phase::Closing) => return,
+        };
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = watch.reached(Phase::Closing) => return,
+        };
+        match accepted {
+            Ok(io) => {
+                let guard = shared.connections.open();
+                tokio::spawn(
+                    connection(io, shared.clone(), watch.clone(), guard, permit).in_current_span(),
+                );
+            }
+            Err(e) => {
+                tracing::warn!("accept failed: {e}");
+                tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
+            }
+        }
+    }
+}
+
+/// What a connection's handlers tell its task.
+#[derive(Debug)]
+struct ConnState {
+    opened: Instant,
+    h2: AtomicBool,
+    in_flight: AtomicUsize,
+    /// Milliseconds since `opened` when the last request finished.
+    last_done_ms: AtomicU64,
+}
+
+impl ConnState {
+    fn new() -> Self {
+        Self {
+            opened: Instant::now(),
+            h2: AtomicBool::new(false),
+            in_flight: AtomicUsize::new(0),
+            last_done_ms: AtomicU64::new(0),
+        }
+    }
+
+    /// How long the connection has had no request in flight, or `None` while it has one.
+    fn idle_for(&self) -> Option<Duration> {
+        if self.in_flight.load(Ordering::Acquire) > 0 {
+            return None;
+        }
+        let since = Duration::from_millis(self.last_done_ms.load(Ordering::Relaxed));
+        Some(self.opened.elapsed().saturating_sub(since))
+    }
+}
+
+struct InFlight(Arc<ConnState>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let now = self.0.opened.elapsed().as_millis() as u64;
+        self.0.last_done_ms.store(now, Ordering::Relaxed);
+        self.0.in_flight.fetch_sub(1, Ordering::Release);
+    }
+}
+
+async fn connection<I>(
+    io: I,
+    shared: Arc<Shared>,
+    mut watch: DrainWatch,
+    _guard: ConnectionGuard,
+    _permit: OwnedSemaphorePermit,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let state = Arc::new(ConnState::new());
+    let service = {
+        let (shared, state, watch) = (shared.clone(), state.clone(), watch.clone());
+        service_fn(move |req| handle(req, shared.clone(), state.clone(), watch.clone()))
+    };
+    let conn = shared.builder.serve_connection(TokioIo::new(io), service);
+    tokio::pin!(conn);
+
+    let keepalive = Duration::from_millis(shared.settings.http.keepalive_timeout_ms);
+    let grace = Duration::from_millis(shared.settings.drain_idle_grace_ms);
+    let idle_expired = async {
+        loop {
+            match state.idle_for() {
+                Some(idle) if idle >= keepalive => return,
+                Some(idle) => tokio::time::sleep(keepalive - idle).await,
+                None => tokio::time::sleep(keepalive).await,
+            }
+        }
+    };
+    let mut closing_watch = watch.clone();
+    let drain_says_close = async {
+        closing_watch.reached(Phase::Closing).await;
+        if !state.h2.load(Ordering::Relaxed) {
+            // An idle HTTP/1 connection may carry a request right now: let it be answered
+            // (with `Connection: close`) before closing what is still idle.
+            tokio::time::sleep(grace).await;
+        }
+    };
+
+    tokio::select! {
+        result = conn.as_mut() => return log_end(result),
+        _ = drain_says_close => {}
+        _ = idle_expired => {}
+    }
+    // HTTP/2: GOAWAY, then wait for open streams. HTTP/1: close once the request in
+    // flight (if any) is answered.
+    conn.as_mut().graceful_shutdown();
+    tokio::select! {
+        result = conn.as_mut() => log_end(result),
+        _ = watch.reached(Phase::Forced) => {}
+    }
+}
+
+fn log_end(result: Result<(), Box<dyn std::error::Error + Send + Sync>>) {
+    if let Err(e) = result {
+        tracing::debug!("connection ended: {e}");
+    }
+}
+
+async fn handle(
+    req: Request<Incoming>,
+    shared: Arc<Shared>,
+    state: Arc<ConnState>,
+    watch: DrainWatch,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    state.in_flight.fetch_add(1, Ordering::AcqRel);
+    let _in_flight = InFlight(state.clone());
+    if req.version() == Version::HTTP_2 {
+        state.h2.store(true, Ordering::Relaxed);
+    }
+    let (parts, body) = req.into_parts();
+    let limit = usize::try_from(shared.settings.http.max_body_bytes).unwrap_or(usize::MAX);
+    let mut response = match Limited::new(body, limit).collect().await {
+        Ok(_) => route(&parts.method, parts.uri.path(), &shared),
+        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => text(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("request body exceeds {limit} bytes\n"),
+        ),
+        Err(e) => text(StatusCode::BAD_REQUEST, format!("bad request body: {e}\n")),
+    };
+    shared.requests.fetch_add(1, Ordering::Relaxed);
+    if watch.is_closing() && parts.version < Version::HTTP_2 {
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    Ok(response)
+}
+
+fn route(method: &Method, path: &str, shared: &Shared) -> Response<Full<Bytes>> {
+    if path != shared.settings.http.health_path {
+        return text(StatusCode::NOT_FOUND, "not found\n".into());
+    }
+    if method != Method::GET && method != Method::HEAD {
+        let mut r = text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n".into());
+        r.headers_mut()
+            .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+        return r;
+    }
+    let body = format!(
+        "{{\"status\":\"ok\",\"generation\":{},\"pid\":{}}}\n",
+        shared.generation, shared.pid
+    );
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
