@@ -2,7 +2,9 @@
 //! threads, so no later `getenv` races a `setenv`).
 
 use anyhow::Context;
-use baton_proto::{ENV_GENERATION, ENV_LIFELINE_FD, ENV_SETTINGS, ENV_SUPERVISOR_PID, WorkerSettings};
+use baton_proto::{
+    ENV_GENERATION, ENV_LIFELINE_FD, ENV_SETTINGS, ENV_SUPERVISOR_PID, WorkerSettings,
+};
 use std::path::PathBuf;
 
 /// A snapshot of every variable the worker reads.
@@ -27,7 +29,9 @@ impl WorkerEnv {
             listen_fds: var("LISTEN_FDS"),
             listen_fdnames: var("LISTEN_FDNAMES"),
             notify_socket: std::env::var_os("NOTIFY_SOCKET").map(PathBuf::from),
-            generation: var(ENV_GENERATION).and_then(|g| g.parse().ok()).unwrap_or(0),
+            generation: var(ENV_GENERATION)
+                .and_then(|g| g.parse().ok())
+                .unwrap_or(0),
             settings_json: var(ENV_SETTINGS),
             lifeline_fd: var(ENV_LIFELINE_FD),
             supervisor_pid: var(ENV_SUPERVISOR_PID),
@@ -38,7 +42,9 @@ impl WorkerEnv {
     pub fn settings(&self) -> anyhow::Result<WorkerSettings> {
         match &self.settings_json {
             None => Ok(WorkerSettings::default()),
-            Some(json) => WorkerSettings::from_json(json).with_context(|| format!("bad {ENV_SETTINGS}")),
+            Some(json) => {
+                WorkerSettings::from_json(json).with_context(|| format!("bad {ENV_SETTINGS}"))
+            }
         }
     }
 }

@@ -10,7 +10,9 @@ use crate::env::WorkerEnv;
 use anyhow::{Context, bail, ensure};
 use baton_proto::{ENV_LIFELINE_FD, ENV_SUPERVISOR_PID, LISTEN_FDS_START};
 use nix::fcntl::{FcntlArg, FdFlag, fcntl};
-use nix::sys::socket::{AddressFamily, SockType, SockaddrLike, SockaddrStorage, getsockname, getsockopt, sockopt};
+use nix::sys::socket::{
+    AddressFamily, SockType, SockaddrLike, SockaddrStorage, getsockname, getsockopt, sockopt,
+};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
 /// One inherited listening socket.
@@ -30,10 +32,17 @@ pub struct NamedListener {
 /// Adopts the listeners passed by the supervisor or by systemd.
 pub fn listeners(env: &WorkerEnv) -> anyhow::Result<Vec<NamedListener>> {
     let Some(count) = &env.listen_fds else {
-        bail!("no listeners: LISTEN_FDS is not set (start the worker through baton or systemd socket activation)");
+        bail!(
+            "no listeners: LISTEN_FDS is not set (start the worker through baton or systemd socket activation)"
+        );
     };
-    let count: i32 = count.parse().with_context(|| format!("LISTEN_FDS={count:?} is not a number"))?;
-    ensure!((1..=1024).contains(&count), "LISTEN_FDS={count} is out of range");
+    let count: i32 = count
+        .parse()
+        .with_context(|| format!("LISTEN_FDS={count:?} is not a number"))?;
+    ensure!(
+        (1..=1024).contains(&count),
+        "LISTEN_FDS={count} is out of range"
+    );
     check_listen_pid(env)?;
     let names: Vec<String> = match &env.listen_fdnames {
         Some(names) => names.split(':').map(str::to_owned).collect(),
@@ -50,7 +59,8 @@ pub fn listeners(env: &WorkerEnv) -> anyhow::Result<Vec<NamedListener>> {
         // SAFETY: the socket-activation protocol hands fds 3..3+LISTEN_FDS to this process;
         // each number is taken exactly once, here, and nothing else in the worker uses it.
         let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        let listener = verify(fd).with_context(|| format!("inherited fd {raw} (listener {name:?})"))?;
+        let listener =
+            verify(fd).with_context(|| format!("inherited fd {raw} (listener {name:?})"))?;
         out.push(NamedListener { name, listener });
     }
     Ok(out)

@@ -41,9 +41,19 @@ fn run(env: env::WorkerEnv, notifier: &notify::Notifier) -> anyhow::Result<()> {
         .worker_threads(threads)
         .enable_all()
         .build()?;
-    let span = tracing::info_span!("worker", generation = env.generation, pid = std::process::id());
+    let span = tracing::info_span!(
+        "worker",
+        generation = env.generation,
+        pid = std::process::id()
+    );
     runtime.block_on(tracing::Instrument::instrument(
-        serve::serve(env.generation, settings, listeners, lifeline, notifier.clone()),
+        serve::serve(
+            env.generation,
+            settings,
+            listeners,
+            lifeline,
+            notifier.clone(),
+        ),
         span,
     ))
 }

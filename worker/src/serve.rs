@@ -365,7 +365,10 @@ fn route(method: &Method, path: &str, shared: &Shared) -> Response<Full<Bytes>> 
         return text(StatusCode::NOT_FOUND, "not found\n".into());
     }
     if method != Method::GET && method != Method::HEAD {
-        let mut r = text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n".into());
+        let mut r = text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method not allowed\n".into(),
+        );
         r.headers_mut()
             .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
         return r;

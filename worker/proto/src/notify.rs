@@ -141,7 +141,10 @@ mod tests {
     #[test]
     fn start_up_failures_are_recognised() {
         let m = NotifyMessage::parse(b"STATUS=failed: plugin x.so: bad magic\nERRNO=22").unwrap();
-        assert_eq!(m.failure().as_deref(), Some("failed: plugin x.so: bad magic"));
+        assert_eq!(
+            m.failure().as_deref(),
+            Some("failed: plugin x.so: bad magic")
+        );
         let m = NotifyMessage::parse(b"ERRNO=2").unwrap();
         assert_eq!(m.failure().as_deref(), Some("failed with errno 2"));
     }
@@ -163,6 +166,9 @@ mod tests {
             connections: 7,
             requests: 9,
         };
-        assert_eq!(NotifyMessage::parse(s.to_line().as_bytes()).unwrap().stats, Some(s));
+        assert_eq!(
+            NotifyMessage::parse(s.to_line().as_bytes()).unwrap().stats,
+            Some(s)
+        );
     }
 }

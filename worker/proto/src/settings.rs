@@ -81,9 +81,14 @@ mod tests {
 
     #[test]
     fn json_round_trip_keeps_every_field() {
-        let mut settings = WorkerSettings::default();
-        settings.threads = 3;
-        settings.http.health_path = "/healthz".into();
+        let settings = WorkerSettings {
+            threads: 3,
+            http: HttpSettings {
+                health_path: "/healthz".into(),
+                ..HttpSettings::default()
+            },
+            ..WorkerSettings::default()
+        };
         let back = WorkerSettings::from_json(&settings.to_json()).unwrap();
         assert_eq!(back, settings);
     }

@@ -1,0 +1,443 @@
+//! The `baton` commands: `run`, `check`, `upgrade`, `status`, `stop`.
+//!
+//! Exit statuses: 0 success; 1 invalid (config, plugins), failed or rolled back; 2 the
+//! supervisor is unreachable; 3 `--timeout` passed before the upgrade ended.
+
+use crate::config::{Config, PathContext, control_socket_lenient};
+use crate::control::{ControlSocket, Reply, Request};
+use crate::listeners::{Activated, ListenerSet};
+use crate::notify::{Systemd, WorkerSocket};
+use crate::status::UpgradeResult;
+use crate::supervisor::{Event, Supervisor};
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use futures_util::StreamExt;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Zero-downtime hot-restart supervisor for HTTP services.
+#[derive(Debug, Parser)]
+#[command(name = "baton", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the supervisor in the foreground.
+    Run(ConfigArg),
+    /// Validate the config without serving; exit 1 and say what is wrong where.
+    Check(ConfigArg),
+    /// Start the next generation from what is on disk now.
+    Upgrade {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Wait until the new generation serves (exit 0) or was rolled back (exit 1).
+        #[arg(long)]
+        wait: bool,
+        /// With --wait, give up after this long (exit 3), e.g. "90s".
+        #[arg(long, value_parser = humantime::parse_duration, requires = "wait")]
+        timeout: Option<Duration>,
+    },
+    /// Show generations, their state, pids, connections and requests.
+    Status {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Print the status document as JSON (see docs/status.md).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Drain every generation and stop the supervisor.
+    Stop {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Wait until the supervisor has stopped.
+        #[arg(long)]
+        wait: bool,
+    },
+}
+
+#[derive(Debug, Args)]
+struct ConfigArg {
+    /// The config file.
+    #[arg(
+        short = 'c',
+        long = "config",
+        env = "BATON_CONFIG",
+        default_value = "/etc/baton/baton.toml"
+    )]
+    path: PathBuf,
+}
+
+/// The process environment, read once at the top of `main`.
+#[derive(Debug, Clone, Default)]
+pub struct Env {
+    listen_pid: Option<String>,
+    listen_fds: Option<String>,
+    listen_fdnames: Option<String>,
+    notify_socket: bool,
+    watchdog: Option<Duration>,
+    runtime_dir: Option<PathBuf>,
+    journal: bool,
+}
+
+impl Env {
+    pub fn read() -> Self {
+        let var = |name: &str| std::env::var(name).ok();
+        let watchdog_for_us =
+            var("WATCHDOG_PID").is_none_or(|p| p.parse::<u32>().ok() == Some(std::process::id()));
+        Self {
+            listen_pid: var("LISTEN_PID"),
+            listen_fds: var("LISTEN_FDS"),
+            listen_fdnames: var("LISTEN_FDNAMES"),
+            notify_socket: std::env::var_os("NOTIFY_SOCKET").is_some(),
+            watchdog: var("WATCHDOG_USEC")
+                .and_then(|u| u.parse::<u64>().ok())
+                .filter(|&u| u > 0 && watchdog_for_us)
+                .map(Duration::from_micros),
+            runtime_dir: var("RUNTIME_DIRECTORY")
+                .and_then(|d| d.split(':').next().map(PathBuf::from))
+                .filter(|d| !d.as_os_str().is_empty()),
+            journal: std::env::var_os("JOURNAL_STREAM").is_some(),
+        }
+    }
+
+    fn path_context(&self) -> PathContext {
+        let exe_dir = std::env::current_exe()
+            .ok()
+            .and_then(|p| p.parent().map(Path::to_owned))
+            .unwrap_or_else(|| PathBuf::from("."));
+        PathContext {
+            exe_dir,
+            runtime_dir: self.runtime_dir.clone(),
+        }
+    }
+}
+
+pub fn main(cli: Cli, env: Env) -> ExitCode {
+    init_tracing(env.journal);
+    let result = match cli.command {
+        Command::Run(c) => run(&c.path, env),
+        Command::Check(c) => check(&c.path, &env),
+        Command::Upgrade {
+            config,
+            wait,
+            timeout,
+        } => client(
+            &config.path,
+            &env,
+            Request::Upgrade { wait },
+            timeout,
+            false,
+        ),
+        Command::Status { config, json } => client(&config.path, &env, Request::Status, None, json),
+        Command::Stop { config, wait } => {
+            client(&config.path, &env, Request::Stop { wait }, None, false)
+        }
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("baton: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn init_tracing(journal: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("BATON_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    if journal {
+        builder.without_time().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn run(path: &Path, env: Env) -> anyhow::Result<ExitCode> {
+    // Socket-activation fds are taken before anything else opens an fd.
+    let activated = Activated::from_env(
+        env.listen_pid.as_deref(),
+        env.listen_fds.as_deref(),
+        env.listen_fdnames.as_deref(),
+    )?;
+    let ctx = env.path_context();
+    let config = Config::load(path, &ctx)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        let (events_tx, events_rx) = tokio::sync::mpsc::unbounded_channel();
+        // Signals first: from here on SIGTERM drains instead of killing us.
+        let signals = signal_hook_tokio::Signals::new([
+            libc::SIGUSR2,
+            libc::SIGHUP,
+            libc::SIGTERM,
+            libc::SIGINT,
+            libc::SIGQUIT,
+        ])
+        .context("install signal handlers")?;
+        let control = ControlSocket::bind(&config.control_socket)?;
+        let listeners = ListenerSet::open(&config, activated)?;
+        let notify_path = notify_socket_path(&config.control_socket);
+        let notify = Arc::new(
+            WorkerSocket::bind(&notify_path)
+                .with_context(|| format!("bind worker notify socket {}", notify_path.display()))?,
+        );
+        // Workers may run as another user (worker.user); readiness must still reach us.
+        std::fs::set_permissions(&notify_path, std::fs::Permissions::from_mode(0o622))?;
+        let (lifeline_read, lifeline_write) =
+            nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).context("create the lifeline pipe")?;
+
+        tokio::spawn(pump_signals(signals, events_tx.clone()));
+        tokio::spawn(pump_notify(notify.clone(), events_tx.clone()));
+        let systemd = Systemd::from_env(env.notify_socket, env.watchdog);
+        if let Some(every) = systemd.watchdog_interval() {
+            let events = events_tx.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(every);
+                loop {
+                    tick.tick().await;
+                    if events.send(Event::WatchdogTick).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+        let control_task = tokio::spawn(control.serve(events_tx.clone()));
+        let supervisor = Supervisor::new(
+            &config,
+            path.to_owned(),
+            ctx,
+            listeners,
+            lifeline_read,
+            notify,
+            systemd,
+            events_tx,
+        );
+        let result = supervisor.run(config, events_rx).await;
+        control_task.abort();
+        let _ = control_task.await;
+        drop(lifeline_write);
+        match result {
+            Ok(()) => {
+                tracing::info!("stopped");
+                Ok(ExitCode::SUCCESS)
+            }
+            Err(reason) => Err(anyhow::anyhow!(reason)),
+        }
+    })
+}
+
+/// The workers' notify socket lives beside the control socket.
+fn notify_socket_path(control: &Path) -> PathBuf {
+    let mut name = control.file_name().unwrap_or_default().to_owned();
+    name.push(".notify");
+    control.with_file_name(name)
+}
+
+async fn pump_signals(
+    mut signals: signal_hook_tokio::Signals,
+    events: tokio::sync::mpsc::UnboundedSender<Event>,
+) {
+    while let Some(signal) = signals.next().await {
+        let event = match signal {
+            libc::SIGUSR2 => Event::Upgrade {
+                source: "SIGUSR2",
+                reply: None,
+            },
+            libc::SIGHUP => Event::Upgrade {
+                source: "SIGHUP",
+                reply: None,
+            },
+            libc::SIGTERM => Event::Stop {
+                fast: false,
+                source: "SIGTERM",
+                reply: None,
+            },
+            libc::SIGINT => Event::Stop {
+                fast: false,
+                source: "SIGINT",
+                reply: None,
+            },
+            libc::SIGQUIT => Event::Stop {
+                fast: true,
+                source: "SIGQUIT",
+                reply: None,
+            },
+            _ => continue,
+        };
+        if events.send(event).is_err() {
+            return;
+        }
+    }
+}
+
+async fn pump_notify(socket: Arc<WorkerSocket>, events: tokio::sync::mpsc::UnboundedSender<Event>) {
+    loop {
+        match socket.recv().await {
+            Ok((pid, message)) => {
+                if events.send(Event::Notify { pid, message }).is_err() {
+                    return;
+                }
+            }
+            Err(e) => {
+                tracing::error!("worker notify socket: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+fn check(path: &Path, env: &Env) -> anyhow::Result<ExitCode> {
+    let config = match Config::load(path, &env.path_context()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("baton check: {e}");
+            return Ok(ExitCode::from(1));
+        }
+    };
+    let worker = &config.worker.path;
+    let executable = std::fs::metadata(worker)
+        .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        .unwrap_or(false);
+    if !executable {
+        eprintln!(
+            "baton check: {}: worker.path {} is not an executable file",
+            path.display(),
+            worker.display()
+        );
+        return Ok(ExitCode::from(1));
+    }
+    println!("{}: OK", path.display());
+    for l in &config.listeners {
+        let addr = l
+            .address
+            .as_ref()
+            .map_or("(from systemd socket activation)".to_owned(), |a| {
+                a.to_string()
+            });
+        println!("  listener {:?}: {addr}", l.name);
+    }
+    println!(
+        "  worker: {} x{} (ready_timeout {}, drain_timeout {}, max_generations {})",
+        worker.display(),
+        config.worker.processes,
+        humantime::format_duration(config.worker.ready_timeout),
+        humantime::format_duration(config.worker.drain_timeout),
+        config.worker.max_generations
+    );
+    println!("  control socket: {}", config.control_socket.display());
+    Ok(ExitCode::SUCCESS)
+}
+
+fn client(
+    path: &Path,
+    env: &Env,
+    request: Request,
+    timeout: Option<Duration>,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let Some(socket) = control_socket_lenient(path, &env.path_context()) else {
+        eprintln!(
+            "baton: cannot read {} to find the control socket",
+            path.display()
+        );
+        return Ok(ExitCode::from(2));
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let unreachable = |e: std::io::Error| {
+            eprintln!("baton: supervisor unreachable at {}: {e}", socket.display());
+            ExitCode::from(2)
+        };
+        let mut replies = match crate::control::request(&socket, &request).await {
+            Ok(r) => r,
+            Err(e) => return Ok(unreachable(e)),
+        };
+        let first = match replies.next().await {
+            Ok(Some(reply)) => reply,
+            Ok(None) => return Ok(unreachable(std::io::ErrorKind::ConnectionAborted.into())),
+            Err(e) => return Ok(unreachable(e)),
+        };
+        match (&request, first) {
+            (_, Reply::Error { message }) => {
+                eprintln!("baton: the supervisor refused the request: {message}");
+                Ok(ExitCode::from(1))
+            }
+            (Request::Status, Reply::Status { status }) => {
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&status)?);
+                } else {
+                    print!("{}", status.render());
+                }
+                Ok(ExitCode::SUCCESS)
+            }
+            (Request::Upgrade { wait: false }, Reply::Accepted { message })
+            | (Request::Stop { wait: false }, Reply::Accepted { message }) => {
+                println!("{message}");
+                Ok(ExitCode::SUCCESS)
+            }
+            (Request::Upgrade { wait: true }, Reply::Accepted { .. }) => {
+                let next = match timeout {
+                    Some(t) => match tokio::time::timeout(t, replies.next()).await {
+                        Ok(r) => r,
+                        Err(_) => {
+                            eprintln!(
+                                "baton: no result within {}; the upgrade may still complete (see baton status)",
+                                humantime::format_duration(t)
+                            );
+                            return Ok(ExitCode::from(3));
+                        }
+                    },
+                    None => replies.next().await,
+                };
+                match next {
+                    Ok(Some(Reply::Upgrade { outcome })) => {
+                        if outcome.result == UpgradeResult::Succeeded {
+                            println!("upgrade succeeded: {}", outcome.describe());
+                            Ok(ExitCode::SUCCESS)
+                        } else {
+                            eprintln!("upgrade failed: {}", outcome.describe());
+                            Ok(ExitCode::from(1))
+                        }
+                    }
+                    Ok(other) => {
+                        eprintln!("baton: unexpected reply {other:?}");
+                        Ok(ExitCode::from(2))
+                    }
+                    Err(e) => Ok(unreachable(e)),
+                }
+            }
+            (Request::Stop { wait: true }, Reply::Accepted { .. }) => {
+                // The supervisor replies `stopped` just before it exits; EOF means the same.
+                match replies.next().await {
+                    Ok(Some(Reply::Stopped)) | Ok(None) => {
+                        println!("stopped");
+                        Ok(ExitCode::SUCCESS)
+                    }
+                    Ok(Some(other)) => {
+                        eprintln!("baton: unexpected reply {other:?}");
+                        Ok(ExitCode::from(2))
+                    }
+                    Err(e) => Ok(unreachable(e)),
+                }
+            }
+            (_, other) => {
+                eprintln!("baton: unexpected reply {other:?}");
+                Ok(ExitCode::from(2))
+            }
+        }
+    })
+}

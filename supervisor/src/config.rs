@@ -1,0 +1,626 @@
+//! The configuration file, in two steps: a raw serde mirror of the TOML
+//! (`deny_unknown_fields`, values kept with their spans) and a validated [`Config`] with
+//! typed values and resolved paths. Validation has no side effects: it never binds,
+//! opens or creates anything, so it is safe for `baton check` and for an upgrade that
+//! may be refused.
+
+use baton_proto::{HttpSettings, WorkerSettings};
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use thiserror::Error;
+use toml::Spanned;
+
+/// Where relative paths in the config resolve to, read once at start-up.
+#[derive(Debug, Clone)]
+pub struct PathContext {
+    /// The directory holding the running `baton` binary (for `worker.path`).
+    pub exe_dir: PathBuf,
+    /// `$RUNTIME_DIRECTORY` (first entry), set by systemd's `RuntimeDirectory=`.
+    pub runtime_dir: Option<PathBuf>,
+}
+
+/// A configuration that failed to load.
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// The TOML did not parse, or a key is unknown or of the wrong type.
+    #[error("{}:{line}: {message}", path.display())]
+    Syntax {
+        path: PathBuf,
+        line: usize,
+        message: String,
+    },
+    /// A value parsed but is not acceptable.
+    #[error("{}:{line}: {key}: {message}", path.display())]
+    Invalid {
+        path: PathBuf,
+        line: usize,
+        key: String,
+        message: String,
+    },
+}
+
+/// A listening address.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Address {
+    Tcp(SocketAddr),
+    Unix(PathBuf),
+}
+
+impl std::fmt::Display for Address {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Address::Tcp(addr) => write!(f, "{addr}"),
+            Address::Unix(path) => write!(f, "unix:{}", path.display()),
+        }
+    }
+}
+
+/// One `[[listener]]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListenerConfig {
+    pub name: String,
+    /// `None`: the listener must come from systemd socket activation.
+    pub address: Option<Address>,
+    /// The line of the `[[listener]]` entry, for messages.
+    pub line: usize,
+}
+
+/// `[worker]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkerConfig {
+    pub path: PathBuf,
+    pub processes: usize,
+    pub threads: usize,
+    pub ready_timeout: Duration,
+    pub drain_timeout: Duration,
+    pub drain_idle_grace: Duration,
+    pub max_generations: usize,
+}
+
+/// `[plugins]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PluginsConfig {
+    pub dir: PathBuf,
+    pub watch: bool,
+    pub settings: toml::Table,
+}
+
+/// A validated configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// The file it was read from.
+    pub file: PathBuf,
+    pub listeners: Vec<ListenerConfig>,
+    pub worker: WorkerConfig,
+    pub plugins: PluginsConfig,
+    pub http: HttpSettings,
+    pub control_socket: PathBuf,
+}
+
+const DEFAULT_WORKER: &str = "baton-worker";
+const DEFAULT_PLUGIN_DIR: &str = "plugins.d";
+const DEFAULT_CONTROL_SOCKET: &str = "baton.sock";
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Raw {
+    #[serde(default)]
+    listener: Vec<Spanned<RawListener>>,
+    #[serde(default)]
+    worker: RawWorker,
+    #[serde(default)]
+    plugins: RawPlugins,
+    #[serde(default)]
+    http: RawHttp,
+    #[serde(default)]
+    control: RawControl,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawListener {
+    name: Spanned<String>,
+    address: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawWorker {
+    path: Option<Spanned<String>>,
+    processes: Option<Spanned<i64>>,
+    threads: Option<Spanned<i64>>,
+    ready_timeout: Option<Spanned<String>>,
+    drain_timeout: Option<Spanned<String>>,
+    drain_idle_grace: Option<Spanned<String>>,
+    max_generations: Option<Spanned<i64>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPlugins {
+    dir: Option<Spanned<String>>,
+    watch: Option<bool>,
+    settings: Option<toml::Table>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHttp {
+    keepalive_timeout: Option<Spanned<String>>,
+    header_read_timeout: Option<Spanned<String>>,
+    max_header_bytes: Option<Spanned<i64>>,
+    max_body_bytes: Option<Spanned<i64>>,
+    max_connections: Option<Spanned<i64>>,
+    health_path: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawControl {
+    socket: Option<Spanned<String>>,
+}
+
+impl Config {
+    /// Reads and validates the file at `path`.
+    pub fn load(path: &Path, ctx: &PathContext) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Config::parse(&text, path, ctx)
+    }
+
+    /// Validates `text` as if read from `path`.
+    pub fn parse(text: &str, path: &Path, ctx: &PathContext) -> Result<Config, ConfigError> {
+        let raw: Raw = toml::from_str(text).map_err(|e| ConfigError::Syntax {
+            path: path.to_owned(),
+            line: e.span().map_or(1, |s| line_of(text, s.start)),
+            message: e.message().trim().to_owned(),
+        })?;
+        let v = Validator { text, path };
+        let base = path.parent().unwrap_or(Path::new(".")).to_owned();
+        let base = if base.as_os_str().is_empty() {
+            PathBuf::from(".")
+        } else {
+            base
+        };
+
+        let mut listeners: Vec<ListenerConfig> = Vec::new();
+        for entry in &raw.listener {
+            let line = line_of(text, entry.span().start);
+            let l = entry.get_ref();
+            let name = l.name.get_ref().trim().to_owned();
+            if name.is_empty() || name.len() > 255 || name.contains(':') || !name.is_ascii() {
+                return Err(v.invalid(
+                    &l.name,
+                    "listener.name",
+                    "must be 1 to 255 ASCII characters without ':' (it becomes an fd name)",
+                ));
+            }
+            if listeners.iter().any(|o| o.name == name) {
+                return Err(v.invalid(
+                    &l.name,
+                    "listener.name",
+                    &format!("{name:?} is used twice"),
+                ));
+            }
+            let address = match &l.address {
+                None => None,
+                Some(a) => {
+                    let addr = parse_address(a.get_ref(), &base)
+                        .map_err(|m| v.invalid(a, "listener.address", &m))?;
+                    if let Some(other) =
+                        listeners.iter().find(|o| o.address.as_ref() == Some(&addr))
+                    {
+                        return Err(v.invalid(
+                            a,
+                            "listener.address",
+                            &format!("{addr} is already used by listener {:?}", other.name),
+                        ));
+                    }
+                    Some(addr)
+                }
+            };
+            listeners.push(ListenerConfig {
+                name,
+                address,
+                line,
+            });
+        }
+        if listeners.is_empty() {
+            return Err(ConfigError::Invalid {
+                path: path.to_owned(),
+                line: 1,
+                key: "listener".into(),
+                message: "at least one [[listener]] is required".into(),
+            });
+        }
+
+        let w = &raw.worker;
+        let worker_path = match &w.path {
+            None => ctx.exe_dir.join(DEFAULT_WORKER),
+            Some(p) if p.get_ref().is_empty() => {
+                return Err(v.invalid(p, "worker.path", "must not be empty"));
+            }
+            Some(p) => {
+                let given = Path::new(p.get_ref());
+                if given.is_absolute() {
+                    given.to_owned()
+                } else {
+                    ctx.exe_dir.join(given)
+                }
+            }
+        };
+        let worker = WorkerConfig {
+            path: worker_path,
+            processes: v.int(&w.processes, "worker.processes", 1, 1..=1024)?,
+            threads: v.int(&w.threads, "worker.threads", 0, 0..=1024)?,
+            ready_timeout: v.duration(&w.ready_timeout, "worker.ready_timeout", "10s")?,
+            drain_timeout: v.duration(&w.drain_timeout, "worker.drain_timeout", "30s")?,
+            drain_idle_grace: v.duration(&w.drain_idle_grace, "worker.drain_idle_grace", "1s")?,
+            max_generations: v.int(&w.max_generations, "worker.max_generations", 4, 2..=64)?,
+        };
+
+        let plugins = PluginsConfig {
+            dir: match &raw.plugins.dir {
+                None => base.join(DEFAULT_PLUGIN_DIR),
+                Some(d) if d.get_ref().is_empty() => {
+                    return Err(v.invalid(d, "plugins.dir", "must not be empty"));
+                }
+                Some(d) => base.join(d.get_ref()),
+            },
+            watch: raw.plugins.watch.unwrap_or(false),
+            settings: raw.plugins.settings.clone().unwrap_or_default(),
+        };
+
+        let h = &raw.http;
+        let defaults = HttpSettings::default();
+        let health_path = match &h.health_path {
+            None => defaults.health_path.clone(),
+            Some(p) => {
+                let s = p.get_ref();
+                if !s.starts_with('/')
+                    || s.chars().any(|c| c.is_whitespace() || c == '?' || c == '#')
+                {
+                    return Err(v.invalid(
+                        p,
+                        "http.health_path",
+                        "must start with '/' and hold no spaces, '?' or '#'",
+                    ));
+                }
+                s.clone()
+            }
+        };
+        let http = HttpSettings {
+            keepalive_timeout_ms: millis(v.duration(
+                &h.keepalive_timeout,
+                "http.keepalive_timeout",
+                "60s",
+            )?),
+            header_read_timeout_ms: millis(v.duration(
+                &h.header_read_timeout,
+                "http.header_read_timeout",
+                "10s",
+            )?),
+            max_header_bytes: v.int(
+                &h.max_header_bytes,
+                "http.max_header_bytes",
+                65_536,
+                1024..=16 << 20,
+            )?,
+            max_body_bytes: v.int(
+                &h.max_body_bytes,
+                "http.max_body_bytes",
+                1 << 20,
+                0..=1 << 40,
+            )? as u64,
+            max_connections: v.int(
+                &h.max_connections,
+                "http.max_connections",
+                10_000,
+                1..=1 << 20,
+            )?,
+            health_path,
+        };
+
+        let control_socket = match &raw.control.socket {
+            Some(s) if s.get_ref().is_empty() => {
+                return Err(v.invalid(s, "control.socket", "must not be empty"));
+            }
+            Some(s) if Path::new(s.get_ref()).is_absolute() => PathBuf::from(s.get_ref()),
+            other => {
+                let name = other
+                    .as_ref()
+                    .map_or(DEFAULT_CONTROL_SOCKET, |s| s.get_ref());
+                ctx.runtime_dir.as_ref().unwrap_or(&base).join(name)
+            }
+        };
+        if control_socket.as_os_str().len() > 100 {
+            let line = raw
+                .control
+                .socket
+                .as_ref()
+                .map_or(1, |s| line_of(text, s.span().start));
+            return Err(ConfigError::Invalid {
+                path: path.to_owned(),
+                line,
+                key: "control.socket".into(),
+                message: format!(
+                    "{} is too long for a Unix socket path (at most 100 bytes)",
+                    control_socket.display()
+                ),
+            });
+        }
+
+        Ok(Config {
+            file: path.to_owned(),
+            listeners,
+            worker,
+            plugins,
+            http,
+            control_socket,
+        })
+    }
+
+    /// The settings a worker of this configuration is started with.
+    pub fn worker_settings(&self) -> WorkerSettings {
+        WorkerSettings {
+            threads: self.worker.threads,
+            drain_timeout_ms: millis(self.worker.drain_timeout),
+            drain_idle_grace_ms: millis(self.worker.drain_idle_grace),
+            http: self.http.clone(),
+        }
+    }
+}
+
+/// Finds the control socket's path in a config that may not validate, so that `baton
+/// upgrade` can still reach the supervisor and let it report what is wrong.
+pub fn control_socket_lenient(path: &Path, ctx: &PathContext) -> Option<PathBuf> {
+    let text = std::fs::read_to_string(path).ok()?;
+    if let Ok(config) = Config::parse(&text, path, ctx) {
+        return Some(config.control_socket);
+    }
+    let table: toml::Table = text.parse().ok()?;
+    let name = table
+        .get("control")
+        .and_then(|c| c.get("socket"))
+        .and_then(|s| s.as_str())
+        .unwrap_or(DEFAULT_CONTROL_SOCKET);
+    if Path::new(name).is_absolute() {
+        return Some(PathBuf::from(name));
+    }
+    let base = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    Some(ctx.runtime_dir.as_deref().unwrap_or(base).join(name))
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text.as_bytes()[..offset.min(text.len())]
+        .iter()
+        .filter(|&&b| b == b'\n')
+        .count()
+        + 1
+}
+
+fn parse_address(s: &str, base: &Path) -> Result<Address, String> {
+    if let Some(path) = s.strip_prefix("unix:") {
+        if path.is_empty() {
+            return Err("unix: needs a path, as in \"unix:/run/baton/http.sock\"".into());
+        }
+        let path = base.join(path);
+        if path.as_os_str().len() > 100 {
+            return Err(format!(
+                "{} is too long for a Unix socket path",
+                path.display()
+            ));
+        }
+        return Ok(Address::Unix(path));
+    }
+    s.parse::<SocketAddr>().map(Address::Tcp).map_err(|_| {
+        format!("{s:?} is not an address: expected IP:PORT (\"127.0.0.1:8080\", \"[::]:8080\") or unix:PATH")
+    })
+}
+
+struct Validator<'a> {
+    text: &'a str,
+    path: &'a Path,
+}
+
+impl Validator<'_> {
+    fn invalid<T>(&self, at: &Spanned<T>, key: &str, message: &str) -> ConfigError {
+        ConfigError::Invalid {
+            path: self.path.to_owned(),
+            line: line_of(self.text, at.span().start),
+            key: key.to_owned(),
+            message: message.to_owned(),
+        }
+    }
+
+    fn duration(
+        &self,
+        value: &Option<Spanned<String>>,
+        key: &str,
+        default: &str,
+    ) -> Result<Duration, ConfigError> {
+        let Some(value) = value else {
+            return Ok(humantime::parse_duration(default).expect("defaults parse"));
+        };
+        let d = humantime::parse_duration(value.get_ref()).map_err(|e| {
+            self.invalid(
+                value,
+                key,
+                &format!(
+                    "{:?} is not a duration ({e}); write e.g. \"500ms\", \"10s\", \"2m\"",
+                    value.get_ref()
+                ),
+            )
+        })?;
+        if d.is_zero() {
+            return Err(self.invalid(value, key, "must be longer than zero"));
+        }
+        Ok(d)
+    }
+
+    fn int(
+        &self,
+        value: &Option<Spanned<i64>>,
+        key: &str,
+        default: usize,
+        range: std::ops::RangeInclusive<i64>,
+    ) -> Result<usize, ConfigError> {
+        let Some(value) = value else {
+            return Ok(default);
+        };
+        let n = *value.get_ref();
+        if !range.contains(&n) {
+            return Err(self.invalid(
+                value,
+                key,
+                &format!("{n} is out of range ({} to {})", range.start(), range.end()),
+            ));
+        }
+        Ok(n as usize)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ctx() -> PathContext {
+        PathContext {
+            exe_dir: PathBuf::from("/opt/baton/bin"),
+            runtime_dir: None,
+        }
+    }
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new("/etc/baton/baton.toml"), &ctx())
+    }
+
+    const MINIMAL: &str = "[[listener]]\nname = \"http\"\naddress = \"127.0.0.1:8080\"\n";
+
+    #[test]
+    fn defaults_fill_everything_but_the_listeners() {
+        let c = parse(MINIMAL).unwrap();
+        assert_eq!(
+            c.listeners[0].address,
+            Some(Address::Tcp("127.0.0.1:8080".parse().unwrap()))
+        );
+        assert_eq!(c.worker.path, PathBuf::from("/opt/baton/bin/baton-worker"));
+        assert_eq!(c.worker.ready_timeout, Duration::from_secs(10));
+        assert_eq!(c.worker.drain_timeout, Duration::from_secs(30));
+        assert_eq!(c.worker.max_generations, 4);
+        assert_eq!(c.plugins.dir, PathBuf::from("/etc/baton/plugins.d"));
+        assert_eq!(c.control_socket, PathBuf::from("/etc/baton/baton.sock"));
+        assert_eq!(c.http, HttpSettings::default());
+    }
+
+    #[test]
+    fn every_address_form_parses() {
+        let c = parse(
+            "[[listener]]\nname=\"a\"\naddress=\"[::1]:80\"\n[[listener]]\nname=\"b\"\naddress=\"unix:run/b.sock\"\n[[listener]]\nname=\"c\"\n",
+        )
+        .unwrap();
+        assert_eq!(
+            c.listeners[0].address,
+            Some(Address::Tcp("[::1]:80".parse().unwrap()))
+        );
+        assert_eq!(
+            c.listeners[1].address,
+            Some(Address::Unix("/etc/baton/run/b.sock".into()))
+        );
+        assert_eq!(c.listeners[2].address, None);
+    }
+
+    #[test]
+    fn unknown_key_names_key_and_line() {
+        let err = parse(&format!(
+            "{MINIMAL}\n[worker]\nprocesses = 2\nproceses = 3\n"
+        ))
+        .unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.starts_with("/etc/baton/baton.toml:7:"), "{msg}");
+        assert!(msg.contains("proceses"), "{msg}");
+    }
+
+    #[test]
+    fn bad_duration_names_key_and_line() {
+        let err = parse(&format!(
+            "{MINIMAL}[worker]\nready_timeout = \"10 parsecs\"\n"
+        ))
+        .unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.starts_with("/etc/baton/baton.toml:5: worker.ready_timeout:"),
+            "{msg}"
+        );
+        assert!(msg.contains("10 parsecs"), "{msg}");
+    }
+
+    #[test]
+    fn bad_address_names_key_and_line() {
+        let err = parse("[[listener]]\nname = \"http\"\naddress = \"localhost:80\"\n").unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("/etc/baton/baton.toml:3: listener.address:"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn duplicate_names_and_addresses_are_refused() {
+        let twice = format!("{MINIMAL}{MINIMAL}");
+        assert!(
+            parse(&twice)
+                .unwrap_err()
+                .to_string()
+                .contains("used twice")
+        );
+        let same_addr =
+            format!("{MINIMAL}[[listener]]\nname = \"b\"\naddress = \"127.0.0.1:8080\"\n");
+        assert!(
+            parse(&same_addr)
+                .unwrap_err()
+                .to_string()
+                .contains("already used")
+        );
+    }
+
+    #[test]
+    fn ranges_are_checked() {
+        let err = parse(&format!("{MINIMAL}[worker]\nmax_generations = 1\n")).unwrap_err();
+        assert!(err.to_string().contains("worker.max_generations"), "{err}");
+        let err = parse(&format!("{MINIMAL}[worker]\nprocesses = 0\n")).unwrap_err();
+        assert!(err.to_string().contains("worker.processes"), "{err}");
+    }
+
+    #[test]
+    fn no_listener_is_an_error() {
+        assert!(parse("").unwrap_err().to_string().contains("[[listener]]"));
+    }
+
+    #[test]
+    fn control_socket_goes_to_the_runtime_directory() {
+        let ctx = PathContext {
+            runtime_dir: Some("/run/baton".into()),
+            ..ctx()
+        };
+        let c = Config::parse(MINIMAL, Path::new("/etc/baton/baton.toml"), &ctx).unwrap();
+        assert_eq!(c.control_socket, PathBuf::from("/run/baton/baton.sock"));
+    }
+}

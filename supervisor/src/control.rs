@@ -1,0 +1,241 @@
+//! The control socket: a Unix stream socket (mode 0600) where `baton upgrade`, `status`
+//! and `stop` send one JSON request per connection and read one or more JSON replies,
+//! one per line.
+//!
+//! The server turns requests into [`Event`]s and never touches supervisor state itself.
+//! Peers are checked by their kernel-reported uid: root or the supervisor's own uid.
+
+use crate::status::{StatusReport, UpgradeOutcome, UpgradeResult};
+use crate::supervisor::Event;
+use nix::sys::socket::{getsockopt, sockopt};
+use serde::{Deserialize, Serialize};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{mpsc, oneshot};
+
+/// Longest request line accepted.
+const MAX_REQUEST: usize = 64 * 1024;
+
+/// A request, as the client sends it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "command", rename_all = "lowercase", deny_unknown_fields)]
+pub enum Request {
+    Status,
+    Upgrade { wait: bool },
+    Stop { wait: bool },
+}
+
+/// One reply line.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "reply", rename_all = "snake_case")]
+pub enum Reply {
+    Status {
+        status: Box<StatusReport>,
+    },
+    /// The request was taken; with `wait`, a final reply follows.
+    Accepted {
+        message: String,
+    },
+    Upgrade {
+        outcome: UpgradeOutcome,
+    },
+    Stopped,
+    Error {
+        message: String,
+    },
+}
+
+/// The listening control socket; removes its file when dropped.
+#[derive(Debug)]
+pub struct ControlSocket {
+    listener: UnixListener,
+    path: PathBuf,
+}
+
+impl ControlSocket {
+    /// Binds at `path` with mode 0600. A live socket there means another supervisor runs
+    /// with this config: that is an error, never a takeover.
+    pub fn bind(path: &Path) -> anyhow::Result<Self> {
+        use anyhow::Context;
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            anyhow::bail!(
+                "control socket {} is in use: another baton supervisor is running with this config",
+                path.display()
+            );
+        }
+        let _ = std::fs::remove_file(path);
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+        }
+        let listener = UnixListener::bind(path)
+            .with_context(|| format!("bind control socket {}", path.display()))?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+            .with_context(|| format!("chmod 0600 {}", path.display()))?;
+        Ok(Self {
+            listener,
+            path: path.to_owned(),
+        })
+    }
+
+    /// Serves connections until the process ends.
+    pub async fn serve(self, events: mpsc::UnboundedSender<Event>) {
+        let me = nix::unistd::geteuid().as_raw();
+        loop {
+            let stream = match self.listener.accept().await {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    tracing::warn!("control socket accept failed: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            match getsockopt(&stream, sockopt::PeerCredentials) {
+                Ok(cred) if cred.uid() == 0 || cred.uid() == me => {}
+                Ok(cred) => {
+                    tracing::warn!(
+                        "control connection from uid {} (pid {}) refused: only root and uid {me} may control baton",
+                        cred.uid(),
+                        cred.pid()
+                    );
+                    let mut stream = stream;
+                    let _ = write_reply(
+                        &mut stream,
+                        &Reply::Error {
+                            message: "permission denied".into(),
+                        },
+                    )
+                    .await;
+                    continue;
+                }
+                Err(e) => {
+                    tracing::warn!("control connection refused: cannot read peer credentials: {e}");
+                    continue;
+                }
+            }
+            tokio::spawn(handle(stream, events.clone()));
+        }
+    }
+}
+
+impl Drop for ControlSocket {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+async fn handle(stream: UnixStream, events: mpsc::UnboundedSender<Event>) {
+    let (read, mut write) = stream.into_split();
+    let mut line = Vec::new();
+    let mut reader = BufReader::new(read).take(MAX_REQUEST as u64 + 1);
+    let request = match reader.read_until(b'\n', &mut line).await {
+        Ok(_) if line.len() > MAX_REQUEST => {
+            Err(format!("request longer than {MAX_REQUEST} bytes"))
+        }
+        Ok(_) => serde_json::from_slice::<Request>(&line).map_err(|e| format!("bad request: {e}")),
+        Err(e) => Err(format!("read failed: {e}")),
+    };
+    let request = match request {
+        Ok(r) => r,
+        Err(message) => {
+            tracing::warn!("control: {message}");
+            let _ = write_reply(&mut write, &Reply::Error { message }).await;
+            return;
+        }
+    };
+    let gone = || Reply::Error {
+        message: "the supervisor is shutting down".into(),
+    };
+    match request {
+        Request::Status => {
+            let (tx, rx) = oneshot::channel();
+            let _ = events.send(Event::Status { reply: tx });
+            let reply = match rx.await {
+                Ok(status) => Reply::Status {
+                    status: Box::new(status),
+                },
+                Err(_) => gone(),
+            };
+            let _ = write_reply(&mut write, &reply).await;
+        }
+        Request::Upgrade { wait } => {
+            let (tx, rx) = oneshot::channel();
+            let _ = events.send(Event::Upgrade {
+                source: "control socket",
+                reply: Some(tx),
+            });
+            let accepted = Reply::Accepted {
+                message: "upgrade requested".into(),
+            };
+            if write_reply(&mut write, &accepted).await.is_err() || !wait {
+                return;
+            }
+            let reply = match rx.await {
+                Ok(outcome) => Reply::Upgrade { outcome },
+                Err(_) => Reply::Upgrade {
+                    outcome: UpgradeOutcome {
+                        generation: None,
+                        result: UpgradeResult::Refused,
+                        reason: Some("the supervisor is shutting down".into()),
+                        at: crate::status::timestamp(std::time::SystemTime::now()),
+                    },
+                },
+            };
+            let _ = write_reply(&mut write, &reply).await;
+        }
+        Request::Stop { wait } => {
+            let (tx, rx) = oneshot::channel();
+            let _ = events.send(Event::Stop {
+                fast: false,
+                source: "control socket",
+                reply: Some(tx),
+            });
+            let accepted = Reply::Accepted {
+                message: "stopping".into(),
+            };
+            if write_reply(&mut write, &accepted).await.is_err() || !wait {
+                return;
+            }
+            let _ = rx.await;
+            let _ = write_reply(&mut write, &Reply::Stopped).await;
+        }
+    }
+}
+
+async fn write_reply<W: AsyncWriteExt + Unpin>(w: &mut W, reply: &Reply) -> std::io::Result<()> {
+    let mut line = serde_json::to_vec(reply).expect("replies serialise");
+    line.push(b'\n');
+    w.write_all(&line).await?;
+    w.flush().await
+}
+
+/// The client side: sends `request` and returns a reader of reply lines.
+pub async fn request(path: &Path, request: &Request) -> std::io::Result<Replies> {
+    let mut stream = UnixStream::connect(path).await?;
+    let mut line = serde_json::to_vec(request).expect("requests serialise");
+    line.push(b'\n');
+    stream.write_all(&line).await?;
+    Ok(Replies {
+        reader: BufReader::new(stream),
+    })
+}
+
+/// Reply lines from the supervisor.
+#[derive(Debug)]
+pub struct Replies {
+    reader: BufReader<UnixStream>,
+}
+
+impl Replies {
+    /// The next reply, or `None` when the supervisor closed the connection.
+    pub async fn next(&mut self) -> std::io::Result<Option<Reply>> {
+        let mut line = String::new();
+        if self.reader.read_line(&mut line).await? == 0 {
+            return Ok(None);
+        }
+        serde_json::from_str(&line).map(Some).map_err(|e| {
+            std::io::Error::new(std::io::ErrorKind::InvalidData, format!("bad reply: {e}"))
+        })
+    }
+}

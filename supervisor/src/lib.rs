@@ -1,0 +1,13 @@
+//! Baton's supervisor: holds the listening sockets, runs generations of `baton-worker`
+//! processes on them, and replaces one generation with the next without dropping a
+//! connection. The binary `baton` is a thin wrapper around [`commands::main`].
+
+pub mod commands;
+pub mod config;
+pub mod control;
+pub mod generation;
+pub mod listeners;
+pub mod notify;
+pub mod spawn;
+pub mod status;
+pub mod supervisor;

@@ -1,0 +1,326 @@
+//! The listening sockets the supervisor holds for its whole life and hands to every
+//! generation.
+//!
+//! A listener is adopted from systemd socket activation (by `LISTEN_FDNAMES` name) or bound
+//! from the config; either way it is verified to be a listening stream socket. Generations
+//! hold `Arc<Listener>`s, so a listener dropped from the config stays open until the last
+//! generation that serves on it has exited. This module never closes and rebinds a socket
+//! that is still in use: a connection waiting in the backlog is never lost.
+#![allow(unsafe_code)]
+
+use crate::config::{Address, Config};
+use nix::fcntl::{FcntlArg, FdFlag, fcntl};
+use nix::sys::socket::{SockType, getsockopt, sockopt};
+use socket2::{Domain, Socket, Type};
+use std::collections::HashMap;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::path::Path;
+use std::sync::Arc;
+use thiserror::Error;
+
+/// Accept backlog for sockets we bind (the kernel caps it at `net.core.somaxconn`).
+const BACKLOG: i32 = 4096;
+
+#[derive(Debug, Error)]
+pub enum ListenerError {
+    #[error("listener {name:?}: cannot listen on {address}: {source}")]
+    Bind {
+        name: String,
+        address: Address,
+        source: std::io::Error,
+    },
+    #[error("listener {name:?}: {message}")]
+    Unusable { name: String, message: String },
+    #[error("socket activation: {0}")]
+    Activation(String),
+}
+
+/// Where a listener came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Origin {
+    Systemd,
+    Config,
+}
+
+/// One named listener: one or more fds (systemd may pass several under one name).
+#[derive(Debug)]
+pub struct Listener {
+    pub name: String,
+    pub origin: Origin,
+    /// What it listens on, for messages and status.
+    pub description: String,
+    address: Option<Address>,
+    fds: Vec<OwnedFd>,
+}
+
+impl Listener {
+    pub fn fds(&self) -> impl Iterator<Item = BorrowedFd<'_>> {
+        self.fds.iter().map(|fd| fd.as_fd())
+    }
+
+    pub fn fd_count(&self) -> usize {
+        self.fds.len()
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        if let (Origin::Config, Some(Address::Unix(path))) = (self.origin, &self.address) {
+            // We created this socket file; remove it with the last user of the socket.
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// Fds passed by systemd, by name, taken once at start-up.
+#[derive(Debug, Default)]
+pub struct Activated {
+    fds: Vec<(String, OwnedFd)>,
+}
+
+impl Activated {
+    /// Takes the fds of systemd's socket-activation protocol, if `LISTEN_PID` is ours.
+    pub fn from_env(
+        listen_pid: Option<&str>,
+        listen_fds: Option<&str>,
+        listen_fdnames: Option<&str>,
+    ) -> Result<Self, ListenerError> {
+        let (Some(pid), Some(count)) = (listen_pid, listen_fds) else {
+            return Ok(Self::default());
+        };
+        if pid.parse::<u32>().ok() != Some(std::process::id()) {
+            tracing::info!("ignoring LISTEN_FDS: LISTEN_PID={pid} is not this process");
+            return Ok(Self::default());
+        }
+        let count: usize = count.parse().map_err(|_| {
+            ListenerError::Activation(format!("LISTEN_FDS={count:?} is not a number"))
+        })?;
+        let names: Vec<String> = match listen_fdnames {
+            Some(names) => names.split(':').map(str::to_owned).collect(),
+            None => vec!["unknown".to_owned(); count],
+        };
+        if names.len() != count {
+            return Err(ListenerError::Activation(format!(
+                "LISTEN_FDNAMES names {} fds but LISTEN_FDS is {count}",
+                names.len()
+            )));
+        }
+        let mut fds = Vec::with_capacity(count);
+        for (i, name) in names.into_iter().enumerate() {
+            let raw = baton_proto::LISTEN_FDS_START + i as i32;
+            // SAFETY: systemd passes fds 3..3+LISTEN_FDS to the process named by LISTEN_PID,
+            // which we checked is us; each number is taken exactly once, here, at start-up.
+            let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+            fcntl(&fd, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC))
+                .map_err(|e| ListenerError::Activation(format!("fd {raw} ({name}): {e}")))?;
+            verify(fd.as_fd()).map_err(|message| ListenerError::Unusable {
+                name: name.clone(),
+                message: format!("fd {raw} from systemd: {message}"),
+            })?;
+            fds.push((name, fd));
+        }
+        Ok(Self { fds })
+    }
+}
+
+/// The listeners the supervisor holds now, by name.
+#[derive(Debug, Default)]
+pub struct ListenerSet {
+    current: HashMap<String, Arc<Listener>>,
+}
+
+impl ListenerSet {
+    /// Builds the first set: systemd's fds by name, the rest bound from the config.
+    pub fn open(config: &Config, mut activated: Activated) -> Result<Self, ListenerError> {
+        let mut set = ListenerSet::default();
+        for l in &config.listeners {
+            let fds: Vec<OwnedFd> = {
+                let (mine, rest): (Vec<_>, Vec<_>) = activated
+                    .fds
+                    .drain(..)
+                    .partition(|(name, _)| *name == l.name);
+                activated.fds = rest;
+                mine.into_iter().map(|(_, fd)| fd).collect()
+            };
+            let listener = if fds.is_empty() {
+                bind_listener(&l.name, l.address.as_ref())?
+            } else {
+                tracing::info!(
+                    "listener {:?}: {} fd(s) from systemd socket activation",
+                    l.name,
+                    fds.len()
+                );
+                Listener {
+                    name: l.name.clone(),
+                    origin: Origin::Systemd,
+                    description: describe_fds(&fds),
+                    address: l.address.clone(),
+                    fds,
+                }
+            };
+            set.current.insert(l.name.clone(), Arc::new(listener));
+        }
+        for (name, fd) in activated.fds {
+            tracing::warn!(
+                "systemd passed fd {} named {name:?}, which no [[listener]] names; closing it",
+                fd.as_raw_fd()
+            );
+        }
+        Ok(set)
+    }
+
+    /// The listeners for a generation of `config`, binding any the config added. Nothing
+    /// changes unless every listener is available.
+    pub fn prepare(&mut self, config: &Config) -> Result<Vec<Arc<Listener>>, ListenerError> {
+        let mut next = HashMap::new();
+        let mut out = Vec::new();
+        for l in &config.listeners {
+            let reuse = self
+                .current
+                .get(&l.name)
+                .filter(|have| have.origin == Origin::Systemd || have.address == l.address);
+            let reuse = reuse.or_else(|| {
+                self.current
+                    .values()
+                    .find(|have| have.address.is_some() && have.address == l.address)
+            });
+            let listener = match reuse {
+                Some(have) if have.name == l.name => have.clone(),
+                Some(have) => Arc::new(Listener {
+                    name: l.name.clone(),
+                    origin: have.origin,
+                    description: have.description.clone(),
+                    address: None, // the original owns the socket file
+                    fds: have
+                        .fds
+                        .iter()
+                        .map(|fd| fd.try_clone())
+                        .collect::<Result<_, _>>()
+                        .map_err(|e| ListenerError::Unusable {
+                            name: l.name.clone(),
+                            message: format!("dup: {e}"),
+                        })?,
+                }),
+                None => Arc::new(bind_listener(&l.name, l.address.as_ref())?),
+            };
+            next.insert(l.name.clone(), listener.clone());
+            out.push(listener);
+        }
+        for (name, old) in &self.current {
+            if !next.values().any(|n| Arc::ptr_eq(n, old)) {
+                tracing::info!(
+                    "listener {name:?} ({}) is no longer configured; it closes when its last generation exits",
+                    old.description
+                );
+            }
+        }
+        self.current = next;
+        Ok(out)
+    }
+
+    pub fn all(&self) -> impl Iterator<Item = &Arc<Listener>> {
+        self.current.values()
+    }
+}
+
+fn bind_listener(name: &str, address: Option<&Address>) -> Result<Listener, ListenerError> {
+    let Some(address) = address else {
+        return Err(ListenerError::Unusable {
+            name: name.to_owned(),
+            message: "has no address and systemd passed no fd of that name".into(),
+        });
+    };
+    let fd = bind(address).map_err(|source| ListenerError::Bind {
+        name: name.to_owned(),
+        address: address.clone(),
+        source,
+    })?;
+    verify(fd.as_fd()).map_err(|message| ListenerError::Unusable {
+        name: name.to_owned(),
+        message,
+    })?;
+    tracing::info!("listener {name:?}: bound {address} from the config");
+    Ok(Listener {
+        name: name.to_owned(),
+        origin: Origin::Config,
+        description: address.to_string(),
+        address: Some(address.clone()),
+        fds: vec![fd],
+    })
+}
+
+/// Binds and listens on `address`. The socket is close-on-exec; workers get a duplicate.
+pub fn bind(address: &Address) -> std::io::Result<OwnedFd> {
+    let socket = match address {
+        Address::Tcp(addr) => {
+            let socket = Socket::new(Domain::for_address(*addr), Type::STREAM, None)?;
+            socket.set_reuse_address(true)?;
+            if addr.is_ipv6() {
+                socket.set_only_v6(true)?;
+            }
+            socket.bind(&(*addr).into())?;
+            socket
+        }
+        Address::Unix(path) => {
+            remove_stale_socket(path)?;
+            let socket = Socket::new(Domain::UNIX, Type::STREAM, None)?;
+            socket.bind(&socket2::SockAddr::unix(path)?)?;
+            socket
+        }
+    };
+    socket.listen(BACKLOG)?;
+    Ok(socket.into())
+}
+
+/// A socket file left by a process that is gone is removed; one that still accepts, or a
+/// path that is not a socket, is an error.
+fn remove_stale_socket(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    let Ok(meta) = std::fs::symlink_metadata(path) else {
+        return Ok(());
+    };
+    if !meta.file_type().is_socket() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::AlreadyExists,
+            "the path exists and is not a socket",
+        ));
+    }
+    match std::os::unix::net::UnixStream::connect(path) {
+        Ok(_) => Err(std::io::Error::new(
+            std::io::ErrorKind::AddrInUse,
+            "another process is accepting on it",
+        )),
+        Err(_) => std::fs::remove_file(path),
+    }
+}
+
+/// Checks that `fd` is a listening stream socket.
+pub fn verify(fd: BorrowedFd<'_>) -> Result<(), String> {
+    let ty = getsockopt(&fd, sockopt::SockType).map_err(|e| format!("not a socket ({e})"))?;
+    if ty != SockType::Stream {
+        return Err(format!("not a stream socket ({ty:?})"));
+    }
+    match getsockopt(&fd, sockopt::AcceptConn) {
+        Ok(true) => Ok(()),
+        Ok(false) => Err("socket is not listening".into()),
+        Err(e) => Err(format!("SO_ACCEPTCONN: {e}")),
+    }
+}
+
+fn describe_fds(fds: &[OwnedFd]) -> String {
+    fds.iter()
+        .map(|fd| {
+            let sock = socket2::SockRef::from(fd);
+            match sock.local_addr() {
+                Ok(addr) => match (addr.as_socket(), addr.as_pathname()) {
+                    (Some(a), _) => a.to_string(),
+                    (None, Some(p)) => format!("unix:{}", p.display()),
+                    (None, None) => "unix:(unnamed)".into(),
+                },
+                Err(_) => "?".into(),
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}

@@ -1,0 +1,162 @@
+//! Both directions of the sd_notify protocol.
+//!
+//! [`Systemd`] sends the supervisor's own state to systemd (only the supervisor talks to
+//! systemd: `NotifyAccess=main`). [`WorkerSocket`] is the datagram socket workers report
+//! to; each datagram carries the sender's credentials (`SO_PASSCRED`), so a message is
+//! attributed by pid, never by what it claims.
+
+use baton_proto::NotifyMessage;
+use nix::sys::socket::{
+    ControlMessageOwned, MsgFlags, UnixCredentials, recvmsg, setsockopt, sockopt,
+};
+use sd_notify::NotifyState;
+use std::io::IoSliceMut;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use tokio::io::Interest;
+use tokio::net::UnixDatagram;
+
+/// Sends to systemd's `NOTIFY_SOCKET`, when there is one.
+#[derive(Debug, Clone)]
+pub struct Systemd {
+    enabled: bool,
+    watchdog: Option<Duration>,
+}
+
+impl Systemd {
+    /// Reads `NOTIFY_SOCKET` and `WATCHDOG_USEC` once, at start-up.
+    pub fn from_env(notify_socket: bool, watchdog: Option<Duration>) -> Self {
+        Self {
+            enabled: notify_socket,
+            watchdog,
+        }
+    }
+
+    /// The interval at which `WATCHDOG=1` must be sent: half of `WATCHDOG_USEC`.
+    pub fn watchdog_interval(&self) -> Option<Duration> {
+        self.watchdog.map(|d| d / 2)
+    }
+
+    fn send(&self, states: &[NotifyState<'_>]) {
+        if !self.enabled {
+            return;
+        }
+        if let Err(e) = sd_notify::notify(states) {
+            tracing::warn!("sd_notify to systemd failed: {e}");
+        }
+    }
+
+    pub fn ready(&self, status: &str) {
+        self.send(&[NotifyState::Ready, NotifyState::Status(status)]);
+    }
+
+    /// `RELOADING=1` and `MONOTONIC_USEC` in one datagram, as systemd ≥ 253 requires.
+    pub fn reloading(&self, status: &str) {
+        self.send(&[
+            NotifyState::Reloading,
+            NotifyState::monotonic_usec_now().expect("CLOCK_MONOTONIC is always readable"),
+            NotifyState::Status(status),
+        ]);
+    }
+
+    pub fn stopping(&self, status: &str, extend: Option<Duration>) {
+        match extend {
+            Some(d) => self.send(&[
+                NotifyState::Stopping,
+                NotifyState::ExtendTimeoutUsec(u32::try_from(d.as_micros()).unwrap_or(u32::MAX)),
+                NotifyState::Status(status),
+            ]),
+            None => self.send(&[NotifyState::Stopping, NotifyState::Status(status)]),
+        }
+    }
+
+    pub fn extend_timeout(&self, by: Duration) {
+        self.send(&[NotifyState::ExtendTimeoutUsec(
+            u32::try_from(by.as_micros()).unwrap_or(u32::MAX),
+        )]);
+    }
+
+    pub fn status(&self, status: &str) {
+        self.send(&[NotifyState::Status(status)]);
+    }
+
+    pub fn watchdog(&self) {
+        self.send(&[NotifyState::Watchdog]);
+    }
+}
+
+/// The datagram socket workers send `READY=1`, `STATUS=…` and counters to.
+#[derive(Debug)]
+pub struct WorkerSocket {
+    socket: UnixDatagram,
+    path: PathBuf,
+}
+
+/// Largest datagram read; longer ones are truncated (and then fail to parse).
+const MAX_DATAGRAM: usize = 4096;
+
+impl WorkerSocket {
+    /// Binds at `path`, replacing a stale file.
+    pub fn bind(path: &Path) -> std::io::Result<Self> {
+        let _ = std::fs::remove_file(path);
+        let socket = UnixDatagram::bind(path)?;
+        setsockopt(&socket, sockopt::PassCred, &true)?;
+        Ok(Self {
+            socket,
+            path: path.to_owned(),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The next message with the pid of its sender. Messages without credentials or that
+    /// do not parse are logged and skipped.
+    pub async fn recv(&self) -> std::io::Result<(i32, NotifyMessage)> {
+        loop {
+            let (pid, data) = self
+                .socket
+                .async_io(Interest::READABLE, || {
+                    let mut buf = [0u8; MAX_DATAGRAM];
+                    let mut cmsg = nix::cmsg_space!(UnixCredentials);
+                    let (pid, len) = {
+                        let mut iov = [IoSliceMut::new(&mut buf)];
+                        let msg = recvmsg::<()>(
+                            self.socket.as_raw_fd(),
+                            &mut iov,
+                            Some(&mut cmsg),
+                            MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_CMSG_CLOEXEC,
+                        )
+                        .map_err(std::io::Error::from)?;
+                        let mut pid = None;
+                        if let Ok(cmsgs) = msg.cmsgs() {
+                            for c in cmsgs {
+                                if let ControlMessageOwned::ScmCredentials(cred) = c {
+                                    pid = Some(cred.pid());
+                                }
+                            }
+                        }
+                        (pid, msg.bytes)
+                    };
+                    Ok((pid, buf[..len].to_vec()))
+                })
+                .await?;
+            let Some(pid) = pid else {
+                tracing::warn!("notify datagram without credentials ignored");
+                continue;
+            };
+            match NotifyMessage::parse(&data) {
+                Ok(msg) => return Ok((pid, msg)),
+                Err(e) => tracing::warn!("notify datagram from pid {pid} ignored: {e}"),
+            }
+        }
+    }
+}
+
+impl Drop for WorkerSocket {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}

@@ -1,0 +1,175 @@
+//! The status document (`baton status --json`) and upgrade outcomes.
+//!
+//! These types are the stable, documented output of the control socket (see
+//! `docs/status.md`): fields are only ever added, never renamed or removed, and
+//! [`STATUS_VERSION`] changes only if that promise has to be broken.
+
+use serde::{Deserialize, Serialize};
+
+/// The schema version of [`StatusReport`].
+pub const STATUS_VERSION: u32 = 1;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StatusReport {
+    pub version: u32,
+    pub supervisor: SupervisorInfo,
+    pub listeners: Vec<ListenerInfo>,
+    pub generations: Vec<GenerationInfo>,
+    pub last_upgrade: Option<UpgradeOutcome>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SupervisorInfo {
+    pub pid: u32,
+    pub config: String,
+    pub started_at: String,
+    /// `running` or `stopping`.
+    pub state: String,
+    /// An upgrade requested while another was starting, to run when it ends.
+    pub upgrade_pending: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ListenerInfo {
+    pub name: String,
+    pub address: String,
+    /// `systemd` (socket activation) or `config` (bound by the supervisor).
+    pub origin: String,
+    pub fds: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GenerationInfo {
+    pub number: u64,
+    /// `starting`, `serving`, `draining` or `failed`.
+    pub state: String,
+    pub started_at: String,
+    pub uptime_secs: u64,
+    pub pids: Vec<u32>,
+    /// Workers of this generation replaced after an unexpected exit.
+    pub restarts: u64,
+    /// Open connections, as last reported by the workers (at most a second old).
+    pub connections: u64,
+    /// Requests served by the generation's workers, including exited ones.
+    pub requests: u64,
+    pub workers: Vec<WorkerInfo>,
+    /// Why a `failed` generation failed.
+    pub failure: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WorkerInfo {
+    pub slot: usize,
+    pub pid: Option<u32>,
+    /// `starting`, `ready`, `restarting` (waiting out a back-off) or `exited`.
+    pub state: String,
+    pub restarts: u64,
+    /// The back-off before the next restart, while `restarting`.
+    pub restart_in_ms: Option<u64>,
+    pub connections: u64,
+    pub requests: u64,
+}
+
+/// How an upgrade ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UpgradeResult {
+    /// The new generation is serving.
+    Succeeded,
+    /// The new generation failed; the previous one keeps serving.
+    RolledBack,
+    /// Nothing was started (invalid config, listener unavailable, stopping).
+    Refused,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct UpgradeOutcome {
+    /// The generation that was started, if one was.
+    pub generation: Option<u64>,
+    pub result: UpgradeResult,
+    pub reason: Option<String>,
+    pub at: String,
+}
+
+impl UpgradeOutcome {
+    pub fn describe(&self) -> String {
+        match (self.result, self.generation, &self.reason) {
+            (UpgradeResult::Succeeded, Some(n), _) => format!("generation {n} is serving"),
+            (UpgradeResult::RolledBack, Some(n), Some(r)) => {
+                format!("generation {n} was rolled back: {r}")
+            }
+            (UpgradeResult::Refused, _, Some(r)) => format!("upgrade refused: {r}"),
+            (result, n, r) => format!(
+                "{result:?} (generation {n:?}): {}",
+                r.as_deref().unwrap_or("")
+            ),
+        }
+    }
+}
+
+/// RFC 3339 time of `t`, to the second.
+pub fn timestamp(t: std::time::SystemTime) -> String {
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+impl StatusReport {
+    /// The human-readable form printed by `baton status`.
+    pub fn render(&self) -> String {
+        use std::fmt::Write;
+        let mut out = String::new();
+        let s = &self.supervisor;
+        let _ = writeln!(
+            out,
+            "baton supervisor pid {} ({}), since {}, config {}",
+            s.pid, s.state, s.started_at, s.config
+        );
+        for l in &self.listeners {
+            let _ = writeln!(
+                out,
+                "listener {:<12} {} ({}, {} fd)",
+                l.name, l.address, l.origin, l.fds
+            );
+        }
+        for g in &self.generations {
+            let _ = writeln!(
+                out,
+                "generation {:<4} {:<9} since {} ({}s)  pids {:?}  restarts {}  connections {}  requests {}",
+                g.number,
+                g.state,
+                g.started_at,
+                g.uptime_secs,
+                g.pids,
+                g.restarts,
+                g.connections,
+                g.requests
+            );
+            for w in &g.workers {
+                let backoff = w
+                    .restart_in_ms
+                    .map(|ms| format!(" in {ms}ms"))
+                    .unwrap_or_default();
+                let pid = w.pid.map_or("-".into(), |p| p.to_string());
+                let _ = writeln!(
+                    out,
+                    "  worker {} pid {pid:<8} {}{backoff}  restarts {}",
+                    w.slot, w.state, w.restarts
+                );
+            }
+            if let Some(f) = &g.failure {
+                let _ = writeln!(out, "  failure: {f}");
+            }
+        }
+        if s.upgrade_pending {
+            let _ = writeln!(out, "an upgrade is pending");
+        }
+        match &self.last_upgrade {
+            Some(u) => {
+                let _ = writeln!(out, "last upgrade at {}: {}", u.at, u.describe());
+            }
+            None => {
+                let _ = writeln!(out, "no upgrade yet");
+            }
+        }
+        out
+    }
+}

@@ -1,0 +1,829 @@
+//! The supervisor's one event loop and the generation state machine it drives.
+//!
+//! Signals, the control socket, worker notify messages, child exits and timers all become
+//! [`Event`]s on one channel, handled in order by [`Supervisor::handle`]. Nothing else
+//! mutates generations. Every wait has a deadline taken from the config (`ready_timeout`,
+//! `drain_timeout`); a timer is an event scheduled for later and is ignored if the state
+//! it was for has moved on.
+
+use crate::config::{Config, PathContext};
+use crate::generation::{Exit, Generation, GenerationState, WorkerSlot};
+use crate::listeners::ListenerSet;
+use crate::notify::{Systemd, WorkerSocket};
+use crate::spawn::{SpawnSpec, spawn};
+use crate::status::{
+    GenerationInfo, ListenerInfo, STATUS_VERSION, StatusReport, SupervisorInfo, UpgradeOutcome,
+    UpgradeResult, WorkerInfo, timestamp,
+};
+use baton_proto::NotifyMessage;
+use nix::sys::signal::Signal;
+use std::collections::BTreeMap;
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+use tokio::sync::{mpsc, oneshot};
+
+/// After `drain_timeout`, how long a worker gets to exit by itself before SIGKILL.
+const DRAIN_KILL_MARGIN: Duration = Duration::from_secs(2);
+/// First back-off before replacing a crashed worker; doubles per crash in a row.
+const RESTART_BACKOFF_FIRST: Duration = Duration::from_millis(100);
+/// Longest back-off.
+const RESTART_BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// A worker that ran this long before exiting starts a new crash streak.
+const STABLE_RUN: Duration = Duration::from_secs(30);
+
+/// Everything the loop reacts to.
+#[derive(Debug)]
+pub enum Event {
+    /// Start the next generation from what is on disk now.
+    Upgrade {
+        source: &'static str,
+        reply: Option<oneshot::Sender<UpgradeOutcome>>,
+    },
+    /// Drain every generation and exit (`fast`: kill the workers instead).
+    Stop {
+        fast: bool,
+        source: &'static str,
+        reply: Option<oneshot::Sender<()>>,
+    },
+    Status {
+        reply: oneshot::Sender<StatusReport>,
+    },
+    /// A datagram from a worker, attributed by its credentials.
+    Notify {
+        pid: i32,
+        message: NotifyMessage,
+    },
+    WorkerExited {
+        generation: u64,
+        exit: Exit,
+    },
+    ReadyTimeout {
+        generation: u64,
+    },
+    DrainTimeout {
+        generation: u64,
+    },
+    Restart {
+        generation: u64,
+        slot: usize,
+    },
+    WatchdogTick,
+}
+
+/// Waiters for the result of an upgrade.
+type Waiters = Vec<oneshot::Sender<UpgradeOutcome>>;
+
+#[derive(Debug)]
+pub struct Supervisor {
+    config_path: PathBuf,
+    ctx: PathContext,
+    listeners: ListenerSet,
+    lifeline: OwnedFd,
+    notify: Arc<WorkerSocket>,
+    systemd: Systemd,
+    events: mpsc::UnboundedSender<Event>,
+    generations: BTreeMap<u64, Generation>,
+    last_number: u64,
+    /// Waiters of the generation that is starting (or waiting for room to start).
+    starting_waiters: Waiters,
+    /// An upgrade asked for while one was starting: run once that one ends.
+    follow_up: Option<Waiters>,
+    /// A start waits for an old generation to be reaped (`max_generations`).
+    start_deferred: bool,
+    last_upgrade: Option<UpgradeOutcome>,
+    stopping: Option<Vec<oneshot::Sender<()>>>,
+    /// The result to exit with once every generation is gone.
+    pending_exit: Option<Result<(), String>>,
+    /// Set when the loop should end, with the process's result.
+    exit: Option<Result<(), String>>,
+    started_at: SystemTime,
+    max_generations: usize,
+}
+
+impl Supervisor {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        config: &Config,
+        config_path: PathBuf,
+        ctx: PathContext,
+        listeners: ListenerSet,
+        lifeline: OwnedFd,
+        notify: Arc<WorkerSocket>,
+        systemd: Systemd,
+        events: mpsc::UnboundedSender<Event>,
+    ) -> Self {
+        Self {
+            config_path,
+            ctx,
+            listeners,
+            lifeline,
+            notify,
+            systemd,
+            events,
+            generations: BTreeMap::new(),
+            last_number: 0,
+            starting_waiters: Vec::new(),
+            follow_up: None,
+            start_deferred: false,
+            last_upgrade: None,
+            stopping: None,
+            pending_exit: None,
+            exit: None,
+            started_at: SystemTime::now(),
+            max_generations: config.worker.max_generations,
+        }
+    }
+
+    /// Starts generation 1 from `config` and runs until stopped. `Err` carries the reason
+    /// the supervisor could not go on (generation 1 failed).
+    pub async fn run(
+        mut self,
+        config: Config,
+        mut events: mpsc::UnboundedReceiver<Event>,
+    ) -> Result<(), String> {
+        self.start_generation(Arc::new(config));
+        while let Some(event) = events.recv().await {
+            self.handle(event);
+            if let Some(result) = self.exit.take() {
+                if let Some(waiters) = self.stopping.take() {
+                    for w in waiters {
+                        let _ = w.send(());
+                    }
+                }
+                return result;
+            }
+        }
+        Ok(())
+    }
+
+    pub fn handle(&mut self, event: Event) {
+        match event {
+            Event::Upgrade { source, reply } => self.on_upgrade(source, reply),
+            Event::Stop {
+                fast,
+                source,
+                reply,
+            } => self.on_stop(fast, source, reply),
+            Event::Status { reply } => {
+                let _ = reply.send(self.report());
+            }
+            Event::Notify { pid, message } => self.on_notify(pid, message),
+            Event::WorkerExited { generation, exit } => self.on_exit(generation, exit),
+            Event::ReadyTimeout { generation } => {
+                if self.state_of(generation) == Some(GenerationState::Starting) {
+                    let timeout = self.generations[&generation].config.worker.ready_timeout;
+                    let not_ready = self.generations[&generation]
+                        .workers
+                        .iter()
+                        .filter(|w| !w.ready)
+                        .count();
+                    self.fail(
+                        generation,
+                        format!(
+                            "{not_ready} worker(s) not READY within ready_timeout ({})",
+                            humantime::format_duration(timeout)
+                        ),
+                    );
+                }
+            }
+            Event::DrainTimeout { generation } => {
+                if let Some(g) = self.generations.get(&generation) {
+                    let _e = g.span.enter();
+                    tracing::warn!("drain_timeout passed; killing worker(s) {:?}", g.pids());
+                    g.signal_all(Signal::SIGKILL);
+                }
+            }
+            Event::Restart { generation, slot } => self.on_restart(generation, slot),
+            Event::WatchdogTick => self.systemd.watchdog(),
+        }
+    }
+
+    fn state_of(&self, generation: u64) -> Option<GenerationState> {
+        self.generations.get(&generation).map(|g| g.state)
+    }
+
+    fn starting(&self) -> Option<u64> {
+        self.generations
+            .values()
+            .find(|g| g.state == GenerationState::Starting)
+            .map(|g| g.number)
+    }
+
+    fn serving(&self) -> Option<u64> {
+        self.generations
+            .values()
+            .find(|g| g.state == GenerationState::Serving)
+            .map(|g| g.number)
+    }
+
+    fn on_upgrade(&mut self, source: &'static str, reply: Option<oneshot::Sender<UpgradeOutcome>>) {
+        if self.stopping.is_some() {
+            if let Some(reply) = reply {
+                let _ = reply.send(outcome(
+                    None,
+                    UpgradeResult::Refused,
+                    Some("the supervisor is stopping".into()),
+                ));
+            }
+            return;
+        }
+        if self.starting().is_some() || self.start_deferred {
+            tracing::info!("upgrade requested ({source}) while one is starting: it will follow");
+            let waiters = self.follow_up.get_or_insert_with(Vec::new);
+            waiters.extend(reply);
+            return;
+        }
+        tracing::info!("upgrade requested ({source})");
+        self.starting_waiters.extend(reply);
+        self.systemd.reloading(&format!(
+            "upgrading: starting generation {}",
+            self.last_number + 1
+        ));
+        self.begin_upgrade();
+    }
+
+    /// Re-reads the config and starts the next generation, or refuses.
+    fn begin_upgrade(&mut self) {
+        let config = match Config::load(&self.config_path, &self.ctx) {
+            Ok(config) => config,
+            Err(e) => return self.refuse(format!("invalid config: {e}")),
+        };
+        self.max_generations = config.worker.max_generations;
+        self.start_generation(Arc::new(config));
+    }
+
+    fn refuse(&mut self, reason: String) {
+        tracing::error!(
+            "upgrade refused: {reason}; generation {:?} keeps serving",
+            self.serving()
+        );
+        self.finish_upgrade(outcome(None, UpgradeResult::Refused, Some(reason)));
+    }
+
+    /// Starts a generation of `config`, unless `max_generations` needs an old one reaped
+    /// first (then it is force-closed and the start happens when it is gone).
+    fn start_generation(&mut self, config: Arc<Config>) {
+        let alive = self.generations.len();
+        if alive + 1 > self.max_generations {
+            if let Some(oldest) = self
+                .generations
+                .values()
+                .find(|g| matches!(g.state, GenerationState::Draining | GenerationState::Failed))
+            {
+                let _e = oldest.span.enter();
+                tracing::warn!(
+                    "max_generations ({}) reached: force-closing draining generation {} (pids {:?})",
+                    self.max_generations,
+                    oldest.number,
+                    oldest.pids()
+                );
+                oldest.signal_all(Signal::SIGKILL);
+            }
+            self.start_deferred = true;
+            return;
+        }
+        self.start_deferred = false;
+
+        let listeners = match self.listeners.prepare(&config) {
+            Ok(l) => l,
+            Err(e) => return self.refuse(e.to_string()),
+        };
+        self.last_number += 1;
+        let number = self.last_number;
+        let span = tracing::info_span!("generation", n = number);
+        let generation = Generation {
+            number,
+            state: GenerationState::Starting,
+            started_at: SystemTime::now(),
+            started: Instant::now(),
+            settings_json: config.worker_settings().to_json(),
+            workers: (0..config.worker.processes)
+                .map(|_| WorkerSlot::default())
+                .collect(),
+            listeners,
+            config: config.clone(),
+            restarts: 0,
+            requests_of_exited: 0,
+            failure: None,
+            span: span.clone(),
+        };
+        self.generations.insert(number, generation);
+        {
+            let _e = span.enter();
+            tracing::info!(
+                "starting {} worker(s) of {}",
+                config.worker.processes,
+                config.worker.path.display()
+            );
+        }
+        for slot in 0..config.worker.processes {
+            if let Err(reason) = self.launch(number, slot) {
+                return self.fail(number, reason);
+            }
+        }
+        self.after(
+            config.worker.ready_timeout,
+            Event::ReadyTimeout { generation: number },
+        );
+    }
+
+    /// Spawns the worker of `slot` in generation `number`.
+    fn launch(&mut self, number: u64, slot: usize) -> Result<(), String> {
+        let g = self
+            .generations
+            .get_mut(&number)
+            .expect("launch of a live generation");
+        let spec = SpawnSpec {
+            binary: &g.config.worker.path,
+            generation: number,
+            listeners: g
+                .listeners
+                .iter()
+                .flat_map(|l| l.fds().map(move |fd| (l.name.as_str(), fd)))
+                .collect(),
+            lifeline: self.lifeline.as_fd(),
+            notify_socket: self.notify.path(),
+            settings_json: &g.settings_json,
+        };
+        let child = spawn(&spec).map_err(|e| {
+            format!(
+                "cannot execute worker {}: {e}",
+                g.config.worker.path.display()
+            )
+        })?;
+        let events = self.events.clone();
+        let process = crate::generation::watch(child, g.span.clone(), move |exit| {
+            let _ = events.send(Event::WorkerExited {
+                generation: number,
+                exit,
+            });
+        });
+        let _e = g.span.enter();
+        tracing::info!("worker {} started in slot {slot}", process.pid);
+        let w = &mut g.workers[slot];
+        w.process = Some(process);
+        w.ready = false;
+        w.restart_at = None;
+        w.stats = Default::default();
+        Ok(())
+    }
+
+    fn find_worker(&self, pid: u32) -> Option<(u64, usize)> {
+        self.generations
+            .values()
+            .find_map(|g| g.slot_of(pid).map(|slot| (g.number, slot)))
+    }
+
+    fn on_notify(&mut self, pid: i32, message: NotifyMessage) {
+        let Some((number, slot)) = self.find_worker(pid as u32) else {
+            tracing::debug!("notify from pid {pid}, which is not a worker, ignored");
+            return;
+        };
+        let g = self.generations.get_mut(&number).expect("found above");
+        if let Some(stats) = message.stats {
+            g.workers[slot].stats = stats;
+        }
+        if let Some(failure) = message.failure() {
+            if g.state == GenerationState::Starting {
+                return self.fail(number, format!("worker {pid} reported: {failure}"));
+            }
+            let _e = g.span.enter();
+            tracing::warn!("worker {pid} reported: {failure}");
+        }
+        if message.ready && !g.workers[slot].ready {
+            g.workers[slot].ready = true;
+            let _e = g.span.enter();
+            tracing::info!("worker {pid} is ready");
+            drop(_e);
+            if g.state == GenerationState::Starting && g.all_ready() {
+                self.promote(number);
+            }
+        }
+    }
+
+    /// Every worker of `number` is READY: it serves, the previous one drains.
+    fn promote(&mut self, number: u64) {
+        let previous = self.serving();
+        let g = self
+            .generations
+            .get_mut(&number)
+            .expect("promote a live generation");
+        g.state = GenerationState::Serving;
+        let took = g.started.elapsed();
+        {
+            let _e = g.span.enter();
+            tracing::info!("serving (ready in {took:?}), pids {:?}", g.pids());
+        }
+        if let Some(old) = previous {
+            self.drain(old);
+        }
+        self.finish_upgrade(outcome(Some(number), UpgradeResult::Succeeded, None));
+    }
+
+    fn drain(&mut self, number: u64) {
+        let g = self
+            .generations
+            .get_mut(&number)
+            .expect("drain a live generation");
+        if g.state == GenerationState::Draining {
+            return;
+        }
+        g.state = GenerationState::Draining;
+        let deadline = g.config.worker.drain_timeout + DRAIN_KILL_MARGIN;
+        {
+            let _e = g.span.enter();
+            tracing::info!(
+                "draining {} connection(s) of pids {:?} (drain_timeout {})",
+                g.connections(),
+                g.pids(),
+                humantime::format_duration(g.config.worker.drain_timeout)
+            );
+        }
+        g.signal_all(Signal::SIGTERM);
+        let empty = g.is_empty();
+        self.after(deadline, Event::DrainTimeout { generation: number });
+        if empty {
+            self.reap(number);
+        }
+    }
+
+    /// Rolls back the starting generation `number`: its workers are killed, the serving
+    /// generation is not touched, and the reason goes to the log, the status and waiters.
+    fn fail(&mut self, number: u64, reason: String) {
+        let g = self
+            .generations
+            .get_mut(&number)
+            .expect("fail a live generation");
+        g.state = GenerationState::Failed;
+        g.failure = Some(reason.clone());
+        {
+            let _e = g.span.enter();
+            tracing::error!("rolled back: {reason}");
+        }
+        g.signal_all(Signal::SIGKILL);
+        if g.is_empty() {
+            self.reap(number);
+        }
+        if self.serving().is_none() && self.stopping.is_none() {
+            // Nothing else can serve: the supervisor cannot go on.
+            self.exit_when_empty(Err(format!(
+                "generation {number} failed to start: {reason}"
+            )));
+        }
+        self.finish_upgrade(outcome(
+            Some(number),
+            UpgradeResult::RolledBack,
+            Some(reason),
+        ));
+    }
+
+    fn exit_when_empty(&mut self, result: Result<(), String>) {
+        if self.stopping.is_none() {
+            self.stopping = Some(Vec::new());
+            for g in self.generations.values() {
+                g.signal_all(Signal::SIGKILL);
+            }
+        }
+        self.pending_exit = Some(result);
+        self.check_exit();
+    }
+
+    /// The upgrade that was starting ended: answer its waiters, tell systemd, and run the
+    /// coalesced follow-up if there is one.
+    fn finish_upgrade(&mut self, result: UpgradeOutcome) {
+        let description = result.describe();
+        for w in self.starting_waiters.drain(..) {
+            let _ = w.send(result.clone());
+        }
+        let first_start = result.generation == Some(1);
+        self.last_upgrade = (!first_start)
+            .then_some(result.clone())
+            .or(self.last_upgrade.take());
+        if self.stopping.is_none() {
+            let summary = self.summary();
+            if result.result == UpgradeResult::Succeeded {
+                self.systemd.ready(&summary);
+            } else {
+                self.systemd
+                    .ready(&format!("{summary}; last upgrade failed: {description}"));
+            }
+        }
+        if self.stopping.is_none()
+            && let Some(waiters) = self.follow_up.take()
+        {
+            tracing::info!("running the upgrade requested while the last one was starting");
+            self.starting_waiters = waiters;
+            self.systemd.reloading(&format!(
+                "upgrading: starting generation {}",
+                self.last_number + 1
+            ));
+            self.begin_upgrade();
+        }
+    }
+
+    fn on_exit(&mut self, number: u64, exit: Exit) {
+        let Some(g) = self.generations.get_mut(&number) else {
+            return;
+        };
+        let Some(slot) = g.slot_of(exit.pid) else {
+            return;
+        };
+        let w = &mut g.workers[slot];
+        let lived = w
+            .process
+            .take()
+            .map(|p| p.spawned.elapsed())
+            .unwrap_or_default();
+        g.requests_of_exited += w.stats.requests;
+        w.stats = Default::default();
+        w.ready = false;
+        match g.state {
+            GenerationState::Starting => {
+                if self.stopping.is_some() {
+                    return self.reap_if_empty(number);
+                }
+                self.fail(number, format!("{} before READY", exit.describe()));
+            }
+            GenerationState::Serving if self.stopping.is_none() => {
+                w.crash_streak = if lived >= STABLE_RUN {
+                    1
+                } else {
+                    w.crash_streak + 1
+                };
+                w.restarts += 1;
+                g.restarts += 1;
+                let delay = backoff(w.crash_streak);
+                w.restart_at = Some(Instant::now() + delay);
+                {
+                    let _e = g.span.enter();
+                    tracing::warn!(
+                        "{} while serving; replacing it in {delay:?} (restart {} of slot {slot})",
+                        exit.describe(),
+                        w.restarts
+                    );
+                }
+                self.after(
+                    delay,
+                    Event::Restart {
+                        generation: number,
+                        slot,
+                    },
+                );
+                let summary = self.summary();
+                self.systemd.status(&summary);
+            }
+            _ => {
+                let _e = g.span.enter();
+                tracing::info!("worker {} exited ({})", exit.pid, exit.status);
+                drop(_e);
+                self.reap_if_empty(number);
+            }
+        }
+    }
+
+    fn on_restart(&mut self, number: u64, slot: usize) {
+        let Some(g) = self.generations.get(&number) else {
+            return;
+        };
+        if g.state != GenerationState::Serving
+            || g.workers[slot].process.is_some()
+            || self.stopping.is_some()
+        {
+            return;
+        }
+        if let Err(reason) = self.launch(number, slot) {
+            let g = self.generations.get_mut(&number).expect("checked above");
+            let w = &mut g.workers[slot];
+            w.crash_streak += 1;
+            let delay = backoff(w.crash_streak);
+            w.restart_at = Some(Instant::now() + delay);
+            let _e = g.span.enter();
+            tracing::error!("{reason}; retrying in {delay:?}");
+            drop(_e);
+            self.after(
+                delay,
+                Event::Restart {
+                    generation: number,
+                    slot,
+                },
+            );
+        }
+    }
+
+    fn reap_if_empty(&mut self, number: u64) {
+        if self.generations.get(&number).is_some_and(|g| g.is_empty()) {
+            self.reap(number);
+        }
+    }
+
+    /// Every worker of `number` has exited: forget it, and start what waited for room.
+    fn reap(&mut self, number: u64) {
+        let Some(g) = self.generations.remove(&number) else {
+            return;
+        };
+        {
+            let _e = g.span.enter();
+            tracing::info!(
+                "{} generation gone after {:?}, {} request(s) served",
+                g.state.name(),
+                g.started.elapsed(),
+                g.requests()
+            );
+        }
+        if self.stopping.is_none() {
+            let summary = self.summary();
+            self.systemd.status(&summary);
+        }
+        if self.start_deferred && self.stopping.is_none() {
+            self.begin_upgrade();
+        }
+        self.check_exit();
+    }
+
+    fn on_stop(&mut self, fast: bool, source: &'static str, reply: Option<oneshot::Sender<()>>) {
+        let first = self.stopping.is_none();
+        self.stopping.get_or_insert_with(Vec::new).extend(reply);
+        if first {
+            tracing::info!(
+                "stopping ({source}){}",
+                if fast {
+                    ": killing workers"
+                } else {
+                    ": draining every generation"
+                }
+            );
+            let longest = self
+                .generations
+                .values()
+                .map(|g| g.config.worker.drain_timeout + DRAIN_KILL_MARGIN)
+                .max()
+                .unwrap_or_default();
+            self.systemd.stopping("stopping: draining", Some(longest));
+            let refused = outcome(
+                None,
+                UpgradeResult::Refused,
+                Some("the supervisor is stopping".into()),
+            );
+            for w in self
+                .starting_waiters
+                .drain(..)
+                .chain(self.follow_up.take().unwrap_or_default())
+            {
+                let _ = w.send(refused.clone());
+            }
+            self.start_deferred = false;
+        }
+        let numbers: Vec<u64> = self.generations.keys().copied().collect();
+        for number in numbers {
+            if fast {
+                self.generations[&number].signal_all(Signal::SIGKILL);
+            } else if first {
+                self.drain(number);
+            }
+        }
+        if self.pending_exit.is_none() {
+            self.pending_exit = Some(Ok(()));
+        }
+        self.check_exit();
+    }
+
+    fn check_exit(&mut self) {
+        if self.stopping.is_some() && self.generations.is_empty() {
+            self.exit = self.pending_exit.take().or(Some(Ok(())));
+        }
+    }
+
+    /// Sends `event` to the loop after `delay`.
+    fn after(&self, delay: Duration, event: Event) {
+        let events = self.events.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            let _ = events.send(event);
+        });
+    }
+
+    /// One line for systemd's `STATUS=` and the log.
+    fn summary(&self) -> String {
+        let mut parts = Vec::new();
+        for g in self.generations.values() {
+            parts.push(format!(
+                "generation {} {} ({} worker(s))",
+                g.number,
+                g.state.name(),
+                g.pids().len()
+            ));
+        }
+        if parts.is_empty() {
+            return "no generation running".into();
+        }
+        parts.join("; ")
+    }
+
+    fn report(&self) -> StatusReport {
+        let now = Instant::now();
+        StatusReport {
+            version: STATUS_VERSION,
+            supervisor: SupervisorInfo {
+                pid: std::process::id(),
+                config: self.config_path.display().to_string(),
+                started_at: timestamp(self.started_at),
+                state: if self.stopping.is_some() {
+                    "stopping"
+                } else {
+                    "running"
+                }
+                .into(),
+                upgrade_pending: self.follow_up.is_some() || self.start_deferred,
+            },
+            listeners: {
+                let mut l: Vec<ListenerInfo> = self
+                    .listeners
+                    .all()
+                    .map(|l| ListenerInfo {
+                        name: l.name.clone(),
+                        address: l.description.clone(),
+                        origin: serde_json::to_value(l.origin)
+                            .ok()
+                            .and_then(|v| v.as_str().map(str::to_owned))
+                            .unwrap_or_default(),
+                        fds: l.fd_count(),
+                    })
+                    .collect();
+                l.sort_by(|a, b| a.name.cmp(&b.name));
+                l
+            },
+            generations: self
+                .generations
+                .values()
+                .map(|g| GenerationInfo {
+                    number: g.number,
+                    state: g.state.name().into(),
+                    started_at: timestamp(g.started_at),
+                    uptime_secs: g.started.elapsed().as_secs(),
+                    pids: g.pids(),
+                    restarts: g.restarts,
+                    connections: g.connections(),
+                    requests: g.requests(),
+                    failure: g.failure.clone(),
+                    workers: g
+                        .workers
+                        .iter()
+                        .enumerate()
+                        .map(|(slot, w)| WorkerInfo {
+                            slot,
+                            pid: w.process.as_ref().map(|p| p.pid),
+                            state: match (&w.process, w.ready, w.restart_at) {
+                                (Some(_), true, _) => "ready",
+                                (Some(_), false, _) => "starting",
+                                (None, _, Some(_)) => "restarting",
+                                (None, _, None) => "exited",
+                            }
+                            .into(),
+                            restarts: w.restarts,
+                            restart_in_ms: w
+                                .restart_at
+                                .filter(|_| w.process.is_none())
+                                .map(|at| at.saturating_duration_since(now).as_millis() as u64),
+                            connections: w.stats.connections,
+                            requests: w.stats.requests,
+                        })
+                        .collect(),
+                })
+                .collect(),
+            last_upgrade: self.last_upgrade.clone(),
+        }
+    }
+}
+
+fn backoff(streak: u32) -> Duration {
+    let factor = 1u32 << streak.saturating_sub(1).min(16);
+    (RESTART_BACKOFF_FIRST * factor).min(RESTART_BACKOFF_MAX)
+}
+
+fn outcome(
+    generation: Option<u64>,
+    result: UpgradeResult,
+    reason: Option<String>,
+) -> UpgradeOutcome {
+    UpgradeOutcome {
+        generation,
+        result,
+        reason,
+        at: timestamp(SystemTime::now()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_and_is_capped() {
+        assert_eq!(backoff(1), Duration::from_millis(100));
+        assert_eq!(backoff(2), Duration::from_millis(200));
+        assert_eq!(backoff(4), Duration::from_millis(800));
+        assert_eq!(backoff(30), RESTART_BACKOFF_MAX);
+    }
+}
