@@ -65,6 +65,10 @@ pub enum Event {
     DrainTimeout {
         generation: u64,
     },
+    /// `max_generations` needs room: close this draining generation now.
+    ForceClose {
+        generation: u64,
+    },
     Restart {
         generation: u64,
         slot: usize,
@@ -195,6 +199,21 @@ impl Supervisor {
                     g.signal_all(Signal::SIGKILL);
                 }
             }
+            Event::ForceClose { generation } => {
+                if let Some(g) = self.generations.get(&generation)
+                    && g.state == GenerationState::Draining
+                    && self.start_deferred
+                {
+                    let _e = g.span.enter();
+                    tracing::warn!(
+                        "force-closing draining generation {generation} (pids {:?}, {} connection(s)) to stay within max_generations ({})",
+                        g.pids(),
+                        g.connections(),
+                        self.max_generations
+                    );
+                    g.signal_all(Signal::SIGQUIT);
+                }
+            }
             Event::Restart { generation, slot } => self.on_restart(generation, slot),
             Event::WatchdogTick => self.systemd.watchdog(),
         }
@@ -267,19 +286,28 @@ impl Supervisor {
     fn start_generation(&mut self, config: Arc<Config>) {
         let alive = self.generations.len();
         if alive + 1 > self.max_generations {
-            if let Some(oldest) = self
-                .generations
-                .values()
-                .find(|g| matches!(g.state, GenerationState::Draining | GenerationState::Failed))
+            // The start waits for the oldest draining generation. A drain under steady
+            // traffic ends within milliseconds; one still running after
+            // `drain_idle_grace` (long requests, idle connections) is force-closed.
+            if !self.start_deferred
+                && let Some(oldest) = self
+                    .generations
+                    .values()
+                    .find(|g| g.state == GenerationState::Draining)
             {
                 let _e = oldest.span.enter();
-                tracing::warn!(
-                    "max_generations ({}) reached: force-closing draining generation {} (pids {:?})",
+                tracing::info!(
+                    "max_generations ({}) reached: the next generation starts when generation {} has drained (force-closed in {} if still draining)",
                     self.max_generations,
                     oldest.number,
-                    oldest.pids()
+                    humantime::format_duration(config.worker.drain_idle_grace)
                 );
-                oldest.signal_all(Signal::SIGKILL);
+                self.after(
+                    config.worker.drain_idle_grace,
+                    Event::ForceClose {
+                        generation: oldest.number,
+                    },
+                );
             }
             self.start_deferred = true;
             return;

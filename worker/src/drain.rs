@@ -3,7 +3,8 @@
 //!
 //! `Serving` → `Closing` (stop accepting; HTTP/1 responses carry `Connection: close`,
 //! HTTP/2 connections get GOAWAY; idle HTTP/1 connections get a grace period) → `Forced`
-//! (`drain_timeout` passed: whatever is left is dropped). Nothing here sleeps or decides
+//! (`drain_timeout` passed, or the supervisor force-closes the generation: whatever is
+//! left is dropped). Nothing here sleeps or decides
 //! when to move on; `serve` does.
 
 use std::sync::Arc;

@@ -5,6 +5,10 @@
 //! does) and never closes an idle keep-alive connection the moment a drain begins (a
 //! client may be sending on it right then): such a connection gets
 //! `drain_idle_grace` to send one more request, answered with `Connection: close`.
+//!
+//! Signals: `SIGTERM`/`SIGINT` or the end of the lifeline start the drain; `SIGQUIT` (the
+//! supervisor force-closing a generation to make room under `max_generations`) closes
+//! every connection now and exits.
 
 use crate::drain::{ConnectionGuard, Connections, Drain, DrainWatch, Phase};
 use crate::inherit::{Listener, NamedListener};
@@ -55,6 +59,7 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
+    let mut quit = signal(SignalKind::quit())?;
     let lifeline = match lifeline {
         Some(fd) => Some(tokio::net::unix::pipe::Receiver::from_owned_fd(fd)?),
         None => None,
@@ -98,6 +103,7 @@ pub async fn serve(
     let reason = tokio::select! {
         _ = term.recv() => "SIGTERM",
         _ = int.recv() => "SIGINT",
+        _ = quit.recv() => "SIGQUIT",
         _ = lifeline_closed(lifeline) => "the supervisor is gone",
     };
     tracing::info!(
@@ -106,20 +112,37 @@ pub async fn serve(
     );
     notifier.send("STOPPING=1\nSTATUS=draining");
     drain.advance(Phase::Closing);
+    if reason == "SIGQUIT" {
+        drain.advance(Phase::Forced);
+    }
     while accepting.join_next().await.is_some() {}
 
     let drain_timeout = Duration::from_millis(shared.settings.drain_timeout_ms);
     let started = Instant::now();
-    if tokio::time::timeout(drain_timeout, shared.connections.all_closed())
-        .await
-        .is_err()
-    {
-        tracing::warn!(
-            "drain_timeout ({drain_timeout:?}) reached with {} connection(s) open; closing them",
-            shared.connections.count()
-        );
-        drain.advance(Phase::Forced);
-        let _ = tokio::time::timeout(FORCED_CLOSE_WAIT, shared.connections.all_closed()).await;
+    let deadline = tokio::time::sleep(drain_timeout);
+    tokio::pin!(deadline);
+    loop {
+        tokio::select! {
+            _ = shared.connections.all_closed() => break,
+            _ = quit.recv() => {
+                tracing::warn!(
+                    "SIGQUIT: force-closing {} connection(s)",
+                    shared.connections.count()
+                );
+                drain.advance(Phase::Forced);
+                let _ = tokio::time::timeout(FORCED_CLOSE_WAIT, shared.connections.all_closed()).await;
+                break;
+            }
+            _ = &mut deadline => {
+                tracing::warn!(
+                    "drain_timeout ({drain_timeout:?}) reached with {} connection(s) open; closing them",
+                    shared.connections.count()
+                );
+                drain.advance(Phase::Forced);
+                let _ = tokio::time::timeout(FORCED_CLOSE_WAIT, shared.connections.all_closed()).await;
+                break;
+            }
+        }
     }
     stats.abort();
     notifier.send(&stats_of(&shared).to_line());

@@ -1,0 +1,410 @@
+//! The test harness: start a real `baton` with a config written for the test, drive it
+//! with its own CLI and real signals, and load it with real HTTP clients that count every
+//! answer.
+//!
+//! Each test gets its own temp dir, control socket and free port. Nothing sleeps where an
+//! event can be awaited: waits poll an observable condition with a deadline.
+
+pub mod load;
+pub mod procfs;
+
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+pub use load::{Counts, Load, LoadSpec};
+
+/// Default deadline for a condition a test waits for.
+pub const WAIT: Duration = Duration::from_secs(20);
+
+/// Paths of the binaries under test, built once per test process.
+#[derive(Debug)]
+pub struct Bins {
+    pub baton: PathBuf,
+    pub worker: PathBuf,
+    pub fake_worker: PathBuf,
+}
+
+/// Builds `baton` and `baton-worker` (same profile as the tests) once, and finds them.
+pub fn bins() -> &'static Bins {
+    static BINS: OnceLock<Bins> = OnceLock::new();
+    BINS.get_or_init(|| {
+        // Test binaries run from target/<profile>/deps.
+        let exe = std::env::current_exe().expect("current exe");
+        let dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("target dir")
+            .to_owned();
+        let mut cmd = std::process::Command::new(env!("CARGO"));
+        cmd.args([
+            "build",
+            "--quiet",
+            "-p",
+            "baton",
+            "-p",
+            "baton-worker",
+            "-p",
+            "baton-tests",
+            "--bins",
+        ])
+        .current_dir(env!("CARGO_MANIFEST_DIR"));
+        if dir.ends_with("release") {
+            cmd.arg("--release");
+        }
+        let status = cmd.status().expect("run cargo build");
+        assert!(
+            status.success(),
+            "cargo build of baton and baton-worker failed"
+        );
+        Bins {
+            baton: dir.join("baton"),
+            worker: dir.join("baton-worker"),
+            fake_worker: dir.join("baton-fake-worker"),
+        }
+    })
+}
+
+/// A port that was free a moment ago on 127.0.0.1.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind an ephemeral port")
+        .port()
+}
+
+/// The knobs tests turn; everything else keeps Baton's defaults.
+#[derive(Debug, Clone)]
+pub struct TestConfig {
+    pub port: u16,
+    pub worker_path: Option<PathBuf>,
+    pub processes: usize,
+    pub threads: usize,
+    pub ready_timeout: &'static str,
+    pub drain_timeout: &'static str,
+    pub drain_idle_grace: &'static str,
+    pub max_generations: usize,
+    /// Extra TOML appended verbatim.
+    pub extra: String,
+}
+
+impl Default for TestConfig {
+    fn default() -> Self {
+        Self {
+            port: free_port(),
+            worker_path: None,
+            processes: 2,
+            threads: 1,
+            ready_timeout: "5s",
+            drain_timeout: "10s",
+            drain_idle_grace: "500ms",
+            max_generations: 4,
+            extra: String::new(),
+        }
+    }
+}
+
+impl TestConfig {
+    pub fn render(&self) -> String {
+        let worker = self.worker_path.as_ref().unwrap_or(&bins().worker);
+        format!(
+            "[[listener]]\nname = \"http\"\naddress = \"127.0.0.1:{}\"\n\n\
+             [worker]\npath = \"{}\"\nprocesses = {}\nthreads = {}\nready_timeout = \"{}\"\n\
+             drain_timeout = \"{}\"\ndrain_idle_grace = \"{}\"\nmax_generations = {}\n{}",
+            self.port,
+            worker.display(),
+            self.processes,
+            self.threads,
+            self.ready_timeout,
+            self.drain_timeout,
+            self.drain_idle_grace,
+            self.max_generations,
+            self.extra
+        )
+    }
+}
+
+/// Output of a `baton` CLI command.
+#[derive(Debug)]
+pub struct CliOutput {
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl CliOutput {
+    pub fn text(&self) -> String {
+        format!("{}{}", self.stdout, self.stderr)
+    }
+}
+
+/// A running `baton run` under test.
+#[derive(Debug)]
+pub struct Baton {
+    pub dir: tempfile::TempDir,
+    pub config_path: PathBuf,
+    pub config: TestConfig,
+    pub child: Option<tokio::process::Child>,
+    pub pid: u32,
+    log_path: PathBuf,
+}
+
+impl Baton {
+    /// Starts `baton run` and waits until generation 1 serves.
+    pub async fn start(config: TestConfig) -> Baton {
+        let baton = Baton::spawn(config, &[]).await;
+        baton.wait_serving(1).await;
+        baton
+    }
+
+    /// Starts `baton run` without waiting; `env` is added to its environment.
+    pub async fn spawn(config: TestConfig, env: &[(&str, &str)]) -> Baton {
+        let dir = tempfile::Builder::new()
+            .prefix("baton-test")
+            .tempdir()
+            .expect("temp dir");
+        let config_path = dir.path().join("baton.toml");
+        std::fs::write(&config_path, config.render()).expect("write config");
+        let log_path = dir.path().join("baton.log");
+        let log = std::fs::File::create(&log_path).expect("log file");
+        let mut cmd = tokio::process::Command::new(&bins().baton);
+        cmd.arg("run")
+            .arg("-c")
+            .arg(&config_path)
+            .env("BATON_LOG", "info")
+            .env_remove("NOTIFY_SOCKET")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("dup log"))
+            .stderr(log);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().expect("spawn baton");
+        let pid = child.id().expect("pid");
+        Baton {
+            dir,
+            config_path,
+            config,
+            child: Some(child),
+            pid,
+            log_path,
+        }
+    }
+
+    pub fn addr(&self) -> std::net::SocketAddr {
+        ([127, 0, 0, 1], self.config.port).into()
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// Rewrites the config file (an upgrade re-reads it).
+    pub fn write_config(&self, text: &str) {
+        std::fs::write(&self.config_path, text).expect("write config");
+    }
+
+    /// Runs `baton ARGS -c <config>`.
+    pub async fn cli(&self, args: &[&str]) -> CliOutput {
+        run_cli(args, &self.config_path).await
+    }
+
+    pub async fn upgrade_wait(&self) -> CliOutput {
+        self.cli(&["upgrade", "--wait", "--timeout", "60s"]).await
+    }
+
+    pub async fn status(&self) -> Value {
+        let out = self.cli(&["status", "--json"]).await;
+        assert_eq!(
+            out.code,
+            Some(0),
+            "baton status failed: {}\nlog:\n{}",
+            out.text(),
+            self.log()
+        );
+        serde_json::from_str(&out.stdout).expect("status is JSON")
+    }
+
+    /// Pids of the serving generation (number, pids).
+    pub async fn serving(&self) -> Option<(u64, Vec<u32>)> {
+        let status = self.status().await;
+        status["generations"].as_array()?.iter().find_map(|g| {
+            (g["state"] == "serving").then(|| {
+                (
+                    g["number"].as_u64().unwrap_or(0),
+                    g["pids"]
+                        .as_array()
+                        .map(|p| {
+                            p.iter()
+                                .filter_map(|p| p.as_u64().map(|p| p as u32))
+                                .collect()
+                        })
+                        .unwrap_or_default(),
+                )
+            })
+        })
+    }
+
+    /// Waits until generation `n` (or a later one) serves with all its workers.
+    pub async fn wait_serving(&self, n: u64) {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Some(out) = self.try_status().await {
+                let serving = out["generations"].as_array().and_then(|gs| {
+                    gs.iter()
+                        .find(|g| g["state"] == "serving" && g["number"].as_u64() >= Some(n))
+                });
+                if let Some(g) = serving
+                    && g["pids"].as_array().map(Vec::len) == Some(self.config.processes)
+                {
+                    return;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "generation {n} did not serve within {WAIT:?}; log:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn try_status(&self) -> Option<Value> {
+        let out = self.cli(&["status", "--json"]).await;
+        (out.code == Some(0))
+            .then(|| serde_json::from_str(&out.stdout).ok())
+            .flatten()
+    }
+
+    /// Waits until exactly one generation is alive and no upgrade is pending.
+    pub async fn wait_settled(&self) -> Value {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let s = self.status().await;
+            let gens = s["generations"].as_array().map(Vec::len).unwrap_or(0);
+            if gens == 1
+                && s["supervisor"]["upgrade_pending"] == false
+                && s["generations"][0]["state"] == "serving"
+            {
+                return s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "baton did not settle: {s:#}\nlog:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn signal(&self, signal: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid as i32), signal)
+            .expect("signal baton");
+    }
+
+    /// Waits for `baton run` to exit and returns its exit code.
+    pub async fn wait_exit(&mut self, within: Duration) -> Option<i32> {
+        let child = self.child.as_mut().expect("baton is running");
+        let status = tokio::time::timeout(within, child.wait())
+            .await
+            .unwrap_or_else(|_| {
+                panic!("baton did not exit within {within:?}; log:\n{}", self.log())
+            })
+            .expect("wait baton");
+        self.child = None;
+        status.code()
+    }
+
+    /// Worker processes alive now (children of the supervisor).
+    pub fn worker_pids(&self) -> Vec<u32> {
+        procfs::children(self.pid)
+    }
+}
+
+impl Drop for Baton {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let workers = procfs::children(self.pid);
+            let _ = child.start_kill();
+            for pid in workers {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid as i32),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+    }
+}
+
+/// Runs the `baton` CLI with `-c config`.
+pub async fn run_cli(args: &[&str], config: &Path) -> CliOutput {
+    let out = tokio::process::Command::new(&bins().baton)
+        .args(args)
+        .arg("-c")
+        .arg(config)
+        .env_remove("BATON_CONFIG")
+        .output()
+        .await
+        .expect("run baton");
+    CliOutput {
+        code: out.status.code(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// Polls `cond` until it holds or `within` passes; returns whether it held.
+pub async fn eventually(within: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + within;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Writes an executable wrapper script that runs the fake worker in `mode`.
+pub fn fake_worker_script(dir: &Path, mode: &str) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join(format!("fake-worker-{mode}"));
+    std::fs::write(
+        &path,
+        format!(
+            "#!/bin/sh\nexec '{}' {mode}\n",
+            bins().fake_worker.display()
+        ),
+    )
+    .expect("write wrapper");
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod wrapper");
+    path
+}
+
+/// Writes an executable wrapper that waits `delay` before exec'ing the real worker, so
+/// that a generation takes that long to become ready.
+pub fn slow_start_worker_script(dir: &Path, delay: &str) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join("slow-start-worker");
+    std::fs::write(
+        &path,
+        format!(
+            "#!/bin/sh\nsleep {delay}\nexec '{}'\n",
+            bins().worker.display()
+        ),
+    )
+    .expect("write wrapper");
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod wrapper");
+    path
+}
+
+/// Serialises tests that put the machine under load, so that two of them never compete
+/// for the same two cores.
+pub async fn heavy() -> tokio::sync::MutexGuard<'static, ()> {
+    static LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    LOCK.lock().await
+}

@@ -1,0 +1,331 @@
+//! Load generators that count every answer: keep-alive HTTP/1.1 connections, a client
+//! that opens a new connection per request, and HTTP/2 (prior knowledge) clients.
+//!
+//! The clients follow HTTP: a response with `Connection: close` ends its connection, a
+//! connection the server closed before a request was written is replaced (nothing was
+//! sent), and the HTTP/2 client retries only what the server's GOAWAY says it never
+//! processed. Any other error, a timeout or a non-2xx answer is a failed request.
+//! Every loop stops on `stop()` or after `max_duration`, whichever comes first.
+
+use bytes::Bytes;
+use http::{Request, header};
+use http_body_util::{BodyExt, Empty};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+use tokio::net::TcpStream;
+
+/// Longest a single request may take before it counts as failed.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Clone)]
+pub struct LoadSpec {
+    pub keepalive: usize,
+    pub per_request: usize,
+    pub h2: usize,
+    pub path: String,
+    pub max_duration: Duration,
+}
+
+impl Default for LoadSpec {
+    fn default() -> Self {
+        Self {
+            keepalive: 32,
+            per_request: 1,
+            h2: 2,
+            path: "/_baton/health".into(),
+            max_duration: Duration::from_secs(240),
+        }
+    }
+}
+
+/// What the clients saw.
+#[derive(Debug, Default, Clone)]
+pub struct Counts {
+    pub ok_keepalive: u64,
+    pub ok_per_request: u64,
+    pub ok_h2: u64,
+    pub failed: u64,
+    /// The first few failures, for the assertion message.
+    pub failures: Vec<String>,
+    /// Worker pids named in 2xx answers.
+    pub pids: HashSet<u32>,
+    pub generations: HashSet<u64>,
+    /// Connections replaced because the server closed them before a request was sent.
+    pub reconnects: u64,
+}
+
+impl Counts {
+    pub fn ok(&self) -> u64 {
+        self.ok_keepalive + self.ok_per_request + self.ok_h2
+    }
+
+    fn fail(&mut self, what: String) {
+        self.failed += 1;
+        if self.failures.len() < 20 {
+            self.failures.push(what);
+        }
+    }
+
+    fn merge(&mut self, other: Counts) {
+        self.ok_keepalive += other.ok_keepalive;
+        self.ok_per_request += other.ok_per_request;
+        self.ok_h2 += other.ok_h2;
+        self.failed += other.failed;
+        for f in other.failures {
+            if self.failures.len() < 20 {
+                self.failures.push(f);
+            }
+        }
+        self.pids.extend(other.pids);
+        self.generations.extend(other.generations);
+        self.reconnects += other.reconnects;
+    }
+
+    /// Reads the health answer `{"generation":N,"pid":P}`.
+    fn record(&mut self, body: &[u8]) {
+        if let Ok(v) = serde_json::from_slice::<serde_json::Value>(body) {
+            if let Some(pid) = v["pid"].as_u64() {
+                self.pids.insert(pid as u32);
+            }
+            if let Some(g) = v["generation"].as_u64() {
+                self.generations.insert(g);
+            }
+        }
+    }
+}
+
+/// Running load; `stop` ends it and returns the counts.
+#[derive(Debug)]
+pub struct Load {
+    stop: Arc<AtomicBool>,
+    tasks: Vec<tokio::task::JoinHandle<Counts>>,
+}
+
+impl Load {
+    pub fn start(addr: SocketAddr, spec: LoadSpec) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let deadline = Instant::now() + spec.max_duration;
+        let mut tasks = Vec::new();
+        for _ in 0..spec.keepalive {
+            tasks.push(tokio::spawn(keepalive(
+                addr,
+                spec.path.clone(),
+                stop.clone(),
+                deadline,
+            )));
+        }
+        for _ in 0..spec.per_request {
+            tasks.push(tokio::spawn(per_request(
+                addr,
+                spec.path.clone(),
+                stop.clone(),
+                deadline,
+            )));
+        }
+        if spec.h2 > 0 {
+            let client = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+                .http2_only(true)
+                .build_http::<Empty<Bytes>>();
+            for _ in 0..spec.h2 {
+                tasks.push(tokio::spawn(h2(
+                    client.clone(),
+                    format!("http://{addr}{}", spec.path),
+                    stop.clone(),
+                    deadline,
+                )));
+            }
+        }
+        Load { stop, tasks }
+    }
+
+    pub async fn stop(self) -> Counts {
+        self.stop.store(true, Ordering::Relaxed);
+        let mut total = Counts::default();
+        for t in self.tasks {
+            total.merge(t.await.expect("load task"));
+        }
+        total
+    }
+}
+
+fn running(stop: &AtomicBool, deadline: Instant) -> bool {
+    !stop.load(Ordering::Relaxed) && Instant::now() < deadline
+}
+
+fn get(path: &str, close: bool) -> Request<Empty<Bytes>> {
+    let mut b = Request::get(path).header(header::HOST, "127.0.0.1");
+    if close {
+        b = b.header(header::CONNECTION, "close");
+    }
+    b.body(Empty::new()).expect("request")
+}
+
+async fn keepalive(
+    addr: SocketAddr,
+    path: String,
+    stop: Arc<AtomicBool>,
+    deadline: Instant,
+) -> Counts {
+    let mut c = Counts::default();
+    'connection: while running(&stop, deadline) {
+        let stream = match TcpStream::connect(addr).await {
+            Ok(s) => s,
+            Err(e) => {
+                c.fail(format!("keep-alive connect: {e}"));
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        let (mut sender, conn) =
+            match hyper::client::conn::http1::handshake(TokioIo::new(stream)).await {
+                Ok(x) => x,
+                Err(e) => {
+                    c.fail(format!("keep-alive handshake: {e}"));
+                    continue;
+                }
+            };
+        tokio::spawn(conn);
+        while running(&stop, deadline) {
+            if sender.ready().await.is_err() {
+                // Closed by the server before we wrote anything: open another.
+                c.reconnects += 1;
+                continue 'connection;
+            }
+            let response =
+                match tokio::time::timeout(REQUEST_TIMEOUT, sender.send_request(get(&path, false)))
+                    .await
+                {
+                    Err(_) => {
+                        c.fail("keep-alive request timed out".into());
+                        continue 'connection;
+                    }
+                    Ok(Err(e)) => {
+                        c.fail(format!("keep-alive request: {e}"));
+                        continue 'connection;
+                    }
+                    Ok(Ok(r)) => r,
+                };
+            let close = response
+                .headers()
+                .get(header::CONNECTION)
+                .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"close"));
+            let status = response.status();
+            match response.into_body().collect().await {
+                Ok(body) if status.is_success() => {
+                    c.ok_keepalive += 1;
+                    c.record(&body.to_bytes());
+                }
+                Ok(_) => c.fail(format!("keep-alive answer {status}")),
+                Err(e) => c.fail(format!("keep-alive body: {e}")),
+            }
+            if close {
+                continue 'connection;
+            }
+        }
+    }
+    c
+}
+
+async fn per_request(
+    addr: SocketAddr,
+    path: String,
+    stop: Arc<AtomicBool>,
+    deadline: Instant,
+) -> Counts {
+    let mut c = Counts::default();
+    while running(&stop, deadline) {
+        let attempt = async {
+            let stream = TcpStream::connect(addr)
+                .await
+                .map_err(|e| format!("connect: {e}"))?;
+            let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+                .await
+                .map_err(|e| format!("handshake: {e}"))?;
+            tokio::spawn(conn);
+            let response = sender
+                .send_request(get(&path, true))
+                .await
+                .map_err(|e| format!("request: {e}"))?;
+            let status = response.status();
+            let body = response
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| format!("body: {e}"))?;
+            if !status.is_success() {
+                return Err(format!("answer {status}"));
+            }
+            Ok::<_, String>(body.to_bytes())
+        };
+        match tokio::time::timeout(REQUEST_TIMEOUT, attempt).await {
+            Ok(Ok(body)) => {
+                c.ok_per_request += 1;
+                c.record(&body);
+            }
+            Ok(Err(e)) => c.fail(format!("per-request {e}")),
+            Err(_) => c.fail("per-request timed out".into()),
+        }
+    }
+    c
+}
+
+async fn h2(
+    client: hyper_util::client::legacy::Client<
+        hyper_util::client::legacy::connect::HttpConnector,
+        Empty<Bytes>,
+    >,
+    url: String,
+    stop: Arc<AtomicBool>,
+    deadline: Instant,
+) -> Counts {
+    let mut c = Counts::default();
+    let uri: http::Uri = url.parse().expect("uri");
+    while running(&stop, deadline) {
+        let attempt = async {
+            // A stream the server refused with GOAWAY was never processed (RFC 9113
+            // §6.8): a client may send it again, on a new connection.
+            let mut refused = 0;
+            let response = loop {
+                match client.get(uri.clone()).await {
+                    Ok(r) => break r,
+                    Err(e) if refused < 3 && refused_by_goaway(&e) => refused += 1,
+                    Err(e) => return Err(format!("request: {e:?}")),
+                }
+            };
+            let status = response.status();
+            let body = response
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| format!("body: {e}"))?;
+            if !status.is_success() {
+                return Err(format!("answer {status}"));
+            }
+            Ok::<_, String>(body.to_bytes())
+        };
+        match tokio::time::timeout(REQUEST_TIMEOUT, attempt).await {
+            Ok(Ok(body)) => {
+                c.ok_h2 += 1;
+                c.record(&body);
+            }
+            Ok(Err(e)) => c.fail(format!("h2 {e}")),
+            Err(_) => c.fail("h2 timed out".into()),
+        }
+    }
+    c
+}
+
+fn refused_by_goaway(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = source {
+        if let Some(h2) = err.downcast_ref::<h2::Error>() {
+            return h2.is_go_away() && h2.is_remote();
+        }
+        source = err.source();
+    }
+    false
+}
