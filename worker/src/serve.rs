@@ -119,30 +119,17 @@ pub async fn serve(
 
     let drain_timeout = Duration::from_millis(shared.settings.drain_timeout_ms);
     let started = Instant::now();
-    let deadline = tokio::time::sleep(drain_timeout);
-    tokio::pin!(deadline);
-    loop {
-        tokio::select! {
-            _ = shared.connections.all_closed() => break,
-            _ = quit.recv() => {
-                tracing::warn!(
-                    "SIGQUIT: force-closing {} connection(s)",
-                    shared.connections.count()
-                );
-                drain.advance(Phase::Forced);
-                let _ = tokio::time::timeout(FORCED_CLOSE_WAIT, shared.connections.all_closed()).await;
-                break;
-            }
-            _ = &mut deadline => {
-                tracing::warn!(
-                    "drain_timeout ({drain_timeout:?}) reached with {} connection(s) open; closing them",
-                    shared.connections.count()
-                );
-                drain.advance(Phase::Forced);
-                let _ = tokio::time::timeout(FORCED_CLOSE_WAIT, shared.connections.all_closed()).await;
-                break;
-            }
+    let forced = tokio::select! {
+        _ = shared.connections.all_closed() => None,
+        _ = quit.recv() => Some("SIGQUIT: force-closing".to_owned()),
+        _ = tokio::time::sleep(drain_timeout) => {
+            Some(format!("drain_timeout ({drain_timeout:?}) reached: closing"))
         }
+    };
+    if let Some(why) = forced {
+        tracing::warn!("{why} {} connection(s)", shared.connections.count());
+        drain.advance(Phase::Forced);
+        let _ = tokio::time::timeout(FORCED_CLOSE_WAIT, shared.connections.all_closed()).await;
     }
     stats.abort();
     notifier.send(&stats_of(&shared).to_line());
