@@ -180,10 +180,17 @@ impl Config {
 
     /// Validates `text` as if read from `path`.
     pub fn parse(text: &str, path: &Path, ctx: &PathContext) -> Result<Config, ConfigError> {
-        let raw: Raw = toml::from_str(text).map_err(|e| ConfigError::Syntax {
-            path: path.to_owned(),
-            line: e.span().map_or(1, |s| line_of(text, s.start)),
-            message: e.message().trim().to_owned(),
+        let raw: Raw = toml::from_str(text).map_err(|e| {
+            let line = e.span().map_or(1, |s| line_of(text, s.start));
+            let mut message = e.message().trim().to_owned();
+            if let Some(table) = table_at(text, line) {
+                message = format!("{message} (in {table})");
+            }
+            ConfigError::Syntax {
+                path: path.to_owned(),
+                line,
+                message,
+            }
         })?;
         let v = Validator { text, path };
         let base = path.parent().unwrap_or(Path::new(".")).to_owned();
@@ -404,6 +411,16 @@ pub fn control_socket_lenient(path: &Path, ctx: &PathContext) -> Option<PathBuf>
     Some(ctx.runtime_dir.as_deref().unwrap_or(base).join(name))
 }
 
+/// The `[table]` header that line `line` falls under, if any.
+fn table_at(text: &str, line: usize) -> Option<&str> {
+    text.lines()
+        .take(line)
+        .map(str::trim)
+        .filter(|l| l.starts_with('['))
+        .last()
+        .map(|l| l.split('#').next().unwrap_or(l).trim())
+}
+
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
@@ -556,6 +573,7 @@ mod tests {
         let msg = err.to_string();
         assert!(msg.starts_with("/etc/baton/baton.toml:7:"), "{msg}");
         assert!(msg.contains("proceses"), "{msg}");
+        assert!(msg.contains("(in [worker])"), "{msg}");
     }
 
     #[test]

@@ -140,13 +140,13 @@ pub struct Exit {
 }
 
 impl Exit {
-    /// "exit status: 3", plus the stderr tail when there is one.
-    pub fn describe(&self) -> String {
+    /// "worker 12 exited (exit status: 3) WHEN", plus the stderr tail when there is one.
+    pub fn describe(&self, when: &str) -> String {
         if self.stderr_tail.is_empty() {
-            format!("worker {} exited ({})", self.pid, self.status)
+            format!("worker {} exited ({}) {when}", self.pid, self.status)
         } else {
             format!(
-                "worker {} exited ({}); stderr tail:\n{}",
+                "worker {} exited ({}) {when}; stderr tail:\n{}",
                 self.pid,
                 self.status,
                 self.stderr_tail.join("\n")

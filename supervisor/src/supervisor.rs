@@ -572,7 +572,7 @@ impl Supervisor {
                 if self.stopping.is_some() {
                     return self.reap_if_empty(number);
                 }
-                self.fail(number, format!("{} before READY", exit.describe()));
+                self.fail(number, exit.describe("before READY"));
             }
             GenerationState::Serving if self.stopping.is_none() => {
                 w.crash_streak = if lived >= STABLE_RUN {
@@ -587,8 +587,8 @@ impl Supervisor {
                 {
                     let _e = g.span.enter();
                     tracing::warn!(
-                        "{} while serving; replacing it in {delay:?} (restart {} of slot {slot})",
-                        exit.describe(),
+                        "{}; replacing it in {delay:?} (restart {} of slot {slot})",
+                        exit.describe("while serving"),
                         w.restarts
                     );
                 }

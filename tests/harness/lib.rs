@@ -408,3 +408,33 @@ pub async fn heavy() -> tokio::sync::MutexGuard<'static, ()> {
     static LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
     LOCK.lock().await
 }
+
+/// One GET over a fresh connection to `addr`; returns the status and body.
+pub async fn get(addr: std::net::SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
+    let stream = tokio::net::TcpStream::connect(addr).await?;
+    request_on(stream, path).await
+}
+
+/// One GET over a fresh connection to the Unix socket at `socket`.
+pub async fn get_unix(socket: &Path, path: &str) -> anyhow::Result<(u16, String)> {
+    let stream = tokio::net::UnixStream::connect(socket).await?;
+    request_on(stream, path).await
+}
+
+async fn request_on<S>(stream: S, path: &str) -> anyhow::Result<(u16, String)>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    use http_body_util::BodyExt;
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+    tokio::spawn(conn);
+    let request = http::Request::get(path)
+        .header(http::header::HOST, "localhost")
+        .body(http_body_util::Empty::<bytes::Bytes>::new())?;
+    let response =
+        tokio::time::timeout(Duration::from_secs(10), sender.send_request(request)).await??;
+    let status = response.status().as_u16();
+    let body = response.into_body().collect().await?.to_bytes();
+    Ok((status, String::from_utf8_lossy(&body).into_owned()))
+}
