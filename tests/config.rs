@@ -1,1 +1,155 @@
-//! placeholder
+//! Bad configs: a clear message naming the key and line, exit status 1, nothing started.
+
+use baton_tests::{TestConfig, WAIT, bins, free_port, run_cli};
+use std::path::Path;
+
+fn write(dir: &Path, text: &str) -> std::path::PathBuf {
+    let path = dir.join("baton.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+async fn run_and_expect_failure(config: &Path, expect: &[&str]) {
+    let out = tokio::time::timeout(WAIT, run_cli(&["run"], config))
+        .await
+        .expect("baton run with a bad config must exit");
+    assert_eq!(out.code, Some(1), "{}", out.text());
+    for e in expect {
+        assert!(out.stderr.contains(e), "stderr lacks {e:?}: {}", out.stderr);
+    }
+    // Nothing was started: no control socket was left, and no worker was spawned.
+    assert!(
+        !config.with_file_name("baton.sock").exists(),
+        "a control socket was left behind"
+    );
+    assert!(
+        !out.stderr.contains("started in slot"),
+        "a worker was started: {}",
+        out.stderr
+    );
+}
+
+#[tokio::test]
+async fn check_accepts_a_good_config_and_reports_what_it_found() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write(dir.path(), &TestConfig::default().render());
+    let out = run_cli(&["check"], &config).await;
+    assert_eq!(out.code, Some(0), "{}", out.text());
+    assert!(
+        out.stdout.contains("OK") && out.stdout.contains("listener \"http\""),
+        "{}",
+        out.text()
+    );
+}
+
+#[tokio::test]
+async fn the_example_config_is_valid() {
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/baton.toml");
+    bins(); // baton-worker must exist next to baton for `check` to pass
+    let out = run_cli(&["check"], &example).await;
+    assert_eq!(out.code, Some(0), "{}", out.text());
+}
+
+#[tokio::test]
+async fn bad_configs_are_refused_by_check_and_run_with_key_and_line() {
+    let cases: Vec<(&str, String, Vec<&str>)> = vec![
+        (
+            "unknown key",
+            TestConfig { extra: "[http]\nkeepalive = \"5s\"\n".into(), ..TestConfig::default() }.render(),
+            vec!["baton.toml:14:", "unknown field `keepalive`", "(in [http])"],
+        ),
+        (
+            "bad address",
+            "[[listener]]\nname = \"http\"\naddress = \"127.0.0.1\"\n".into(),
+            vec!["baton.toml:3: listener.address:", "\"127.0.0.1\" is not an address"],
+        ),
+        (
+            "bad duration",
+            TestConfig { ready_timeout: "ten seconds", ..TestConfig::default() }.render(),
+            vec!["baton.toml:9: worker.ready_timeout:", "\"ten seconds\" is not a duration"],
+        ),
+        (
+            "no listener",
+            "[worker]\nprocesses = 1\n".into(),
+            vec!["at least one [[listener]] is required"],
+        ),
+        (
+            "wrong type",
+            "[[listener]]\nname = \"http\"\naddress = \"127.0.0.1:1\"\n[worker]\nprocesses = \"two\"\n".into(),
+            vec!["baton.toml:5:", "invalid type"],
+        ),
+    ];
+    for (name, text, expect) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        let config = write(dir.path(), &text);
+        let out = run_cli(&["check"], &config).await;
+        assert_eq!(out.code, Some(1), "{name}: {}", out.text());
+        for e in &expect {
+            assert!(
+                out.stderr.contains(e),
+                "{name}: check output lacks {e:?}: {}",
+                out.stderr
+            );
+        }
+        run_and_expect_failure(&config, &expect).await;
+    }
+}
+
+#[tokio::test]
+async fn a_port_in_use_fails_run_with_the_address() {
+    let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = held.local_addr().unwrap().port();
+    let dir = tempfile::tempdir().unwrap();
+    let config = write(
+        dir.path(),
+        &TestConfig {
+            port,
+            ..TestConfig::default()
+        }
+        .render(),
+    );
+    run_and_expect_failure(
+        &config,
+        &[
+            &format!("listener \"http\": cannot listen on 127.0.0.1:{port}"),
+            "Address already in use",
+        ],
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_missing_worker_binary_fails_check() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write(
+        dir.path(),
+        &TestConfig {
+            worker_path: Some(dir.path().join("nope")),
+            port: free_port(),
+            ..TestConfig::default()
+        }
+        .render(),
+    );
+    let out = run_cli(&["check"], &config).await;
+    assert_eq!(out.code, Some(1), "{}", out.text());
+    assert!(
+        out.stderr.contains("worker.path") && out.stderr.contains("not an executable file"),
+        "{}",
+        out.text()
+    );
+}
+
+#[tokio::test]
+async fn clients_report_an_unreachable_supervisor_with_status_two() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write(dir.path(), &TestConfig::default().render());
+    for args in [&["status"][..], &["upgrade", "--wait"], &["stop"]] {
+        let out = run_cli(args, &config).await;
+        assert_eq!(out.code, Some(2), "{args:?}: {}", out.text());
+        assert!(
+            out.stderr.contains("supervisor unreachable"),
+            "{args:?}: {}",
+            out.text()
+        );
+    }
+}

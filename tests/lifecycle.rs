@@ -1,1 +1,292 @@
-//! placeholder
+//! Crashes, stops and listeners: a killed worker is replaced, a killed supervisor leaves
+//! no orphans, SIGTERM finishes requests in flight, and every listener kind serves.
+
+use baton_tests::{
+    Baton, TestConfig, WAIT, bins, eventually, free_port, get, get_unix, heavy, procfs,
+};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_worker_is_replaced_and_service_continues() {
+    let baton = Baton::start(TestConfig::default()).await;
+    let (generation, pids) = baton.serving().await.unwrap();
+    let victim = pids[0];
+    kill(Pid::from_raw(victim as i32), Signal::SIGKILL).unwrap();
+
+    // Replaced in the same generation, with the restart counted.
+    let deadline = Instant::now() + WAIT;
+    let status = loop {
+        let s = baton.status().await;
+        let g = &s["generations"][0];
+        let pids: Vec<u64> = g["pids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|p| p.as_u64())
+            .collect();
+        if g["restarts"] == 1
+            && pids.len() == 2
+            && !pids.contains(&(victim as u64))
+            && g["workers"][0]["state"] == "ready"
+        {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "worker not replaced: {s:#}\nlog:\n{}",
+            baton.log()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(status["generations"][0]["number"], generation, "{status:#}");
+    assert_eq!(status["generations"].as_array().unwrap().len(), 1);
+    assert!(
+        baton.log().contains("replacing it in"),
+        "the log does not say the worker is replaced"
+    );
+
+    // Service continues: every request on fresh connections is answered.
+    for _ in 0..20 {
+        let (code, body) = get(baton.addr(), "/_baton/health")
+            .await
+            .expect("request after a crash");
+        assert_eq!(code, 200, "{body}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_of_a_killed_supervisor_exit_on_their_own() {
+    let mut baton = Baton::start(TestConfig {
+        drain_timeout: "3s",
+        ..TestConfig::default()
+    })
+    .await;
+    let workers = baton.worker_pids();
+    assert_eq!(workers.len(), 2);
+    baton.signal(Signal::SIGKILL);
+    baton.wait_exit(WAIT).await;
+    // Each worker sees its lifeline close, drains and exits within drain_timeout.
+    let gone = eventually(Duration::from_secs(3), || {
+        workers.iter().all(|&p| !procfs::alive(p))
+    })
+    .await;
+    assert!(
+        gone,
+        "orphaned workers: {:?}",
+        workers
+            .iter()
+            .filter(|&&p| procfs::alive(p))
+            .collect::<Vec<_>>()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_requests_in_flight_finish_then_exits_zero() {
+    let _heavy = heavy().await;
+    let mut baton = Baton::start(TestConfig::default()).await;
+    // A request whose body is still arriving when the stop begins.
+    let mut conn = tokio::net::TcpStream::connect(baton.addr()).await.unwrap();
+    conn.write_all(b"GET /_baton/health HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nhello")
+        .await
+        .unwrap();
+    // Wait until a worker reports holding the connection (counters come once a second).
+    let deadline = Instant::now() + WAIT;
+    while baton.status().await["generations"][0]["connections"].as_u64() < Some(1) {
+        assert!(
+            Instant::now() < deadline,
+            "the connection was never reported"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let workers = baton.worker_pids();
+    baton.signal(Signal::SIGTERM);
+    // Longer than drain_idle_grace (500ms): the request is in flight, not idle.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert!(
+        workers.iter().any(|&p| procfs::alive(p)),
+        "workers exited with a request in flight"
+    );
+    conn.write_all(b"world").await.unwrap();
+    let mut response = String::new();
+    tokio::time::timeout(WAIT, conn.read_to_string(&mut response))
+        .await
+        .expect("response in time")
+        .unwrap();
+    assert!(response.starts_with("HTTP/1.1 200 OK"), "{response}");
+    assert!(
+        response.to_ascii_lowercase().contains("connection: close"),
+        "{response}"
+    );
+    assert_eq!(
+        baton.wait_exit(WAIT).await,
+        Some(0),
+        "log:\n{}",
+        baton.log()
+    );
+    assert!(workers.iter().all(|&p| !procfs::alive(p)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn baton_stop_wait_drains_and_exits_zero() {
+    let mut baton = Baton::start(TestConfig::default()).await;
+    let workers = baton.worker_pids();
+    let out = baton.cli(&["stop", "--wait"]).await;
+    assert_eq!(out.code, Some(0), "{}", out.text());
+    assert!(out.stdout.contains("stopped"), "{}", out.text());
+    assert_eq!(baton.wait_exit(WAIT).await, Some(0));
+    assert!(workers.iter().all(|&p| !procfs::alive(p)));
+    // The control socket is gone with it: status now reports the supervisor unreachable.
+    let out = baton.cli(&["status"]).await;
+    assert_eq!(out.code, Some(2), "{}", out.text());
+    assert!(out.stderr.contains("unreachable"), "{}", out.text());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigquit_kills_the_workers_and_exits() {
+    let mut baton = Baton::start(TestConfig {
+        drain_timeout: "60s",
+        ..TestConfig::default()
+    })
+    .await;
+    // An idle keep-alive connection would hold a graceful drain for the grace period.
+    let _idle = tokio::net::TcpStream::connect(baton.addr()).await.unwrap();
+    let workers = baton.worker_pids();
+    baton.signal(Signal::SIGQUIT);
+    assert_eq!(
+        baton.wait_exit(WAIT).await,
+        Some(0),
+        "log:\n{}",
+        baton.log()
+    );
+    assert!(workers.iter().all(|&p| !procfs::alive(p)));
+    assert!(
+        baton.log().contains("killing workers"),
+        "log:\n{}",
+        baton.log()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serves_on_ipv4_ipv6_and_unix_listeners() {
+    let v6_port = free_port();
+    let has_v6 = std::net::TcpListener::bind(("::1", 0)).is_ok();
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("http.sock");
+    let mut extra = format!(
+        "[[listener]]\nname = \"local\"\naddress = \"unix:{}\"\n",
+        sock.display()
+    );
+    if has_v6 {
+        extra += &format!("[[listener]]\nname = \"v6\"\naddress = \"[::1]:{v6_port}\"\n");
+    }
+    let baton = Baton::start(TestConfig {
+        extra,
+        ..TestConfig::default()
+    })
+    .await;
+    let (code, body) = get(baton.addr(), "/_baton/health").await.unwrap();
+    assert_eq!(code, 200, "{body}");
+    let (code, body) = get_unix(&sock, "/_baton/health").await.unwrap();
+    assert_eq!(code, 200, "{body}");
+    if has_v6 {
+        let (code, body) = get(
+            ("::1".parse::<std::net::IpAddr>().unwrap(), v6_port).into(),
+            "/_baton/health",
+        )
+        .await
+        .unwrap();
+        assert_eq!(code, 200, "{body}");
+    } else {
+        eprintln!("skipping the IPv6 listener: ::1 is not available here");
+    }
+    let (code, _) = get(baton.addr(), "/nope").await.unwrap();
+    assert_eq!(code, 404);
+    // The listeners survive upgrades: same sockets, new workers.
+    let out = baton.upgrade_wait().await;
+    assert_eq!(out.code, Some(0), "{}", out.text());
+    let (code, body) = get_unix(&sock, "/_baton/health").await.unwrap();
+    assert_eq!(
+        (code, body.contains("\"generation\":2")),
+        (200, true),
+        "{body}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn adopts_listeners_from_systemd_socket_activate() {
+    let Ok(tool) = which("systemd-socket-activate") else {
+        panic!("systemd-socket-activate is required (Debian package systemd); .ci/run installs it");
+    };
+    let port = free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("activated.sock");
+    let config = dir.path().join("baton.toml");
+    // No addresses: both listeners must come from the activation fds, by name.
+    std::fs::write(
+        &config,
+        format!(
+            "[[listener]]\nname = \"web\"\n[[listener]]\nname = \"local\"\n[worker]\npath = \"{}\"\nthreads = 1\n",
+            bins().worker.display()
+        ),
+    )
+    .unwrap();
+    let log = std::fs::File::create(dir.path().join("baton.log")).unwrap();
+    let mut child = tokio::process::Command::new(tool)
+        .arg("-l")
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("-l")
+        .arg(&sock)
+        .arg("--fdname=web:local")
+        .arg(&bins().baton)
+        .arg("run")
+        .arg("-c")
+        .arg(&config)
+        .env_remove("NOTIFY_SOCKET")
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    // systemd-socket-activate execs baton on the first connection; it waits in the backlog.
+    let wait_listening = eventually(WAIT, || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    })
+    .await;
+    assert!(wait_listening, "systemd-socket-activate did not listen");
+    let (code, body) = get(([127, 0, 0, 1], port).into(), "/_baton/health")
+        .await
+        .unwrap();
+    assert_eq!(code, 200, "{body}");
+    let (code, body) = get_unix(&sock, "/_baton/health").await.unwrap();
+    assert_eq!(code, 200, "{body}");
+
+    let status = baton_tests::run_cli(&["status", "--json"], &config).await;
+    let status: serde_json::Value = serde_json::from_str(&status.stdout).expect("status JSON");
+    for l in status["listeners"].as_array().unwrap() {
+        assert_eq!(l["origin"], "systemd", "{status:#}");
+    }
+    let log_text = std::fs::read_to_string(dir.path().join("baton.log")).unwrap();
+    assert!(
+        log_text.contains("from systemd socket activation"),
+        "{log_text}"
+    );
+    let pid = child.id().unwrap();
+    kill(Pid::from_raw(pid as i32), Signal::SIGTERM).unwrap();
+    let code = tokio::time::timeout(WAIT, child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(code.code(), Some(0));
+}
+
+fn which(tool: &str) -> Result<std::path::PathBuf, ()> {
+    std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .map(|d| d.join(tool))
+        .find(|p| p.is_file())
+        .ok_or(())
+}
