@@ -290,3 +290,59 @@ fn which(tool: &str) -> Result<std::path::PathBuf, ()> {
         .find(|p| p.is_file())
         .ok_or(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_keepalive_connection_is_handed_off_with_connection_close() {
+    use http_body_util::{BodyExt, Empty};
+    let baton = Baton::start(TestConfig {
+        drain_idle_grace: "3s",
+        ..TestConfig::default()
+    })
+    .await;
+    let stream = tokio::net::TcpStream::connect(baton.addr()).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let request = || {
+        http::Request::get("/_baton/health")
+            .header("host", "x")
+            .body(Empty::<bytes::Bytes>::new())
+            .unwrap()
+    };
+    let first = sender.send_request(request()).await.unwrap();
+    assert!(first.headers().get("connection").is_none(), "{first:?}");
+    let body = first.into_body().collect().await.unwrap().to_bytes();
+    assert!(String::from_utf8_lossy(&body).contains("\"generation\":1"));
+
+    // SIGHUP upgrades too; the connection is now idle on a draining worker.
+    baton.signal(Signal::SIGHUP);
+    baton.wait_serving(2).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // Within the grace its next request is still answered, with Connection: close.
+    sender
+        .ready()
+        .await
+        .expect("the idle connection was closed at once");
+    let second = sender
+        .send_request(request())
+        .await
+        .expect("request on the draining connection");
+    assert_eq!(second.status(), 200);
+    assert_eq!(
+        second.headers().get("connection").map(|v| v.as_bytes()),
+        Some(&b"close"[..])
+    );
+    let body = second.into_body().collect().await.unwrap().to_bytes();
+    assert!(
+        String::from_utf8_lossy(&body).contains("\"generation\":1"),
+        "served by the old generation"
+    );
+    // And the old generation then finishes its drain well before the grace ends.
+    let status = baton.status().await;
+    assert_eq!(status["last_upgrade"]["result"], "succeeded", "{status:#}");
+    let settled = baton.wait_settled().await;
+    assert_eq!(settled["generations"][0]["number"], 2);
+}
