@@ -44,10 +44,34 @@ async fn check_accepts_a_good_config_and_reports_what_it_found() {
 
 #[tokio::test]
 async fn the_example_config_is_valid() {
+    // The example points at target/release; check it against this build's plugins.
     let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/baton.toml");
-    bins(); // baton-worker must exist next to baton for `check` to pass
-    let out = run_cli(&["check"], &example).await;
+    let text = std::fs::read_to_string(&example).unwrap();
+    let plugin_dir = bins().baton.parent().unwrap().display().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let text = text
+        .replace(
+            "dir = \"../target/release\"",
+            &format!("dir = \"{plugin_dir}\""),
+        )
+        .replace(
+            "address = \"127.0.0.1:8080\"",
+            &format!("address = \"127.0.0.1:{}\"", free_port()),
+        )
+        .replace(
+            "path = \"baton-worker\"",
+            &format!("path = \"{}\"", bins().worker.display()),
+        );
+    let config = write(dir.path(), &text);
+    let out = run_cli(&["check"], &config).await;
     assert_eq!(out.code, Some(0), "{}", out.text());
+    for plugin in ["plugin hello", "plugin echo", "plugin slow"] {
+        assert!(
+            out.stdout.contains(plugin),
+            "{plugin} missing: {}",
+            out.stdout
+        );
+    }
 }
 
 #[tokio::test]

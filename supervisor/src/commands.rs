@@ -82,6 +82,7 @@ pub struct Env {
     notify_socket: bool,
     watchdog: Option<Duration>,
     runtime_dir: Option<PathBuf>,
+    cache_dir: Option<PathBuf>,
     journal: bool,
 }
 
@@ -102,6 +103,9 @@ impl Env {
             runtime_dir: var("RUNTIME_DIRECTORY")
                 .and_then(|d| d.split(':').next().map(PathBuf::from))
                 .filter(|d| !d.as_os_str().is_empty()),
+            cache_dir: var("CACHE_DIRECTORY")
+                .and_then(|d| d.split(':').next().map(PathBuf::from))
+                .filter(|d| !d.as_os_str().is_empty()),
             journal: std::env::var_os("JOURNAL_STREAM").is_some(),
         }
     }
@@ -114,6 +118,7 @@ impl Env {
         PathContext {
             exe_dir,
             runtime_dir: self.runtime_dir.clone(),
+            cache_dir: self.cache_dir.clone(),
         }
     }
 }
@@ -318,6 +323,20 @@ fn check(path: &Path, env: &Env) -> anyhow::Result<ExitCode> {
         );
         return Ok(ExitCode::from(1));
     }
+    let plugins = match crate::plugins::prepare(&config) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("baton check: {e}");
+            return Ok(ExitCode::from(1));
+        }
+    };
+    let report = match check_plugins(&config, plugins) {
+        Ok(report) => report,
+        Err(e) => {
+            eprintln!("baton check: {e}");
+            return Ok(ExitCode::from(1));
+        }
+    };
     println!("{}: OK", path.display());
     for l in &config.listeners {
         let addr = l
@@ -336,8 +355,76 @@ fn check(path: &Path, env: &Env) -> anyhow::Result<ExitCode> {
         humantime::format_duration(config.worker.drain_timeout),
         config.worker.max_generations
     );
+    if report.is_empty() {
+        println!("  plugins: none in {}", config.plugins.dir.display());
+    }
+    for p in report {
+        println!(
+            "  plugin {} {} from {} (sha256 {}, {})",
+            p["name"].as_str().unwrap_or("?"),
+            p["version"].as_str().unwrap_or("?"),
+            p["file"].as_str().unwrap_or("?"),
+            p["hash"].as_str().unwrap_or("?"),
+            if p["nonblocking"] == true {
+                "non-blocking"
+            } else {
+                "blocking"
+            }
+        );
+        for r in p["routes"].as_array().into_iter().flatten() {
+            println!("    {}", r.as_str().unwrap_or("?"));
+        }
+    }
     println!("  control socket: {}", config.control_socket.display());
     Ok(ExitCode::SUCCESS)
+}
+
+/// Loads the plugin set in a throw-away worker (`baton-worker --check`), never in this
+/// process, and returns its report: one JSON object per plugin.
+fn check_plugins(
+    config: &Config,
+    plugins: Vec<baton_proto::PluginSpec>,
+) -> anyhow::Result<Vec<serde_json::Value>> {
+    if plugins.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut child = std::process::Command::new(&config.worker.path)
+        .arg("--check")
+        .env(
+            baton_proto::ENV_SETTINGS,
+            config.worker_settings(plugins).to_json(),
+        )
+        .env(baton_proto::ENV_GENERATION, "0")
+        .env_remove("NOTIFY_SOCKET")
+        .env_remove("LISTEN_FDS")
+        .env_remove("LISTEN_PID")
+        .env_remove("LISTEN_FDNAMES")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .with_context(|| format!("cannot run {} --check", config.worker.path.display()))?;
+    let deadline = std::time::Instant::now() + config.worker.ready_timeout;
+    while child.try_wait()?.is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            anyhow::bail!(
+                "loading the plugins took longer than worker.ready_timeout ({})",
+                humantime::format_duration(config.worker.ready_timeout)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        anyhow::bail!("{}", stderr.trim());
+    }
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).context("bad report from baton-worker --check"))
+        .collect()
 }
 
 fn client(

@@ -4,7 +4,7 @@
 //! opens or creates anything, so it is safe for `baton check` and for an upgrade that
 //! may be refused.
 
-use baton_proto::{HttpSettings, WorkerSettings};
+use baton_proto::{HttpSettings, PluginSpec, WorkerSettings};
 use serde::Deserialize;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -19,6 +19,8 @@ pub struct PathContext {
     pub exe_dir: PathBuf,
     /// `$RUNTIME_DIRECTORY` (first entry), set by systemd's `RuntimeDirectory=`.
     pub runtime_dir: Option<PathBuf>,
+    /// `$CACHE_DIRECTORY` (first entry), set by systemd's `CacheDirectory=`.
+    pub cache_dir: Option<PathBuf>,
 }
 
 /// A configuration that failed to load.
@@ -83,13 +85,19 @@ pub struct WorkerConfig {
     pub drain_timeout: Duration,
     pub drain_idle_grace: Duration,
     pub max_generations: usize,
+    pub blocking_threads: usize,
 }
 
 /// `[plugins]`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PluginsConfig {
     pub dir: PathBuf,
+    /// `dir` was written in the config (a missing directory is then an error; the
+    /// default one may be absent, meaning no plugins).
+    pub dir_explicit: bool,
+    pub cache_dir: PathBuf,
     pub watch: bool,
+    pub watch_debounce: Duration,
     pub settings: toml::Table,
 }
 
@@ -108,6 +116,7 @@ pub struct Config {
 const DEFAULT_WORKER: &str = "baton-worker";
 const DEFAULT_PLUGIN_DIR: &str = "plugins.d";
 const DEFAULT_CONTROL_SOCKET: &str = "baton.sock";
+const DEFAULT_CACHE_DIR: &str = ".baton-cache";
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -141,14 +150,17 @@ struct RawWorker {
     drain_timeout: Option<Spanned<String>>,
     drain_idle_grace: Option<Spanned<String>>,
     max_generations: Option<Spanned<i64>>,
+    blocking_threads: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawPlugins {
     dir: Option<Spanned<String>>,
+    cache_dir: Option<Spanned<String>>,
     watch: Option<bool>,
-    settings: Option<toml::Table>,
+    watch_debounce: Option<Spanned<String>>,
+    settings: Option<Spanned<toml::Table>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -274,6 +286,12 @@ impl Config {
             drain_timeout: v.duration(&w.drain_timeout, "worker.drain_timeout", "30s")?,
             drain_idle_grace: v.duration(&w.drain_idle_grace, "worker.drain_idle_grace", "1s")?,
             max_generations: v.int(&w.max_generations, "worker.max_generations", 4, 2..=64)?,
+            blocking_threads: v.int(
+                &w.blocking_threads,
+                "worker.blocking_threads",
+                64,
+                1..=4096,
+            )?,
         };
 
         let plugins = PluginsConfig {
@@ -284,8 +302,38 @@ impl Config {
                 }
                 Some(d) => base.join(d.get_ref()),
             },
+            dir_explicit: raw.plugins.dir.is_some(),
+            cache_dir: match &raw.plugins.cache_dir {
+                Some(d) if d.get_ref().is_empty() => {
+                    return Err(v.invalid(d, "plugins.cache_dir", "must not be empty"));
+                }
+                Some(d) => base.join(d.get_ref()),
+                None => match &ctx.cache_dir {
+                    Some(dir) => dir.join("plugins"),
+                    None => base.join(DEFAULT_CACHE_DIR),
+                },
+            },
             watch: raw.plugins.watch.unwrap_or(false),
-            settings: raw.plugins.settings.clone().unwrap_or_default(),
+            watch_debounce: v.duration(
+                &raw.plugins.watch_debounce,
+                "plugins.watch_debounce",
+                "500ms",
+            )?,
+            settings: match &raw.plugins.settings {
+                None => toml::Table::new(),
+                Some(table) => {
+                    for (name, value) in table.get_ref() {
+                        if !value.is_table() {
+                            return Err(v.invalid(
+                                table,
+                                &format!("plugins.settings.{name}"),
+                                "must be a table ([plugins.settings.NAME])",
+                            ));
+                        }
+                    }
+                    table.get_ref().clone()
+                }
+            },
         };
 
         let h = &raw.http;
@@ -377,13 +425,17 @@ impl Config {
         })
     }
 
-    /// The settings a worker of this configuration is started with.
-    pub fn worker_settings(&self) -> WorkerSettings {
+    /// The settings a worker of this configuration is started with, loading `plugins`.
+    pub fn worker_settings(&self, plugins: Vec<PluginSpec>) -> WorkerSettings {
         WorkerSettings {
             threads: self.worker.threads,
             drain_timeout_ms: millis(self.worker.drain_timeout),
             drain_idle_grace_ms: millis(self.worker.drain_idle_grace),
             http: self.http.clone(),
+            blocking_threads: self.worker.blocking_threads,
+            plugins,
+            plugin_settings_json: serde_json::to_string(&self.plugins.settings)
+                .expect("TOML tables serialise as JSON"),
         }
     }
 }
@@ -522,6 +574,7 @@ mod tests {
         PathContext {
             exe_dir: PathBuf::from("/opt/baton/bin"),
             runtime_dir: None,
+            cache_dir: None,
         }
     }
 

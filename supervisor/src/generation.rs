@@ -56,6 +56,7 @@ pub struct Generation {
     pub config: Arc<Config>,
     pub listeners: Vec<Arc<Listener>>,
     pub settings_json: String,
+    pub plugins: Vec<baton_proto::PluginSpec>,
     pub workers: Vec<WorkerSlot>,
     pub restarts: u64,
     /// Requests served by workers of this generation that have exited.
@@ -72,6 +73,8 @@ pub struct WorkerSlot {
     pub restarts: u64,
     /// Crashes in a row without a stable run between them; drives the back-off.
     pub crash_streak: u32,
+    /// The worker's last `STATUS=`, for failure reports.
+    pub status: Option<String>,
     /// When a restart is due, while waiting out the back-off.
     pub restart_at: Option<Instant>,
     pub stats: Stats,

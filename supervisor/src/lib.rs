@@ -8,6 +8,8 @@ pub mod control;
 pub mod generation;
 pub mod listeners;
 pub mod notify;
+pub mod plugins;
 pub mod spawn;
 pub mod status;
 pub mod supervisor;
+pub mod watch;

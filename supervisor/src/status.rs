@@ -53,8 +53,16 @@ pub struct GenerationInfo {
     /// Requests served by the generation's workers, including exited ones.
     pub requests: u64,
     pub workers: Vec<WorkerInfo>,
+    /// The plugin files the generation loaded, with their SHA-256.
+    pub plugins: Vec<PluginInfo>,
     /// Why a `failed` generation failed.
     pub failure: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PluginInfo {
+    pub file: String,
+    pub sha256: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -153,6 +161,14 @@ impl StatusReport {
                     out,
                     "  worker {} pid {pid:<8} {}{backoff}  restarts {}",
                     w.slot, w.state, w.restarts
+                );
+            }
+            for p in &g.plugins {
+                let _ = writeln!(
+                    out,
+                    "  plugin {} sha256 {}",
+                    p.file,
+                    &p.sha256[..p.sha256.len().min(16)]
                 );
             }
             if let Some(f) = &g.failure {

@@ -73,6 +73,8 @@ pub enum Event {
         generation: u64,
         slot: usize,
     },
+    /// The plugin directory changed (with `plugins.watch`).
+    PluginsChanged,
     WatchdogTick,
 }
 
@@ -104,6 +106,8 @@ pub struct Supervisor {
     exit: Option<Result<(), String>>,
     started_at: SystemTime,
     max_generations: usize,
+    /// The plugin directory being watched (`plugins.watch`), and the watching task.
+    watcher: Option<(PathBuf, tokio::task::JoinHandle<()>)>,
 }
 
 impl Supervisor {
@@ -137,6 +141,7 @@ impl Supervisor {
             exit: None,
             started_at: SystemTime::now(),
             max_generations: config.worker.max_generations,
+            watcher: None,
         }
     }
 
@@ -147,9 +152,10 @@ impl Supervisor {
         config: Config,
         mut events: mpsc::UnboundedReceiver<Event>,
     ) -> Result<(), String> {
+        self.sync_watcher(&config);
         self.start_generation(Arc::new(config));
-        while let Some(event) = events.recv().await {
-            self.handle(event);
+        loop {
+            // Checked before waiting: generation 1 may have failed without any event.
             if let Some(result) = self.exit.take() {
                 if let Some(waiters) = self.stopping.take() {
                     for w in waiters {
@@ -158,8 +164,32 @@ impl Supervisor {
                 }
                 return result;
             }
+            let Some(event) = events.recv().await else {
+                return Ok(());
+            };
+            self.handle(event);
         }
-        Ok(())
+    }
+
+    /// Watches the plugin directory of `config` if it asks for it (and only then).
+    fn sync_watcher(&mut self, config: &Config) {
+        let wanted = config.plugins.watch.then(|| config.plugins.dir.clone());
+        if self.watcher.as_ref().map(|(dir, _)| dir) == wanted.as_ref() {
+            return;
+        }
+        if let Some((_, task)) = self.watcher.take() {
+            task.abort();
+        }
+        if let Some(dir) = wanted {
+            match crate::watch::spawn(
+                dir.clone(),
+                config.plugins.watch_debounce,
+                self.events.clone(),
+            ) {
+                Ok(task) => self.watcher = Some((dir, task)),
+                Err(e) => tracing::error!("cannot watch plugin directory {}: {e}", dir.display()),
+            }
+        }
     }
 
     pub fn handle(&mut self, event: Event) {
@@ -215,6 +245,7 @@ impl Supervisor {
                 }
             }
             Event::Restart { generation, slot } => self.on_restart(generation, slot),
+            Event::PluginsChanged => self.on_plugins_changed(),
             Event::WatchdogTick => self.systemd.watchdog(),
         }
     }
@@ -314,6 +345,10 @@ impl Supervisor {
         }
         self.start_deferred = false;
 
+        let plugins = match crate::plugins::prepare(&config) {
+            Ok(p) => p,
+            Err(e) => return self.refuse(e),
+        };
         let listeners = match self.listeners.prepare(&config) {
             Ok(l) => l,
             Err(e) => return self.refuse(e.to_string()),
@@ -326,7 +361,8 @@ impl Supervisor {
             state: GenerationState::Starting,
             started_at: SystemTime::now(),
             started: Instant::now(),
-            settings_json: config.worker_settings().to_json(),
+            settings_json: config.worker_settings(plugins.clone()).to_json(),
+            plugins,
             workers: (0..config.worker.processes)
                 .map(|_| WorkerSlot::default())
                 .collect(),
@@ -413,6 +449,9 @@ impl Supervisor {
         if let Some(stats) = message.stats {
             g.workers[slot].stats = stats;
         }
+        if let Some(status) = &message.status {
+            g.workers[slot].status = Some(status.clone());
+        }
         if let Some(failure) = message.failure() {
             if g.state == GenerationState::Starting {
                 return self.fail(number, format!("worker {pid} reported: {failure}"));
@@ -447,6 +486,8 @@ impl Supervisor {
         if let Some(old) = previous {
             self.drain(old);
         }
+        let config = self.generations[&number].config.clone();
+        self.sync_watcher(&config);
         self.finish_upgrade(outcome(Some(number), UpgradeResult::Succeeded, None));
     }
 
@@ -564,6 +605,7 @@ impl Supervisor {
             .take()
             .map(|p| p.spawned.elapsed())
             .unwrap_or_default();
+        let last_status = w.status.take();
         g.requests_of_exited += w.stats.requests;
         w.stats = Default::default();
         w.ready = false;
@@ -572,7 +614,11 @@ impl Supervisor {
                 if self.stopping.is_some() {
                     return self.reap_if_empty(number);
                 }
-                self.fail(number, exit.describe("before READY"));
+                let when = match last_status {
+                    Some(status) => format!("before READY, while {status}"),
+                    None => "before READY".to_owned(),
+                };
+                self.fail(number, exit.describe(&when));
             }
             GenerationState::Serving if self.stopping.is_none() => {
                 w.crash_streak = if lived >= STABLE_RUN {
@@ -608,6 +654,31 @@ impl Supervisor {
                 drop(_e);
                 self.reap_if_empty(number);
             }
+        }
+    }
+
+    /// The watcher saw the plugin directory settle: upgrade if the set of hashes differs
+    /// from the newest generation's (a failing scan upgrades too, so that the refusal and
+    /// its reason are reported).
+    fn on_plugins_changed(&mut self) {
+        let newest = self.generations.values().rev().find(|g| {
+            matches!(
+                g.state,
+                GenerationState::Starting | GenerationState::Serving
+            )
+        });
+        let Some(newest) = newest else { return };
+        let current: Vec<&str> = newest.plugins.iter().map(|p| p.hash.as_str()).collect();
+        match crate::plugins::scan(&newest.config) {
+            Ok(scanned)
+                if scanned
+                    .iter()
+                    .map(|s| s.hash.as_str())
+                    .eq(current.iter().copied()) =>
+            {
+                tracing::info!("plugin directory changed, but not the plugin set: no upgrade");
+            }
+            _ => self.on_upgrade("plugin directory changed", None),
         }
     }
 
@@ -795,6 +866,14 @@ impl Supervisor {
                     connections: g.connections(),
                     requests: g.requests(),
                     failure: g.failure.clone(),
+                    plugins: g
+                        .plugins
+                        .iter()
+                        .map(|p| crate::status::PluginInfo {
+                            file: p.file.clone(),
+                            sha256: p.hash.clone(),
+                        })
+                        .collect(),
                     workers: g
                         .workers
                         .iter()

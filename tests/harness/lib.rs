@@ -25,9 +25,12 @@ pub struct Bins {
     pub baton: PathBuf,
     pub worker: PathBuf,
     pub fake_worker: PathBuf,
+    /// Where the plugin libraries are (`libbaton_hello.so`, …).
+    pub dir: PathBuf,
 }
 
-/// Builds `baton` and `baton-worker` (same profile as the tests) once, and finds them.
+/// Builds the binaries and plugins under test (same profile as the tests) once, and
+/// finds them.
 pub fn bins() -> &'static Bins {
     static BINS: OnceLock<Bins> = OnceLock::new();
     BINS.get_or_init(|| {
@@ -39,18 +42,19 @@ pub fn bins() -> &'static Bins {
             .expect("target dir")
             .to_owned();
         let mut cmd = std::process::Command::new(env!("CARGO"));
-        cmd.args([
-            "build",
-            "--quiet",
-            "-p",
+        cmd.args(["build", "--quiet"]);
+        for package in [
             "baton",
-            "-p",
             "baton-worker",
-            "-p",
             "baton-tests",
-            "--bins",
-        ])
-        .current_dir(env!("CARGO_MANIFEST_DIR"));
+            "baton-hello",
+            "baton-echo",
+            "baton-slow",
+            "baton-faulty",
+        ] {
+            cmd.args(["-p", package]);
+        }
+        cmd.current_dir(env!("CARGO_MANIFEST_DIR"));
         if dir.ends_with("release") {
             cmd.arg("--release");
         }
@@ -63,6 +67,7 @@ pub fn bins() -> &'static Bins {
             baton: dir.join("baton"),
             worker: dir.join("baton-worker"),
             fake_worker: dir.join("baton-fake-worker"),
+            dir,
         }
     })
 }
@@ -86,6 +91,10 @@ pub struct TestConfig {
     pub drain_timeout: &'static str,
     pub drain_idle_grace: &'static str,
     pub max_generations: usize,
+    /// `[plugins] dir` (none: no plugins).
+    pub plugins_dir: Option<PathBuf>,
+    /// `[plugins] watch`.
+    pub watch: bool,
     /// Extra TOML appended verbatim.
     pub extra: String,
 }
@@ -101,6 +110,8 @@ impl Default for TestConfig {
             drain_timeout: "10s",
             drain_idle_grace: "500ms",
             max_generations: 4,
+            plugins_dir: None,
+            watch: false,
             extra: String::new(),
         }
     }
@@ -109,7 +120,16 @@ impl Default for TestConfig {
 impl TestConfig {
     pub fn render(&self) -> String {
         let worker = self.worker_path.as_ref().unwrap_or(&bins().worker);
-        format!(
+        let plugins = match &self.plugins_dir {
+            Some(dir) => format!(
+                "\n[plugins]\ndir = \"{}\"\ncache_dir = \"{}\"\nwatch = {}\nwatch_debounce = \"200ms\"\n",
+                dir.display(),
+                dir.with_extension("cache").display(),
+                self.watch
+            ),
+            None => String::new(),
+        };
+        let text = format!(
             "[[listener]]\nname = \"http\"\naddress = \"127.0.0.1:{}\"\n\n\
              [worker]\npath = \"{}\"\nprocesses = {}\nthreads = {}\nready_timeout = \"{}\"\n\
              drain_timeout = \"{}\"\ndrain_idle_grace = \"{}\"\nmax_generations = {}\n{}",
@@ -122,7 +142,8 @@ impl TestConfig {
             self.drain_idle_grace,
             self.max_generations,
             self.extra
-        )
+        );
+        text + &plugins
     }
 }
 
@@ -437,4 +458,42 @@ where
     let status = response.status().as_u16();
     let body = response.into_body().collect().await?.to_bytes();
     Ok((status, String::from_utf8_lossy(&body).into_owned()))
+}
+
+/// Compiles a C plugin with `cc` against the checked-in header; `defines` are `-D` flags
+/// without the `-D`.
+pub fn compile_c_plugin(source: &Path, out: &Path, defines: &[&str]) -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
+    let mut cmd = std::process::Command::new(&cc);
+    cmd.args([
+        "-std=c11", "-O1", "-fPIC", "-shared", "-Wall", "-Werror", "-I",
+    ])
+    .arg(root.join("plugins/api/include"));
+    for d in defines {
+        cmd.arg(format!("-D{d}"));
+    }
+    let status = cmd
+        .arg(root.join(source))
+        .arg("-o")
+        .arg(out)
+        .status()
+        .unwrap_or_else(|e| panic!("cannot run the C compiler {cc:?}: {e}"));
+    assert!(status.success(), "compiling {} failed", source.display());
+    out.to_owned()
+}
+
+/// A plugin directory for one test: mode 0755, holding copies of the named example
+/// plugins (`"hello"` → `libbaton_hello.so`).
+pub fn plugin_dir(parent: &Path, name: &str, plugins: &[&str]) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = parent.join(name);
+    std::fs::create_dir_all(&dir).expect("plugin dir");
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))
+        .expect("chmod plugin dir");
+    for p in plugins {
+        let file = format!("libbaton_{p}.so");
+        std::fs::copy(bins().dir.join(&file), dir.join(&file)).expect("copy plugin");
+    }
+    dir
 }

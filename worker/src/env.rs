@@ -19,6 +19,8 @@ pub struct WorkerEnv {
     pub lifeline_fd: Option<String>,
     pub supervisor_pid: Option<String>,
     pub journal: bool,
+    /// `--check`: load the plugins, report them, exit.
+    pub check: bool,
 }
 
 impl WorkerEnv {
@@ -36,6 +38,7 @@ impl WorkerEnv {
             lifeline_fd: var(ENV_LIFELINE_FD),
             supervisor_pid: var(ENV_SUPERVISOR_PID),
             journal: std::env::var_os("JOURNAL_STREAM").is_some(),
+            check: std::env::args().nth(1).as_deref() == Some("--check"),
         }
     }
 

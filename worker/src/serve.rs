@@ -13,6 +13,8 @@
 use crate::drain::{ConnectionGuard, Connections, Drain, DrainWatch, Phase};
 use crate::inherit::{Listener, NamedListener};
 use crate::notify::Notifier;
+use crate::plugins::{Answer, Call};
+use crate::router::{Lookup, Router};
 use baton_proto::{Stats, WorkerSettings};
 use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, StatusCode, Version, header};
@@ -47,6 +49,10 @@ struct Shared {
     connections: Arc<Connections>,
     slots: Arc<Semaphore>,
     builder: auto::Builder<TokioExecutor>,
+    router: Router,
+    /// Per plugin (same index as `router.plugins`): the share of the blocking pool of a
+    /// plugin whose handlers may block, so that a saturated one cannot starve the others.
+    blocking: Vec<Option<Arc<Semaphore>>>,
 }
 
 /// Serves until SIGTERM, SIGINT or the supervisor's death, then drains and returns.
@@ -55,6 +61,7 @@ pub async fn serve(
     settings: WorkerSettings,
     listeners: Vec<NamedListener>,
     lifeline: Option<OwnedFd>,
+    router: Router,
     notifier: Notifier,
 ) -> anyhow::Result<()> {
     let mut term = signal(SignalKind::terminate())?;
@@ -65,7 +72,16 @@ pub async fn serve(
         None => None,
     };
 
+    let blocking_plugins = router.plugins.iter().filter(|p| !p.nonblocking).count();
+    let share = (settings.blocking_threads / blocking_plugins.max(1)).max(1);
+    let blocking = router
+        .plugins
+        .iter()
+        .map(|p| (!p.nonblocking).then(|| Arc::new(Semaphore::new(share))))
+        .collect();
     let shared = Arc::new(Shared {
+        router,
+        blocking,
         generation,
         pid: std::process::id(),
         builder: http_builder(&settings),
@@ -132,6 +148,9 @@ pub async fn serve(
         let _ = tokio::time::timeout(FORCED_CLOSE_WAIT, shared.connections.all_closed()).await;
     }
     stats.abort();
+    for plugin in &shared.router.plugins {
+        plugin.shut_down();
+    }
     notifier.send(&stats_of(&shared).to_line());
     tracing::info!(
         "drained in {:?} after {} request(s)",
@@ -354,7 +373,7 @@ async fn handle(
     let (parts, body) = req.into_parts();
     let limit = usize::try_from(shared.settings.http.max_body_bytes).unwrap_or(usize::MAX);
     let mut response = match Limited::new(body, limit).collect().await {
-        Ok(_) => route(&parts.method, parts.uri.path(), &shared),
+        Ok(body) => dispatch(&parts, body.to_bytes(), &shared).await,
         Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => text(
             StatusCode::PAYLOAD_TOO_LARGE,
             format!("request body exceeds {limit} bytes\n"),
@@ -370,10 +389,82 @@ async fn handle(
     Ok(response)
 }
 
-fn route(method: &Method, path: &str, shared: &Shared) -> Response<Full<Bytes>> {
-    if path != shared.settings.http.health_path {
-        return text(StatusCode::NOT_FOUND, "not found\n".into());
+async fn dispatch(
+    parts: &http::request::Parts,
+    body: Bytes,
+    shared: &Shared,
+) -> Response<Full<Bytes>> {
+    let path = parts.uri.path();
+    if path == shared.settings.http.health_path {
+        return health(&parts.method, shared);
     }
+    let (index, plugin, route, params) = match shared.router.lookup(parts.method.as_str(), path) {
+        Lookup::NotFound => return text(StatusCode::NOT_FOUND, "not found\n".into()),
+        Lookup::MethodNotAllowed(allow) => {
+            let mut r = text(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method not allowed\n".into(),
+            );
+            if let Ok(v) = HeaderValue::from_str(&allow) {
+                r.headers_mut().insert(header::ALLOW, v);
+            }
+            return r;
+        }
+        Lookup::Found {
+            index,
+            plugin,
+            route,
+            params,
+        } => (index, plugin.clone(), route, params),
+    };
+    let call = Call {
+        route,
+        method: parts.method.clone(),
+        path: path.to_owned(),
+        query: parts.uri.query().unwrap_or("").to_owned(),
+        headers: parts.headers.clone(),
+        params,
+        body,
+        generation: shared.generation,
+        worker_pid: shared.pid,
+    };
+    let answer = match &shared.blocking[index] {
+        None => plugin.call(&call),
+        Some(share) => {
+            let _permit = share.acquire().await.expect("semaphore never closes");
+            let plugin = plugin.clone();
+            tokio::task::spawn_blocking(move || plugin.call(&call))
+                .await
+                .unwrap_or_else(|e| Answer::Failed(format!("handler thread failed: {e}")))
+        }
+    };
+    match answer {
+        Answer::Response {
+            status,
+            headers,
+            body,
+        } => {
+            let mut r = Response::new(Full::new(Bytes::from(body)));
+            *r.status_mut() = status;
+            *r.headers_mut() = headers;
+            r
+        }
+        Answer::Failed(message) => {
+            tracing::error!(
+                "plugin {} ({}) failed on {} {path}: {message}",
+                plugin.name,
+                plugin.spec.file,
+                parts.method
+            );
+            text(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal server error\n".into(),
+            )
+        }
+    }
+}
+
+fn health(method: &Method, shared: &Shared) -> Response<Full<Bytes>> {
     if method != Method::GET && method != Method::HEAD {
         let mut r = text(
             StatusCode::METHOD_NOT_ALLOWED,

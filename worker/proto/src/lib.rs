@@ -12,7 +12,7 @@ pub mod notify;
 pub mod settings;
 
 pub use notify::{NotifyMessage, Stats};
-pub use settings::{HttpSettings, WorkerSettings};
+pub use settings::{HttpSettings, PluginSpec, WorkerSettings};
 
 /// Environment variable: the generation number the worker belongs to (decimal).
 pub const ENV_GENERATION: &str = "BATON_GENERATION";

@@ -19,6 +19,24 @@ pub struct WorkerSettings {
     pub drain_idle_grace_ms: u64,
     /// HTTP limits and behaviour.
     pub http: HttpSettings,
+    /// Threads for plugins whose handlers may block, shared out evenly between them.
+    pub blocking_threads: usize,
+    /// The plugins to load, in order.
+    pub plugins: Vec<PluginSpec>,
+    /// `[plugins.settings]` as a JSON object: plugin name → its settings.
+    pub plugin_settings_json: String,
+}
+
+/// One plugin of a generation, already checked and copied to the cache by the supervisor.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PluginSpec {
+    /// The file in the plugin directory (for messages).
+    pub file: String,
+    /// The content-addressed copy the worker loads.
+    pub cached: String,
+    /// SHA-256 of the file, hex.
+    pub hash: String,
 }
 
 /// HTTP behaviour of a worker.
@@ -46,6 +64,9 @@ impl Default for WorkerSettings {
             drain_timeout_ms: 30_000,
             drain_idle_grace_ms: 1_000,
             http: HttpSettings::default(),
+            blocking_threads: 64,
+            plugins: Vec::new(),
+            plugin_settings_json: "{}".to_owned(),
         }
     }
 }

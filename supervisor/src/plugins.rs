@@ -1,0 +1,283 @@
+//! The plugin set of a generation, as the supervisor prepares it: every `*.so` in the
+//! plugin directory is checked (regular file, not a symlink, owned by root or the service
+//! user, not group- or world-writable; the same rules for the directory), hashed, and
+//! copied to a content-addressed cache that workers load from.
+//!
+//! The supervisor never `dlopen`s a plugin: it only reads bytes. Cached copies are written
+//! once (temporary file, then rename) and never modified, so an operator who `cp`s over a
+//! plugin in the directory cannot touch a library a worker has mapped.
+
+use crate::config::Config;
+use baton_proto::PluginSpec;
+use sha2::{Digest, Sha256};
+use std::io::Read;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+/// A plugin file and the hash of its content.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Scanned {
+    pub file: PathBuf,
+    pub hash: String,
+    bytes: Vec<u8>,
+}
+
+/// Whether a directory entry is a plugin candidate (`*.so`, not a dotfile).
+pub fn is_plugin_name(name: &str) -> bool {
+    name.ends_with(".so") && !name.starts_with('.')
+}
+
+/// Reads and checks every plugin in `config.plugins.dir`, in name order.
+pub fn scan(config: &Config) -> Result<Vec<Scanned>, String> {
+    let dir = &config.plugins.dir;
+    let meta = match std::fs::symlink_metadata(dir) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !config.plugins.dir_explicit => {
+            return Ok(Vec::new());
+        }
+        Err(e) => return Err(format!("plugin directory {}: {e}", dir.display())),
+    };
+    if meta.file_type().is_symlink() {
+        return Err(format!(
+            "plugin directory {} is a symlink; point plugins.dir at the real directory",
+            dir.display()
+        ));
+    }
+    if !meta.is_dir() {
+        return Err(format!(
+            "plugin directory {} is not a directory",
+            dir.display()
+        ));
+    }
+    check_owner_and_mode(dir, &meta, "plugin directory")?;
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .map_err(|e| format!("plugin directory {}: {e}", dir.display()))?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|n| is_plugin_name(n))
+        .collect();
+    names.sort();
+    names
+        .iter()
+        .map(|name| read_plugin(&dir.join(name)))
+        .collect()
+}
+
+fn read_plugin(path: &Path) -> Result<Scanned, String> {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .map_err(|e| {
+            if e.raw_os_error() == Some(libc::ELOOP) {
+                format!(
+                    "plugin {}: is a symlink; plugins must be regular files (copy the library in)",
+                    path.display()
+                )
+            } else {
+                format!("plugin {}: cannot open: {e}", path.display())
+            }
+        })?;
+    // Checked on the opened file, so the file read is the file checked.
+    let meta = file
+        .metadata()
+        .map_err(|e| format!("plugin {}: {e}", path.display()))?;
+    if !meta.is_file() {
+        return Err(format!("plugin {}: is not a regular file", path.display()));
+    }
+    check_owner_and_mode(path, &meta, "plugin")?;
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    (&file)
+        .read_to_end(&mut bytes)
+        .map_err(|e| format!("plugin {}: cannot read: {e}", path.display()))?;
+    check_elf(&bytes).map_err(|e| format!("plugin {}: {e}", path.display()))?;
+    let hash = Sha256::digest(&bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    Ok(Scanned {
+        file: path.to_owned(),
+        hash,
+        bytes,
+    })
+}
+
+/// The ELF machine number of this host.
+const HOST_MACHINE: u16 = if cfg!(target_arch = "x86_64") {
+    62
+} else if cfg!(target_arch = "aarch64") {
+    183
+} else {
+    0
+};
+
+/// Reads just enough of the ELF structure to refuse what `dlopen` would choke on, or crash
+/// on: a file that is not a 64-bit little-endian shared object for this machine, or one
+/// cut short (a truncated segment is mapped past the end of the file, and touching it
+/// kills the loading process with SIGBUS). It never interprets code.
+fn check_elf(bytes: &[u8]) -> Result<(), String> {
+    let u16_at = |at: usize| {
+        bytes
+            .get(at..at + 2)
+            .map(|b| u16::from_le_bytes([b[0], b[1]]))
+    };
+    let u64_at = |at: usize| {
+        bytes
+            .get(at..at + 8)
+            .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
+    };
+    if bytes.len() < 64 || &bytes[..4] != b"\x7fELF" {
+        return Err("not an ELF shared library (no ELF header)".into());
+    }
+    if bytes[4] != 2 || bytes[5] != 1 {
+        return Err("not a 64-bit little-endian ELF file".into());
+    }
+    let e_type = u16_at(16).unwrap_or(0);
+    if e_type != 3 {
+        return Err(format!(
+            "ELF type {e_type} is not a shared object (build with crate-type cdylib, or cc -shared)"
+        ));
+    }
+    let machine = u16_at(18).unwrap_or(0);
+    if HOST_MACHINE != 0 && machine != HOST_MACHINE {
+        return Err(format!(
+            "built for ELF machine {machine}, this host is {HOST_MACHINE}"
+        ));
+    }
+    let len = bytes.len() as u64;
+    let truncated = |what: &str, end: u64| {
+        format!("truncated: {what} ends at byte {end}, but the file has {len} bytes")
+    };
+    let (phoff, phentsize, phnum) = (
+        u64_at(32).unwrap_or(0),
+        u64::from(u16_at(54).unwrap_or(0)),
+        u64::from(u16_at(56).unwrap_or(0)),
+    );
+    let ph_end = phoff.saturating_add(phentsize.saturating_mul(phnum));
+    if ph_end > len {
+        return Err(truncated("the program header table", ph_end));
+    }
+    for i in 0..phnum {
+        let at = (phoff + i * phentsize) as usize;
+        let (offset, filesz) = (u64_at(at + 8).unwrap_or(0), u64_at(at + 32).unwrap_or(0));
+        let end = offset.saturating_add(filesz);
+        if end > len {
+            return Err(truncated(&format!("segment {i}"), end));
+        }
+    }
+    let (shoff, shentsize, shnum) = (
+        u64_at(40).unwrap_or(0),
+        u64::from(u16_at(58).unwrap_or(0)),
+        u64::from(u16_at(60).unwrap_or(0)),
+    );
+    let sh_end = shoff.saturating_add(shentsize.saturating_mul(shnum));
+    if shoff != 0 && sh_end > len {
+        return Err(truncated("the section header table", sh_end));
+    }
+    Ok(())
+}
+
+fn check_owner_and_mode(path: &Path, meta: &std::fs::Metadata, what: &str) -> Result<(), String> {
+    let me = nix::unistd::geteuid().as_raw();
+    if meta.uid() != 0 && meta.uid() != me {
+        return Err(format!(
+            "{what} {}: owned by uid {}; it must belong to root or to the service's user (uid {me})",
+            path.display(),
+            meta.uid()
+        ));
+    }
+    let mode = meta.permissions().mode() & 0o7777;
+    if mode & 0o022 != 0 {
+        return Err(format!(
+            "{what} {}: mode {mode:04o} is group- or world-writable; run chmod go-w on it",
+            path.display()
+        ));
+    }
+    Ok(())
+}
+
+/// Copies each scanned plugin to `<cache_dir>/<sha256>.so` (if not there yet) and returns
+/// what workers load.
+pub fn cache(config: &Config, scanned: Vec<Scanned>) -> Result<Vec<PluginSpec>, String> {
+    if scanned.is_empty() {
+        return Ok(Vec::new());
+    }
+    let dir = &config.plugins.cache_dir;
+    std::fs::create_dir_all(dir)
+        .map_err(|e| format!("plugin cache {}: cannot create: {e}", dir.display()))?;
+    let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755));
+    scanned
+        .into_iter()
+        .map(|s| {
+            let cached = dir.join(format!("{}.so", s.hash));
+            let present = std::fs::metadata(&cached).is_ok_and(|m| m.len() == s.bytes.len() as u64);
+            if !present {
+                write_once(&cached, &s.bytes).map_err(|e| {
+                    format!(
+                        "plugin cache {}: cannot write {}: {e}",
+                        dir.display(),
+                        cached.display()
+                    )
+                })?;
+            }
+            Ok(PluginSpec {
+                file: s.file.display().to_string(),
+                cached: cached.display().to_string(),
+                hash: s.hash,
+            })
+        })
+        .collect()
+}
+
+/// Writes `bytes` to a temporary name and renames it into place, read-only.
+fn write_once(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
+    let result = (|| {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o444)
+            .open(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// Scans and caches: the plugin set a new generation starts with.
+pub fn prepare(config: &Config) -> Result<Vec<PluginSpec>, String> {
+    cache(config, scan(config)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check_elf;
+
+    fn this_binary() -> Vec<u8> {
+        // The test binary is an ELF executable (ET_DYN when built as a PIE).
+        std::fs::read(std::env::current_exe().unwrap()).unwrap()
+    }
+
+    #[test]
+    fn refuses_what_is_not_elf() {
+        assert!(check_elf(b"hello").unwrap_err().contains("not an ELF"));
+        assert!(check_elf(&[b'x'; 100]).unwrap_err().contains("not an ELF"));
+    }
+
+    #[test]
+    fn refuses_a_truncated_file() {
+        let bytes = this_binary();
+        if bytes[16] != 3 {
+            return; // not a PIE here; the shared-object check would fire first
+        }
+        check_elf(&bytes).unwrap();
+        let err = check_elf(&bytes[..4096]).unwrap_err();
+        assert!(err.starts_with("truncated:"), "{err}");
+    }
+}

@@ -1,0 +1,457 @@
+//! Loads plugin libraries and calls into them through the v1 C ABI.
+//!
+//! Each plugin is the supervisor's content-addressed copy, `dlopen`ed once with
+//! `RTLD_NOW | RTLD_LOCAL` and never closed (unloading Rust code with thread-local
+//! destructors is unsound, and a worker lives for one generation anyway). The descriptor's
+//! fixed head (magic, ABI major/minor, struct size) is checked before anything else is
+//! read, and nothing past `struct_size` is ever read. This is the only module that calls
+//! plugin code; every call gets borrowed views and the host's function table, and nothing
+//! a plugin returns is freed by the host.
+#![allow(unsafe_code)]
+
+use baton_plugin::abi::{
+    self, BatonError, BatonHeader, BatonHostApi, BatonInit, BatonParam, BatonPluginHead,
+    BatonPluginV1, BatonRequest, BatonResponse, BatonStr, EntryFn, HandleFn, ShutdownFn,
+};
+use baton_proto::PluginSpec;
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
+use std::ffi::{CStr, c_char, c_void};
+use thiserror::Error;
+
+/// A plugin that could not be used, naming its file.
+#[derive(Debug, Error)]
+#[error("plugin {file}: {reason}")]
+pub struct PluginError {
+    pub file: String,
+    pub reason: String,
+}
+
+/// One route of a plugin.
+#[derive(Debug, Clone)]
+pub struct RouteDef {
+    pub methods: u32,
+    pub pattern: String,
+}
+
+/// The plugin's state pointer, shared by every handler call (the ABI requires `handle`
+/// to be callable from several threads at once).
+#[derive(Debug, Clone, Copy)]
+struct State(*mut c_void);
+// SAFETY: the ABI makes the plugin responsible for its state being usable from any
+// thread; the host only passes the pointer back.
+unsafe impl Send for State {}
+// SAFETY: as above.
+unsafe impl Sync for State {}
+
+/// A loaded plugin.
+#[derive(Debug)]
+pub struct Plugin {
+    pub spec: PluginSpec,
+    pub name: String,
+    pub version: String,
+    pub nonblocking: bool,
+    pub routes: Vec<RouteDef>,
+    init: abi::InitFn,
+    handle: HandleFn,
+    shutdown: ShutdownFn,
+    /// Set once `init` succeeded.
+    state: std::sync::OnceLock<State>,
+}
+
+/// A request as a plugin sees it, owned so it can move to a blocking thread.
+#[derive(Debug)]
+pub struct Call {
+    pub route: u32,
+    pub method: Method,
+    pub path: String,
+    pub query: String,
+    pub headers: HeaderMap,
+    pub params: Vec<(String, String)>,
+    pub body: Bytes,
+    pub generation: u64,
+    pub worker_pid: u32,
+}
+
+/// What a plugin answered.
+#[derive(Debug)]
+pub enum Answer {
+    Response {
+        status: StatusCode,
+        headers: HeaderMap,
+        body: Vec<u8>,
+    },
+    /// The handler failed (returned non-zero, called `fail`, panicked, or used the host
+    /// functions wrongly): answer 500 and log this.
+    Failed(String),
+}
+
+fn fail(spec: &PluginSpec, reason: impl Into<String>) -> PluginError {
+    PluginError {
+        file: spec.file.clone(),
+        reason: reason.into(),
+    }
+}
+
+impl Plugin {
+    /// Loads and checks the library, without running any of its code but the entry point.
+    pub fn load(spec: &PluginSpec) -> Result<Plugin, PluginError> {
+        let flags = libloading::os::unix::RTLD_NOW | libloading::os::unix::RTLD_LOCAL;
+        // SAFETY: loading runs the library's initialisers; that is what loading a plugin
+        // means, and the supervisor checked the file's ownership and permissions.
+        let library = unsafe { libloading::os::unix::Library::open(Some(&spec.cached), flags) }
+            .map_err(|e| fail(spec, format!("cannot load: {}", dl_reason(&e))))?;
+        // SAFETY: the symbol's type is fixed by the ABI; a library exporting the name with
+        // another type is not a Baton plugin and breaks its contract.
+        let entry = unsafe { library.get::<EntryFn>(abi::ENTRY_POINT) }.map_err(|_| {
+            fail(
+                spec,
+                "no entry point baton_plugin_v1 (not a Baton plugin, or built without the export macro)",
+            )
+        })?;
+        let entry: EntryFn = *entry;
+        // Never dlclose: see the module documentation.
+        std::mem::forget(library);
+        // SAFETY: calling the entry point is the ABI's first step.
+        let descriptor = unsafe { entry() };
+        if descriptor.is_null() {
+            return Err(fail(spec, "baton_plugin_v1 returned NULL"));
+        }
+        // SAFETY: the ABI guarantees at least the head is readable; read it unaligned so a
+        // misaligned pointer cannot be undefined behaviour.
+        let head = unsafe { descriptor.cast::<BatonPluginHead>().read_unaligned() };
+        if head.magic != abi::MAGIC {
+            return Err(fail(
+                spec,
+                format!(
+                    "wrong magic {:#018x} (expected {:#018x}): not a Baton plugin descriptor",
+                    head.magic,
+                    abi::MAGIC
+                ),
+            ));
+        }
+        if head.abi_major != abi::ABI_MAJOR {
+            return Err(fail(
+                spec,
+                format!(
+                    "built for plugin ABI {}.{}; this Baton speaks major version {}",
+                    head.abi_major,
+                    head.abi_minor,
+                    abi::ABI_MAJOR
+                ),
+            ));
+        }
+        if head.abi_minor > abi::ABI_MINOR {
+            return Err(fail(
+                spec,
+                format!(
+                    "built for plugin ABI {}.{}, newer than this Baton's {}.{}: upgrade Baton",
+                    head.abi_major,
+                    head.abi_minor,
+                    abi::ABI_MAJOR,
+                    abi::ABI_MINOR
+                ),
+            ));
+        }
+        let needed = std::mem::size_of::<BatonPluginV1>();
+        if (head.struct_size as usize) < needed {
+            return Err(fail(
+                spec,
+                format!(
+                    "descriptor struct_size {} is smaller than the {needed} bytes of an ABI 1.0 descriptor",
+                    head.struct_size
+                ),
+            ));
+        }
+        // SAFETY: struct_size says at least `needed` bytes are there.
+        let d = unsafe { descriptor.read_unaligned() };
+        let name = c_text(d.name).ok_or_else(|| fail(spec, "name is NULL or not UTF-8"))?;
+        if name.is_empty()
+            || !name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        {
+            return Err(fail(spec, format!("name {name:?} must be [A-Za-z0-9_-]+")));
+        }
+        let version =
+            c_text(d.version).ok_or_else(|| fail(spec, "version is NULL or not UTF-8"))?;
+        let (Some(init), Some(handle), Some(shutdown)) = (d.init, d.handle, d.shutdown) else {
+            let missing: Vec<&str> = [
+                ("init", d.init.is_none()),
+                ("handle", d.handle.is_none()),
+                ("shutdown", d.shutdown.is_none()),
+            ]
+            .iter()
+            .filter(|(_, null)| *null)
+            .map(|(n, _)| *n)
+            .collect();
+            return Err(fail(
+                spec,
+                format!("null function pointer: {}", missing.join(", ")),
+            ));
+        };
+        if d.routes_len == 0 {
+            return Err(fail(spec, "declares no routes"));
+        }
+        if d.routes.is_null() || d.routes_len > 4096 {
+            return Err(fail(
+                spec,
+                format!(
+                    "bad route table ({} routes at {:p})",
+                    d.routes_len, d.routes
+                ),
+            ));
+        }
+        let mut routes = Vec::with_capacity(d.routes_len);
+        for i in 0..d.routes_len {
+            // SAFETY: the descriptor says `routes_len` routes are at `routes`.
+            let r = unsafe { d.routes.add(i).read_unaligned() };
+            let pattern = c_text(r.path)
+                .ok_or_else(|| fail(spec, format!("route {i}: path is NULL or not UTF-8")))?;
+            if !pattern.starts_with('/') {
+                return Err(fail(
+                    spec,
+                    format!("route {i}: path {pattern:?} must start with '/'"),
+                ));
+            }
+            if r.methods == 0 || r.methods & !abi::method::ALL != 0 {
+                return Err(fail(
+                    spec,
+                    format!("route {i} ({pattern}): bad method bits {:#x}", r.methods),
+                ));
+            }
+            routes.push(RouteDef {
+                methods: r.methods,
+                pattern,
+            });
+        }
+        Ok(Plugin {
+            spec: spec.clone(),
+            name,
+            version,
+            nonblocking: d.flags & abi::FLAG_NONBLOCKING != 0,
+            routes,
+            init,
+            handle,
+            shutdown,
+            state: std::sync::OnceLock::new(),
+        })
+    }
+
+    /// Runs the plugin's `init` with its settings (a JSON object).
+    pub fn initialise(&self, settings_json: &str, generation: u64) -> Result<(), PluginError> {
+        let mut error = ErrorSink(None);
+        let init = BatonInit {
+            struct_size: std::mem::size_of::<BatonInit>() as u32,
+            reserved: 0,
+            host: &HOST_API,
+            settings_json: BatonStr::new(settings_json.as_bytes()),
+            generation,
+            worker_pid: std::process::id(),
+            reserved2: 0,
+            error: (&mut error as *mut ErrorSink).cast(),
+        };
+        let mut state: *mut c_void = std::ptr::null_mut();
+        // SAFETY: the arguments follow the ABI and outlive the call.
+        let rc = unsafe { (self.init)(&init, &mut state) };
+        if rc != 0 {
+            let why = error
+                .0
+                .unwrap_or_else(|| format!("init returned {rc} without a message"));
+            return Err(PluginError {
+                file: self.spec.file.clone(),
+                reason: format!("init failed: {why}"),
+            });
+        }
+        let _ = self.state.set(State(state));
+        Ok(())
+    }
+
+    /// Calls the handler of `call.route`.
+    pub fn call(&self, call: &Call) -> Answer {
+        let Some(state) = self.state.get().copied() else {
+            return Answer::Failed("plugin called before init".into());
+        };
+        let method = call.method.as_str();
+        let headers: Vec<BatonHeader> = call
+            .headers
+            .iter()
+            .map(|(name, value)| BatonHeader {
+                name: BatonStr::new(name.as_str().as_bytes()),
+                value: BatonStr::new(value.as_bytes()),
+            })
+            .collect();
+        let params: Vec<BatonParam> = call
+            .params
+            .iter()
+            .map(|(n, v)| BatonParam {
+                name: BatonStr::new(n.as_bytes()),
+                value: BatonStr::new(v.as_bytes()),
+            })
+            .collect();
+        let request = BatonRequest {
+            struct_size: std::mem::size_of::<BatonRequest>() as u32,
+            route: call.route,
+            method: BatonStr::new(method.as_bytes()),
+            path: BatonStr::new(call.path.as_bytes()),
+            query: BatonStr::new(call.query.as_bytes()),
+            headers: headers.as_ptr(),
+            headers_len: headers.len(),
+            params: params.as_ptr(),
+            params_len: params.len(),
+            body: BatonStr::new(&call.body),
+            generation: call.generation,
+            worker_pid: call.worker_pid,
+            reserved: 0,
+        };
+        let mut builder = Builder {
+            status: StatusCode::OK,
+            headers: HeaderMap::new(),
+            body: Vec::new(),
+            error: None,
+        };
+        // SAFETY: every view points into `call`, `headers` or `params`, which outlive the
+        // call; `builder` is only reached through the host functions below.
+        let rc = unsafe {
+            (self.handle)(
+                state.0,
+                &request,
+                &HOST_API,
+                (&mut builder as *mut Builder).cast::<BatonResponse>(),
+            )
+        };
+        match (rc, builder.error) {
+            (_, Some(message)) => Answer::Failed(message),
+            (0, None) => Answer::Response {
+                status: builder.status,
+                headers: builder.headers,
+                body: builder.body,
+            },
+            (rc, None) => Answer::Failed(format!("handler returned {rc}")),
+        }
+    }
+
+    /// Runs the plugin's `shutdown`, if `init` ran.
+    pub fn shut_down(&self) {
+        if let Some(state) = self.state.get() {
+            // SAFETY: called once, after the last handler call, with the state `init` made.
+            unsafe { (self.shutdown)(state.0) };
+        }
+    }
+}
+
+fn c_text(ptr: *const c_char) -> Option<String> {
+    if ptr.is_null() {
+        return None;
+    }
+    // SAFETY: the ABI requires NUL-terminated strings that live as long as the library.
+    let text = unsafe { CStr::from_ptr(ptr) };
+    text.to_str().ok().map(str::to_owned)
+}
+
+/// The useful part of a `dlopen` error ("invalid ELF header", "file too short", …).
+fn dl_reason(e: &libloading::Error) -> String {
+    let text = e.to_string();
+    match text.rsplit_once(": ") {
+        Some((_, reason)) if !reason.is_empty() => format!("{reason} ({text})"),
+        _ => text,
+    }
+}
+
+/// A response under construction; the host functions reach it through `BatonResponse`.
+struct Builder {
+    status: StatusCode,
+    headers: HeaderMap,
+    body: Vec<u8>,
+    error: Option<String>,
+}
+
+struct ErrorSink(Option<String>);
+
+/// Reads a view a plugin passed in. The views come from plugin memory that is valid for
+/// the duration of the host call, per the ABI.
+unsafe fn view<'a>(s: BatonStr) -> &'a [u8] {
+    // SAFETY: guaranteed by the caller (the ABI).
+    unsafe { s.as_bytes() }
+}
+
+unsafe extern "C" fn host_set_status(response: *mut BatonResponse, status: u16) -> i32 {
+    // SAFETY: `response` is the Builder the host passed to `handle`.
+    let b = unsafe { &mut *response.cast::<Builder>() };
+    match StatusCode::from_u16(status) {
+        Ok(s) => {
+            b.status = s;
+            0
+        }
+        Err(_) => {
+            b.error
+                .get_or_insert_with(|| format!("set_status({status}): not a status code"));
+            -1
+        }
+    }
+}
+
+unsafe extern "C" fn host_add_header(
+    response: *mut BatonResponse,
+    name: BatonStr,
+    value: BatonStr,
+) -> i32 {
+    // SAFETY: as above; the views are valid for this call.
+    let (b, name, value) = unsafe { (&mut *response.cast::<Builder>(), view(name), view(value)) };
+    match (HeaderName::from_bytes(name), HeaderValue::from_bytes(value)) {
+        (Ok(n), Ok(v)) => {
+            b.headers.append(n, v);
+            0
+        }
+        _ => {
+            b.error.get_or_insert_with(|| {
+                format!(
+                    "add_header({:?}, {:?}): invalid header",
+                    String::from_utf8_lossy(name),
+                    String::from_utf8_lossy(value)
+                )
+            });
+            -1
+        }
+    }
+}
+
+unsafe extern "C" fn host_write_body(response: *mut BatonResponse, data: BatonStr) -> i32 {
+    // SAFETY: as above.
+    let (b, data) = unsafe { (&mut *response.cast::<Builder>(), view(data)) };
+    b.body.extend_from_slice(data);
+    0
+}
+
+unsafe extern "C" fn host_fail(response: *mut BatonResponse, message: BatonStr) {
+    // SAFETY: as above.
+    let (b, message) = unsafe { (&mut *response.cast::<Builder>(), view(message)) };
+    b.error
+        .get_or_insert_with(|| String::from_utf8_lossy(message).into_owned());
+}
+
+unsafe extern "C" fn host_set_error(error: *mut BatonError, message: BatonStr) {
+    // SAFETY: `error` is the ErrorSink passed in BatonInit.
+    let (sink, message) = unsafe { (&mut *error.cast::<ErrorSink>(), view(message)) };
+    sink.0 = Some(String::from_utf8_lossy(message).into_owned());
+}
+
+static HOST_API: BatonHostApi = BatonHostApi {
+    struct_size: std::mem::size_of::<BatonHostApi>() as u32,
+    reserved: 0,
+    set_status: host_set_status,
+    add_header: host_add_header,
+    write_body: host_write_body,
+    fail: host_fail,
+    set_error: host_set_error,
+};
+
+/// The method bits of a route, as text: `GET|HEAD`.
+pub fn method_names(bits: u32) -> String {
+    abi::method::NAMES
+        .iter()
+        .filter(|(b, _)| bits & b != 0)
+        .map(|(_, n)| *n)
+        .collect::<Vec<_>>()
+        .join("|")
+}
