@@ -175,6 +175,7 @@ fn run(path: &Path, env: Env) -> anyhow::Result<ExitCode> {
         env.listen_fds.as_deref(),
         env.listen_fdnames.as_deref(),
     )?;
+    crate::spawn::cloexec_inherited();
     let ctx = env.path_context();
     let config = Config::load(path, &ctx)?;
     let runtime = tokio::runtime::Builder::new_current_thread()

@@ -117,6 +117,8 @@ const DEFAULT_WORKER: &str = "baton-worker";
 const DEFAULT_PLUGIN_DIR: &str = "plugins.d";
 const DEFAULT_CONTROL_SOCKET: &str = "baton.sock";
 const DEFAULT_CACHE_DIR: &str = ".baton-cache";
+/// Longest duration accepted anywhere, so that deadlines computed from them cannot overflow.
+const MAX_DURATION: Duration = Duration::from_secs(7 * 24 * 3600);
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -540,6 +542,9 @@ impl Validator<'_> {
         })?;
         if d.is_zero() {
             return Err(self.invalid(value, key, "must be longer than zero"));
+        }
+        if d > MAX_DURATION {
+            return Err(self.invalid(value, key, "must be at most 7 days"));
         }
         Ok(d)
     }

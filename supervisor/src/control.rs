@@ -17,6 +17,8 @@ use tokio::sync::{mpsc, oneshot};
 
 /// Longest request line accepted.
 const MAX_REQUEST: usize = 64 * 1024;
+/// How long a client has to send its request line.
+const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// A request, as the client sends it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -129,12 +131,16 @@ async fn handle(stream: UnixStream, events: mpsc::UnboundedSender<Event>) {
     let (read, mut write) = stream.into_split();
     let mut line = Vec::new();
     let mut reader = BufReader::new(read).take(MAX_REQUEST as u64 + 1);
-    let request = match reader.read_until(b'\n', &mut line).await {
-        Ok(_) if line.len() > MAX_REQUEST => {
+    let read = tokio::time::timeout(REQUEST_TIMEOUT, reader.read_until(b'\n', &mut line)).await;
+    let request = match read {
+        Err(_) => Err(format!("no request within {REQUEST_TIMEOUT:?}")),
+        Ok(Ok(_)) if line.len() > MAX_REQUEST => {
             Err(format!("request longer than {MAX_REQUEST} bytes"))
         }
-        Ok(_) => serde_json::from_slice::<Request>(&line).map_err(|e| format!("bad request: {e}")),
-        Err(e) => Err(format!("read failed: {e}")),
+        Ok(Ok(_)) => {
+            serde_json::from_slice::<Request>(&line).map_err(|e| format!("bad request: {e}"))
+        }
+        Ok(Err(e)) => Err(format!("read failed: {e}")),
     };
     let request = match request {
         Ok(r) => r,

@@ -13,13 +13,15 @@ use nix::sys::signal::Signal;
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::sync::mpsc;
 
 /// Lines of a worker's stderr kept for failure reports.
 const STDERR_TAIL_LINES: usize = 12;
 /// Longest stderr line kept in the tail.
 const STDERR_LINE_MAX: usize = 400;
+/// Longest stretch of a worker's stderr forwarded as one piece.
+const STDERR_FORWARD_MAX: usize = 64 * 1024;
 /// After a worker exits, how long to wait for the rest of its stderr.
 const STDERR_EOF_WAIT: Duration = Duration::from_millis(500);
 
@@ -213,7 +215,13 @@ async fn forward_stderr(
     let mut line = Vec::new();
     loop {
         line.clear();
-        match reader.read_until(b'\n', &mut line).await {
+        // A line is cut at STDERR_FORWARD_MAX, so a worker writing without newlines
+        // cannot grow the supervisor's memory.
+        match (&mut reader)
+            .take(STDERR_FORWARD_MAX as u64)
+            .read_until(b'\n', &mut line)
+            .await
+        {
             Ok(0) | Err(_) => return,
             Ok(_) => {}
         }

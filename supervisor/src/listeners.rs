@@ -15,7 +15,7 @@ use socket2::{Domain, Socket, Type};
 use std::collections::HashMap;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use thiserror::Error;
 
 /// Accept backlog for sockets we bind (the kernel caps it at `net.core.somaxconn`).
@@ -51,6 +51,8 @@ pub struct Listener {
     /// What it listens on, for messages and status.
     pub description: String,
     address: Option<Address>,
+    /// We created the Unix socket file and remove it with the socket.
+    owns_file: bool,
     fds: Vec<OwnedFd>,
 }
 
@@ -66,7 +68,7 @@ impl Listener {
 
 impl Drop for Listener {
     fn drop(&mut self) {
-        if let (Origin::Config, Some(Address::Unix(path))) = (self.origin, &self.address) {
+        if let (true, Some(Address::Unix(path))) = (self.owns_file, &self.address) {
             // We created this socket file; remove it with the last user of the socket.
             let _ = std::fs::remove_file(path);
         }
@@ -109,8 +111,15 @@ impl Activated {
         let mut fds = Vec::with_capacity(count);
         for (i, name) in names.into_iter().enumerate() {
             let raw = baton_proto::LISTEN_FDS_START + i as i32;
+            // SAFETY: F_GETFD on a number only asks whether it is open.
+            if unsafe { libc::fcntl(raw, libc::F_GETFD) } < 0 {
+                return Err(ListenerError::Activation(format!(
+                    "LISTEN_FDS={count} but fd {raw} ({name}) is not open"
+                )));
+            }
             // SAFETY: systemd passes fds 3..3+LISTEN_FDS to the process named by LISTEN_PID,
-            // which we checked is us; each number is taken exactly once, here, at start-up.
+            // which we checked is us, and the fd is open; each number is taken exactly
+            // once, here, at start-up.
             let fd = unsafe { OwnedFd::from_raw_fd(raw) };
             fcntl(&fd, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC))
                 .map_err(|e| ListenerError::Activation(format!("fd {raw} ({name}): {e}")))?;
@@ -128,6 +137,9 @@ impl Activated {
 #[derive(Debug, Default)]
 pub struct ListenerSet {
     current: HashMap<String, Arc<Listener>>,
+    /// Every listener handed out that some generation may still hold: an upgrade that
+    /// was rolled back must not lose the sockets the serving generation uses.
+    known: Vec<Weak<Listener>>,
 }
 
 impl ListenerSet {
@@ -156,10 +168,13 @@ impl ListenerSet {
                     origin: Origin::Systemd,
                     description: describe_fds(&fds),
                     address: l.address.clone(),
+                    owns_file: false,
                     fds,
                 }
             };
-            set.current.insert(l.name.clone(), Arc::new(listener));
+            let listener = Arc::new(listener);
+            set.known.push(Arc::downgrade(&listener));
+            set.current.insert(l.name.clone(), listener);
         }
         for (name, fd) in activated.fds {
             tracing::warn!(
@@ -191,7 +206,8 @@ impl ListenerSet {
                     name: l.name.clone(),
                     origin: have.origin,
                     description: have.description.clone(),
-                    address: None, // the original owns the socket file
+                    address: have.address.clone(),
+                    owns_file: false, // the original owns the socket file
                     fds: have
                         .fds
                         .iter()
@@ -213,6 +229,15 @@ impl ListenerSet {
                     "listener {name:?} ({}) is no longer configured; it closes when its last generation exits",
                     old.description
                 );
+            }
+        }
+        for l in &out {
+            if !self
+                .known
+                .iter()
+                .any(|w| std::ptr::eq(w.as_ptr(), Arc::as_ptr(l)))
+            {
+                self.known.push(Arc::downgrade(l));
             }
         }
         self.current = next;
@@ -246,6 +271,7 @@ fn bind_listener(name: &str, address: Option<&Address>) -> Result<Listener, List
         origin: Origin::Config,
         description: address.to_string(),
         address: Some(address.clone()),
+        owns_file: matches!(address, Address::Unix(_)),
         fds: vec![fd],
     })
 }

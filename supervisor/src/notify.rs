@@ -147,10 +147,11 @@ impl WorkerSocket {
                 tracing::warn!("notify datagram without credentials ignored");
                 continue;
             };
-            match NotifyMessage::parse(&data) {
-                Ok(msg) => return Ok((pid, msg)),
-                Err(e) => tracing::warn!("notify datagram from pid {pid} ignored: {e}"),
+            let (msg, errors) = NotifyMessage::parse_lenient(&data);
+            for e in errors {
+                tracing::warn!("notify line from pid {pid} ignored: {e}");
             }
+            return Ok((pid, msg));
         }
     }
 }

@@ -59,6 +59,9 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> std::io::Result<tokio::process::Child> {
         .process_group(0)
         .kill_on_drop(false);
 
+    // The targets 3..3+n+1 must not hold anything `Command` itself uses in the child
+    // (its exec-error pipe is created just before fork, at the lowest free numbers).
+    reserve_low_fds(LISTEN_FDS_START + n + 1)?;
     let mut sources: Vec<RawFd> = spec
         .listeners
         .iter()
@@ -73,6 +76,46 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> std::io::Result<tokio::process::Child> {
         cmd.pre_exec(move || place_fds(&mut sources));
     }
     cmd.spawn()
+}
+
+/// Fills every free fd number below `end` with `/dev/null` (close-on-exec), kept open for
+/// the process's life, so that fds opened later — `Command`'s exec-error pipe among them —
+/// land above the range that `place_fds` overwrites in the child. The supervisor's loop
+/// is single-threaded, so nothing opens an fd between this and the fork.
+fn reserve_low_fds(end: RawFd) -> std::io::Result<()> {
+    static RESERVED: std::sync::Mutex<Vec<std::os::fd::OwnedFd>> =
+        std::sync::Mutex::new(Vec::new());
+    let mut reserved = RESERVED.lock().expect("reserve lock");
+    loop {
+        let fd: std::os::fd::OwnedFd = std::fs::File::open("/dev/null")?.into();
+        if fd.as_raw_fd() >= end {
+            return Ok(());
+        }
+        reserved.push(fd);
+    }
+}
+
+/// Sets close-on-exec on every fd from 3 up that the process inherited, so that nothing
+/// its parent leaked reaches a worker. Call once at start-up, after socket-activation fds
+/// were adopted and before any thread starts.
+pub fn cloexec_inherited() {
+    let Ok(entries) = std::fs::read_dir("/proc/self/fd") else {
+        return;
+    };
+    let fds: Vec<RawFd> = entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .filter(|&fd| fd > 2)
+        .collect();
+    for fd in fds {
+        // SAFETY: fcntl on an fd number only changes its close-on-exec flag; a number
+        // that was the read_dir handle and is closed by now just fails.
+        unsafe {
+            let flags = libc::fcntl(fd, libc::F_GETFD);
+            if flags >= 0 {
+                libc::fcntl(fd, libc::F_SETFD, flags | libc::FD_CLOEXEC);
+            }
+        }
+    }
 }
 
 /// Moves `fds[i]` to `3 + i`. Every source is first duplicated above the target range, so a

@@ -69,6 +69,11 @@ pub enum Event {
     ForceClose {
         generation: u64,
     },
+    /// A replacement worker of a serving generation had `ready_timeout` to say READY.
+    ReplacementReadyTimeout {
+        generation: u64,
+        pid: u32,
+    },
     Restart {
         generation: u64,
         slot: usize,
@@ -246,6 +251,19 @@ impl Supervisor {
             }
             Event::Restart { generation, slot } => self.on_restart(generation, slot),
             Event::PluginsChanged => self.on_plugins_changed(),
+            Event::ReplacementReadyTimeout { generation, pid } => {
+                if let Some(g) = self.generations.get(&generation)
+                    && let Some(slot) = g.slot_of(pid)
+                    && !g.workers[slot].ready
+                    && let Some(process) = &g.workers[slot].process
+                {
+                    let _e = g.span.enter();
+                    tracing::error!(
+                        "replacement worker {pid} not READY within ready_timeout; killing it (it will be replaced again)"
+                    );
+                    process.signal(Signal::SIGKILL);
+                }
+            }
             Event::WatchdogTick => self.systemd.watchdog(),
         }
     }
@@ -320,11 +338,10 @@ impl Supervisor {
             // The start waits for the oldest draining generation. A drain under steady
             // traffic ends within milliseconds; one still running after
             // `drain_idle_grace` (long requests, idle connections) is force-closed.
-            if !self.start_deferred
-                && let Some(oldest) = self
-                    .generations
-                    .values()
-                    .find(|g| g.state == GenerationState::Draining)
+            if let Some(oldest) = self
+                .generations
+                .values()
+                .find(|g| g.state == GenerationState::Draining)
             {
                 let _e = oldest.span.enter();
                 tracing::info!(
@@ -692,23 +709,40 @@ impl Supervisor {
         {
             return;
         }
-        if let Err(reason) = self.launch(number, slot) {
-            let g = self.generations.get_mut(&number).expect("checked above");
-            let w = &mut g.workers[slot];
-            w.crash_streak += 1;
-            let delay = backoff(w.crash_streak);
-            w.restart_at = Some(Instant::now() + delay);
+        match self.launch(number, slot) {
+            Ok(()) => {
+                let g = &self.generations[&number];
+                if let Some(pid) = g.workers[slot].process.as_ref().map(|p| p.pid) {
+                    self.after(
+                        g.config.worker.ready_timeout,
+                        Event::ReplacementReadyTimeout {
+                            generation: number,
+                            pid,
+                        },
+                    );
+                }
+            }
+            Err(reason) => self.retry_restart(number, slot, reason),
+        }
+    }
+
+    fn retry_restart(&mut self, number: u64, slot: usize, reason: String) {
+        let g = self.generations.get_mut(&number).expect("checked above");
+        let w = &mut g.workers[slot];
+        w.crash_streak += 1;
+        let delay = backoff(w.crash_streak);
+        w.restart_at = Some(Instant::now() + delay);
+        {
             let _e = g.span.enter();
             tracing::error!("{reason}; retrying in {delay:?}");
-            drop(_e);
-            self.after(
-                delay,
-                Event::Restart {
-                    generation: number,
-                    slot,
-                },
-            );
         }
+        self.after(
+            delay,
+            Event::Restart {
+                generation: number,
+                slot,
+            },
+        );
     }
 
     fn reap_if_empty(&mut self, number: u64) {
@@ -778,6 +812,8 @@ impl Supervisor {
         for number in numbers {
             if fast {
                 self.generations[&number].signal_all(Signal::SIGKILL);
+                // A generation whose workers all wait out a back-off has nothing to reap.
+                self.reap_if_empty(number);
             } else if first {
                 self.drain(number);
             }

@@ -56,8 +56,10 @@ pub fn listeners(env: &WorkerEnv) -> anyhow::Result<Vec<NamedListener>> {
     let mut out = Vec::with_capacity(names.len());
     for (i, name) in names.into_iter().enumerate() {
         let raw = LISTEN_FDS_START + i as i32;
-        // SAFETY: the socket-activation protocol hands fds 3..3+LISTEN_FDS to this process;
-        // each number is taken exactly once, here, and nothing else in the worker uses it.
+        ensure_open(raw).with_context(|| format!("LISTEN_FDS={count}: listener {name:?}"))?;
+        // SAFETY: the socket-activation protocol hands fds 3..3+LISTEN_FDS to this process
+        // and the fd is open; each number is taken exactly once, here, and nothing else in
+        // the worker uses it.
         let fd = unsafe { OwnedFd::from_raw_fd(raw) };
         let listener =
             verify(fd).with_context(|| format!("inherited fd {raw} (listener {name:?})"))?;
@@ -83,6 +85,15 @@ fn check_listen_pid(env: &WorkerEnv) -> anyhow::Result<()> {
             );
         }
         (None, None) => bail!("LISTEN_FDS is set without LISTEN_PID"),
+    }
+    Ok(())
+}
+
+/// Fails unless `raw` is an open fd, so no `OwnedFd` is ever made of a closed number.
+fn ensure_open(raw: RawFd) -> anyhow::Result<()> {
+    // SAFETY: F_GETFD on a number only asks whether it is open.
+    if unsafe { libc::fcntl(raw, libc::F_GETFD) } < 0 {
+        bail!("fd {raw} is not open");
     }
     Ok(())
 }
@@ -113,6 +124,7 @@ pub fn lifeline(env: &WorkerEnv) -> anyhow::Result<Option<OwnedFd>> {
         .parse()
         .with_context(|| format!("{ENV_LIFELINE_FD}={raw:?} is not an fd number"))?;
     ensure!(raw > 2, "{ENV_LIFELINE_FD}={raw} is a standard stream");
+    ensure_open(raw).with_context(|| format!("{ENV_LIFELINE_FD}={raw}"))?;
     // SAFETY: the supervisor placed the lifeline's read end at this number for us and names
     // it in the environment; it is taken once, here.
     let fd = unsafe { OwnedFd::from_raw_fd(raw) };

@@ -53,6 +53,24 @@ struct Shared {
     /// Per plugin (same index as `router.plugins`): the share of the blocking pool of a
     /// plugin whose handlers may block, so that a saturated one cannot starve the others.
     blocking: Vec<Option<Arc<Semaphore>>>,
+    /// Plugin handler calls under way.
+    plugin_calls: Arc<AtomicUsize>,
+}
+
+/// Counts one plugin handler call for as long as it runs.
+struct CallGuard(Arc<AtomicUsize>);
+
+impl CallGuard {
+    fn new(calls: &Arc<AtomicUsize>) -> Self {
+        calls.fetch_add(1, Ordering::AcqRel);
+        CallGuard(calls.clone())
+    }
+}
+
+impl Drop for CallGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// Serves until SIGTERM, SIGINT or the supervisor's death, then drains and returns.
@@ -82,6 +100,7 @@ pub async fn serve(
     let shared = Arc::new(Shared {
         router,
         blocking,
+        plugin_calls: Arc::new(AtomicUsize::new(0)),
         generation,
         pid: std::process::id(),
         builder: http_builder(&settings),
@@ -148,8 +167,15 @@ pub async fn serve(
         let _ = tokio::time::timeout(FORCED_CLOSE_WAIT, shared.connections.all_closed()).await;
     }
     stats.abort();
-    for plugin in &shared.router.plugins {
-        plugin.shut_down();
+    let running = shared.plugin_calls.load(Ordering::Acquire);
+    if running == 0 {
+        for plugin in &shared.router.plugins {
+            plugin.shut_down();
+        }
+    } else {
+        // Forced past drain_timeout with handlers still on the blocking pool: their
+        // plugins' state must stay alive, so shutdown is skipped (the process exits).
+        tracing::warn!("{running} plugin handler(s) still running; skipping plugin shutdown");
     }
     notifier.send(&stats_of(&shared).to_line());
     tracing::info!(
@@ -429,13 +455,23 @@ async fn dispatch(
         worker_pid: shared.pid,
     };
     let answer = match &shared.blocking[index] {
-        None => plugin.call(&call),
+        None => {
+            let _counted = CallGuard::new(&shared.plugin_calls);
+            plugin.call(&call)
+        }
         Some(share) => {
             let _permit = share.acquire().await.expect("semaphore never closes");
             let plugin = plugin.clone();
-            tokio::task::spawn_blocking(move || plugin.call(&call))
-                .await
-                .unwrap_or_else(|e| Answer::Failed(format!("handler thread failed: {e}")))
+            // Counted until the handler returns, even if this request's task is dropped
+            // meanwhile (a forced close): the blocking thread keeps running.
+            let counted = CallGuard::new(&shared.plugin_calls);
+            tokio::task::spawn_blocking(move || {
+                let answer = plugin.call(&call);
+                drop(counted);
+                answer
+            })
+            .await
+            .unwrap_or_else(|e| Answer::Failed(format!("handler thread failed: {e}")))
         }
     };
     match answer {

@@ -57,11 +57,36 @@ pub enum ParseError {
 }
 
 impl NotifyMessage {
-    /// Parses one datagram.
+    /// Parses one datagram. Like systemd, a line that cannot be read is skipped, not the
+    /// whole datagram; the skipped lines' errors are returned alongside.
+    pub fn parse_lenient(bytes: &[u8]) -> (Self, Vec<ParseError>) {
+        let mut msg = NotifyMessage::default();
+        let mut errors = Vec::new();
+        for line in bytes.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
+            let Ok(line) = std::str::from_utf8(line) else {
+                errors.push(ParseError::NotUtf8);
+                continue;
+            };
+            if let Err(e) = msg.apply(line) {
+                errors.push(e);
+            }
+        }
+        (msg, errors)
+    }
+
+    /// Parses one datagram, failing on the first line that cannot be read.
     pub fn parse(bytes: &[u8]) -> Result<Self, ParseError> {
         let text = std::str::from_utf8(bytes).map_err(|_| ParseError::NotUtf8)?;
         let mut msg = NotifyMessage::default();
         for line in text.split('\n').filter(|l| !l.is_empty()) {
+            msg.apply(line)?;
+        }
+        Ok(msg)
+    }
+
+    fn apply(&mut self, line: &str) -> Result<(), ParseError> {
+        let msg = self;
+        {
             let (key, value) = line
                 .split_once('=')
                 .ok_or_else(|| ParseError::NotAssignment(truncate(line)))?;
@@ -80,7 +105,7 @@ impl NotifyMessage {
                 _ => {}
             }
         }
-        Ok(msg)
+        Ok(())
     }
 
     /// Whether the message reports a start-up failure (`ERRNO=` or `STATUS=failed…`).
@@ -158,6 +183,15 @@ mod tests {
         assert!(NotifyMessage::parse(b"ERRNO=x").is_err());
         assert!(NotifyMessage::parse(b"BATON_STATS=1").is_err());
         assert!(NotifyMessage::parse(&[0xff, 0xfe]).is_err());
+    }
+
+    #[test]
+    fn lenient_parsing_keeps_the_good_lines() {
+        let (m, errors) =
+            NotifyMessage::parse_lenient(b"READY=1\ngarbage\nERRNO=x\n\xff\nSTATUS=ok");
+        assert!(m.ready);
+        assert_eq!(m.status.as_deref(), Some("ok"));
+        assert_eq!(errors.len(), 3);
     }
 
     #[test]
