@@ -346,3 +346,34 @@ async fn an_idle_keepalive_connection_is_handed_off_with_connection_close() {
     let settled = baton.wait_settled().await;
     assert_eq!(settled["generations"][0]["number"], 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolled_back_listener_change_keeps_the_serving_sockets() {
+    let base = TestConfig {
+        ready_timeout: "2s",
+        ..TestConfig::default()
+    };
+    let baton = Baton::start(base.clone()).await;
+    let scripts = tempfile::tempdir().unwrap();
+    // Move the listener to another port with a worker that fails: rolled back.
+    let moved = TestConfig {
+        port: free_port(),
+        worker_path: Some(baton_tests::fake_worker_script(scripts.path(), "exit")),
+        ..base.clone()
+    };
+    baton.write_config(&moved.render());
+    let out = baton.upgrade_wait().await;
+    assert_eq!(out.code, Some(1), "{}", out.text());
+    // Back to the original config: the serving generation's socket is reused, not rebound.
+    baton.write_config(&base.render());
+    let out = baton.upgrade_wait().await;
+    assert_eq!(out.code, Some(0), "{}\nlog:\n{}", out.text(), baton.log());
+    let (code, body) = get(baton.addr(), "/_baton/health").await.unwrap();
+    assert_eq!(code, 200, "{body}");
+    // And the port of the failed attempt was let go once nothing used it.
+    let released = eventually(WAIT, || {
+        std::net::TcpListener::bind(("127.0.0.1", moved.port)).is_ok()
+    })
+    .await;
+    assert!(released, "the rolled-back listener's port is still bound");
+}

@@ -188,18 +188,27 @@ impl ListenerSet {
     /// The listeners for a generation of `config`, binding any the config added. Nothing
     /// changes unless every listener is available.
     pub fn prepare(&mut self, config: &Config) -> Result<Vec<Arc<Listener>>, ListenerError> {
+        self.known.retain(|w| w.strong_count() > 0);
+        let alive: Vec<Arc<Listener>> = self
+            .current
+            .values()
+            .cloned()
+            .chain(self.known.iter().filter_map(Weak::upgrade))
+            .collect();
         let mut next = HashMap::new();
         let mut out = Vec::new();
         for l in &config.listeners {
-            let reuse = self
-                .current
-                .get(&l.name)
-                .filter(|have| have.origin == Origin::Systemd || have.address == l.address);
-            let reuse = reuse.or_else(|| {
-                self.current
-                    .values()
-                    .find(|have| have.address.is_some() && have.address == l.address)
-            });
+            let reuse = alive
+                .iter()
+                .find(|have| {
+                    have.name == l.name
+                        && (have.origin == Origin::Systemd || have.address == l.address)
+                })
+                .or_else(|| {
+                    alive
+                        .iter()
+                        .find(|have| have.address.is_some() && have.address == l.address)
+                });
             let listener = match reuse {
                 Some(have) if have.name == l.name => have.clone(),
                 Some(have) => Arc::new(Listener {
