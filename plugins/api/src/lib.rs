@@ -44,6 +44,7 @@
 //! Rust-specific crosses into the host. The ABI itself is in [`abi`], and in
 //! `include/baton_plugin.h` for plugins written in C.
 #![allow(unsafe_code)]
+#![deny(missing_docs)]
 
 pub mod abi;
 
