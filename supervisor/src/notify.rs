@@ -42,7 +42,23 @@ impl Systemd {
         if !self.enabled {
             return;
         }
-        if let Err(e) = sd_notify::notify(states) {
+        // A value must stay on its line: a newline would start a bogus assignment.
+        let flattened: Vec<String> = states
+            .iter()
+            .map(|s| match s {
+                NotifyState::Status(text) => one_line(text),
+                _ => String::new(),
+            })
+            .collect();
+        let states: Vec<NotifyState<'_>> = states
+            .iter()
+            .zip(&flattened)
+            .map(|(s, flat)| match s {
+                NotifyState::Status(_) => NotifyState::Status(flat),
+                other => other.clone(),
+            })
+            .collect();
+        if let Err(e) = sd_notify::notify(&states) {
             tracing::warn!("sd_notify to systemd failed: {e}");
         }
     }
@@ -71,10 +87,12 @@ impl Systemd {
         }
     }
 
-    pub fn extend_timeout(&self, by: Duration) {
-        self.send(&[NotifyState::ExtendTimeoutUsec(
-            u32::try_from(by.as_micros()).unwrap_or(u32::MAX),
-        )]);
+    /// `EXTEND_TIMEOUT_USEC` with a `STATUS=`, in one datagram.
+    pub fn extend_timeout(&self, by: Duration, status: &str) {
+        self.send(&[
+            NotifyState::ExtendTimeoutUsec(u32::try_from(by.as_micros()).unwrap_or(u32::MAX)),
+            NotifyState::Status(status),
+        ]);
     }
 
     pub fn status(&self, status: &str) {
@@ -83,6 +101,16 @@ impl Systemd {
 
     pub fn watchdog(&self) {
         self.send(&[NotifyState::Watchdog]);
+    }
+}
+
+/// `text` on one line: line breaks become " | ", and it is cut at a length systemd shows.
+fn one_line(text: &str) -> String {
+    const MAX: usize = 2000;
+    let flat = text.split('\n').map(str::trim_end).collect::<Vec<_>>().join(" | ");
+    match flat.char_indices().nth(MAX) {
+        Some((cut, _)) => format!("{}…", &flat[..cut]),
+        None => flat,
     }
 }
 

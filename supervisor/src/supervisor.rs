@@ -30,6 +30,10 @@ const DRAIN_KILL_MARGIN: Duration = Duration::from_secs(2);
 const RESTART_BACKOFF_FIRST: Duration = Duration::from_millis(100);
 /// Longest back-off.
 const RESTART_BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// While stopping, `EXTEND_TIMEOUT_USEC` is sent this often ...
+const EXTEND_INTERVAL: Duration = Duration::from_secs(2);
+/// ... each time extending systemd's stop timeout by this much from then.
+const EXTEND_STEP: Duration = Duration::from_secs(6);
 /// A worker that ran this long before exiting starts a new crash streak.
 const STABLE_RUN: Duration = Duration::from_secs(30);
 
@@ -80,6 +84,8 @@ pub enum Event {
     },
     /// The plugin directory changed (with `plugins.watch`).
     PluginsChanged,
+    /// Time to extend systemd's stop timeout again, if still draining.
+    StopTick,
     WatchdogTick,
 }
 
@@ -251,6 +257,14 @@ impl Supervisor {
             }
             Event::Restart { generation, slot } => self.on_restart(generation, slot),
             Event::PluginsChanged => self.on_plugins_changed(),
+            Event::StopTick => {
+                if self.stopping.is_some() && !self.generations.is_empty() {
+                    let summary = self.summary();
+                    self.systemd
+                        .extend_timeout(EXTEND_STEP, &format!("stopping: {summary}"));
+                    self.after(EXTEND_INTERVAL, Event::StopTick);
+                }
+            }
             Event::ReplacementReadyTimeout { generation, pid } => {
                 if let Some(g) = self.generations.get(&generation)
                     && let Some(slot) = g.slot_of(pid)
@@ -787,13 +801,17 @@ impl Supervisor {
                     ": draining every generation"
                 }
             );
-            let longest = self
-                .generations
-                .values()
-                .map(|g| g.config.worker.drain_timeout + DRAIN_KILL_MARGIN)
-                .max()
-                .unwrap_or_default();
-            self.systemd.stopping("stopping: draining", Some(longest));
+            // systemd's stop timeout may be shorter than a drain: while generations are
+            // left, keep extending it a step at a time (the drain itself is bounded by
+            // drain_timeout, after which workers are killed and the supervisor exits).
+            self.systemd.stopping(
+                &format!(
+                    "stopping: draining {} generation(s)",
+                    self.generations.len()
+                ),
+                Some(EXTEND_STEP),
+            );
+            self.after(EXTEND_INTERVAL, Event::StopTick);
             let refused = outcome(
                 None,
                 UpgradeResult::Refused,
