@@ -1,1 +1,360 @@
-//! Placeholder replaced below.
+//! Baton's unit files under a real systemd (252 from Debian 12 and 254 from
+//! bookworm-backports), booted per test by the repository's systemd harness: start, reload
+//! under load, a failed reload, stop with a request in flight, the watchdog, and the
+//! notify-reload alternative. Needs root; skips with the reason where it cannot run.
+
+use baton_tests::sdh::{Instance, skip_reason, text};
+use baton_tests::{Load, LoadSpec, WAIT, get, heavy, run_cli};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+fn skip() -> bool {
+    match skip_reason() {
+        Some(reason) => {
+            eprintln!("skipping the real-systemd test: {reason}");
+            true
+        }
+        None => false,
+    }
+}
+
+/// Serving generation number and its pids, from `baton status` (pids as the namespace
+/// sees them).
+async fn serving(instance: &Instance) -> Option<(u64, Vec<u64>, u64)> {
+    let out = run_cli(&["status", "--json"], &instance.config).await;
+    let status: serde_json::Value = serde_json::from_str(&out.stdout).ok()?;
+    let g = status["generations"]
+        .as_array()?
+        .iter()
+        .find(|g| g["state"] == "serving")?
+        .clone();
+    Some((
+        g["number"].as_u64()?,
+        g["pids"]
+            .as_array()?
+            .iter()
+            .filter_map(|p| p.as_u64())
+            .collect(),
+        status["supervisor"]["pid"].as_u64()?,
+    ))
+}
+
+async fn run_service_checks(version: &'static str) {
+    let _heavy = heavy().await;
+    let mut sd = Instance::prepare(&format!("baton-it-{version}"), version, false);
+    sd.up().await;
+
+    // systemctl start goes active only after READY: each generation takes 1.5 s.
+    let start = {
+        let name = sd.name.clone();
+        tokio::spawn(async move {
+            let sdh = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("systemd-harness/sdh");
+            tokio::process::Command::new(sdh)
+                .args([
+                    "exec",
+                    "--name",
+                    &name,
+                    "--",
+                    "systemctl",
+                    "start",
+                    "baton.service",
+                ])
+                .output()
+                .await
+                .unwrap()
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(
+        sd.property("ActiveState").await,
+        "activating",
+        "active before READY"
+    );
+    assert!(
+        !start.is_finished(),
+        "systemctl start returned before READY"
+    );
+    let out = start.await.unwrap();
+    assert!(
+        out.status.success(),
+        "start: {}\n{}",
+        text(&out),
+        sd.journal().await
+    );
+    assert_eq!(sd.property("ActiveState").await, "active");
+    let (code, body) = get(sd.addr(), "/hello").await.unwrap();
+    assert_eq!((code, body.contains("generation 1")), (200, true), "{body}");
+    let status = sd.property("StatusText").await;
+    assert!(status.contains("generation 1 serving"), "{status}");
+
+    // systemctl reload under load returns when the new generation serves; nothing fails.
+    let load = Load::start(
+        sd.addr(),
+        LoadSpec {
+            path: "/hello".into(),
+            keepalive: 8,
+            ..LoadSpec::default()
+        },
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let reload_started = Instant::now();
+    let out = sd.systemctl(&["reload", "baton.service"]).await;
+    let took = reload_started.elapsed();
+    assert!(
+        out.status.success(),
+        "reload: {}\n{}",
+        text(&out),
+        sd.journal().await
+    );
+    let (generation, _, _) = serving(&sd).await.expect("a generation serves");
+    assert_eq!(
+        generation, 2,
+        "systemctl reload returned before generation 2 served"
+    );
+    assert!(
+        took >= Duration::from_millis(1400),
+        "reload returned after {took:?}, before the worker could be ready"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let counts = load.stop().await;
+    assert_eq!(
+        counts.failed, 0,
+        "failed requests during reload: {:#?}",
+        counts.failures
+    );
+    assert!(counts.ok() > 0);
+
+    // A reload whose generation fails makes systemctl reload fail; the service stays
+    // active and serving, and systemctl status says why.
+    sd.write_config("failing-worker");
+    let out = sd.systemctl(&["reload", "baton.service"]).await;
+    assert!(
+        !out.status.success(),
+        "a failed upgrade was reported as a successful reload"
+    );
+    assert_eq!(sd.property("ActiveState").await, "active");
+    let out = sd.systemctl(&["status", "baton.service"]).await;
+    let status = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        status.contains("last upgrade failed")
+            && status.contains("exited (exit status: 3) before READY"),
+        "{status}"
+    );
+    let (code, body) = get(sd.addr(), "/hello").await.unwrap();
+    assert_eq!((code, body.contains("generation 2")), (200, true), "{body}");
+    sd.write_config("baton-worker");
+
+    // systemctl stop with a request in flight: the request completes.
+    let addr = sd.addr();
+    let slow = tokio::spawn(async move { get(addr, "/slow/2000").await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let out = sd.systemctl(&["stop", "baton.service"]).await;
+    assert!(out.status.success(), "stop: {}", text(&out));
+    let (code, body) = slow.await.unwrap().unwrap();
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(sd.property("ActiveState").await, "inactive");
+    assert_eq!(sd.property("Result").await, "success");
+
+    // A hung supervisor is killed by the watchdog and restarted; connections that queued
+    // on the socket-activated listeners meanwhile are served by the new one.
+    let out = sd.systemctl(&["start", "baton.service"]).await;
+    assert!(out.status.success(), "start: {}", text(&out));
+    let (_, pids, supervisor) = serving(&sd).await.expect("serving");
+    let mut stop = vec![
+        "kill".to_owned(),
+        "-STOP".to_owned(),
+        supervisor.to_string(),
+    ];
+    stop.extend(pids.iter().map(|p| p.to_string()));
+    let stop: Vec<&str> = stop.iter().map(String::as_str).collect();
+    let out = sd.exec(&stop).await;
+    assert!(out.status.success(), "kill -STOP: {}", text(&out));
+    let mut queued = Vec::new();
+    for _ in 0..3 {
+        let mut conn = tokio::net::TcpStream::connect(sd.addr())
+            .await
+            .expect("the socket accepts while hung");
+        conn.write_all(b"GET /hello HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        queued.push(conn);
+    }
+    for mut conn in queued {
+        let mut response = String::new();
+        tokio::time::timeout(Duration::from_secs(30), conn.read_to_string(&mut response))
+            .await
+            .expect("a queued connection was never answered")
+            .unwrap();
+        assert!(
+            response.starts_with("HTTP/1.1 200"),
+            "{response}\n{}",
+            sd.journal().await
+        );
+        assert!(
+            response.contains("generation 1"),
+            "not served by a restarted supervisor: {response}"
+        );
+    }
+    let restarts: u32 = sd.property("NRestarts").await.parse().unwrap();
+    assert!(restarts >= 1, "not restarted");
+    let journal = sd.journal().await;
+    assert!(journal.contains("Watchdog timeout"), "{journal}");
+    let (_, _, new_supervisor) = serving(&sd).await.expect("serving after the restart");
+    assert_ne!(new_supervisor, supervisor);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_service_under_systemd_252() {
+    if !skip() {
+        run_service_checks("252").await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_service_under_systemd_254() {
+    if !skip() {
+        run_service_checks("254").await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn notify_reload_blocks_until_the_new_generation_serves_on_254() {
+    if skip() {
+        return;
+    }
+    let _heavy = heavy().await;
+    let mut sd = Instance::prepare("baton-it-reload", "254", true);
+    sd.up().await;
+    let out = sd.systemctl(&["start", "baton.service"]).await;
+    assert!(
+        out.status.success(),
+        "start: {}\n{}",
+        text(&out),
+        sd.journal().await
+    );
+    assert_eq!(sd.property("Type").await, "notify-reload");
+    let started = Instant::now();
+    let out = sd.systemctl(&["reload", "baton.service"]).await;
+    let took = started.elapsed();
+    assert!(
+        out.status.success(),
+        "reload: {}\n{}",
+        text(&out),
+        sd.journal().await
+    );
+    assert!(
+        took >= Duration::from_millis(1400),
+        "reload returned after {took:?}"
+    );
+    let (generation, _, _) = serving(&sd).await.expect("serving");
+    assert_eq!(generation, 2, "reload returned before generation 2 served");
+    let deadline = Instant::now() + WAIT;
+    while sd.property("ActiveState").await != "active" {
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// `systemd-analyze` of a given version: the host's (252) or the fetched 254.
+async fn analyze(version: &str, args: &[&str], dir: &std::path::Path) -> std::process::Output {
+    let mut cmd = if version == "252" {
+        tokio::process::Command::new("systemd-analyze")
+    } else {
+        let root = std::path::Path::new("/var/cache/sdh/systemd254");
+        let lib = std::fs::read_dir(root.join("usr/lib"))
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| p.join("systemd").join("libsystemd-shared-254.so").exists())
+            .expect("the 254 tree's library directory");
+        let mut cmd = tokio::process::Command::new(root.join("usr/bin/systemd-analyze"));
+        cmd.env(
+            "LD_LIBRARY_PATH",
+            format!("{}:{}", lib.join("systemd").display(), lib.display()),
+        );
+        cmd
+    };
+    cmd.args(args)
+        .current_dir(dir)
+        .output()
+        .await
+        .expect("run systemd-analyze")
+}
+
+#[tokio::test]
+async fn the_unit_files_verify_cleanly_and_rate_ok() {
+    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let bins = baton_tests::bins();
+    let dir = tempfile::tempdir().unwrap();
+    // Only the binaries' paths change (verify checks that ExecStart= exists).
+    let service = std::fs::read_to_string(repo.join("systemd/baton.service"))
+        .unwrap()
+        .replace("/usr/local/bin/baton-worker", bins.worker.to_str().unwrap())
+        .replace("/usr/local/bin/baton", bins.baton.to_str().unwrap());
+    std::fs::write(dir.path().join("baton.service"), &service).unwrap();
+    std::fs::copy(
+        repo.join("systemd/baton.socket"),
+        dir.path().join("baton.socket"),
+    )
+    .unwrap();
+    // The notify-reload alternative, as systemd sees the unit with the drop-in applied.
+    let alt = dir.path().join("alt");
+    std::fs::create_dir(&alt).unwrap();
+    let dropin = std::fs::read_to_string(repo.join("systemd/notify-reload.conf")).unwrap();
+    std::fs::write(alt.join("baton.service"), format!("{service}\n{dropin}")).unwrap();
+    std::fs::copy(repo.join("systemd/baton.socket"), alt.join("baton.socket")).unwrap();
+
+    let mut versions = vec!["252"];
+    if nix::unistd::geteuid().is_root() {
+        let sdh = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("systemd-harness/sdh");
+        let out = tokio::process::Command::new(sdh)
+            .arg("fetch-254")
+            .output()
+            .await
+            .unwrap();
+        assert!(out.status.success(), "sdh fetch-254: {}", text(&out));
+        versions.push("254");
+    } else {
+        eprintln!("checking the units on systemd 252 only: fetching 254 needs root");
+    }
+    for version in versions {
+        let out = analyze(
+            version,
+            &["verify", "./baton.socket", "./baton.service"],
+            dir.path(),
+        )
+        .await;
+        assert!(
+            out.status.success() && out.stdout.is_empty() && out.stderr.is_empty(),
+            "systemd {version} verify: {}",
+            text(&out)
+        );
+        let out = analyze(
+            version,
+            &["security", "--offline=true", "./baton.service"],
+            dir.path(),
+        )
+        .await;
+        let report = String::from_utf8_lossy(&out.stdout);
+        let verdict = report.lines().last().unwrap_or_default();
+        assert!(
+            verdict.contains("Overall exposure level")
+                && (verdict.contains(" OK") || verdict.contains("SAFE")),
+            "systemd {version} security: {verdict}"
+        );
+        eprintln!("systemd {version}: {verdict}");
+        if version == "254" {
+            let out = analyze(
+                version,
+                &["verify", "./baton.socket", "./baton.service"],
+                &alt,
+            )
+            .await;
+            assert!(
+                out.status.success() && out.stdout.is_empty() && out.stderr.is_empty(),
+                "systemd 254 verify with notify-reload.conf: {}",
+                text(&out)
+            );
+        }
+    }
+}

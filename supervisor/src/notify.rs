@@ -107,7 +107,11 @@ impl Systemd {
 /// `text` on one line: line breaks become " | ", and it is cut at a length systemd shows.
 fn one_line(text: &str) -> String {
     const MAX: usize = 2000;
-    let flat = text.split('\n').map(str::trim_end).collect::<Vec<_>>().join(" | ");
+    let flat = text
+        .split('\n')
+        .map(str::trim_end)
+        .collect::<Vec<_>>()
+        .join(" | ");
     match flat.char_indices().nth(MAX) {
         Some((cut, _)) => format!("{}…", &flat[..cut]),
         None => flat,

@@ -593,7 +593,6 @@ impl Supervisor {
     /// The upgrade that was starting ended: answer its waiters, tell systemd, and run the
     /// coalesced follow-up if there is one.
     fn finish_upgrade(&mut self, result: UpgradeOutcome) {
-        let description = result.describe();
         for w in self.starting_waiters.drain(..) {
             let _ = w.send(result.clone());
         }
@@ -603,12 +602,7 @@ impl Supervisor {
             .or(self.last_upgrade.take());
         if self.stopping.is_none() {
             let summary = self.summary();
-            if result.result == UpgradeResult::Succeeded {
-                self.systemd.ready(&summary);
-            } else {
-                self.systemd
-                    .ready(&format!("{summary}; last upgrade failed: {description}"));
-            }
+            self.systemd.ready(&summary);
         }
         if self.stopping.is_none()
             && let Some(waiters) = self.follow_up.take()
@@ -869,7 +863,13 @@ impl Supervisor {
             ));
         }
         if parts.is_empty() {
-            return "no generation running".into();
+            parts.push("no generation running".into());
+        }
+        // Until the next upgrade succeeds, the status keeps saying why the last one did not.
+        if let Some(last) = &self.last_upgrade
+            && last.result != UpgradeResult::Succeeded
+        {
+            parts.push(format!("last upgrade failed: {}", last.describe()));
         }
         parts.join("; ")
     }

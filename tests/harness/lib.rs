@@ -7,6 +7,7 @@
 
 pub mod load;
 pub mod procfs;
+pub mod sdh;
 
 use serde_json::Value;
 use std::path::{Path, PathBuf};
@@ -414,7 +415,7 @@ pub fn slow_start_worker_script(dir: &Path, delay: &str) -> PathBuf {
     std::fs::write(
         &path,
         format!(
-            "#!/bin/sh\nsleep {delay}\nexec '{}'\n",
+            "#!/bin/sh\nsleep {delay}\nexec '{}' \"$@\"\n",
             bins().worker.display()
         ),
     )
