@@ -1,0 +1,773 @@
+#!/usr/bin/env python3
+"""Baton against nginx and HAProxy (and a bare hyper server, the ceiling), side by side.
+
+One run installs what it needs (wrk, nginx, haproxy from Debian's packages), builds Baton
+in release mode, then runs every scenario for every server, alternating them, and prints
+one table plus a JSON file. Everything binds to 127.0.0.1 and every step is bounded in
+time. `--quick` shortens every scenario (about 3 minutes in all instead of about 13).
+
+    python3 tests/bench/run.py [--quick] [--json PATH] [--only a,b,c,d,e]
+
+Scenarios:
+  a  steady throughput and latency: wrk -t2 -c64, keep-alive and Connection: close
+  b  an upgrade every 0.5 s under wrk -t1 -c32 (keep-alive / close): failed requests,
+     socket errors, p99 and max latency
+  c  upgrade latency over N upgrades, idle and under load: signal -> a new worker
+     answers a fresh connection, and signal -> every old worker is gone
+  d  RSS and PSS of every process, idle and holding 1,000 connections
+  e  10,000 keep-alive connections (wrk -c10000) carried across 5 upgrades
+"""
+
+import argparse
+import http.client
+import json
+import os
+import re
+import resource
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+RELEASE = os.path.join(ROOT, "target", "release")
+
+
+def log(msg):
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------- set-up
+
+def ensure_tools():
+    missing = [pkg for tool, pkg in (("wrk", "wrk"), ("nginx", "nginx"), ("haproxy", "haproxy"))
+               if shutil.which(tool) is None and not os.path.exists(f"/usr/sbin/{tool}")]
+    if not missing:
+        return
+    log(f"installing {' '.join(missing)} from Debian's packages")
+    # Keep the packages' maintainer scripts from starting the daemons (port 80 and all).
+    policy = "/usr/sbin/policy-rc.d"
+    created = not os.path.exists(policy)
+    if created:
+        with open(policy, "w") as f:
+            f.write("#!/bin/sh\nexit 101\n")
+        os.chmod(policy, 0o755)
+    try:
+        subprocess.run(["apt-get", "update", "-qq"], check=True)
+        subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing],
+                       check=True, env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+    finally:
+        if created:
+            os.remove(policy)
+
+
+def build():
+    log("building Baton in release mode")
+    subprocess.run(["cargo", "build", "--release", "--quiet"], cwd=ROOT, check=True)
+    subprocess.run(["cargo", "build", "--release", "--quiet", "-p", "baton-tests",
+                    "--bin", "baton-bare-hyper"], cwd=ROOT, check=True)
+
+
+def raise_fd_limit():
+    """Raises the fd limit (inherited by every server and wrk) as far as allowed."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = 200_000
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, max(hard, want)))
+    except (ValueError, PermissionError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def fd_budget():
+    """The fd limit every process runs with (on some machines the hard limit is low)."""
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def version_of(cmd):
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
+        return (out.stdout + out.stderr).strip().splitlines()[0]
+    except Exception as e:  # noqa: BLE001 - a missing version is reported, not fatal
+        return f"unknown ({e})"
+
+
+# ---------------------------------------------------------------------- processes
+
+def children(pid):
+    out = []
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                out += [int(p) for p in f.read().split()]
+    except OSError:
+        pass
+    return out
+
+
+def alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+        return state not in ("Z", "X")
+    except OSError:
+        return False
+
+
+def memory(pid):
+    """(RSS, PSS) in KiB from smaps_rollup."""
+    rss = pss = 0
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Rss:"):
+                    rss = int(line.split()[1])
+                elif line.startswith("Pss:"):
+                    pss = int(line.split()[1])
+    except OSError:
+        pass
+    return rss, pss
+
+
+def wait_until(cond, timeout, step=0.005):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(step)
+    return False
+
+
+def get(port, path, timeout=2.0):
+    """One request on a fresh connection: (status, headers, body) or None."""
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+        conn.request("GET", path, headers={"Connection": "close"})
+        r = conn.getresponse()
+        body = r.read()
+        conn.close()
+        return r.status, dict((k.lower(), v) for k, v in r.getheaders()), body
+    except (OSError, http.client.HTTPException):
+        return None
+
+
+# ------------------------------------------------------------------------- servers
+
+class Server:
+    """A server under test. `upgrades` names how it is upgraded (None: it is not)."""
+    name = "?"
+    path = "/"
+    upgrade_kind = None
+
+    def __init__(self):
+        self.dir = tempfile.mkdtemp(prefix=f"bench-{self.name}-")
+        self.port = free_port()
+        self.proc = None
+
+    def ready(self):
+        r = get(self.port, self.path, timeout=0.5)
+        return r is not None and r[0] == 200
+
+    def start(self):
+        self.launch()
+        if not wait_until(self.ready, 20, 0.02):
+            raise RuntimeError(f"{self.name} did not start")
+
+    def answering_pid(self):
+        """The worker pid that answers a fresh connection."""
+        r = get(self.port, self.path)
+        if r is None or r[0] != 200:
+            return None
+        return self.pid_of(r)
+
+    def pid_of(self, response):
+        pid = response[1].get("x-pid")
+        return int(pid) if pid and pid.isdigit() else None
+
+    def worker_pids(self):
+        return children(self.master())
+
+    def master(self):
+        return self.proc.pid
+
+    def all_pids(self):
+        return [self.master(), *self.worker_pids()]
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGQUIT if self.name.startswith("nginx") else signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class Bare(Server):
+    name = "hyper"
+
+    def launch(self):
+        self.proc = subprocess.Popen([os.path.join(RELEASE, "baton-bare-hyper"),
+                                      f"127.0.0.1:{self.port}", "2"])
+
+    def worker_pids(self):
+        return [self.proc.pid]
+
+    def all_pids(self):
+        return [self.proc.pid]
+
+
+class Baton(Server):
+    name = "baton"
+    path = "/hello"
+    upgrade_kind = "SIGUSR2"
+
+    def launch(self):
+        plugins = os.path.join(self.dir, "plugins.d")
+        os.makedirs(plugins, mode=0o755)
+        os.chmod(self.dir, 0o755)
+        shutil.copy(os.path.join(RELEASE, "libbaton_hello.so"), plugins)
+        self.config = os.path.join(self.dir, "baton.toml")
+        with open(self.config, "w") as f:
+            f.write(f"""[[listener]]
+name = "http"
+address = "127.0.0.1:{self.port}"
+[worker]
+path = "{RELEASE}/baton-worker"
+processes = 2
+threads = 1
+drain_timeout = "10s"
+[plugins]
+dir = "{plugins}"
+""")
+        self.proc = subprocess.Popen([os.path.join(RELEASE, "baton"), "run", "-c", self.config],
+                                     env={**os.environ, "BATON_LOG": "warn"})
+
+    def pid_of(self, response):
+        m = re.search(rb"pid (\d+)", response[2])
+        return int(m.group(1)) if m else None
+
+    def upgrade(self):
+        os.kill(self.proc.pid, signal.SIGUSR2)
+
+
+class Nginx(Server):
+    """nginx 1.22, 2 workers, `return 200`. kind: "HUP" (reload) or "binary" (USR2/WINCH/QUIT)."""
+
+    def __init__(self, kind="HUP"):
+        self.name = "nginx" if kind == "HUP" else "nginx-binary"
+        self.upgrade_kind = kind
+        super().__init__()
+        self.current_master = None
+
+    def launch(self):
+        for d in ("logs", "tmp"):
+            os.makedirs(os.path.join(self.dir, d))
+        self.conf = os.path.join(self.dir, "nginx.conf")
+        with open(self.conf, "w") as f:
+            f.write(f"""worker_processes 2;
+worker_rlimit_nofile {fd_budget()};
+pid {self.dir}/nginx.pid;
+error_log {self.dir}/logs/error.log warn;
+events {{ worker_connections 20000; }}
+http {{
+    access_log off;
+    client_body_temp_path {self.dir}/tmp;
+    proxy_temp_path {self.dir}/tmp;
+    fastcgi_temp_path {self.dir}/tmp;
+    uwsgi_temp_path {self.dir}/tmp;
+    scgi_temp_path {self.dir}/tmp;
+    keepalive_requests 1000000;
+    server {{
+        listen 127.0.0.1:{self.port} backlog=4096;
+        location / {{
+            add_header X-Pid $pid always;
+            return 200 "hello\\n";
+        }}
+    }}
+}}
+""")
+        # Daemonised, as in production: nginx ignores the binary-upgrade signal when its
+        # parent is still the process that started it.
+        # By absolute path: the binary upgrade re-executes argv[0].
+        nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+        subprocess.run([nginx, "-p", self.dir, "-c", self.conf], check=True)
+        pidfile = os.path.join(self.dir, "nginx.pid")
+        wait_until(lambda: os.path.exists(pidfile) and open(pidfile).read().strip().isdigit(), 10)
+        with open(pidfile) as f:
+            self.current_master = int(f.read().strip())
+
+    def master(self):
+        return self.current_master
+
+    def worker_pids(self):
+        return [p for p in children(self.current_master) if self.is_worker(p)]
+
+    @staticmethod
+    def is_worker(pid):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                return b"worker process" in f.read()
+        except OSError:
+            return False
+
+    def upgrade(self):
+        if self.upgrade_kind == "HUP":
+            os.kill(self.current_master, signal.SIGHUP)
+            return
+        old = self.current_master
+        pidfile = os.path.join(self.dir, "nginx.pid")
+        os.kill(old, signal.SIGUSR2)
+
+        def new_master():
+            try:
+                with open(pidfile) as f:
+                    pid = int(f.read().strip())
+                return pid if pid != old else None
+            except (OSError, ValueError):
+                return None
+        if not wait_until(lambda: new_master() is not None, 10):
+            raise RuntimeError("nginx binary upgrade: no new master")
+        new = new_master()
+        wait_until(lambda: any(self.is_worker(p) for p in children(new)), 10)
+        os.kill(old, signal.SIGWINCH)
+        os.kill(old, signal.SIGQUIT)
+        self.current_master = new
+
+    def stop(self):
+        if self.current_master and alive(self.current_master):
+            os.kill(self.current_master, signal.SIGQUIT)
+            if not wait_until(lambda: not alive(self.current_master), 10):
+                os.kill(self.current_master, signal.SIGKILL)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class HAProxy(Server):
+    """HAProxy 2.6 in master-worker mode, 2 threads, `http-request return`; reload: USR2."""
+    name = "haproxy"
+    upgrade_kind = "USR2"
+
+    def launch(self):
+        self.conf = os.path.join(self.dir, "haproxy.cfg")
+        with open(self.conf, "w") as f:
+            f.write(f"""global
+    master-worker
+    nbthread 2
+    maxconn {fd_budget() // 2 - 100}
+    ulimit-n {fd_budget()}
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 60s
+    timeout server 60s
+    timeout http-keep-alive 60s
+frontend fe
+    bind 127.0.0.1:{self.port} backlog 4096
+    http-request return status 200 content-type text/plain string "hello" hdr x-pid "%pid"
+""")
+        self.proc = subprocess.Popen(["haproxy", "-W", "-db", "-f", self.conf],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def upgrade(self):
+        os.kill(self.proc.pid, signal.SIGUSR2)
+
+
+def servers_for(which):
+    table = {"hyper": Bare, "baton": Baton, "nginx": lambda: Nginx("HUP"),
+             "nginx-binary": lambda: Nginx("binary"), "haproxy": HAProxy}
+    return [(name, table[name]) for name in which]
+
+
+# ---------------------------------------------------------------------------- wrk
+
+UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60000.0}
+
+
+def to_ms(text):
+    m = re.match(r"([\d.]+)(us|ms|s|m)$", text)
+    return float(m.group(1)) * UNITS[m.group(2)] if m else None
+
+
+def wrk(port, path, threads, conns, seconds, close=False, timeout="5s"):
+    cmd = ["wrk", f"-t{threads}", f"-c{conns}", f"-d{seconds}s", "--latency", f"--timeout={timeout}"]
+    if close:
+        cmd += ["-H", "Connection: close"]
+    cmd.append(f"http://127.0.0.1:{port}{path}")
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60).stdout
+    return parse_wrk(out)
+
+
+def parse_wrk(out):
+    r = {"requests": 0, "rps": 0.0, "non2xx": 0, "connect": 0, "read": 0, "write": 0,
+         "timeout": 0, "p50_ms": None, "p99_ms": None, "max_ms": None}
+    m = re.search(r"(\d+) requests in", out)
+    if m:
+        r["requests"] = int(m.group(1))
+    m = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    if m:
+        r["rps"] = float(m.group(1))
+    m = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    if m:
+        r["non2xx"] = int(m.group(1))
+    m = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    if m:
+        r["connect"], r["read"], r["write"], r["timeout"] = map(int, m.groups())
+    m = re.search(r"Latency\s+\S+\s+\S+\s+(\S+)", out)
+    if m:
+        r["max_ms"] = to_ms(m.group(1))
+    for pct, key in (("50", "p50_ms"), ("99", "p99_ms")):
+        m = re.search(rf"^\s+{pct}%\s+(\S+)", out, re.M)
+        if m:
+            r[key] = to_ms(m.group(1))
+    r["errors"] = r["non2xx"] + r["connect"] + r["read"] + r["write"] + r["timeout"]
+    return r
+
+
+# ---------------------------------------------------------------------- scenarios
+
+def scenario_a(server, seconds):
+    keep = wrk(server.port, server.path, 2, 64, seconds)
+    close = wrk(server.port, server.path, 2, 64, seconds, close=True)
+    return {"keepalive": keep, "close": close}
+
+
+def upgrade_every(server, interval, duration, stop):
+    count = 0
+    deadline = time.monotonic() + duration
+    while time.monotonic() < deadline and not stop.is_set():
+        time.sleep(interval)
+        try:
+            server.upgrade()
+            count += 1
+        except Exception as e:  # noqa: BLE001 - reported, the run goes on
+            log(f"{server.name}: upgrade failed: {e}")
+    return count
+
+
+def scenario_b(server, seconds):
+    out = {}
+    for mode, close in (("keepalive", False), ("close", True)):
+        stop = threading.Event()
+        result = {}
+        t = threading.Thread(target=lambda: result.setdefault(
+            "upgrades", upgrade_every(server, 0.5, seconds - 0.5, stop)))
+        t.start()
+        r = wrk(server.port, server.path, 1, 32, seconds, close=close)
+        stop.set()
+        t.join()
+        r["upgrades"] = result.get("upgrades", 0)
+        out[mode] = r
+        # Let the last drains finish before the next measurement.
+        wait_until(lambda: len(server.worker_pids()) <= 2, 15, 0.05)
+    return out
+
+
+def one_upgrade_latency(server):
+    old = set(server.worker_pids())
+    t0 = time.monotonic()
+    server.upgrade()
+    new_at = gone_at = None
+    deadline = t0 + 15
+    while time.monotonic() < deadline and (new_at is None or gone_at is None):
+        if new_at is None:
+            pid = server.answering_pid()
+            if pid is not None and pid not in old:
+                new_at = time.monotonic()
+        if gone_at is None and not any(alive(p) for p in old):
+            gone_at = time.monotonic()
+        if new_at is None or gone_at is None:
+            time.sleep(0.001)
+    ms = lambda t: None if t is None else (t - t0) * 1000.0  # noqa: E731
+    return ms(new_at), ms(gone_at)
+
+
+def summarize(values):
+    v = sorted(x for x in values if x is not None)
+    if not v:
+        return {"median": None, "p99": None, "max": None, "missing": len(values)}
+    p99 = v[min(len(v) - 1, int(round(0.99 * (len(v) - 1))))]
+    return {"median": statistics.median(v), "p99": p99, "max": v[-1], "missing": len(values) - len(v)}
+
+
+def scenario_c(server, upgrades):
+    out = {}
+    for mode in ("idle", "load"):
+        load = None
+        if mode == "load":
+            load = subprocess.Popen(["wrk", "-t1", "-c32", "-d600s", f"http://127.0.0.1:{server.port}{server.path}"],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            time.sleep(0.5)
+        new, gone = [], []
+        try:
+            for _ in range(upgrades):
+                n, g = one_upgrade_latency(server)
+                new.append(n)
+                gone.append(g)
+                time.sleep(0.05)
+        finally:
+            if load:
+                load.terminate()
+                load.wait()
+        out[mode] = {"new_answers_ms": summarize(new), "old_gone_ms": summarize(gone)}
+    return out
+
+
+def mem_of(server):
+    procs = []
+    for pid in server.all_pids():
+        rss, pss = memory(pid)
+        with open(f"/proc/{pid}/comm") as f:
+            comm = f.read().strip()
+        procs.append({"pid": pid, "comm": comm, "rss_kib": rss, "pss_kib": pss})
+    return {"processes": procs, "rss_kib": sum(p["rss_kib"] for p in procs),
+            "pss_kib": sum(p["pss_kib"] for p in procs)}
+
+
+def scenario_d(server, conns):
+    idle = mem_of(server)
+    socks = []
+    request = f"GET {server.path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode()
+    try:
+        for _ in range(conns):
+            s = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+            s.sendall(request)
+            socks.append(s)
+        for s in socks:
+            s.recv(4096)
+        busy = mem_of(server)
+    finally:
+        for s in socks:
+            s.close()
+    return {"idle": idle, f"at_{conns}_connections": busy}
+
+
+def scenario_e(server, conns, upgrades):
+    seconds = 4 + upgrades * 1.5
+    stop = threading.Event()
+
+    def upgrade_later():
+        time.sleep(2)
+        n = 0
+        while n < upgrades and not stop.is_set():
+            server.upgrade()
+            n += 1
+            time.sleep(1.5)
+    t = threading.Thread(target=upgrade_later)
+    t.start()
+    r = wrk(server.port, server.path, 2, conns, int(seconds), timeout="10s")
+    stop.set()
+    t.join()
+    wait_until(lambda: len(server.worker_pids()) <= 2, 20, 0.05)
+    return r
+
+
+# ------------------------------------------------------------------------ report
+
+def fmt(v, digits=1):
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def report(results, quick):
+    lines = []
+    add = lines.append
+    names = list(results["servers"].keys())
+    a = {n: results["servers"][n].get("a") for n in names}
+    anchor_n = a.get("nginx")
+    anchor_h = a.get("hyper")
+    add("(a) steady state, wrk -t2 -c64 (median of rounds)")
+    add(f"{'server':14} {'mode':10} {'req/s':>10} {'x nginx':>8} {'x hyper':>8} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} {'errors':>7}")
+    for n in names:
+        if not a[n]:
+            continue
+        for mode in ("keepalive", "close"):
+            r = a[n][mode]
+            xn = r["rps"] / anchor_n[mode]["rps"] if anchor_n else None
+            xh = r["rps"] / anchor_h[mode]["rps"] if anchor_h else None
+            add(f"{n:14} {mode:10} {r['rps']:>10.0f} {fmt(xn, 2):>8} {fmt(xh, 2):>8} {fmt(r['p50_ms'], 2):>8} "
+                f"{fmt(r['p99_ms'], 2):>8} {fmt(r['max_ms'], 1):>8} {r['errors']:>7}")
+    add("")
+    add("(b) an upgrade every 0.5 s under wrk -t1 -c32")
+    add(f"{'server':14} {'mode':10} {'upgrades':>8} {'requests':>9} {'non-2xx':>8} {'connect':>8} {'read':>6} {'write':>6} {'timeout':>8} {'p99 ms':>8} {'max ms':>8}")
+    for n in names:
+        b = results["servers"][n].get("b")
+        if not b:
+            continue
+        for mode in ("keepalive", "close"):
+            r = b[mode]
+            add(f"{n:14} {mode:10} {r['upgrades']:>8} {r['requests']:>9} {r['non2xx']:>8} {r['connect']:>8} "
+                f"{r['read']:>6} {r['write']:>6} {r['timeout']:>8} {fmt(r['p99_ms'], 2):>8} {fmt(r['max_ms'], 1):>8}")
+    add("")
+    add("(c) upgrade latency, ms: signal -> new worker answers | signal -> old workers gone")
+    add(f"{'server':14} {'mode':6} {'new med':>8} {'new p99':>8} {'new max':>8} {'gone med':>9} {'gone p99':>9} {'gone max':>9}")
+    for n in names:
+        c = results["servers"][n].get("c")
+        if not c:
+            continue
+        for mode in ("idle", "load"):
+            nw, g = c[mode]["new_answers_ms"], c[mode]["old_gone_ms"]
+            add(f"{n:14} {mode:6} {fmt(nw['median']):>8} {fmt(nw['p99']):>8} {fmt(nw['max']):>8} "
+                f"{fmt(g['median']):>9} {fmt(g['p99']):>9} {fmt(g['max']):>9}")
+    add("")
+    add("(d) memory, MiB (all processes)")
+    add(f"{'server':14} {'idle RSS':>9} {'idle PSS':>9} {'1k RSS':>9} {'1k PSS':>9}  per process (idle RSS)")
+    for n in names:
+        d = results["servers"][n].get("d")
+        if not d:
+            continue
+        busy = [v for k, v in d.items() if k.startswith("at_")][0]
+        per = ", ".join(f"{p['comm']} {p['rss_kib'] / 1024:.1f}" for p in d["idle"]["processes"])
+        add(f"{n:14} {d['idle']['rss_kib'] / 1024:>9.1f} {d['idle']['pss_kib'] / 1024:>9.1f} "
+            f"{busy['rss_kib'] / 1024:>9.1f} {busy['pss_kib'] / 1024:>9.1f}  {per}")
+    add("")
+    add("(e) 10,000 keep-alive connections across 5 upgrades (wrk -t2 -c10000)")
+    add(f"{'server':14} {'requests':>9} {'non-2xx':>8} {'connect':>8} {'read':>6} {'write':>6} {'timeout':>8} {'max ms':>8}")
+    for n in names:
+        e = results["servers"][n].get("e")
+        if not e:
+            continue
+        add(f"{n:14} {e['requests']:>9} {e['non2xx']:>8} {e['connect']:>8} {e['read']:>6} {e['write']:>6} "
+            f"{e['timeout']:>8} {fmt(e['max_ms'], 1):>8}")
+    add("")
+    add(goals(results))
+    return "\n".join(lines)
+
+
+def goals(results):
+    s = results["servers"]
+    out = ["Goals (Baton):"]
+    def line(ok, text):
+        out.append(f"  [{'ok' if ok else 'MISS' if ok is False else '--'}] {text}")
+    b = s.get("baton", {})
+    if b.get("b"):
+        failed = sum(b["b"][m]["errors"] for m in ("keepalive", "close"))
+        line(failed == 0, f"zero failed requests across upgrades (keep-alive and close): {failed}")
+    if b.get("a") and s.get("nginx", {}).get("a") and s.get("hyper", {}).get("a"):
+        for mode in ("keepalive", "close"):
+            xn = b["a"][mode]["rps"] / s["nginx"]["a"][mode]["rps"]
+            xh = b["a"][mode]["rps"] / s["hyper"]["a"][mode]["rps"]
+            line(xn >= 1.0 and xh >= 0.95, f"{mode} throughput {xn:.2f}x nginx (>= 1.0), {xh:.2f}x bare hyper (>= 0.95)")
+    if b.get("c") and s.get("nginx", {}).get("c"):
+        for mode in ("idle", "load"):
+            mine = b["c"][mode]["new_answers_ms"]["median"]
+            theirs = s["nginx"]["c"][mode]["new_answers_ms"]["median"]
+            if mine is not None and theirs is not None:
+                line(mine <= theirs, f"upgrade latency ({mode}) median {mine:.1f} ms vs nginx HUP {theirs:.1f} ms")
+    if b.get("a") and b.get("b"):
+        steady = b["a"]["keepalive"]["p99_ms"]
+        during = b["b"]["keepalive"]["p99_ms"]
+        if steady and during:
+            line(during <= 1.5 * steady, f"p99 during upgrades {during:.2f} ms <= 1.5x steady p99 {steady:.2f} ms")
+    if b.get("d"):
+        procs = b["d"]["idle"]["processes"]
+        sup = procs[0]["rss_kib"] / 1024
+        line(sup <= 4.0, f"supervisor RSS {sup:.1f} MiB <= 4 MiB")
+        if len(procs) > 1 and s.get("nginx", {}).get("d"):
+            mine = (procs[0]["rss_kib"] + procs[1]["rss_kib"]) / 1024
+            theirs = s["nginx"]["d"]["idle"]["rss_kib"] / 1024
+            line(mine <= theirs, f"supervisor + one idle worker {mine:.1f} MiB <= nginx master + 2 workers {theirs:.1f} MiB")
+    return "\n".join(out)
+
+
+# --------------------------------------------------------------------------- main
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="short runs (about 3 minutes)")
+    parser.add_argument("--json", default=None, help="where to write the results (default: target/bench/results.json)")
+    parser.add_argument("--only", default="a,b,c,d,e", help="scenarios to run, e.g. a,c")
+    parser.add_argument("--servers", default="hyper,baton,nginx,nginx-binary,haproxy")
+    parser.add_argument("--no-build", action="store_true", help="use the release binaries as they are")
+    args = parser.parse_args()
+    only = set(args.only.split(","))
+    q = args.quick
+    plan = {
+        "a_seconds": 3 if q else 10, "a_rounds": 1 if q else 2,
+        "b_seconds": 8 if q else 30, "c_upgrades": 10 if q else 50,
+        "d_connections": 1000, "e_connections": 10000, "e_upgrades": 5,
+    }
+
+    ensure_tools()
+    if not args.no_build:
+        build()
+    raise_fd_limit()
+    started = time.time()
+    results = {
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+        "quick": q, "plan": plan,
+        "machine": {"cores": os.cpu_count(), "kernel": os.uname().release, "fd_limit": fd_budget(),
+                    "mem_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)},
+        "versions": {"nginx": version_of(["nginx", "-v"]), "haproxy": version_of(["haproxy", "-v"]),
+                     "wrk": version_of(["wrk", "-v"]),
+                     "baton": version_of([os.path.join(RELEASE, "baton"), "--version"])},
+        "servers": {},
+    }
+    names = args.servers.split(",")
+    for n in names:
+        results["servers"][n] = {}
+
+    def with_server(cls, fn):
+        server = cls()
+        server.start()
+        try:
+            return fn(server)
+        finally:
+            server.stop()
+
+    # (a): rounds, servers alternating within each round; the median round per server.
+    if "a" in only:
+        rounds = {n: [] for n in names}
+        for i in range(plan["a_rounds"]):
+            for n, cls in servers_for(names):
+                if n == "nginx-binary":
+                    continue  # same server as nginx in steady state
+                log(f"(a) round {i + 1}: {n}")
+                rounds[n].append(with_server(cls, lambda s: scenario_a(s, plan["a_seconds"])))
+        for n, rs in rounds.items():
+            if rs:
+                pick = {}
+                for mode in ("keepalive", "close"):
+                    ordered = sorted(rs, key=lambda r: r[mode]["rps"])
+                    pick[mode] = ordered[len(ordered) // 2][mode]
+                    pick[mode]["rounds_rps"] = [r[mode]["rps"] for r in rs]
+                results["servers"][n]["a"] = pick
+    for key, fn in (("b", lambda s: scenario_b(s, plan["b_seconds"])),
+                    ("c", lambda s: scenario_c(s, plan["c_upgrades"])),
+                    ("d", lambda s: scenario_d(s, plan["d_connections"])),
+                    ("e", lambda s: scenario_e(s, plan["e_connections"], plan["e_upgrades"]))):
+        if key not in only:
+            continue
+        for n, cls in servers_for(names):
+            if key != "d" and cls is Bare:
+                continue  # the bare server cannot be upgraded
+            if key == "d" and n == "nginx-binary":
+                continue
+            log(f"({key}) {n}")
+            results["servers"][n][key] = with_server(cls, fn)
+    results["seconds"] = round(time.time() - started)
+
+    table = report(results, q)
+    print(table)
+    path = args.json or os.path.join(ROOT, "target", "bench", "results.json")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(results, f, indent=2)
+    log(f"results in {path}; the run took {results['seconds']} s")
+
+
+if __name__ == "__main__":
+    main()
