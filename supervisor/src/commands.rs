@@ -154,10 +154,13 @@ pub fn main(cli: Cli, env: Env) -> ExitCode {
 }
 
 fn init_tracing(journal: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("BATON_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // BATON_LOG: off, error, warn, info (default), debug or trace.
+    let filter: tracing_subscriber::filter::LevelFilter = std::env::var("BATON_LOG")
+        .ok()
+        .and_then(|level| level.parse().ok())
+        .unwrap_or(tracing_subscriber::filter::LevelFilter::INFO);
     let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+        .with_max_level(filter)
         .with_writer(std::io::stderr)
         .with_target(false)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));

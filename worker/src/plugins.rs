@@ -14,7 +14,6 @@ use baton_plugin::abi::{
     BatonPluginV1, BatonRequest, BatonResponse, BatonStr, EntryFn, HandleFn, ShutdownFn,
 };
 use baton_proto::PluginSpec;
-use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 use std::ffi::{CStr, c_char, c_void};
 use thiserror::Error;
@@ -59,16 +58,16 @@ pub struct Plugin {
     state: std::sync::OnceLock<State>,
 }
 
-/// A request as a plugin sees it, owned so it can move to a blocking thread.
+/// A request as a plugin sees it, borrowed from the HTTP request for one call.
 #[derive(Debug)]
-pub struct Call {
+pub struct Call<'a> {
     pub route: u32,
-    pub method: Method,
-    pub path: String,
-    pub query: String,
-    pub headers: HeaderMap,
-    pub params: Vec<(String, String)>,
-    pub body: Bytes,
+    pub method: &'a Method,
+    pub path: &'a str,
+    pub query: &'a str,
+    pub headers: &'a HeaderMap,
+    pub params: &'a [(String, String)],
+    pub body: &'a [u8],
     pub generation: u64,
     pub worker_pid: u32,
 }
@@ -268,7 +267,7 @@ impl Plugin {
     }
 
     /// Calls the handler of `call.route`.
-    pub fn call(&self, call: &Call) -> Answer {
+    pub fn call(&self, call: &Call<'_>) -> Answer {
         let Some(state) = self.state.get().copied() else {
             return Answer::Failed("plugin called before init".into());
         };
@@ -299,7 +298,7 @@ impl Plugin {
             headers_len: headers.len(),
             params: params.as_ptr(),
             params_len: params.len(),
-            body: BatonStr::new(&call.body),
+            body: BatonStr::new(call.body),
             generation: call.generation,
             worker_pid: call.worker_pid,
             reserved: 0,

@@ -55,6 +55,8 @@ struct Shared {
     blocking: Vec<Option<Arc<Semaphore>>>,
     /// Plugin handler calls under way.
     plugin_calls: Arc<AtomicUsize>,
+    /// The drain began: HTTP/1 responses carry `Connection: close`.
+    closing: AtomicBool,
 }
 
 /// Counts one plugin handler call for as long as it runs.
@@ -101,6 +103,7 @@ pub async fn serve(
         router,
         blocking,
         plugin_calls: Arc::new(AtomicUsize::new(0)),
+        closing: AtomicBool::new(false),
         generation,
         pid: std::process::id(),
         builder: http_builder(&settings),
@@ -146,6 +149,7 @@ pub async fn serve(
         shared.connections.count()
     );
     notifier.send("STOPPING=1\nSTATUS=draining");
+    shared.closing.store(true, Ordering::Relaxed);
     drain.advance(Phase::Closing);
     if reason == "SIGQUIT" {
         drain.advance(Phase::Forced);
@@ -275,9 +279,7 @@ async fn accept_loop<L: Accept>(listener: L, shared: Arc<Shared>, mut watch: Dra
         match accepted {
             Ok(io) => {
                 let guard = shared.connections.open();
-                tokio::spawn(
-                    connection(io, shared.clone(), watch.clone(), guard, permit).in_current_span(),
-                );
+                tokio::spawn(connection(io, shared.clone(), watch.clone(), guard, permit));
             }
             Err(e) => {
                 tracing::warn!("accept failed: {e}");
@@ -287,42 +289,47 @@ async fn accept_loop<L: Accept>(listener: L, shared: Arc<Shared>, mut watch: Dra
     }
 }
 
-/// What a connection's handlers tell its task.
+/// What a connection's handlers tell its task. Counters only: reading the clock on every
+/// request showed up in profiles.
 #[derive(Debug)]
 struct ConnState {
-    opened: Instant,
     h2: AtomicBool,
     in_flight: AtomicUsize,
-    /// Milliseconds since `opened` when the last request finished.
-    last_done_ms: AtomicU64,
+    /// Requests started on this connection.
+    started: AtomicU64,
 }
 
 impl ConnState {
     fn new() -> Self {
         Self {
-            opened: Instant::now(),
             h2: AtomicBool::new(false),
             in_flight: AtomicUsize::new(0),
-            last_done_ms: AtomicU64::new(0),
+            started: AtomicU64::new(0),
         }
     }
 
-    /// How long the connection has had no request in flight, or `None` while it has one.
-    fn idle_for(&self) -> Option<Duration> {
-        if self.in_flight.load(Ordering::Acquire) > 0 {
-            return None;
-        }
-        let since = Duration::from_millis(self.last_done_ms.load(Ordering::Relaxed));
-        Some(self.opened.elapsed().saturating_sub(since))
+    /// A mark that changes whenever a request starts.
+    fn activity(&self) -> u64 {
+        self.started.load(Ordering::Relaxed)
+    }
+
+    fn busy(&self) -> bool {
+        self.in_flight.load(Ordering::Acquire) > 0
     }
 }
 
-struct InFlight(Arc<ConnState>);
+struct InFlight<'a>(&'a ConnState);
 
-impl Drop for InFlight {
+impl<'a> InFlight<'a> {
+    fn start(state: &'a ConnState) -> Self {
+        state.started.fetch_add(1, Ordering::Relaxed);
+        state.in_flight.fetch_add(1, Ordering::AcqRel);
+        InFlight(state)
+    }
+}
+
+impl Drop for InFlight<'_> {
     fn drop(&mut self) {
-        let now = self.0.opened.elapsed().as_millis() as u64;
-        self.0.last_done_ms.store(now, Ordering::Relaxed);
         self.0.in_flight.fetch_sub(1, Ordering::Release);
     }
 }
@@ -336,23 +343,31 @@ async fn connection<I>(
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let state = Arc::new(ConnState::new());
+    let ctx = Arc::new(ConnCtx {
+        shared: shared.clone(),
+        state: ConnState::new(),
+    });
+    let state = &ctx.state;
     let service = {
-        let (shared, state, watch) = (shared.clone(), state.clone(), watch.clone());
-        service_fn(move |req| handle(req, shared.clone(), state.clone(), watch.clone()))
+        let ctx = ctx.clone();
+        service_fn(move |req| handle(req, ctx.clone()))
     };
     let conn = shared.builder.serve_connection(TokioIo::new(io), service);
     tokio::pin!(conn);
 
     let keepalive = Duration::from_millis(shared.settings.http.keepalive_timeout_ms);
     let grace = Duration::from_millis(shared.settings.drain_idle_grace_ms);
+    // Closed once a whole keepalive_timeout passed with no request starting and none in
+    // flight (so an idle connection lives between one and two keepalive_timeouts).
     let idle_expired = async {
+        let mut seen = state.activity();
         loop {
-            match state.idle_for() {
-                Some(idle) if idle >= keepalive => return,
-                Some(idle) => tokio::time::sleep(keepalive - idle).await,
-                None => tokio::time::sleep(keepalive).await,
+            tokio::time::sleep(keepalive).await;
+            let now = state.activity();
+            if now == seen && !state.busy() {
+                return;
             }
+            seen = now;
         }
     };
     let mut closing_watch = watch.clone();
@@ -385,21 +400,34 @@ fn log_end(result: Result<(), Box<dyn std::error::Error + Send + Sync>>) {
     }
 }
 
+/// What the handlers of one connection share.
+struct ConnCtx {
+    shared: Arc<Shared>,
+    state: ConnState,
+}
+
 async fn handle(
     req: Request<Incoming>,
-    shared: Arc<Shared>,
-    state: Arc<ConnState>,
-    watch: DrainWatch,
+    ctx: Arc<ConnCtx>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
-    state.in_flight.fetch_add(1, Ordering::AcqRel);
-    let _in_flight = InFlight(state.clone());
-    if req.version() == Version::HTTP_2 {
+    let (shared, state) = (&ctx.shared, &ctx.state);
+    let _in_flight = InFlight::start(&ctx.state);
+    let version = req.version();
+    if version == Version::HTTP_2 {
         state.h2.store(true, Ordering::Relaxed);
     }
     let (parts, body) = req.into_parts();
     let limit = usize::try_from(shared.settings.http.max_body_bytes).unwrap_or(usize::MAX);
-    let mut response = match Limited::new(body, limit).collect().await {
-        Ok(body) => dispatch(&parts, body.to_bytes(), &shared).await,
+    let collected = if hyper::body::Body::is_end_stream(&body) {
+        Ok(Bytes::new())
+    } else {
+        Limited::new(body, limit)
+            .collect()
+            .await
+            .map(|c| c.to_bytes())
+    };
+    let mut response = match collected {
+        Ok(body) => dispatch(parts, body, shared).await,
         Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => text(
             StatusCode::PAYLOAD_TOO_LARGE,
             format!("request body exceeds {limit} bytes\n"),
@@ -407,7 +435,7 @@ async fn handle(
         Err(e) => text(StatusCode::BAD_REQUEST, format!("bad request body: {e}\n")),
     };
     shared.requests.fetch_add(1, Ordering::Relaxed);
-    if watch.is_closing() && parts.version < Version::HTTP_2 {
+    if shared.closing.load(Ordering::Relaxed) && version < Version::HTTP_2 {
         response
             .headers_mut()
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
@@ -416,7 +444,7 @@ async fn handle(
 }
 
 async fn dispatch(
-    parts: &http::request::Parts,
+    parts: http::request::Parts,
     body: Bytes,
     shared: &Shared,
 ) -> Response<Full<Bytes>> {
@@ -443,21 +471,13 @@ async fn dispatch(
             params,
         } => (index, plugin.clone(), route, params),
     };
-    let call = Call {
-        route,
-        method: parts.method.clone(),
-        path: path.to_owned(),
-        query: parts.uri.query().unwrap_or("").to_owned(),
-        headers: parts.headers.clone(),
-        params,
-        body,
-        generation: shared.generation,
-        worker_pid: shared.pid,
-    };
+    let (generation, worker_pid) = (shared.generation, shared.pid);
     let answer = match &shared.blocking[index] {
         None => {
             let _counted = CallGuard::new(&shared.plugin_calls);
-            plugin.call(&call)
+            plugin.call(&call_of(
+                route, &parts, &params, &body, generation, worker_pid,
+            ))
         }
         Some(share) => {
             let _permit = share.acquire().await.expect("semaphore never closes");
@@ -465,8 +485,11 @@ async fn dispatch(
             // Counted until the handler returns, even if this request's task is dropped
             // meanwhile (a forced close): the blocking thread keeps running.
             let counted = CallGuard::new(&shared.plugin_calls);
+            let parts = parts.clone();
             tokio::task::spawn_blocking(move || {
-                let answer = plugin.call(&call);
+                let answer = plugin.call(&call_of(
+                    route, &parts, &params, &body, generation, worker_pid,
+                ));
                 drop(counted);
                 answer
             })
@@ -497,6 +520,27 @@ async fn dispatch(
                 "internal server error\n".into(),
             )
         }
+    }
+}
+
+fn call_of<'a>(
+    route: u32,
+    parts: &'a http::request::Parts,
+    params: &'a [(String, String)],
+    body: &'a [u8],
+    generation: u64,
+    worker_pid: u32,
+) -> Call<'a> {
+    Call {
+        route,
+        method: &parts.method,
+        path: parts.uri.path(),
+        query: parts.uri.query().unwrap_or(""),
+        headers: &parts.headers,
+        params,
+        body,
+        generation,
+        worker_pid,
     }
 }
 
