@@ -282,6 +282,83 @@ async fn adopts_listeners_from_systemd_socket_activate() {
     assert_eq!(code.code(), Some(0));
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listeners_systemd_does_not_pass_are_bound_by_baton() {
+    let tool = which("systemd-socket-activate").expect("systemd-socket-activate");
+    let (activated, own) = (free_port(), free_port());
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("baton.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[[listener]]\nname = \"web\"\naddress = \"127.0.0.1:{activated}\"\n[[listener]]\nname = \"admin\"\naddress = \"127.0.0.1:{own}\"\n[worker]\npath = \"{}\"\nthreads = 1\n",
+            bins().worker.display()
+        ),
+    )
+    .unwrap();
+    let log_path = dir.path().join("baton.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let mut child = tokio::process::Command::new(tool)
+        .arg("-l")
+        .arg(format!("127.0.0.1:{activated}"))
+        .arg("--fdname=web")
+        .arg(&bins().baton)
+        .args(["run", "-c"])
+        .arg(&config)
+        .env_remove("NOTIFY_SOCKET")
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let listening = eventually(WAIT, || {
+        std::net::TcpStream::connect(("127.0.0.1", activated)).is_ok()
+    })
+    .await;
+    assert!(listening);
+    let (code, _) = get(([127, 0, 0, 1], activated).into(), "/_baton/health")
+        .await
+        .unwrap();
+    assert_eq!(code, 200);
+    // The supervisor bound the listener systemd did not pass.
+    let (code, _) = get(([127, 0, 0, 1], own).into(), "/_baton/health")
+        .await
+        .unwrap();
+    assert_eq!(code, 200);
+    let status = baton_tests::run_cli(&["status", "--json"], &config).await;
+    let status: serde_json::Value = serde_json::from_str(&status.stdout).unwrap();
+    let origin = |name: &str| {
+        status["listeners"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|l| l["name"] == name)
+            .map(|l| l["origin"].clone())
+    };
+    assert_eq!(origin("web"), Some("systemd".into()), "{status:#}");
+    assert_eq!(origin("admin"), Some("config".into()), "{status:#}");
+    let text = std::fs::read_to_string(&log_path).unwrap();
+    assert!(
+        text.contains("listener \"web\": 1 fd(s) from systemd socket activation"),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!(
+            "listener \"admin\": bound 127.0.0.1:{own} from the config"
+        )),
+        "{text}"
+    );
+    kill(Pid::from_raw(child.id().unwrap() as i32), Signal::SIGTERM).unwrap();
+    assert_eq!(
+        tokio::time::timeout(WAIT, child.wait())
+            .await
+            .unwrap()
+            .unwrap()
+            .code(),
+        Some(0)
+    );
+}
+
 fn which(tool: &str) -> Result<std::path::PathBuf, ()> {
     std::env::var_os("PATH")
         .into_iter()

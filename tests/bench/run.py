@@ -168,6 +168,7 @@ class Server:
     name = "?"
     path = "/"
     upgrade_kind = None
+    workers = 1
 
     def __init__(self):
         self.dir = tempfile.mkdtemp(prefix=f"bench-{self.name}-")
@@ -182,6 +183,8 @@ class Server:
         self.launch()
         if not wait_until(self.ready, 20, 0.02):
             raise RuntimeError(f"{self.name} did not start")
+        # Every worker up before anything is measured (the first to answer is not all).
+        wait_until(lambda: len(self.worker_pids()) >= self.workers, 10, 0.02)
 
     def answering_pid(self):
         """The worker pid that answers a fresh connection."""
@@ -232,6 +235,7 @@ class Baton(Server):
     name = "baton"
     path = "/hello"
     upgrade_kind = "SIGUSR2"
+    workers = 2
 
     def launch(self):
         plugins = os.path.join(self.dir, "plugins.d")
@@ -264,6 +268,8 @@ dir = "{plugins}"
 
 class Nginx(Server):
     """nginx 1.22, 2 workers, `return 200`. kind: "HUP" (reload) or "binary" (USR2/WINCH/QUIT)."""
+
+    workers = 2
 
     def __init__(self, kind="HUP"):
         self.name = "nginx" if kind == "HUP" else "nginx-binary"

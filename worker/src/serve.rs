@@ -352,7 +352,9 @@ async fn connection<I>(
         let ctx = ctx.clone();
         service_fn(move |req| handle(req, ctx.clone()))
     };
-    let conn = shared.builder.serve_connection(TokioIo::new(io), service);
+    let conn = shared
+        .builder
+        .serve_connection(TokioIo::new(CloseWithoutShutdown(io)), service);
     tokio::pin!(conn);
 
     let keepalive = Duration::from_millis(shared.settings.http.keepalive_timeout_ms);
@@ -391,6 +393,58 @@ async fn connection<I>(
     tokio::select! {
         result = conn.as_mut() => log_end(result),
         _ = watch.reached(Phase::Forced) => {}
+    }
+}
+
+/// The connection's socket, without the `shutdown(SHUT_WR)` hyper issues before dropping
+/// it: closing the socket right after sends the same FIN (or the same RST, if the peer
+/// left unread data), and connection-per-request load showed the extra syscall.
+struct CloseWithoutShutdown<I>(I);
+
+impl<I: AsyncRead + Unpin> AsyncRead for CloseWithoutShutdown<I> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for CloseWithoutShutdown<I> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.0).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.0.is_write_vectored()
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        // Flush what is buffered; the close that follows does the rest.
+        std::pin::Pin::new(&mut self.0).poll_flush(cx)
     }
 }
 
