@@ -37,11 +37,11 @@ import time
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 RELEASE = os.path.join(ROOT, "target", "release")
-# One worker process with a thread per core: tokio spreads connections over the threads.
-# (Two single-threaded processes share one accept queue unevenly: one may hold most of
-# the connections while the other idles, which made runs vary by 10%.)
-BATON_PROCESSES = int(os.environ.get("BATON_BENCH_PROCESSES", "1"))
-BATON_THREADS = int(os.environ.get("BATON_BENCH_THREADS", "2"))
+# Two single-threaded worker processes, like nginx's two workers (the current-thread
+# scheduler, nothing shared between cores). BATON_BENCH_PROCESSES/THREADS change it; one
+# process with two threads measured 0.82x bare hyper in a full run, two with one 0.89-1.01x.
+BATON_PROCESSES = int(os.environ.get("BATON_BENCH_PROCESSES", "2"))
+BATON_THREADS = int(os.environ.get("BATON_BENCH_THREADS", "1"))
 
 
 def log(msg):

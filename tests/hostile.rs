@@ -1,0 +1,201 @@
+//! Hostile and broken clients, on raw sockets, while a normal client keeps being served:
+//! slow headers, oversized headers and bodies, the connection cap, malformed requests,
+//! and a control-socket peer that is not allowed in.
+
+use baton_tests::{Baton, TestConfig, WAIT, get};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Reads whatever the server sends until it closes (or `within` passes).
+async fn read_all(conn: &mut TcpStream, within: Duration) -> (String, bool) {
+    let mut out = Vec::new();
+    let closed = tokio::time::timeout(within, conn.read_to_end(&mut out)).await.is_ok();
+    (String::from_utf8_lossy(&out).into_owned(), closed)
+}
+
+async fn healthy(baton: &Baton) {
+    let (code, body) = get(baton.addr(), "/_baton/health").await.expect("a normal client is served");
+    assert_eq!(code, 200, "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_headers_are_cut_off_by_header_read_timeout() {
+    let baton = Baton::start(TestConfig {
+        extra: "[http]\nheader_read_timeout = \"1s\"\n".into(),
+        ..TestConfig::default()
+    })
+    .await;
+    let mut slow = TcpStream::connect(baton.addr()).await.unwrap();
+    slow.write_all(b"GET /_baton/health HTTP/1.1\r\nHost: x\r\n").await.unwrap();
+    let started = Instant::now();
+    // Trickle one header byte at a time, never finishing the head.
+    let trickle = async {
+        for _ in 0..40 {
+            if slow.write_all(b"X").await.is_err() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    let normal = async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        healthy(&baton).await;
+    };
+    tokio::join!(trickle, normal);
+    let (_, closed) = read_all(&mut slow, Duration::from_secs(3)).await;
+    assert!(closed, "the slow-header connection was not closed");
+    assert!(started.elapsed() < Duration::from_secs(6), "closed only after {:?}", started.elapsed());
+    healthy(&baton).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_headers_get_431_and_oversized_bodies_413() {
+    let baton = Baton::start(TestConfig {
+        extra: "[http]\nmax_header_bytes = 8192\nmax_body_bytes = 1000\n".into(),
+        ..TestConfig::default()
+    })
+    .await;
+    let mut conn = TcpStream::connect(baton.addr()).await.unwrap();
+    let big = "a".repeat(20_000);
+    let request = format!("GET /_baton/health HTTP/1.1\r\nHost: x\r\nX-Big: {big}\r\n\r\n");
+    let _ = conn.write_all(request.as_bytes()).await;
+    let (response, _) = read_all(&mut conn, WAIT).await;
+    assert!(response.starts_with("HTTP/1.1 431"), "{response}");
+    healthy(&baton).await;
+
+    // A body over the limit is refused while it streams in: the server answers 413
+    // without waiting for (or buffering) the rest of a 100 MB upload.
+    let mut conn = TcpStream::connect(baton.addr()).await.unwrap();
+    conn.write_all(b"POST /_baton/health HTTP/1.1\r\nHost: x\r\nContent-Length: 100000000\r\n\r\n")
+        .await
+        .unwrap();
+    conn.write_all(&[b'x'; 4096]).await.unwrap();
+    let mut head = [0u8; 64];
+    let n = tokio::time::timeout(WAIT, conn.read(&mut head)).await.unwrap().unwrap();
+    let head = String::from_utf8_lossy(&head[..n]);
+    assert!(head.starts_with("HTTP/1.1 413"), "{head}");
+    // The same with chunked encoding (no length announced).
+    let mut conn = TcpStream::connect(baton.addr()).await.unwrap();
+    conn.write_all(b"POST /x HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n").await.unwrap();
+    for _ in 0..3 {
+        conn.write_all(b"200\r\n").await.unwrap();
+        conn.write_all(&[b'y'; 512]).await.unwrap();
+        conn.write_all(b"\r\n").await.unwrap();
+    }
+    let (response, _) = read_all(&mut conn, WAIT).await;
+    assert!(response.starts_with("HTTP/1.1 413"), "{response}");
+    healthy(&baton).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_requests_get_400_and_never_crash_a_worker() {
+    let baton = Baton::start(TestConfig {
+        processes: 1,
+        ..TestConfig::default()
+    })
+    .await;
+    let (_, pids) = baton.serving().await.unwrap();
+    let garbage: &[&[u8]] = &[
+        b"GARBAGE\r\n\r\n",
+        b"GET / HTTP/9.9\r\n\r\n",
+        b"GET /\x00 HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost x\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+        b"\xff\xfe\xfd\r\n\r\n",
+    ];
+    for raw in garbage {
+        let mut conn = TcpStream::connect(baton.addr()).await.unwrap();
+        let _ = conn.write_all(raw).await;
+        let (response, closed) = read_all(&mut conn, WAIT).await;
+        assert!(closed, "{raw:?}: connection left open");
+        assert!(
+            response.is_empty() || response.starts_with("HTTP/1.1 400"),
+            "{raw:?}: {response}"
+        );
+        healthy(&baton).await;
+    }
+    assert_eq!(baton.serving().await.unwrap().1, pids, "a worker was replaced");
+    assert_eq!(baton.status().await["generations"][0]["restarts"], 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_connection_cap_queues_instead_of_refusing() {
+    let baton = Baton::start(TestConfig {
+        processes: 1,
+        extra: "[http]\nmax_connections = 4\n".into(),
+        ..TestConfig::default()
+    })
+    .await;
+    // Four connections hold every slot.
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        let mut c = TcpStream::connect(baton.addr()).await.unwrap();
+        c.write_all(b"GET /_baton/health HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+        let mut buf = [0u8; 256];
+        let n = c.read(&mut buf).await.unwrap();
+        assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+        held.push(c);
+    }
+    // A fifth connects (the kernel queues it) but is not served while the cap is full.
+    let addr = baton.addr();
+    let waiting = tokio::spawn(async move { get(addr, "/_baton/health").await });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!waiting.is_finished(), "a connection above max_connections was served");
+    // One slot frees: the queued connection is served, not refused.
+    drop(held.pop());
+    let (code, _) = tokio::time::timeout(WAIT, waiting).await.unwrap().unwrap().unwrap();
+    assert_eq!(code, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_control_messages_get_an_error_and_other_uids_are_refused() {
+    use tokio::net::UnixStream;
+    let baton = Baton::start(TestConfig::default()).await;
+    let socket = baton.dir.path().join("baton.sock");
+    let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&socket).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o600, "control socket mode {mode:o}");
+    for bad in [&b"not json\n"[..], b"{\"command\":\"explode\"}\n", &[b'{'; 70_000][..]] {
+        let mut c = UnixStream::connect(&socket).await.unwrap();
+        let _ = c.write_all(bad).await;
+        let _ = c.write_all(b"\n").await;
+        let mut reply = String::new();
+        let _ = tokio::time::timeout(WAIT, c.read_to_string(&mut reply)).await;
+        assert!(reply.contains("\"reply\":\"error\""), "{reply}");
+    }
+    // A peer that sends nothing is dropped after the request timeout, not held forever.
+    let mut idle = UnixStream::connect(&socket).await.unwrap();
+    let mut reply = String::new();
+    tokio::time::timeout(Duration::from_secs(10), idle.read_to_string(&mut reply))
+        .await
+        .expect("an idle control client was never dropped")
+        .unwrap();
+    assert!(reply.contains("no request within"), "{reply}");
+    healthy(&baton).await;
+
+    // Another uid (as root the test can become nobody): refused and logged.
+    if nix::unistd::geteuid().is_root() {
+        // The socket is 0600 and root's: give nobody a way in to reach the uid check.
+        let open = baton.dir.path().join("open");
+        std::fs::create_dir(&open).unwrap();
+        std::fs::set_permissions(&open, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+        std::fs::set_permissions(&socket, std::os::unix::fs::PermissionsExt::from_mode(0o666)).unwrap();
+        std::fs::set_permissions(baton.dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        let config = baton.config_path.display().to_string();
+        let out = tokio::process::Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(&baton_tests::bins().baton)
+            .args(["status", "-c", &config])
+            .output()
+            .await
+            .unwrap();
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert_eq!(out.status.code(), Some(1), "{text}");
+        assert!(text.contains("permission denied"), "{text}");
+        assert!(baton.log().contains("control connection from uid 65534"), "{}", baton.log());
+    } else {
+        eprintln!("skipping the other-uid check: needs root");
+    }
+}
