@@ -10,12 +10,16 @@ use tokio::net::TcpStream;
 /// Reads whatever the server sends until it closes (or `within` passes).
 async fn read_all(conn: &mut TcpStream, within: Duration) -> (String, bool) {
     let mut out = Vec::new();
-    let closed = tokio::time::timeout(within, conn.read_to_end(&mut out)).await.is_ok();
+    let closed = tokio::time::timeout(within, conn.read_to_end(&mut out))
+        .await
+        .is_ok();
     (String::from_utf8_lossy(&out).into_owned(), closed)
 }
 
 async fn healthy(baton: &Baton) {
-    let (code, body) = get(baton.addr(), "/_baton/health").await.expect("a normal client is served");
+    let (code, body) = get(baton.addr(), "/_baton/health")
+        .await
+        .expect("a normal client is served");
     assert_eq!(code, 200, "{body}");
 }
 
@@ -27,7 +31,9 @@ async fn slow_headers_are_cut_off_by_header_read_timeout() {
     })
     .await;
     let mut slow = TcpStream::connect(baton.addr()).await.unwrap();
-    slow.write_all(b"GET /_baton/health HTTP/1.1\r\nHost: x\r\n").await.unwrap();
+    slow.write_all(b"GET /_baton/health HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
     let started = Instant::now();
     // Trickle one header byte at a time, never finishing the head.
     let trickle = async {
@@ -45,7 +51,11 @@ async fn slow_headers_are_cut_off_by_header_read_timeout() {
     tokio::join!(trickle, normal);
     let (_, closed) = read_all(&mut slow, Duration::from_secs(3)).await;
     assert!(closed, "the slow-header connection was not closed");
-    assert!(started.elapsed() < Duration::from_secs(6), "closed only after {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(6),
+        "closed only after {:?}",
+        started.elapsed()
+    );
     healthy(&baton).await;
 }
 
@@ -72,12 +82,17 @@ async fn oversized_headers_get_431_and_oversized_bodies_413() {
         .unwrap();
     conn.write_all(&[b'x'; 4096]).await.unwrap();
     let mut head = [0u8; 64];
-    let n = tokio::time::timeout(WAIT, conn.read(&mut head)).await.unwrap().unwrap();
+    let n = tokio::time::timeout(WAIT, conn.read(&mut head))
+        .await
+        .unwrap()
+        .unwrap();
     let head = String::from_utf8_lossy(&head[..n]);
     assert!(head.starts_with("HTTP/1.1 413"), "{head}");
     // The same with chunked encoding (no length announced).
     let mut conn = TcpStream::connect(baton.addr()).await.unwrap();
-    conn.write_all(b"POST /x HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n").await.unwrap();
+    conn.write_all(b"POST /x HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
+        .await
+        .unwrap();
     for _ in 0..3 {
         conn.write_all(b"200\r\n").await.unwrap();
         conn.write_all(&[b'y'; 512]).await.unwrap();
@@ -117,7 +132,11 @@ async fn malformed_requests_get_400_and_never_crash_a_worker() {
         );
         healthy(&baton).await;
     }
-    assert_eq!(baton.serving().await.unwrap().1, pids, "a worker was replaced");
+    assert_eq!(
+        baton.serving().await.unwrap().1,
+        pids,
+        "a worker was replaced"
+    );
     assert_eq!(baton.status().await["generations"][0]["restarts"], 0);
 }
 
@@ -133,7 +152,9 @@ async fn the_connection_cap_queues_instead_of_refusing() {
     let mut held = Vec::new();
     for _ in 0..4 {
         let mut c = TcpStream::connect(baton.addr()).await.unwrap();
-        c.write_all(b"GET /_baton/health HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+        c.write_all(b"GET /_baton/health HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
         let mut buf = [0u8; 256];
         let n = c.read(&mut buf).await.unwrap();
         assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
@@ -143,10 +164,17 @@ async fn the_connection_cap_queues_instead_of_refusing() {
     let addr = baton.addr();
     let waiting = tokio::spawn(async move { get(addr, "/_baton/health").await });
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert!(!waiting.is_finished(), "a connection above max_connections was served");
+    assert!(
+        !waiting.is_finished(),
+        "a connection above max_connections was served"
+    );
     // One slot frees: the queued connection is served, not refused.
     drop(held.pop());
-    let (code, _) = tokio::time::timeout(WAIT, waiting).await.unwrap().unwrap().unwrap();
+    let (code, _) = tokio::time::timeout(WAIT, waiting)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
     assert_eq!(code, 200);
 }
 
@@ -155,9 +183,14 @@ async fn bad_control_messages_get_an_error_and_other_uids_are_refused() {
     use tokio::net::UnixStream;
     let baton = Baton::start(TestConfig::default()).await;
     let socket = baton.dir.path().join("baton.sock");
-    let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&socket).unwrap().permissions());
+    let mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&socket).unwrap().permissions());
     assert_eq!(mode & 0o777, 0o600, "control socket mode {mode:o}");
-    for bad in [&b"not json\n"[..], b"{\"command\":\"explode\"}\n", &[b'{'; 70_000][..]] {
+    for bad in [
+        &b"not json\n"[..],
+        b"{\"command\":\"explode\"}\n",
+        &[b'{'; 70_000][..],
+    ] {
         let mut c = UnixStream::connect(&socket).await.unwrap();
         let _ = c.write_all(bad).await;
         let _ = c.write_all(b"\n").await;
@@ -180,9 +213,15 @@ async fn bad_control_messages_get_an_error_and_other_uids_are_refused() {
         // The socket is 0600 and root's: give nobody a way in to reach the uid check.
         let open = baton.dir.path().join("open");
         std::fs::create_dir(&open).unwrap();
-        std::fs::set_permissions(&open, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
-        std::fs::set_permissions(&socket, std::os::unix::fs::PermissionsExt::from_mode(0o666)).unwrap();
-        std::fs::set_permissions(baton.dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        std::fs::set_permissions(&open, std::os::unix::fs::PermissionsExt::from_mode(0o777))
+            .unwrap();
+        std::fs::set_permissions(&socket, std::os::unix::fs::PermissionsExt::from_mode(0o666))
+            .unwrap();
+        std::fs::set_permissions(
+            baton.dir.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .unwrap();
         let config = baton.config_path.display().to_string();
         let out = tokio::process::Command::new("setpriv")
             .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
@@ -191,10 +230,18 @@ async fn bad_control_messages_get_an_error_and_other_uids_are_refused() {
             .output()
             .await
             .unwrap();
-        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
         assert_eq!(out.status.code(), Some(1), "{text}");
         assert!(text.contains("permission denied"), "{text}");
-        assert!(baton.log().contains("control connection from uid 65534"), "{}", baton.log());
+        assert!(
+            baton.log().contains("control connection from uid 65534"),
+            "{}",
+            baton.log()
+        );
     } else {
         eprintln!("skipping the other-uid check: needs root");
     }

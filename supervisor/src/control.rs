@@ -93,30 +93,22 @@ impl ControlSocket {
                     continue;
                 }
             };
-            match getsockopt(&stream, sockopt::PeerCredentials) {
-                Ok(cred) if cred.uid() == 0 || cred.uid() == me => {}
+            let allowed = match getsockopt(&stream, sockopt::PeerCredentials) {
+                Ok(cred) if cred.uid() == 0 || cred.uid() == me => true,
                 Ok(cred) => {
                     tracing::warn!(
                         "control connection from uid {} (pid {}) refused: only root and uid {me} may control baton",
                         cred.uid(),
                         cred.pid()
                     );
-                    let mut stream = stream;
-                    let _ = write_reply(
-                        &mut stream,
-                        &Reply::Error {
-                            message: "permission denied".into(),
-                        },
-                    )
-                    .await;
-                    continue;
+                    false
                 }
                 Err(e) => {
                     tracing::warn!("control connection refused: cannot read peer credentials: {e}");
                     continue;
                 }
-            }
-            tokio::spawn(handle(stream, events.clone()));
+            };
+            tokio::spawn(handle(stream, allowed, events.clone()));
         }
     }
 }
@@ -127,7 +119,9 @@ impl Drop for ControlSocket {
     }
 }
 
-async fn handle(stream: UnixStream, events: mpsc::UnboundedSender<Event>) {
+/// Reads one request and answers it; a refused peer's request is read too (so that its
+/// client sees the refusal rather than a broken pipe) and answered with an error.
+async fn handle(stream: UnixStream, allowed: bool, events: mpsc::UnboundedSender<Event>) {
     let (read, mut write) = stream.into_split();
     let mut line = Vec::new();
     let mut reader = BufReader::new(read).take(MAX_REQUEST as u64 + 1);
@@ -143,6 +137,11 @@ async fn handle(stream: UnixStream, events: mpsc::UnboundedSender<Event>) {
         Ok(Err(e)) => Err(format!("read failed: {e}")),
     };
     let request = match request {
+        Ok(_) if !allowed => {
+            let message = "permission denied".to_owned();
+            let _ = write_reply(&mut write, &Reply::Error { message }).await;
+            return;
+        }
         Ok(r) => r,
         Err(message) => {
             tracing::warn!("control: {message}");
