@@ -2,7 +2,8 @@
 //! the first argument (tests start it through a one-line wrapper script):
 //! - `exit`: writes to stderr and exits 3 before READY;
 //! - `hang`: never says READY;
-//! - `report`: reports a start-up failure over NOTIFY_SOCKET, then stays alive.
+//! - `report`: reports a start-up failure over NOTIFY_SOCKET, then stays alive;
+//! - `stubborn`: says READY but never accepts and ignores SIGTERM (only SIGKILL ends it).
 
 use std::os::unix::net::UnixDatagram;
 use std::time::Duration;
@@ -26,6 +27,17 @@ fn main() {
                 path,
             )
             .expect("send failure report");
+            sleep_bounded();
+        }
+        "stubborn" => {
+            // SAFETY: setting a signal's disposition to SIG_IGN before any thread exists.
+            #[allow(unsafe_code)]
+            unsafe {
+                libc::signal(libc::SIGTERM, libc::SIG_IGN);
+            }
+            let path = std::env::var_os("NOTIFY_SOCKET").expect("NOTIFY_SOCKET is set by baton");
+            let sock = UnixDatagram::unbound().expect("datagram socket");
+            sock.send_to(b"READY=1", path).expect("send READY");
             sleep_bounded();
         }
         other => {

@@ -1,0 +1,127 @@
+//! Fault injection under load: a worker that ignores SIGTERM while draining, a worker
+//! stopped while serving, and the supervisor killed in the middle of an upgrade.
+
+use baton_tests::{
+    Baton, Load, LoadSpec, TestConfig, WAIT, eventually, fake_worker_script, heavy, procfs,
+    slow_start_worker_script,
+};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use std::time::{Duration, Instant};
+
+fn per_request_only() -> LoadSpec {
+    LoadSpec {
+        keepalive: 0,
+        per_request: 2,
+        h2: 0,
+        ..LoadSpec::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_that_ignores_sigterm_is_killed_after_drain_timeout() {
+    let _heavy = heavy().await;
+    let scripts = tempfile::tempdir().unwrap();
+    let base = TestConfig {
+        drain_timeout: "1s",
+        ..TestConfig::default()
+    };
+    // Generation 1 says READY, never accepts, and ignores SIGTERM.
+    let stubborn = TestConfig {
+        worker_path: Some(fake_worker_script(scripts.path(), "stubborn")),
+        ..base.clone()
+    };
+    let baton = Baton::start(stubborn).await;
+    let (_, stubborn_pids) = baton.serving().await.unwrap();
+    baton.write_config(&base.render());
+    let out = baton.upgrade_wait().await;
+    assert_eq!(out.code, Some(0), "{}", out.text());
+    let load = Load::start(baton.addr(), LoadSpec::default());
+    // drain_timeout (1 s) plus the supervisor's kill margin (2 s).
+    let started = Instant::now();
+    let gone = eventually(Duration::from_secs(6), || {
+        stubborn_pids.iter().all(|&p| !procfs::alive(p))
+    })
+    .await;
+    assert!(gone, "a worker ignoring SIGTERM outlived its drain");
+    assert!(
+        started.elapsed() >= Duration::from_millis(500),
+        "killed before drain_timeout"
+    );
+    assert!(
+        baton.log().contains("drain_timeout passed; killing"),
+        "{}",
+        baton.log()
+    );
+    let counts = load.stop().await;
+    assert_eq!(counts.failed, 0, "{:#?}", counts.failures);
+    assert!(counts.ok() > 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_worker_does_not_stop_the_service_or_an_upgrade() {
+    let _heavy = heavy().await;
+    let baton = Baton::start(TestConfig {
+        drain_timeout: "1s",
+        ..TestConfig::default()
+    })
+    .await;
+    let (_, pids) = baton.serving().await.unwrap();
+    kill(Pid::from_raw(pids[0] as i32), Signal::SIGSTOP).unwrap();
+    // New connections go to the worker that still accepts (they share one backlog).
+    let load = Load::start(baton.addr(), per_request_only());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let out = baton.upgrade_wait().await;
+    assert_eq!(out.code, Some(0), "{}", out.text());
+    // The stopped worker cannot drain; SIGKILL after drain_timeout ends it anyway.
+    let gone = eventually(Duration::from_secs(6), || !procfs::alive(pids[0])).await;
+    assert!(gone, "the stopped worker was never cleaned up");
+    let counts = load.stop().await;
+    assert_eq!(counts.failed, 0, "{:#?}", counts.failures);
+    assert!(counts.ok() > 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_supervisor_killed_mid_upgrade_leaves_no_orphans_and_restarts_on_the_same_port() {
+    let _heavy = heavy().await;
+    let scripts = tempfile::tempdir().unwrap();
+    let base = TestConfig {
+        drain_timeout: "2s",
+        ..TestConfig::default()
+    };
+    let mut baton = Baton::start(base.clone()).await;
+    let old = baton.worker_pids();
+    // Generation 2 takes 1.5 s to start: kill the supervisor while it does.
+    baton.write_config(
+        &TestConfig {
+            worker_path: Some(slow_start_worker_script(scripts.path(), "1.5")),
+            ..base.clone()
+        }
+        .render(),
+    );
+    baton.signal(Signal::SIGUSR2);
+    let started = eventually(WAIT, || baton.worker_pids().len() > old.len()).await;
+    assert!(started, "generation 2 never started");
+    let all = baton.worker_pids();
+    baton.signal(Signal::SIGKILL);
+    baton.wait_exit(WAIT).await;
+    let gone = eventually(Duration::from_secs(5), || {
+        all.iter().all(|&p| !procfs::alive(p))
+    })
+    .await;
+    let left: Vec<u32> = all.iter().copied().filter(|&p| procfs::alive(p)).collect();
+    assert!(
+        gone,
+        "orphans after the supervisor died mid-upgrade: {left:?}"
+    );
+    // A new supervisor with the same config serves on the same port again.
+    let again = Baton::start(TestConfig {
+        port: base.port,
+        ..base.clone()
+    })
+    .await;
+    let (code, _) = baton_tests::get(again.addr(), "/_baton/health")
+        .await
+        .unwrap();
+    assert_eq!(code, 200);
+}
