@@ -125,3 +125,111 @@ async fn a_supervisor_killed_mid_upgrade_leaves_no_orphans_and_restarts_on_the_s
         .unwrap();
     assert_eq!(code, 200);
 }
+
+fn fd_count(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
+        })
+        .unwrap_or(0)
+}
+
+fn dir_size(dir: &std::path::Path) -> (usize, u64) {
+    std::fs::read_dir(dir)
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| e.metadata().ok())
+                .fold((0, 0), |(n, b), m| (n + 1, b + m.len()))
+        })
+        .unwrap_or((0, 0))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_upgrades_leak_nothing() {
+    let _heavy = heavy().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let plugins = baton_tests::plugin_dir(tmp.path(), "plugins", &["hello"]);
+    let baton = Baton::start(TestConfig {
+        plugins_dir: Some(plugins.clone()),
+        drain_idle_grace: "50ms",
+        ..TestConfig::default()
+    })
+    .await;
+    // Warm up: the first upgrades allocate what every later one reuses.
+    for _ in 0..10 {
+        assert_eq!(baton.upgrade_wait().await.code, Some(0));
+    }
+    baton.wait_settled().await;
+    let cache = plugins.with_extension("cache");
+    let before = (
+        fd_count(baton.pid),
+        rss_kib(baton.pid),
+        baton.worker_pids().len(),
+        dir_size(&cache),
+    );
+    let load = Load::start(
+        baton.addr(),
+        LoadSpec {
+            keepalive: 4,
+            per_request: 1,
+            h2: 1,
+            path: "/hello".into(),
+            ..LoadSpec::default()
+        },
+    );
+    for i in 0..200 {
+        let out = baton.upgrade_wait().await;
+        assert_eq!(out.code, Some(0), "upgrade {i}: {}", out.text());
+    }
+    let counts = load.stop().await;
+    baton.wait_settled().await;
+    let settled = eventually(WAIT, || baton.worker_pids().len() == before.2).await;
+    assert!(
+        settled,
+        "processes: {} before, {:?} after",
+        before.2,
+        baton.worker_pids()
+    );
+    let after = (
+        fd_count(baton.pid),
+        rss_kib(baton.pid),
+        baton.worker_pids().len(),
+        dir_size(&cache),
+    );
+    eprintln!(
+        "200 upgrades: supervisor fds {} -> {}, RSS {} -> {} KiB, worker processes {} -> {}, \
+         plugin cache {} files/{} bytes -> {} files/{} bytes; {} requests, {} failed",
+        before.0,
+        after.0,
+        before.1,
+        after.1,
+        before.2,
+        after.2,
+        before.3.0,
+        before.3.1,
+        after.3.0,
+        after.3.1,
+        counts.ok(),
+        counts.failed
+    );
+    assert_eq!(after.0, before.0, "the supervisor's fd count changed");
+    assert_eq!(after.2, before.2, "the number of worker processes changed");
+    assert_eq!(after.3, before.3, "the plugin cache changed");
+    // The allocator may keep a little; a leak per upgrade would show as hundreds of KiB.
+    assert!(
+        after.1 <= before.1 + 256,
+        "supervisor RSS grew from {} to {} KiB",
+        before.1,
+        after.1
+    );
+    assert_eq!(counts.failed, 0, "{:#?}", counts.failures);
+}
