@@ -246,3 +246,109 @@ async fn bad_control_messages_get_an_error_and_other_uids_are_refused() {
         eprintln!("skipping the other-uid check: needs root");
     }
 }
+
+/// One line of /proc/PID/status, without its label.
+fn status_field(pid: u32, field: &str) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(&format!("{field}:"))
+                .map(|v| v.trim().to_owned())
+        })
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_drop_to_worker_user_and_serve_a_privileged_port() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipping the privilege-drop test: needs root");
+        return;
+    }
+    let Some(port) = (900..1000).find(|p| std::net::TcpListener::bind(("127.0.0.1", *p)).is_ok())
+    else {
+        panic!("no free port below 1024");
+    };
+    // The worker binary where the unprivileged user can execute it.
+    let bin = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(
+        bin.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let worker = bin.path().join("baton-worker");
+    std::fs::copy(&baton_tests::bins().worker, &worker).unwrap();
+    let baton = Baton::start(TestConfig {
+        port,
+        worker_path: Some(worker),
+        extra: "user = \"nobody\"\ngroup = \"nogroup\"\n".into(),
+        ..TestConfig::default()
+    })
+    .await;
+    let (code, body) = get(baton.addr(), "/_baton/health").await.unwrap();
+    assert_eq!(code, 200, "{body}");
+    let nobody = nix::unistd::User::from_name("nobody")
+        .unwrap()
+        .unwrap()
+        .uid
+        .as_raw();
+    let nogroup = nix::unistd::Group::from_name("nogroup")
+        .unwrap()
+        .unwrap()
+        .gid
+        .as_raw();
+    let pids = baton.worker_pids();
+    assert_eq!(pids.len(), 2);
+    for pid in pids {
+        let ids = |field| -> Vec<u32> {
+            status_field(pid, field)
+                .split_whitespace()
+                .map(|v| v.parse().unwrap())
+                .collect()
+        };
+        assert_eq!(ids("Uid"), vec![nobody; 4], "worker {pid} uids");
+        assert_eq!(ids("Gid"), vec![nogroup; 4], "worker {pid} gids");
+        assert_eq!(
+            status_field(pid, "Groups"),
+            "",
+            "worker {pid} kept supplementary groups"
+        );
+        for caps in ["CapInh", "CapPrm", "CapEff", "CapAmb"] {
+            assert_eq!(
+                status_field(pid, caps),
+                "0000000000000000",
+                "worker {pid} {caps}"
+            );
+        }
+    }
+    // The supervisor still holds root (it binds listeners an upgrade adds).
+    assert_eq!(
+        status_field(baton.pid, "Uid").split_whitespace().next(),
+        Some("0")
+    );
+    let out = baton.upgrade_wait().await;
+    assert_eq!(out.code, Some(0), "{}", out.text());
+}
+
+#[tokio::test]
+async fn an_unknown_worker_user_is_a_config_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("baton.toml");
+    std::fs::write(
+        &config,
+        TestConfig {
+            extra: "user = \"no-such-user-here\"\n".into(),
+            ..TestConfig::default()
+        }
+        .render(),
+    )
+    .unwrap();
+    let out = baton_tests::run_cli(&["check"], &config).await;
+    assert_eq!(out.code, Some(1), "{}", out.text());
+    assert!(
+        out.stderr
+            .contains("worker.user: no user \"no-such-user-here\""),
+        "{}",
+        out.text()
+    );
+}

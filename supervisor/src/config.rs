@@ -86,6 +86,17 @@ pub struct WorkerConfig {
     pub drain_idle_grace: Duration,
     pub max_generations: usize,
     pub blocking_threads: usize,
+    /// `worker.user`/`worker.group`: the uid and gid workers run as (the supervisor must
+    /// be root to switch).
+    pub credentials: Option<Credentials>,
+}
+
+/// Who workers run as.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Credentials {
+    pub user: String,
+    pub uid: u32,
+    pub gid: u32,
 }
 
 /// `[plugins]`.
@@ -153,6 +164,8 @@ struct RawWorker {
     drain_idle_grace: Option<Spanned<String>>,
     max_generations: Option<Spanned<i64>>,
     blocking_threads: Option<Spanned<i64>>,
+    user: Option<Spanned<String>>,
+    group: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -294,6 +307,7 @@ impl Config {
                 64,
                 1..=4096,
             )?,
+            credentials: v.credentials(&w.user, &w.group)?,
         };
 
         let plugins = PluginsConfig {
@@ -547,6 +561,57 @@ impl Validator<'_> {
             return Err(self.invalid(value, key, "must be at most 7 days"));
         }
         Ok(d)
+    }
+
+    /// Looks the user and group up (a read of the user database, nothing else).
+    fn credentials(
+        &self,
+        user: &Option<Spanned<String>>,
+        group: &Option<Spanned<String>>,
+    ) -> Result<Option<Credentials>, ConfigError> {
+        let Some(user) = user else {
+            if let Some(group) = group {
+                return Err(self.invalid(group, "worker.group", "needs worker.user"));
+            }
+            return Ok(None);
+        };
+        let found = nix::unistd::User::from_name(user.get_ref())
+            .map_err(|e| self.invalid(user, "worker.user", &format!("cannot look it up: {e}")))?
+            .ok_or_else(|| {
+                self.invalid(
+                    user,
+                    "worker.user",
+                    &format!("no user {:?}", user.get_ref()),
+                )
+            })?;
+        let gid = match group {
+            None => found.gid.as_raw(),
+            Some(group) => nix::unistd::Group::from_name(group.get_ref())
+                .map_err(|e| {
+                    self.invalid(group, "worker.group", &format!("cannot look it up: {e}"))
+                })?
+                .ok_or_else(|| {
+                    self.invalid(
+                        group,
+                        "worker.group",
+                        &format!("no group {:?}", group.get_ref()),
+                    )
+                })?
+                .gid
+                .as_raw(),
+        };
+        if found.uid.is_root() {
+            return Err(self.invalid(
+                user,
+                "worker.user",
+                "must not be root (leave it out to run workers as the supervisor's user)",
+            ));
+        }
+        Ok(Some(Credentials {
+            user: user.get_ref().clone(),
+            uid: found.uid.as_raw(),
+            gid,
+        }))
     }
 
     fn int(

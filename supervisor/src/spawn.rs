@@ -34,6 +34,8 @@ pub struct SpawnSpec<'a> {
     pub lifeline: BorrowedFd<'a>,
     pub notify_socket: &'a Path,
     pub settings_json: &'a str,
+    /// Run the worker as this user and group (`worker.user`/`worker.group`).
+    pub credentials: Option<&'a crate::config::Credentials>,
 }
 
 /// Forks and execs a worker. Its stderr is piped (the caller keeps a tail of it for
@@ -59,6 +61,12 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> std::io::Result<tokio::process::Child> {
         .process_group(0)
         .kill_on_drop(false);
 
+    if let Some(c) = spec.credentials {
+        // std switches in the child before the pre_exec closure: supplementary groups
+        // dropped (as root), then setgid, then setuid. A failed switch fails the spawn:
+        // a worker never runs as root when a user is configured.
+        cmd.uid(c.uid).gid(c.gid);
+    }
     // The targets 3..3+n+1 must not hold anything `Command` itself uses in the child
     // (its exec-error pipe is created just before fork, at the lowest free numbers).
     reserve_low_fds(LISTEN_FDS_START + n + 1)?;
@@ -68,12 +76,30 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> std::io::Result<tokio::process::Child> {
         .map(|(_, fd)| fd.as_raw_fd())
         .collect();
     sources.push(spec.lifeline.as_raw_fd());
-    // SAFETY: the closure runs in the child between fork and exec. It only calls fcntl and
-    // dup2, which are async-signal-safe, and mutates `sources` in place (no allocation).
+    // SAFETY: the closure runs in the child between fork and exec. It only calls fcntl,
+    // dup2 and prctl, which are async-signal-safe, and mutates `sources` in place (no allocation).
     // The fds it reads are open in the parent when `spawn` is called (the caller holds
     // them borrowed for the duration) and therefore in the child.
     unsafe {
-        cmd.pre_exec(move || place_fds(&mut sources));
+        cmd.pre_exec(move || {
+            place_fds(&mut sources)?;
+            // No ambient capabilities survive into the worker.
+            if libc::prctl(
+                libc::PR_CAP_AMBIENT,
+                libc::PR_CAP_AMBIENT_CLEAR_ALL,
+                0,
+                0,
+                0,
+            ) < 0
+            {
+                let e = std::io::Error::last_os_error();
+                // Kernels without ambient capabilities have none to clear.
+                if e.raw_os_error() != Some(libc::EINVAL) {
+                    return Err(e);
+                }
+            }
+            Ok(())
+        });
     }
     cmd.spawn()
 }

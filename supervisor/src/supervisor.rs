@@ -441,6 +441,7 @@ impl Supervisor {
             lifeline: self.lifeline.as_fd(),
             notify_socket: self.notify.path(),
             settings_json: &g.settings_json,
+            credentials: g.config.worker.credentials.as_ref(),
         };
         let child = spawn(&spec).map_err(|e| {
             format!(

@@ -187,6 +187,13 @@ impl Baton {
             .prefix("baton-test")
             .tempdir()
             .expect("temp dir");
+        // Traversable by every user, so that workers running as `worker.user` reach the
+        // notify socket and the plugin cache.
+        std::fs::set_permissions(
+            dir.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .expect("chmod temp dir");
         let config_path = dir.path().join("baton.toml");
         std::fs::write(&config_path, config.render()).expect("write config");
         let log_path = dir.path().join("baton.log");
