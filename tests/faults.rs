@@ -233,3 +233,95 @@ async fn two_hundred_upgrades_leak_nothing() {
     );
     assert_eq!(counts.failed, 0, "{:#?}", counts.failures);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_or_read_only_cache_disk_refuses_the_upgrade() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipping the cache-disk test: needs root (for a private tmpfs)");
+        return;
+    }
+    let _heavy = heavy().await;
+    for (case, options, expect) in [
+        ("full", "size=64k", "No space left on device"),
+        ("read-only", "ro,size=16m", "Read-only file system"),
+    ] {
+        let tmp = tempfile::tempdir().unwrap();
+        let plugins = baton_tests::plugin_dir(tmp.path(), "plugins", &[]);
+        let cache = tmp.path().join("cache");
+        std::fs::create_dir(&cache).unwrap();
+        let port = baton_tests::free_port();
+        let config = tmp.path().join("baton.toml");
+        let render = || {
+            format!(
+                "[[listener]]\nname = \"http\"\naddress = \"127.0.0.1:{port}\"\n[worker]\npath = \"{}\"\nthreads = 1\n[plugins]\ndir = \"{}\"\ncache_dir = \"{}\"\n",
+                baton_tests::bins().worker.display(),
+                plugins.display(),
+                cache.display()
+            )
+        };
+        std::fs::write(&config, render()).unwrap();
+        // The cache is a tiny (or read-only) tmpfs in the supervisor's own mount namespace.
+        let script = format!(
+            "mount -t tmpfs -o {options} baton-test-cache '{}' && exec '{}' run -c '{}'",
+            cache.display(),
+            baton_tests::bins().baton.display(),
+            config.display()
+        );
+        let log = std::fs::File::create(tmp.path().join("log")).unwrap();
+        let mut child = tokio::process::Command::new("unshare")
+            .args(["--mount", "--propagation", "private", "sh", "-c", &script])
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
+        let up = eventually(WAIT, || std::net::TcpStream::connect(addr).is_ok()).await;
+        assert!(
+            up,
+            "{case}: baton did not start: {}",
+            std::fs::read_to_string(tmp.path().join("log")).unwrap()
+        );
+        let load = Load::start(
+            addr,
+            LoadSpec {
+                keepalive: 4,
+                h2: 0,
+                ..LoadSpec::default()
+            },
+        );
+        // A plugin appears: caching it fails, the upgrade is refused, generation 1 serves on.
+        std::fs::copy(
+            baton_tests::bins().dir.join("libbaton_hello.so"),
+            plugins.join("libbaton_hello.so"),
+        )
+        .unwrap();
+        let out = baton_tests::run_cli(&["upgrade", "--wait"], &config).await;
+        assert_eq!(out.code, Some(1), "{case}: {}", out.text());
+        assert!(
+            out.text().contains("plugin cache") && out.text().contains(expect),
+            "{case}: {}",
+            out.text()
+        );
+        let status = baton_tests::run_cli(&["status", "--json"], &config).await;
+        let status: serde_json::Value = serde_json::from_str(&status.stdout).unwrap();
+        assert_eq!(status["generations"][0]["number"], 1, "{case}: {status:#}");
+        assert_eq!(
+            status["last_upgrade"]["result"], "refused",
+            "{case}: {status:#}"
+        );
+        let counts = load.stop().await;
+        assert_eq!(counts.failed, 0, "{case}: {:#?}", counts.failures);
+        let (code, _) = baton_tests::get(addr, "/_baton/health").await.unwrap();
+        assert_eq!(code, 200);
+        kill(Pid::from_raw(child.id().unwrap() as i32), Signal::SIGTERM).unwrap();
+        assert_eq!(
+            tokio::time::timeout(WAIT, child.wait())
+                .await
+                .unwrap()
+                .unwrap()
+                .code(),
+            Some(0)
+        );
+    }
+}
