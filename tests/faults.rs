@@ -314,14 +314,6 @@ async fn a_full_or_read_only_cache_disk_refuses_the_upgrade() {
         assert_eq!(counts.failed, 0, "{case}: {:#?}", counts.failures);
         let (code, _) = baton_tests::get(addr, "/_baton/health").await.unwrap();
         assert_eq!(code, 200);
-        kill(Pid::from_raw(child.id().unwrap() as i32), Signal::SIGTERM).unwrap();
-        assert_eq!(
-            tokio::time::timeout(WAIT, child.wait())
-                .await
-                .unwrap()
-                .unwrap()
-                .code(),
-            Some(0)
-        );
+        assert_eq!(baton_tests::terminate(&mut child).await, Some(0));
     }
 }

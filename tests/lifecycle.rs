@@ -2,7 +2,7 @@
 //! no orphans, SIGTERM finishes requests in flight, and every listener kind serves.
 
 use baton_tests::{
-    Baton, TestConfig, WAIT, bins, eventually, free_port, get, get_unix, heavy, procfs,
+    Baton, TestConfig, WAIT, bins, eventually, free_port, get, get_unix, heavy, procfs, terminate,
 };
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
@@ -217,9 +217,6 @@ async fn serves_on_ipv4_ipv6_and_unix_listeners() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn adopts_listeners_from_systemd_socket_activate() {
-    let Ok(tool) = which("systemd-socket-activate") else {
-        panic!("systemd-socket-activate is required (Debian package systemd); .ci/run installs it");
-    };
     let port = free_port();
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("activated.sock");
@@ -233,29 +230,13 @@ async fn adopts_listeners_from_systemd_socket_activate() {
         ),
     )
     .unwrap();
-    let log = std::fs::File::create(dir.path().join("baton.log")).unwrap();
-    let mut child = tokio::process::Command::new(tool)
-        .arg("-l")
-        .arg(format!("127.0.0.1:{port}"))
-        .arg("-l")
-        .arg(&sock)
-        .arg("--fdname=web:local")
-        .arg(&bins().baton)
-        .arg("run")
-        .arg("-c")
-        .arg(&config)
-        .env_remove("NOTIFY_SOCKET")
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    // systemd-socket-activate execs baton on the first connection; it waits in the backlog.
-    let wait_listening = eventually(WAIT, || {
-        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
-    })
+    let mut child = socket_activated(
+        &[format!("127.0.0.1:{port}"), sock.display().to_string()],
+        "web:local",
+        &config,
+        &dir.path().join("baton.log"),
+    )
     .await;
-    assert!(wait_listening, "systemd-socket-activate did not listen");
     let (code, body) = get(([127, 0, 0, 1], port).into(), "/_baton/health")
         .await
         .unwrap();
@@ -273,18 +254,11 @@ async fn adopts_listeners_from_systemd_socket_activate() {
         log_text.contains("from systemd socket activation"),
         "{log_text}"
     );
-    let pid = child.id().unwrap();
-    kill(Pid::from_raw(pid as i32), Signal::SIGTERM).unwrap();
-    let code = tokio::time::timeout(WAIT, child.wait())
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(code.code(), Some(0));
+    assert_eq!(terminate(&mut child).await, Some(0));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn listeners_systemd_does_not_pass_are_bound_by_baton() {
-    let tool = which("systemd-socket-activate").expect("systemd-socket-activate");
     let (activated, own) = (free_port(), free_port());
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("baton.toml");
@@ -297,25 +271,13 @@ async fn listeners_systemd_does_not_pass_are_bound_by_baton() {
     )
     .unwrap();
     let log_path = dir.path().join("baton.log");
-    let log = std::fs::File::create(&log_path).unwrap();
-    let mut child = tokio::process::Command::new(tool)
-        .arg("-l")
-        .arg(format!("127.0.0.1:{activated}"))
-        .arg("--fdname=web")
-        .arg(&bins().baton)
-        .args(["run", "-c"])
-        .arg(&config)
-        .env_remove("NOTIFY_SOCKET")
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let listening = eventually(WAIT, || {
-        std::net::TcpStream::connect(("127.0.0.1", activated)).is_ok()
-    })
+    let mut child = socket_activated(
+        &[format!("127.0.0.1:{activated}")],
+        "web",
+        &config,
+        &log_path,
+    )
     .await;
-    assert!(listening);
     let (code, _) = get(([127, 0, 0, 1], activated).into(), "/_baton/health")
         .await
         .unwrap();
@@ -348,15 +310,41 @@ async fn listeners_systemd_does_not_pass_are_bound_by_baton() {
         )),
         "{text}"
     );
-    kill(Pid::from_raw(child.id().unwrap() as i32), Signal::SIGTERM).unwrap();
-    assert_eq!(
-        tokio::time::timeout(WAIT, child.wait())
-            .await
-            .unwrap()
-            .unwrap()
-            .code(),
-        Some(0)
-    );
+    assert_eq!(terminate(&mut child).await, Some(0));
+}
+
+/// Runs `baton run -c config` under systemd-socket-activate listening on `listen` (the
+/// first a TCP address) with `fdnames`, and returns once the TCP address accepts (baton
+/// is exec'd on the first connection, which waits in the backlog).
+async fn socket_activated(
+    listen: &[String],
+    fdnames: &str,
+    config: &std::path::Path,
+    log: &std::path::Path,
+) -> tokio::process::Child {
+    let Ok(tool) = which("systemd-socket-activate") else {
+        panic!("systemd-socket-activate is required (Debian package systemd); .ci/run installs it");
+    };
+    let log = std::fs::File::create(log).unwrap();
+    let mut cmd = tokio::process::Command::new(tool);
+    for l in listen {
+        cmd.arg("-l").arg(l);
+    }
+    let child = cmd
+        .arg(format!("--fdname={fdnames}"))
+        .arg(&bins().baton)
+        .args(["run", "-c"])
+        .arg(config)
+        .env_remove("NOTIFY_SOCKET")
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let tcp = listen[0].clone();
+    let listening = eventually(WAIT, || std::net::TcpStream::connect(&tcp).is_ok()).await;
+    assert!(listening, "systemd-socket-activate did not listen on {tcp}");
+    child
 }
 
 fn which(tool: &str) -> Result<std::path::PathBuf, ()> {

@@ -406,13 +406,13 @@ impl Config {
             Some(s) if s.get_ref().is_empty() => {
                 return Err(v.invalid(s, "control.socket", "must not be empty"));
             }
-            Some(s) if Path::new(s.get_ref()).is_absolute() => PathBuf::from(s.get_ref()),
-            other => {
-                let name = other
+            other => control_path(
+                other
                     .as_ref()
-                    .map_or(DEFAULT_CONTROL_SOCKET, |s| s.get_ref());
-                ctx.runtime_dir.as_ref().unwrap_or(&base).join(name)
-            }
+                    .map_or(DEFAULT_CONTROL_SOCKET, |s| s.get_ref()),
+                &base,
+                ctx,
+            ),
         };
         if control_socket.as_os_str().len() > 100 {
             let line = raw
@@ -469,14 +469,20 @@ pub fn control_socket_lenient(path: &Path, ctx: &PathContext) -> Option<PathBuf>
         .and_then(|c| c.get("socket"))
         .and_then(|s| s.as_str())
         .unwrap_or(DEFAULT_CONTROL_SOCKET);
-    if Path::new(name).is_absolute() {
-        return Some(PathBuf::from(name));
-    }
     let base = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
-    Some(ctx.runtime_dir.as_deref().unwrap_or(base).join(name))
+    Some(control_path(name, base, ctx))
+}
+
+/// `control.socket` resolved: absolute as written; relative inside `$RUNTIME_DIRECTORY`,
+/// else next to the config file (`base`).
+fn control_path(name: &str, base: &Path, ctx: &PathContext) -> PathBuf {
+    if Path::new(name).is_absolute() {
+        return PathBuf::from(name);
+    }
+    ctx.runtime_dir.as_deref().unwrap_or(base).join(name)
 }
 
 /// The `[table]` header that line `line` falls under, if any.

@@ -76,23 +76,18 @@ impl Systemd {
         ]);
     }
 
-    pub fn stopping(&self, status: &str, extend: Option<Duration>) {
-        match extend {
-            Some(d) => self.send(&[
-                NotifyState::Stopping,
-                NotifyState::ExtendTimeoutUsec(u32::try_from(d.as_micros()).unwrap_or(u32::MAX)),
-                NotifyState::Status(status),
-            ]),
-            None => self.send(&[NotifyState::Stopping, NotifyState::Status(status)]),
-        }
+    /// `STOPPING=1` with `EXTEND_TIMEOUT_USEC` and a `STATUS=`, in one datagram.
+    pub fn stopping(&self, status: &str, extend: Duration) {
+        self.send(&[
+            NotifyState::Stopping,
+            extend_usec(extend),
+            NotifyState::Status(status),
+        ]);
     }
 
     /// `EXTEND_TIMEOUT_USEC` with a `STATUS=`, in one datagram.
     pub fn extend_timeout(&self, by: Duration, status: &str) {
-        self.send(&[
-            NotifyState::ExtendTimeoutUsec(u32::try_from(by.as_micros()).unwrap_or(u32::MAX)),
-            NotifyState::Status(status),
-        ]);
+        self.send(&[extend_usec(by), NotifyState::Status(status)]);
     }
 
     pub fn status(&self, status: &str) {
@@ -102,6 +97,10 @@ impl Systemd {
     pub fn watchdog(&self) {
         self.send(&[NotifyState::Watchdog]);
     }
+}
+
+fn extend_usec(by: Duration) -> NotifyState<'static> {
+    NotifyState::ExtendTimeoutUsec(u32::try_from(by.as_micros()).unwrap_or(u32::MAX))
 }
 
 /// `text` on one line: line breaks become " | ", and it is cut at a length systemd shows.

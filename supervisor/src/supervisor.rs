@@ -111,10 +111,8 @@ pub struct Supervisor {
     start_deferred: bool,
     last_upgrade: Option<UpgradeOutcome>,
     stopping: Option<Vec<oneshot::Sender<()>>>,
-    /// The result to exit with once every generation is gone.
+    /// The result to exit with once stopping and every generation is gone (default: Ok).
     pending_exit: Option<Result<(), String>>,
-    /// Set when the loop should end, with the process's result.
-    exit: Option<Result<(), String>>,
     started_at: SystemTime,
     max_generations: usize,
     /// The plugin directory being watched (`plugins.watch`), and the watching task.
@@ -149,7 +147,6 @@ impl Supervisor {
             last_upgrade: None,
             stopping: None,
             pending_exit: None,
-            exit: None,
             started_at: SystemTime::now(),
             max_generations: config.worker.max_generations,
             watcher: None,
@@ -167,13 +164,11 @@ impl Supervisor {
         self.start_generation(Arc::new(config));
         loop {
             // Checked before waiting: generation 1 may have failed without any event.
-            if let Some(result) = self.exit.take() {
-                if let Some(waiters) = self.stopping.take() {
-                    for w in waiters {
-                        let _ = w.send(());
-                    }
+            if self.stopping.is_some() && self.generations.is_empty() {
+                for w in self.stopping.take().unwrap_or_default() {
+                    let _ = w.send(());
                 }
-                return result;
+                return self.pending_exit.take().unwrap_or(Ok(()));
             }
             let Some(event) = events.recv().await else {
                 return Ok(());
@@ -588,7 +583,6 @@ impl Supervisor {
             }
         }
         self.pending_exit = Some(result);
-        self.check_exit();
     }
 
     /// The upgrade that was starting ended: answer its waiters, tell systemd, and run the
@@ -781,7 +775,6 @@ impl Supervisor {
         if self.start_deferred && self.stopping.is_none() {
             self.begin_upgrade();
         }
-        self.check_exit();
     }
 
     fn on_stop(&mut self, fast: bool, source: &'static str, reply: Option<oneshot::Sender<()>>) {
@@ -804,7 +797,7 @@ impl Supervisor {
                     "stopping: draining {} generation(s)",
                     self.generations.len()
                 ),
-                Some(EXTEND_STEP),
+                EXTEND_STEP,
             );
             self.after(EXTEND_INTERVAL, Event::StopTick);
             let refused = outcome(
@@ -830,16 +823,6 @@ impl Supervisor {
             } else if first {
                 self.drain(number);
             }
-        }
-        if self.pending_exit.is_none() {
-            self.pending_exit = Some(Ok(()));
-        }
-        self.check_exit();
-    }
-
-    fn check_exit(&mut self) {
-        if self.stopping.is_some() && self.generations.is_empty() {
-            self.exit = self.pending_exit.take().or(Some(Ok(())));
         }
     }
 

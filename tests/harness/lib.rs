@@ -384,6 +384,21 @@ pub async fn run_cli(args: &[&str], config: &Path) -> CliOutput {
     }
 }
 
+/// Sends SIGTERM to a child the test started and returns its exit code.
+pub async fn terminate(child: &mut tokio::process::Child) -> Option<i32> {
+    let pid = child.id().expect("the child is running");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .expect("signal the child");
+    tokio::time::timeout(WAIT, child.wait())
+        .await
+        .expect("the child did not exit within WAIT")
+        .expect("wait for the child")
+        .code()
+}
+
 /// Polls `cond` until it holds or `within` passes; returns whether it held.
 pub async fn eventually(within: Duration, mut cond: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + within;

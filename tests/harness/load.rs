@@ -250,16 +250,7 @@ async fn per_request(
                 .send_request(get(&path, true))
                 .await
                 .map_err(|e| format!("request: {e}"))?;
-            let status = response.status();
-            let body = response
-                .into_body()
-                .collect()
-                .await
-                .map_err(|e| format!("body: {e}"))?;
-            if !status.is_success() {
-                return Err(format!("answer {status}"));
-            }
-            Ok::<_, String>(body.to_bytes())
+            success_body(response).await
         };
         match tokio::time::timeout(REQUEST_TIMEOUT, attempt).await {
             Ok(Ok(body)) => {
@@ -296,16 +287,7 @@ async fn h2(
                     Err(e) => return Err(format!("request: {e:?}")),
                 }
             };
-            let status = response.status();
-            let body = response
-                .into_body()
-                .collect()
-                .await
-                .map_err(|e| format!("body: {e}"))?;
-            if !status.is_success() {
-                return Err(format!("answer {status}"));
-            }
-            Ok::<_, String>(body.to_bytes())
+            success_body(response).await
         };
         match tokio::time::timeout(REQUEST_TIMEOUT, attempt).await {
             Ok(Ok(body)) => {
@@ -317,6 +299,20 @@ async fn h2(
         }
     }
     c
+}
+
+/// The body of a 2xx answer, or what went wrong.
+async fn success_body(response: http::Response<hyper::body::Incoming>) -> Result<Bytes, String> {
+    let status = response.status();
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| format!("body: {e}"))?;
+    if !status.is_success() {
+        return Err(format!("answer {status}"));
+    }
+    Ok(body.to_bytes())
 }
 
 fn refused_by_goaway(e: &(dyn std::error::Error + 'static)) -> bool {
