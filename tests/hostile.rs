@@ -59,6 +59,86 @@ async fn slow_headers_are_cut_off_by_header_read_timeout() {
     healthy(&baton).await;
 }
 
+/// Reads one response with a `Content-Length` body; `None` if the connection closed first.
+async fn read_response(conn: &mut TcpStream) -> Option<String> {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+            let length: usize = head
+                .lines()
+                .find_map(|l| {
+                    let (name, value) = l.split_once(':')?;
+                    name.eq_ignore_ascii_case("content-length")
+                        .then(|| value.trim().parse().ok())?
+                })
+                .unwrap_or(0);
+            if buf.len() >= end + 4 + length {
+                return Some(head);
+            }
+        }
+        let n = tokio::time::timeout(WAIT, conn.read(&mut chunk))
+            .await
+            .expect("a response within WAIT")
+            .ok()?;
+        if n == 0 {
+            return None;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_keepalive_connections_last_keepalive_timeout_not_header_read_timeout() {
+    let baton = Baton::start(TestConfig {
+        extra: "[http]\nheader_read_timeout = \"1s\"\nkeepalive_timeout = \"3s\"\n".into(),
+        ..TestConfig::default()
+    })
+    .await;
+    const REQUEST: &[u8] = b"GET /_baton/health HTTP/1.1\r\nHost: x\r\n\r\n";
+    let mut conn = TcpStream::connect(baton.addr()).await.unwrap();
+    conn.write_all(REQUEST).await.unwrap();
+    let head = read_response(&mut conn).await.expect("first response");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+
+    // Idle for twice header_read_timeout: still open, and the next request is served.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    conn.write_all(REQUEST).await.unwrap();
+    let head = read_response(&mut conn)
+        .await
+        .expect("an idle connection was closed before keepalive_timeout");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+
+    // Then idle for good: closed after keepalive_timeout, not long after.
+    let idle_from = Instant::now();
+    let (rest, closed) = read_all(&mut conn, Duration::from_secs(10)).await;
+    let idle_for = idle_from.elapsed();
+    assert!(closed, "the idle connection stayed open for 10 s");
+    assert!(rest.is_empty(), "unexpected bytes: {rest}");
+    assert!(
+        idle_for >= Duration::from_secs(3) && idle_for < Duration::from_millis(5500),
+        "closed after {idle_for:?} idle; keepalive_timeout is 3 s"
+    );
+
+    // A head that starts on a kept-alive connection is held to header_read_timeout.
+    let mut conn = TcpStream::connect(baton.addr()).await.unwrap();
+    conn.write_all(REQUEST).await.unwrap();
+    read_response(&mut conn).await.expect("first response");
+    conn.write_all(b"GET /_baton/health HTTP/1.1\r\n")
+        .await
+        .unwrap();
+    let head_from = Instant::now();
+    let (_, closed) = read_all(&mut conn, Duration::from_secs(10)).await;
+    let took = head_from.elapsed();
+    assert!(closed, "an unfinished head was left open for 10 s");
+    assert!(
+        took >= Duration::from_secs(1) && took < Duration::from_millis(2500),
+        "unfinished head closed after {took:?}; header_read_timeout is 1 s"
+    );
+    healthy(&baton).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_headers_get_431_and_oversized_bodies_413() {
     let baton = Baton::start(TestConfig {

@@ -231,7 +231,10 @@ fn http_builder(settings: &WorkerSettings) -> auto::Builder<TokioExecutor> {
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(Duration::from_millis(settings.http.header_read_timeout_ms))
+        // Off: hyper's timer runs from the end of one request to the next head as well, so
+        // idle keep-alive connections would close at header_read_timeout. `ConnClock`
+        // keeps both deadlines.
+        .header_read_timeout(None)
         .max_buf_size(settings.http.max_header_bytes.max(8192));
     builder
         .http2()
@@ -333,6 +336,10 @@ struct ConnState {
     in_flight: AtomicUsize,
     /// Requests started on this connection.
     started: AtomicU64,
+    /// Bytes arrived with no request in flight and no request has started since: the
+    /// head of the next request is being read. True from the accept on, so that the first
+    /// request is held to `header_read_timeout` too.
+    head: AtomicBool,
 }
 
 impl ConnState {
@@ -341,6 +348,7 @@ impl ConnState {
             h2: AtomicBool::new(false),
             in_flight: AtomicUsize::new(0),
             started: AtomicU64::new(0),
+            head: AtomicBool::new(true),
         }
     }
 
@@ -352,6 +360,88 @@ impl ConnState {
     fn busy(&self) -> bool {
         self.in_flight.load(Ordering::Acquire) > 0
     }
+
+    /// The connection delivered bytes: with nothing in flight, they begin a request head.
+    fn bytes_arrived(&self) {
+        if !self.busy() && !self.head.load(Ordering::Relaxed) {
+            self.head.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// An HTTP/1 request head is incomplete (HTTP/2 frames between requests are not heads).
+    fn reading_head(&self) -> bool {
+        self.head.load(Ordering::Relaxed) && !self.h2.load(Ordering::Relaxed)
+    }
+}
+
+/// Why a connection's clock ran out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Expired {
+    /// No request for `keepalive_timeout`: close gracefully (HTTP/2 gets a GOAWAY).
+    Idle,
+    /// A request head did not arrive whole within `header_read_timeout`: drop it.
+    Header,
+}
+
+/// The idle and header deadlines of one connection, kept with a coarse tick instead of a
+/// timer re-armed for every request: the request path only flips atomics, and the tick
+/// (half the shorter timeout) checks them. A head is cut off between one and one and a
+/// half `header_read_timeout`s after its first byte; an idle connection between one and
+/// one and a half `keepalive_timeout`s after its last request (at most one tick late).
+#[derive(Debug, Clone, Copy)]
+struct ConnClock {
+    tick: Duration,
+    /// Ticks in a row that must see the same unfinished head / the same idleness.
+    header_ticks: u32,
+    idle_ticks: u32,
+}
+
+impl ConnClock {
+    /// Shortest tick, so tiny timeouts in tests do not spin.
+    const MIN_TICK: Duration = Duration::from_millis(25);
+
+    fn new(keepalive: Duration, header: Duration) -> Self {
+        let tick = (keepalive.min(header) / 2).max(Self::MIN_TICK);
+        let ticks = |timeout: Duration| {
+            // The first tick may come just after the state began: one more makes the
+            // timeout a lower bound.
+            (timeout.as_nanos().div_ceil(tick.as_nanos()) as u32).saturating_add(1)
+        };
+        Self {
+            tick,
+            header_ticks: ticks(header),
+            idle_ticks: ticks(keepalive),
+        }
+    }
+
+    /// Resolves when the connection has been idle, or has been reading one head, too long.
+    async fn expired(self, state: &ConnState) -> Expired {
+        let mut interval =
+            tokio::time::interval_at(tokio::time::Instant::now() + self.tick, self.tick);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut seen = state.activity();
+        let (mut header_run, mut idle_run) = (0u32, 0u32);
+        loop {
+            interval.tick().await;
+            let now = state.activity();
+            if now != seen || state.busy() {
+                seen = now;
+                (header_run, idle_run) = (0, 0);
+            } else if state.reading_head() {
+                idle_run = 0;
+                header_run += 1;
+                if header_run >= self.header_ticks {
+                    return Expired::Header;
+                }
+            } else {
+                header_run = 0;
+                idle_run += 1;
+                if idle_run >= self.idle_ticks {
+                    return Expired::Idle;
+                }
+            }
+        }
+    }
 }
 
 struct InFlight<'a>(&'a ConnState);
@@ -360,6 +450,7 @@ impl<'a> InFlight<'a> {
     fn start(state: &'a ConnState) -> Self {
         state.started.fetch_add(1, Ordering::Relaxed);
         state.in_flight.fetch_add(1, Ordering::AcqRel);
+        state.head.store(false, Ordering::Relaxed);
         InFlight(state)
     }
 }
@@ -388,26 +479,20 @@ async fn connection<I>(
         let ctx = ctx.clone();
         service_fn(move |req| handle(req, ctx.clone()))
     };
-    let conn = shared
-        .builder
-        .serve_connection(TokioIo::new(CloseWithoutShutdown(io)), service);
+    let conn = shared.builder.serve_connection(
+        TokioIo::new(ConnIo {
+            io,
+            ctx: ctx.clone(),
+        }),
+        service,
+    );
     tokio::pin!(conn);
 
-    let keepalive = Duration::from_millis(shared.settings.http.keepalive_timeout_ms);
+    let clock = ConnClock::new(
+        Duration::from_millis(shared.settings.http.keepalive_timeout_ms),
+        Duration::from_millis(shared.settings.http.header_read_timeout_ms),
+    );
     let grace = Duration::from_millis(shared.settings.drain_idle_grace_ms);
-    // Closed once a whole keepalive_timeout passed with no request starting and none in
-    // flight (so an idle connection lives between one and two keepalive_timeouts).
-    let idle_expired = async {
-        let mut seen = state.activity();
-        loop {
-            tokio::time::sleep(keepalive).await;
-            let now = state.activity();
-            if now == seen && !state.busy() {
-                return;
-            }
-            seen = now;
-        }
-    };
     let mut closing_watch = watch.clone();
     let drain_says_close = async {
         closing_watch.reached(Phase::Closing).await;
@@ -421,7 +506,13 @@ async fn connection<I>(
     tokio::select! {
         result = conn.as_mut() => return log_end(result),
         _ = drain_says_close => {}
-        _ = idle_expired => {}
+        expired = clock.expired(state) => {
+            if expired == Expired::Header {
+                // Nothing is in flight; hyper would wait for the head to finish.
+                tracing::debug!("request head not complete within header_read_timeout; closing");
+                return;
+            }
+        }
     }
     // HTTP/2: GOAWAY, then wait for open streams. HTTP/1: close once the request in
     // flight (if any) is answered.
@@ -432,28 +523,38 @@ async fn connection<I>(
     }
 }
 
-/// The connection's socket, without the `shutdown(SHUT_WR)` hyper issues before dropping
-/// it: closing the socket right after sends the same FIN (or the same RST, if the peer
-/// left unread data), and connection-per-request load showed the extra syscall.
-struct CloseWithoutShutdown<I>(I);
+/// The connection's socket as hyper sees it. Reads tell the connection's clock that a
+/// request head is arriving. Writes skip the `shutdown(SHUT_WR)` hyper issues before
+/// dropping a socket: closing it right after sends the same FIN (or the same RST, if the
+/// peer left unread data), and connection-per-request load showed the extra syscall.
+struct ConnIo<I> {
+    io: I,
+    ctx: Arc<ConnCtx>,
+}
 
-impl<I: AsyncRead + Unpin> AsyncRead for CloseWithoutShutdown<I> {
+impl<I: AsyncRead + Unpin> AsyncRead for ConnIo<I> {
     fn poll_read(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.0).poll_read(cx, buf)
+        let before = buf.filled().len();
+        let this = &mut *self;
+        let polled = std::pin::Pin::new(&mut this.io).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            this.ctx.state.bytes_arrived();
+        }
+        polled
     }
 }
 
-impl<I: AsyncWrite + Unpin> AsyncWrite for CloseWithoutShutdown<I> {
+impl<I: AsyncWrite + Unpin> AsyncWrite for ConnIo<I> {
     fn poll_write(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
         buf: &[u8],
     ) -> std::task::Poll<std::io::Result<usize>> {
-        std::pin::Pin::new(&mut self.0).poll_write(cx, buf)
+        std::pin::Pin::new(&mut self.io).poll_write(cx, buf)
     }
 
     fn poll_write_vectored(
@@ -461,18 +562,18 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for CloseWithoutShutdown<I> {
         cx: &mut std::task::Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> std::task::Poll<std::io::Result<usize>> {
-        std::pin::Pin::new(&mut self.0).poll_write_vectored(cx, bufs)
+        std::pin::Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {
-        self.0.is_write_vectored()
+        self.io.is_write_vectored()
     }
 
     fn poll_flush(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.0).poll_flush(cx)
+        std::pin::Pin::new(&mut self.io).poll_flush(cx)
     }
 
     fn poll_shutdown(
@@ -480,7 +581,7 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for CloseWithoutShutdown<I> {
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
         // Flush what is buffered; the close that follows does the rest.
-        std::pin::Pin::new(&mut self.0).poll_flush(cx)
+        std::pin::Pin::new(&mut self.io).poll_flush(cx)
     }
 }
 
