@@ -19,7 +19,7 @@ async fn run_and_expect_failure(config: &Path, expect: &[&str]) {
     }
     // Nothing was started: no control socket was left, and no worker was spawned.
     assert!(
-        !config.with_file_name("baton.sock").exists(),
+        !config.with_file_name(".baton-run/baton.sock").exists(),
         "a control socket was left behind"
     );
     assert!(
@@ -176,4 +176,89 @@ async fn clients_report_an_unreachable_supervisor_with_status_two() {
             out.text()
         );
     }
+}
+
+#[tokio::test]
+async fn run_exits_when_generation_1_cannot_be_prepared() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let plugins = baton_tests::plugin_dir(dir.path(), "plugins", &["hello"]);
+    let plugin = plugins.join("libbaton_hello.so");
+    std::fs::set_permissions(&plugin, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let config = write(
+        dir.path(),
+        &TestConfig {
+            plugins_dir: Some(plugins.clone()),
+            port: free_port(),
+            ..TestConfig::default()
+        }
+        .render(),
+    );
+    let out = tokio::time::timeout(WAIT, run_cli(&["run"], &config))
+        .await
+        .expect("baton run must exit when generation 1 cannot start");
+    assert_eq!(out.code, Some(1), "{}", out.text());
+    assert!(
+        out.stderr.contains("generation 1 could not start")
+            && out.stderr.contains(&plugin.display().to_string())
+            && out.stderr.contains("mode 0666"),
+        "{}",
+        out.text()
+    );
+}
+
+#[tokio::test]
+async fn a_control_socket_directory_others_can_enter_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let open = dir.path().join("open");
+    std::fs::create_dir(&open).unwrap();
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let config = write(
+        dir.path(),
+        &TestConfig {
+            port: free_port(),
+            extra: format!("[control]\nsocket = \"{}/baton.sock\"\n", open.display()),
+            ..TestConfig::default()
+        }
+        .render(),
+    );
+    let out = tokio::time::timeout(WAIT, run_cli(&["run"], &config))
+        .await
+        .expect("baton run must refuse to start");
+    assert_eq!(out.code, Some(1), "{}", out.text());
+    assert!(
+        out.stderr
+            .contains(&format!("control socket directory {}", open.display()))
+            && out.stderr.contains("mode 0755"),
+        "{}",
+        out.text()
+    );
+    assert!(!open.join("baton.sock").exists());
+
+    // A directory that does not exist yet is created private.
+    let private = dir.path().join("private");
+    let config = write(
+        dir.path(),
+        &TestConfig {
+            port: free_port(),
+            extra: format!("[control]\nsocket = \"{}/baton.sock\"\n", private.display()),
+            ..TestConfig::default()
+        }
+        .render(),
+    );
+    let mut baton = tokio::process::Command::new(&bins().baton)
+        .args(["run", "-c"])
+        .arg(&config)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let up = baton_tests::eventually(WAIT, || private.join("baton.sock").exists()).await;
+    assert!(up, "no control socket in {}", private.display());
+    let mode = std::fs::metadata(&private).unwrap().permissions().mode() & 0o7777;
+    assert_eq!(mode, 0o700);
+    let out = run_cli(&["status"], &config).await;
+    assert_eq!(out.code, Some(0), "{}", out.text());
+    assert_eq!(baton_tests::terminate(&mut baton).await, Some(0));
 }

@@ -9,6 +9,17 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use std::time::{Duration, Instant};
 
+/// Keep-alive, connection-per-request and HTTP/2 clients on `/hello`.
+fn mixed_hello_load() -> LoadSpec {
+    LoadSpec {
+        keepalive: 4,
+        per_request: 1,
+        h2: 1,
+        path: "/hello".into(),
+        ..LoadSpec::default()
+    }
+}
+
 fn per_request_only() -> LoadSpec {
     LoadSpec {
         keepalive: 0,
@@ -164,8 +175,19 @@ async fn two_hundred_upgrades_leak_nothing() {
         ..TestConfig::default()
     })
     .await;
+    // Every upgrade runs a plugin with new content (the library plus a trailing counter),
+    // so the cache would grow by one file per upgrade if nothing were pruned.
+    let original = std::fs::read(plugins.join("libbaton_hello.so")).unwrap();
+    let release = |i: u64| {
+        let mut bytes = original.clone();
+        bytes.extend_from_slice(&i.to_le_bytes());
+        let tmp = plugins.join(".next.tmp");
+        std::fs::write(&tmp, bytes).unwrap();
+        std::fs::rename(&tmp, plugins.join("libbaton_hello.so")).unwrap();
+    };
     // Warm up: the first upgrades allocate what every later one reuses.
-    for _ in 0..10 {
+    for i in 0..10 {
+        release(i);
         assert_eq!(baton.upgrade_wait().await.code, Some(0));
     }
     baton.wait_settled().await;
@@ -176,17 +198,9 @@ async fn two_hundred_upgrades_leak_nothing() {
         baton.worker_pids().len(),
         dir_size(&cache),
     );
-    let load = Load::start(
-        baton.addr(),
-        LoadSpec {
-            keepalive: 4,
-            per_request: 1,
-            h2: 1,
-            path: "/hello".into(),
-            ..LoadSpec::default()
-        },
-    );
+    let load = Load::start(baton.addr(), mixed_hello_load());
     for i in 0..200 {
+        release(1000 + i);
         let out = baton.upgrade_wait().await;
         assert_eq!(out.code, Some(0), "upgrade {i}: {}", out.text());
     }
@@ -207,7 +221,7 @@ async fn two_hundred_upgrades_leak_nothing() {
     );
     eprintln!(
         "200 upgrades: supervisor fds {} -> {}, RSS {} -> {} KiB, worker processes {} -> {}, \
-         plugin cache {} files/{} bytes -> {} files/{} bytes; {} requests, {} failed",
+         artifact cache {} files/{} bytes -> {} files/{} bytes; {} requests, {} failed",
         before.0,
         after.0,
         before.1,
@@ -223,7 +237,7 @@ async fn two_hundred_upgrades_leak_nothing() {
     );
     assert_eq!(after.0, before.0, "the supervisor's fd count changed");
     assert_eq!(after.2, before.2, "the number of worker processes changed");
-    assert_eq!(after.3, before.3, "the plugin cache changed");
+    assert_eq!(after.3, before.3, "the artifact cache was not pruned back");
     // The allocator may keep a little; a leak per upgrade would show as hundreds of KiB.
     assert!(
         after.1 <= before.1 + 256,
@@ -241,9 +255,9 @@ async fn a_full_or_read_only_cache_disk_refuses_the_upgrade() {
         return;
     }
     let _heavy = heavy().await;
-    for (case, options, expect) in [
-        ("full", "size=64k", "No space left on device"),
-        ("read-only", "ro,size=16m", "Read-only file system"),
+    for (case, expect) in [
+        ("full", "No space left on device"),
+        ("read-only", "Read-only file system"),
     ] {
         let tmp = tempfile::tempdir().unwrap();
         let plugins = baton_tests::plugin_dir(tmp.path(), "plugins", &[]);
@@ -260,9 +274,10 @@ async fn a_full_or_read_only_cache_disk_refuses_the_upgrade() {
             )
         };
         std::fs::write(&config, render()).unwrap();
-        // The cache is a tiny (or read-only) tmpfs in the supervisor's own mount namespace.
+        // The cache is a small tmpfs in the supervisor's own mount namespace (generation 1
+        // caches the worker binary there), filled up or made read-only once it serves.
         let script = format!(
-            "mount -t tmpfs -o {options} baton-test-cache '{}' && exec '{}' run -c '{}'",
+            "mount -t tmpfs -o size=96m baton-test-cache '{}' && exec '{}' run -c '{}'",
             cache.display(),
             baton_tests::bins().baton.display(),
             config.display()
@@ -276,12 +291,48 @@ async fn a_full_or_read_only_cache_disk_refuses_the_upgrade() {
             .spawn()
             .unwrap();
         let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
-        let up = eventually(WAIT, || std::net::TcpStream::connect(addr).is_ok()).await;
+        // Serving, not just bound: generation 1 has cached the worker binary.
+        let mut up = false;
+        let deadline = Instant::now() + WAIT;
+        while !up && Instant::now() < deadline {
+            up = tokio::time::timeout(
+                Duration::from_millis(500),
+                baton_tests::get(addr, "/_baton/health"),
+            )
+            .await
+            .is_ok_and(|r| r.is_ok_and(|(code, _)| code == 200));
+            if !up {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
         assert!(
             up,
             "{case}: baton did not start: {}",
             std::fs::read_to_string(tmp.path().join("log")).unwrap()
         );
+        let pid = child.id().unwrap();
+        if case == "full" {
+            // Seen through the supervisor's root, the cache is its tmpfs.
+            let filler = format!("/proc/{pid}/root{}/filler", cache.display());
+            let mut file = std::fs::File::create(&filler).unwrap();
+            let block = vec![0u8; 1 << 20];
+            let full = (0..200).any(|_| std::io::Write::write_all(&mut file, &block).is_err());
+            assert!(full, "the 96 MiB tmpfs never filled up");
+        } else {
+            let status = std::process::Command::new("nsenter")
+                .args([
+                    "--target",
+                    &pid.to_string(),
+                    "--mount",
+                    "mount",
+                    "-o",
+                    "remount,ro",
+                ])
+                .arg(&cache)
+                .status()
+                .unwrap();
+            assert!(status.success(), "remount read-only failed");
+        }
         let load = Load::start(
             addr,
             LoadSpec {
@@ -300,8 +351,9 @@ async fn a_full_or_read_only_cache_disk_refuses_the_upgrade() {
         assert_eq!(out.code, Some(1), "{case}: {}", out.text());
         assert!(
             out.text().contains("plugin cache") && out.text().contains(expect),
-            "{case}: {}",
-            out.text()
+            "{case}: {}\nlog:\n{}",
+            out.text(),
+            std::fs::read_to_string(tmp.path().join("log")).unwrap()
         );
         let status = baton_tests::run_cli(&["status", "--json"], &config).await;
         let status: serde_json::Value = serde_json::from_str(&status.stdout).unwrap();
@@ -316,4 +368,160 @@ async fn a_full_or_read_only_cache_disk_refuses_the_upgrade() {
         assert_eq!(code, 200);
         assert_eq!(baton_tests::terminate(&mut child).await, Some(0));
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_loop_after_promotion_restores_the_previous_generations_exact_artifacts() {
+    use std::os::unix::fs::PermissionsExt;
+    let _heavy = heavy().await;
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    // The worker binary at worker.path is a copy the test overwrites later.
+    let worker = tmp.path().join("baton-worker");
+    std::fs::copy(&baton_tests::bins().worker, &worker).unwrap();
+    let plugins = baton_tests::plugin_dir(tmp.path(), "plugins", &["hello"]);
+    let cache = plugins.with_extension("cache");
+    let config = |greeting: &str| TestConfig {
+        worker_path: Some(worker.clone()),
+        plugins_dir: Some(plugins.clone()),
+        drain_timeout: "2s",
+        extra: format!(
+            "crash_loop_window = \"30s\"\ncrash_loop_exits = 3\n\
+             [plugins.settings.hello]\ngreeting = \"{greeting}\"\n"
+        ),
+        ..TestConfig::default()
+    };
+    let mut base = config("one");
+    let baton = Baton::start(base.clone()).await;
+    let gen1 = baton.status().await["generations"][0].clone();
+    let load = Load::start(
+        baton.addr(),
+        LoadSpec {
+            keepalive: 4,
+            per_request: 1,
+            h2: 0,
+            path: "/hello".into(),
+            ..LoadSpec::default()
+        },
+    );
+
+    // Release 2: another greeting and a plugin that aborts its worker 300 ms after it
+    // loads. It becomes READY, is promoted, then crashes over and over.
+    baton_tests::compile_c_plugin(
+        std::path::Path::new("tests/harness/bad_plugin.c"),
+        &plugins.join("crasher.so"),
+        &["CRASH_AFTER_MS=300"],
+    );
+    base = TestConfig {
+        port: base.port,
+        ..config("two")
+    };
+    baton.write_config(&base.render());
+    let out = baton.upgrade_wait().await;
+    assert_eq!(out.code, Some(0), "{}", out.text());
+    // While it crash-loops, the files on disk change again: a rollback that re-read
+    // them would start this broken binary, greeting "three", with the crasher.
+    std::fs::remove_file(&worker).unwrap();
+    std::fs::write(&worker, "#!/bin/sh\necho 'broken release' >&2\nexit 1\n").unwrap();
+    std::fs::set_permissions(&worker, std::fs::Permissions::from_mode(0o755)).unwrap();
+    baton.write_config(
+        &TestConfig {
+            port: base.port,
+            ..config("three")
+        }
+        .render(),
+    );
+
+    let mut restored = None;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        let status = baton.status().await;
+        let serving = status["generations"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|g| g["state"] == "serving" && g["restored_from"] == 1)
+            .cloned();
+        if let Some(g) = serving
+            && status["generations"].as_array().unwrap().len() == 1
+        {
+            restored = Some((g, status));
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let crash_window = load.stop().await;
+    let Some((gen3, status)) = restored else {
+        panic!(
+            "no restored generation took over:\n{:#}\nlog:\n{}",
+            baton.status().await,
+            baton.log()
+        );
+    };
+    eprintln!(
+        "crash loop: {} requests answered, {} failed while generation 2 crashed and generation {} took over",
+        crash_window.ok(),
+        crash_window.failed,
+        gen3["number"]
+    );
+
+    // Exactly generation 1's artifacts: binary, plugin set and config.
+    assert_eq!(gen3["number"], 3, "{status:#}");
+    assert_eq!(gen3["worker"]["sha256"], gen1["worker"]["sha256"]);
+    assert_eq!(gen3["worker"]["cached"], gen1["worker"]["cached"]);
+    assert_eq!(gen3["plugins"], gen1["plugins"], "{status:#}");
+    assert_eq!(gen3["rollback_to"], serde_json::Value::Null);
+    let cached = gen3["worker"]["cached"].as_str().unwrap();
+    for pid in gen3["pids"].as_array().unwrap() {
+        let exe = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap();
+        assert_eq!(
+            exe,
+            std::path::Path::new(cached),
+            "worker {pid} runs {exe:?}"
+        );
+    }
+    let (code, body) = baton_tests::get(baton.addr(), "/hello").await.unwrap();
+    assert_eq!(code, 200);
+    assert!(
+        body.starts_with("one"),
+        "generation 1's config was not restored: {body}"
+    );
+    let (code, _) = baton_tests::get(baton.addr(), "/bad/ok").await.unwrap();
+    assert_eq!(
+        code, 404,
+        "the crasher is not part of generation 1's plugin set"
+    );
+
+    // Reported: the last upgrade, the log.
+    let last = &status["last_upgrade"];
+    assert_eq!(last["result"], "rolled_back", "{status:#}");
+    assert_eq!(last["generation"], 2, "{status:#}");
+    let reason = last["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("generation 2 crash-looped: 3 worker exit(s) within 30s of promotion")
+            && reason.contains("generation 3 serves generation 1's artifacts"),
+        "{reason}"
+    );
+    assert!(
+        baton
+            .log()
+            .contains("rolling back to generation 1's exact artifacts"),
+        "{}",
+        baton.log()
+    );
+
+    // Generation 2's artifacts left the cache with it; generation 3's stay.
+    let names: Vec<String> = std::fs::read_dir(&cache)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n != ".lock")
+        .collect();
+    assert_eq!(names.len(), 2, "cache holds {names:?}");
+
+    // And it serves without failures from here on.
+    let load = Load::start(baton.addr(), mixed_hello_load());
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let after = load.stop().await;
+    assert_eq!(after.failed, 0, "{:#?}", after.failures);
+    assert!(after.ok() > 0);
 }

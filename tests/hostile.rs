@@ -262,10 +262,17 @@ async fn the_connection_cap_queues_instead_of_refusing() {
 async fn bad_control_messages_get_an_error_and_other_uids_are_refused() {
     use tokio::net::UnixStream;
     let baton = Baton::start(TestConfig::default()).await;
-    let socket = baton.dir.path().join("baton.sock");
-    let mode =
-        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&socket).unwrap().permissions());
-    assert_eq!(mode & 0o777, 0o600, "control socket mode {mode:o}");
+    let socket = baton.dir.path().join(".baton-run/baton.sock");
+    let mode_of = |path: &std::path::Path| {
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(path).unwrap().permissions())
+            & 0o7777
+    };
+    assert_eq!(mode_of(&socket), 0o600, "control socket mode");
+    assert_eq!(
+        mode_of(socket.parent().unwrap()),
+        0o700,
+        "control socket directory mode"
+    );
     for bad in [
         &b"not json\n"[..],
         b"{\"command\":\"explode\"}\n",
@@ -288,35 +295,44 @@ async fn bad_control_messages_get_an_error_and_other_uids_are_refused() {
     assert!(reply.contains("no request within"), "{reply}");
     healthy(&baton).await;
 
-    // Another uid (as root the test can become nobody): refused and logged.
+    // Another uid (as root the test can become nobody): kept out by the directory, and
+    // refused and logged by the peer check even with a way past the directory.
     if nix::unistd::geteuid().is_root() {
-        // The socket is 0600 and root's: give nobody a way in to reach the uid check.
-        let open = baton.dir.path().join("open");
-        std::fs::create_dir(&open).unwrap();
-        std::fs::set_permissions(&open, std::os::unix::fs::PermissionsExt::from_mode(0o777))
-            .unwrap();
-        std::fs::set_permissions(&socket, std::os::unix::fs::PermissionsExt::from_mode(0o666))
-            .unwrap();
-        std::fs::set_permissions(
-            baton.dir.path(),
-            std::os::unix::fs::PermissionsExt::from_mode(0o755),
-        )
-        .unwrap();
         let config = baton.config_path.display().to_string();
-        let out = tokio::process::Command::new("setpriv")
-            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
-            .arg(&baton_tests::bins().baton)
-            .args(["status", "-c", &config])
+        let as_nobody = |caps: &[&str]| {
+            let mut cmd = tokio::process::Command::new("setpriv");
+            cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+                .args(caps)
+                .arg(&baton_tests::bins().baton)
+                .args(["status", "-c", &config]);
+            cmd
+        };
+        let text_of = |out: &std::process::Output| {
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            )
+        };
+        let out = as_nobody(&[]).output().await.unwrap();
+        assert_eq!(out.status.code(), Some(2), "{}", text_of(&out));
+        assert!(
+            text_of(&out).contains("Permission denied"),
+            "{}",
+            text_of(&out)
+        );
+        // CAP_DAC_OVERRIDE passes the directory and the socket's mode: the supervisor
+        // still refuses uid 65534.
+        let out = as_nobody(&["--inh-caps=+dac_override", "--ambient-caps=+dac_override"])
             .output()
             .await
             .unwrap();
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
+        assert_eq!(out.status.code(), Some(1), "{}", text_of(&out));
+        assert!(
+            text_of(&out).contains("permission denied"),
+            "{}",
+            text_of(&out)
         );
-        assert_eq!(out.status.code(), Some(1), "{text}");
-        assert!(text.contains("permission denied"), "{text}");
         assert!(
             baton.log().contains("control connection from uid 65534"),
             "{}",

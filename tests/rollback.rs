@@ -55,13 +55,13 @@ async fn every_failed_upgrade_leaves_the_serving_generation_untouched() {
             name: "cannot be executed (missing)",
             config: with(&|c| c.worker_path = Some(dir.join("no-such-worker"))),
             expect: vec!["cannot execute worker", "no-such-worker", "No such file"],
-            result: "rolled_back",
+            result: "refused",
         },
         Case {
             name: "cannot be executed (not executable)",
             config: with(&|c| c.worker_path = Some(not_executable.clone())),
-            expect: vec!["cannot execute worker", "Permission denied"],
-            result: "rolled_back",
+            expect: vec!["cannot execute worker", "not executable"],
+            result: "refused",
         },
         Case {
             name: "reports a start-up failure",

@@ -197,13 +197,8 @@ fn run(path: &Path, env: Env) -> anyhow::Result<ExitCode> {
         .context("install signal handlers")?;
         let control = ControlSocket::bind(&config.control_socket)?;
         let listeners = ListenerSet::open(&config, activated)?;
-        let notify_path = notify_socket_path(&config.control_socket);
-        let notify = Arc::new(
-            WorkerSocket::bind(&notify_path)
-                .with_context(|| format!("bind worker notify socket {}", notify_path.display()))?,
-        );
-        // Workers may run as another user (worker.user); readiness must still reach us.
-        std::fs::set_permissions(&notify_path, std::fs::Permissions::from_mode(0o622))?;
+        let notify =
+            Arc::new(WorkerSocket::bind_abstract().context("bind the worker notify socket")?);
         let (lifeline_read, lifeline_write) =
             nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).context("create the lifeline pipe")?;
 
@@ -248,12 +243,6 @@ fn run(path: &Path, env: Env) -> anyhow::Result<ExitCode> {
 }
 
 /// The workers' notify socket lives beside the control socket.
-fn notify_socket_path(control: &Path) -> PathBuf {
-    let mut name = control.file_name().unwrap_or_default().to_owned();
-    name.push(".notify");
-    control.with_file_name(name)
-}
-
 async fn pump_signals(
     mut signals: signal_hook_tokio::Signals,
     events: tokio::sync::mpsc::UnboundedSender<Event>,

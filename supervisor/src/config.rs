@@ -86,6 +86,11 @@ pub struct WorkerConfig {
     pub drain_idle_grace: Duration,
     pub max_generations: usize,
     pub blocking_threads: usize,
+    /// A generation whose workers exit `crash_loop_exits` times within `crash_loop_window`
+    /// of its promotion is replaced by the previous generation's exact artifacts
+    /// (`crash_loop_exits = 0`: never).
+    pub crash_loop_window: Duration,
+    pub crash_loop_exits: usize,
     /// `worker.user`/`worker.group`: the uid and gid workers run as (the supervisor must
     /// be root to switch).
     pub credentials: Option<Credentials>,
@@ -128,6 +133,8 @@ const DEFAULT_WORKER: &str = "baton-worker";
 const DEFAULT_PLUGIN_DIR: &str = "plugins.d";
 const DEFAULT_CONTROL_SOCKET: &str = "baton.sock";
 const DEFAULT_CACHE_DIR: &str = ".baton-cache";
+/// Outside systemd, the private directory (mode 0700) relative control sockets go in.
+const DEFAULT_RUNTIME_DIR: &str = ".baton-run";
 /// Longest duration accepted anywhere, so that deadlines computed from them cannot overflow.
 const MAX_DURATION: Duration = Duration::from_secs(7 * 24 * 3600);
 
@@ -164,6 +171,8 @@ struct RawWorker {
     drain_idle_grace: Option<Spanned<String>>,
     max_generations: Option<Spanned<i64>>,
     blocking_threads: Option<Spanned<i64>>,
+    crash_loop_window: Option<Spanned<String>>,
+    crash_loop_exits: Option<Spanned<i64>>,
     user: Option<Spanned<String>>,
     group: Option<Spanned<String>>,
 }
@@ -307,6 +316,12 @@ impl Config {
                 64,
                 1..=4096,
             )?,
+            crash_loop_window: v.duration(
+                &w.crash_loop_window,
+                "worker.crash_loop_window",
+                "60s",
+            )?,
+            crash_loop_exits: v.int(&w.crash_loop_exits, "worker.crash_loop_exits", 3, 0..=1000)?,
             credentials: v.credentials(&w.user, &w.group)?,
         };
 
@@ -477,12 +492,16 @@ pub fn control_socket_lenient(path: &Path, ctx: &PathContext) -> Option<PathBuf>
 }
 
 /// `control.socket` resolved: absolute as written; relative inside `$RUNTIME_DIRECTORY`,
-/// else next to the config file (`base`).
+/// else inside `.baton-run/` next to the config file (`base`). Either way its directory
+/// must be one only baton's user can enter (the supervisor creates it so, or refuses).
 fn control_path(name: &str, base: &Path, ctx: &PathContext) -> PathBuf {
     if Path::new(name).is_absolute() {
         return PathBuf::from(name);
     }
-    ctx.runtime_dir.as_deref().unwrap_or(base).join(name)
+    match &ctx.runtime_dir {
+        Some(dir) => dir.join(name),
+        None => base.join(DEFAULT_RUNTIME_DIR).join(name),
+    }
 }
 
 /// The `[table]` header that line `line` falls under, if any.
@@ -672,7 +691,12 @@ mod tests {
         assert_eq!(c.worker.drain_timeout, Duration::from_secs(30));
         assert_eq!(c.worker.max_generations, 4);
         assert_eq!(c.plugins.dir, PathBuf::from("/etc/baton/plugins.d"));
-        assert_eq!(c.control_socket, PathBuf::from("/etc/baton/baton.sock"));
+        assert_eq!(
+            c.control_socket,
+            PathBuf::from("/etc/baton/.baton-run/baton.sock")
+        );
+        assert_eq!(c.worker.crash_loop_exits, 3);
+        assert_eq!(c.worker.crash_loop_window, Duration::from_secs(60));
         assert_eq!(c.http, HttpSettings::default());
     }
 
@@ -763,11 +787,16 @@ mod tests {
 
     #[test]
     fn control_socket_goes_to_the_runtime_directory() {
-        let ctx = PathContext {
+        let systemd = PathContext {
             runtime_dir: Some("/run/baton".into()),
             ..ctx()
         };
-        let c = Config::parse(MINIMAL, Path::new("/etc/baton/baton.toml"), &ctx).unwrap();
+        let c = Config::parse(MINIMAL, Path::new("/etc/baton/baton.toml"), &systemd).unwrap();
         assert_eq!(c.control_socket, PathBuf::from("/run/baton/baton.sock"));
+        let c = Config::parse(MINIMAL, Path::new("/etc/baton/baton.toml"), &ctx()).unwrap();
+        assert_eq!(
+            c.control_socket,
+            PathBuf::from("/etc/baton/.baton-run/baton.sock")
+        );
     }
 }

@@ -67,10 +67,10 @@ impl ControlSocket {
                 path.display()
             );
         }
-        let _ = std::fs::remove_file(path);
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+            private_dir(dir)?;
         }
+        let _ = std::fs::remove_file(path);
         let listener = UnixListener::bind(path)
             .with_context(|| format!("bind control socket {}", path.display()))?;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
@@ -111,6 +111,53 @@ impl ControlSocket {
             tokio::spawn(handle(stream, allowed, events.clone()));
         }
     }
+}
+
+/// Makes sure `dir` is a directory only this user can enter: created with mode 0700 if
+/// missing; refused if it exists with any access for group or others, or belongs to
+/// someone else. Mode 0600 on the socket alone would not be enough: the directory is what
+/// keeps other users from even reaching it.
+fn private_dir(dir: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    if let Some(parent) = dir.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent)
+            .map_err(|e| anyhow::anyhow!("control socket directory {}: {e}", parent.display()))?;
+    }
+    match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => anyhow::bail!(
+            "control socket directory {}: cannot create: {e}",
+            dir.display()
+        ),
+    }
+    let meta = std::fs::symlink_metadata(dir)
+        .map_err(|e| anyhow::anyhow!("control socket directory {}: {e}", dir.display()))?;
+    let me = nix::unistd::geteuid().as_raw();
+    let mode = meta.mode() & 0o7777;
+    if !meta.is_dir() {
+        anyhow::bail!(
+            "control socket directory {} is not a directory (control.socket)",
+            dir.display()
+        );
+    }
+    if meta.uid() != me {
+        anyhow::bail!(
+            "control socket directory {} belongs to uid {}, not to uid {me} that baton runs as; \
+             give it to uid {me} or point control.socket elsewhere",
+            dir.display(),
+            meta.uid()
+        );
+    }
+    if mode & 0o077 != 0 {
+        anyhow::bail!(
+            "control socket directory {} has mode {mode:04o}: other users could reach the \
+             control socket; chmod 700 it, or point control.socket at a directory only baton's \
+             user can enter",
+            dir.display()
+        );
+    }
+    Ok(())
 }
 
 impl Drop for ControlSocket {

@@ -6,6 +6,7 @@
 //! forwards its stderr and keeps the tail for failure reports; it never decides what a
 //! generation does next (the supervisor loop does).
 
+use crate::artifacts::WorkerBinary;
 use crate::config::Config;
 use crate::listeners::Listener;
 use baton_proto::Stats;
@@ -59,12 +60,50 @@ pub struct Generation {
     pub listeners: Vec<Arc<Listener>>,
     pub settings_json: String,
     pub plugins: Vec<baton_proto::PluginSpec>,
+    /// The cached worker binary the workers exec.
+    pub binary: WorkerBinary,
     pub workers: Vec<WorkerSlot>,
     pub restarts: u64,
     /// Requests served by workers of this generation that have exited.
     pub requests_of_exited: u64,
     pub failure: Option<String>,
     pub span: tracing::Span,
+    /// When it began serving.
+    pub promoted: Option<Instant>,
+    /// Worker exits while serving, within `crash_loop_window` of `promoted`.
+    pub crashes_after_promotion: usize,
+    /// What to start again if this generation crash-loops after promotion: the
+    /// generation it replaced (never set for a generation that is itself a restore).
+    pub previous: Option<Arc<Artifacts>>,
+    /// This generation runs the exact artifacts of that generation, after a crash loop.
+    pub restored: Option<Restored>,
+}
+
+/// Why a generation runs an older generation's artifacts.
+#[derive(Debug, Clone)]
+pub struct Restored {
+    /// Whose artifacts.
+    pub from: u64,
+    /// The generation that crash-looped.
+    pub crashed: u64,
+    pub reason: String,
+}
+
+/// Everything a generation was started from: enough to start it again exactly.
+#[derive(Debug)]
+pub struct Artifacts {
+    pub number: u64,
+    pub config: Arc<Config>,
+    pub binary: WorkerBinary,
+    pub plugins: Vec<baton_proto::PluginSpec>,
+}
+
+impl Artifacts {
+    /// The cached files.
+    pub fn files(&self) -> impl Iterator<Item = &std::path::Path> {
+        std::iter::once(self.binary.cached.as_path())
+            .chain(self.plugins.iter().map(|p| std::path::Path::new(&p.cached)))
+    }
 }
 
 /// One worker position in a generation; a crashed worker is replaced in its slot.
@@ -99,6 +138,15 @@ impl WorkerProcess {
 }
 
 impl Generation {
+    pub fn artifacts(&self) -> Artifacts {
+        Artifacts {
+            number: self.number,
+            config: self.config.clone(),
+            binary: self.binary.clone(),
+            plugins: self.plugins.clone(),
+        }
+    }
+
     pub fn pids(&self) -> Vec<u32> {
         self.workers
             .iter()

@@ -2,6 +2,7 @@
 //! processes on them, and replaces one generation with the next without dropping a
 //! connection. The binary `baton` is a thin wrapper around [`commands::main`].
 
+pub mod artifacts;
 pub mod commands;
 pub mod config;
 pub mod control;

@@ -128,17 +128,39 @@ pub struct WorkerSocket {
 const MAX_DATAGRAM: usize = 4096;
 
 impl WorkerSocket {
-    /// Binds at `path`, replacing a stale file.
-    pub fn bind(path: &Path) -> std::io::Result<Self> {
-        let _ = std::fs::remove_file(path);
-        let socket = UnixDatagram::bind(path)?;
+    /// Binds in the abstract namespace under an unguessable name: no file to leave behind
+    /// or to keep reachable for workers running as another user (`worker.user`), while
+    /// the control socket's directory stays private. Anyone may send to it; only datagrams
+    /// whose kernel-reported pid is a worker's are acted on.
+    pub fn bind_abstract() -> std::io::Result<Self> {
+        use std::os::linux::net::SocketAddrExt;
+        let mut random = [0u8; 8];
+        // SAFETY: getrandom writes at most `random.len()` bytes into the buffer.
+        #[allow(unsafe_code)]
+        let n = unsafe { libc::getrandom(random.as_mut_ptr().cast(), random.len(), 0) };
+        if n != random.len() as isize {
+            return Err(std::io::Error::last_os_error());
+        }
+        let name = format!(
+            "baton/{}/notify/{}",
+            std::process::id(),
+            random
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<String>()
+        );
+        let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())?;
+        let socket = std::os::unix::net::UnixDatagram::bind_addr(&addr)?;
+        socket.set_nonblocking(true)?;
+        let socket = UnixDatagram::from_std(socket)?;
         setsockopt(&socket, sockopt::PassCred, &true)?;
         Ok(Self {
             socket,
-            path: path.to_owned(),
+            path: PathBuf::from(format!("@{name}")),
         })
     }
 
+    /// The socket as `NOTIFY_SOCKET` names it (`@` for the abstract namespace).
     pub fn path(&self) -> &Path {
         &self.path
     }

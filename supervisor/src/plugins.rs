@@ -91,15 +91,20 @@ fn read_plugin(path: &Path) -> Result<Scanned, String> {
         .read_to_end(&mut bytes)
         .map_err(|e| format!("plugin {}: cannot read: {e}", path.display()))?;
     check_elf(&bytes).map_err(|e| format!("plugin {}: {e}", path.display()))?;
-    let hash = Sha256::digest(&bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
+    let hash = sha256_hex(&bytes);
     Ok(Scanned {
         file: path.to_owned(),
         hash,
         bytes,
     })
+}
+
+/// The SHA-256 of `bytes`, in lowercase hex.
+pub(crate) fn sha256_hex(bytes: &[u8]) -> String {
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// The ELF machine number of this host.
@@ -177,7 +182,11 @@ fn check_elf(bytes: &[u8]) -> Result<(), String> {
     Ok(())
 }
 
-fn check_owner_and_mode(path: &Path, meta: &std::fs::Metadata, what: &str) -> Result<(), String> {
+pub(crate) fn check_owner_and_mode(
+    path: &Path,
+    meta: &std::fs::Metadata,
+    what: &str,
+) -> Result<(), String> {
     let me = nix::unistd::geteuid().as_raw();
     if meta.uid() != 0 && meta.uid() != me {
         return Err(format!(
@@ -212,7 +221,7 @@ pub fn cache(config: &Config, scanned: Vec<Scanned>) -> Result<Vec<PluginSpec>, 
             let cached = dir.join(format!("{}.so", s.hash));
             let present = std::fs::metadata(&cached).is_ok_and(|m| m.len() == s.bytes.len() as u64);
             if !present {
-                write_once(&cached, &s.bytes).map_err(|e| {
+                write_once(&cached, &s.bytes, 0o444).map_err(|e| {
                     format!(
                         "plugin cache {}: cannot write {}: {e}",
                         dir.display(),
@@ -229,8 +238,9 @@ pub fn cache(config: &Config, scanned: Vec<Scanned>) -> Result<Vec<PluginSpec>, 
         .collect()
 }
 
-/// Writes `bytes` to a temporary name and renames it into place, read-only.
-fn write_once(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+/// Writes `bytes` to a temporary name (`<name>.tmp.<pid>`) and renames it into place with
+/// `mode` (read-only, or read-and-execute).
+pub(crate) fn write_once(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
     use std::io::Write;
     let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
     let result = (|| {
@@ -238,7 +248,7 @@ fn write_once(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
             .write(true)
             .create(true)
             .truncate(true)
-            .mode(0o444)
+            .mode(mode)
             .open(&tmp)?;
         f.write_all(bytes)?;
         f.sync_all()?;

@@ -57,6 +57,26 @@ pub struct GenerationInfo {
     pub plugins: Vec<PluginInfo>,
     /// Why a `failed` generation failed.
     pub failure: Option<String>,
+    /// The worker binary the generation runs.
+    #[serde(default)]
+    pub worker: Option<BinaryInfo>,
+    /// This generation runs the exact artifacts of that earlier generation, started
+    /// after the generation that replaced it crash-looped.
+    #[serde(default)]
+    pub restored_from: Option<u64>,
+    /// The generation whose artifacts are started again if this one crash-loops after
+    /// its promotion.
+    #[serde(default)]
+    pub rollback_to: Option<u64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BinaryInfo {
+    /// `worker.path` as configured.
+    pub path: String,
+    /// The copy in the artifact cache that the workers exec.
+    pub cached: String,
+    pub sha256: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -6,8 +6,9 @@
 //! `drain_timeout`); a timer is an event scheduled for later and is ignored if the state
 //! it was for has moved on.
 
+use crate::artifacts::ArtifactCache;
 use crate::config::{Config, PathContext};
-use crate::generation::{Exit, Generation, GenerationState, WorkerSlot};
+use crate::generation::{Artifacts, Exit, Generation, GenerationState, Restored, WorkerSlot};
 use crate::listeners::ListenerSet;
 use crate::notify::{Systemd, WorkerSocket};
 use crate::spawn::{SpawnSpec, spawn};
@@ -17,7 +18,7 @@ use crate::status::{
 };
 use baton_proto::NotifyMessage;
 use nix::sys::signal::Signal;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -89,6 +90,30 @@ pub enum Event {
     WatchdogTick,
 }
 
+/// What a new generation is started from.
+#[derive(Debug)]
+enum Start {
+    /// What is on disk now (an upgrade): the config given, the worker binary and plugins
+    /// read and cached.
+    Fresh(Arc<Config>),
+    /// An older generation's exact artifacts, after a crash loop.
+    Restore(Arc<Artifacts>, Restored),
+}
+
+impl Event {
+    /// The generation a timer event is about (it means nothing once that one is gone).
+    fn generation(&self) -> Option<u64> {
+        match self {
+            Event::ReadyTimeout { generation }
+            | Event::DrainTimeout { generation }
+            | Event::ForceClose { generation }
+            | Event::ReplacementReadyTimeout { generation, .. }
+            | Event::Restart { generation, .. } => Some(*generation),
+            _ => None,
+        }
+    }
+}
+
 /// Waiters for the result of an upgrade.
 type Waiters = Vec<oneshot::Sender<UpgradeOutcome>>;
 
@@ -103,12 +128,18 @@ pub struct Supervisor {
     events: mpsc::UnboundedSender<Event>,
     generations: BTreeMap<u64, Generation>,
     last_number: u64,
+    /// Events scheduled for later, by due time (and order of scheduling).
+    timers: BTreeMap<(tokio::time::Instant, u64), Event>,
+    timer_seq: u64,
     /// Waiters of the generation that is starting (or waiting for room to start).
     starting_waiters: Waiters,
     /// An upgrade asked for while one was starting: run once that one ends.
     follow_up: Option<Waiters>,
     /// A start waits for an old generation to be reaped (`max_generations`).
     start_deferred: bool,
+    /// ... and it is this restore (an upgrade re-reads the config when it happens).
+    deferred_restore: Option<(Arc<Artifacts>, Restored)>,
+    cache: ArtifactCache,
     last_upgrade: Option<UpgradeOutcome>,
     stopping: Option<Vec<oneshot::Sender<()>>>,
     /// The result to exit with once stopping and every generation is gone (default: Ok).
@@ -141,9 +172,13 @@ impl Supervisor {
             events,
             generations: BTreeMap::new(),
             last_number: 0,
+            timers: BTreeMap::new(),
+            timer_seq: 0,
             starting_waiters: Vec::new(),
             follow_up: None,
             start_deferred: false,
+            deferred_restore: None,
+            cache: ArtifactCache::default(),
             last_upgrade: None,
             stopping: None,
             pending_exit: None,
@@ -161,7 +196,7 @@ impl Supervisor {
         mut events: mpsc::UnboundedReceiver<Event>,
     ) -> Result<(), String> {
         self.sync_watcher(&config);
-        self.start_generation(Arc::new(config));
+        self.start_generation(Start::Fresh(Arc::new(config)));
         loop {
             // Checked before waiting: generation 1 may have failed without any event.
             if self.stopping.is_some() && self.generations.is_empty() {
@@ -170,8 +205,15 @@ impl Supervisor {
                 }
                 return self.pending_exit.take().unwrap_or(Ok(()));
             }
-            let Some(event) = events.recv().await else {
-                return Ok(());
+            let event = tokio::select! {
+                event = events.recv() => match event {
+                    Some(event) => event,
+                    None => return Ok(()),
+                },
+                () = Self::next_timer(&self.timers) => {
+                    let (_, event) = self.timers.pop_first().expect("a timer was due");
+                    event
+                }
             };
             self.handle(event);
         }
@@ -328,20 +370,34 @@ impl Supervisor {
             Err(e) => return self.refuse(format!("invalid config: {e}")),
         };
         self.max_generations = config.worker.max_generations;
-        self.start_generation(Arc::new(config));
+        self.start_generation(Start::Fresh(Arc::new(config)));
     }
 
     fn refuse(&mut self, reason: String) {
-        tracing::error!(
-            "upgrade refused: {reason}; generation {:?} keeps serving",
-            self.serving()
-        );
+        match self.serving() {
+            Some(serving) => {
+                tracing::error!("upgrade refused: {reason}; generation {serving} keeps serving")
+            }
+            None if self.stopping.is_none() => {
+                // The first start: nothing else can serve, so the supervisor cannot go on.
+                tracing::error!("cannot start generation {}: {reason}", self.last_number + 1);
+                self.exit_when_empty(Err(format!(
+                    "generation {} could not start: {reason}",
+                    self.last_number + 1
+                )));
+            }
+            None => tracing::error!("upgrade refused: {reason}"),
+        }
         self.finish_upgrade(outcome(None, UpgradeResult::Refused, Some(reason)));
     }
 
-    /// Starts a generation of `config`, unless `max_generations` needs an old one reaped
-    /// first (then it is force-closed and the start happens when it is gone).
-    fn start_generation(&mut self, config: Arc<Config>) {
+    /// Starts a generation, unless `max_generations` needs an old one reaped first (then
+    /// it is force-closed and the start happens when it is gone).
+    fn start_generation(&mut self, start: Start) {
+        let config = match &start {
+            Start::Fresh(config) => config.clone(),
+            Start::Restore(artifacts, _) => artifacts.config.clone(),
+        };
         let alive = self.generations.len();
         if alive + 1 > self.max_generations {
             // The start waits for the oldest draining generation. A drain under steady
@@ -359,21 +415,46 @@ impl Supervisor {
                     oldest.number,
                     humantime::format_duration(config.worker.drain_idle_grace)
                 );
+                let generation = oldest.number;
+                drop(_e);
                 self.after(
                     config.worker.drain_idle_grace,
-                    Event::ForceClose {
-                        generation: oldest.number,
-                    },
+                    Event::ForceClose { generation },
                 );
             }
             self.start_deferred = true;
+            if let Start::Restore(artifacts, restored) = start {
+                self.deferred_restore = Some((artifacts, restored));
+            }
             return;
         }
         self.start_deferred = false;
 
-        let plugins = match crate::plugins::prepare(&config) {
-            Ok(p) => p,
-            Err(e) => return self.refuse(e),
+        let (binary, plugins, restored) = match start {
+            Start::Fresh(_) => {
+                let binary = match self.cache.worker_binary(&config) {
+                    Ok(b) => b,
+                    Err(e) => return self.refuse(e),
+                };
+                match crate::plugins::prepare(&config) {
+                    Ok(p) => (binary, p, None),
+                    Err(e) => return self.refuse(e),
+                }
+            }
+            Start::Restore(artifacts, restored) => {
+                if let Some(gone) = artifacts.files().find(|f| !f.exists()) {
+                    return self.refuse(format!(
+                        "cannot restore generation {}: its cached artifact {} is gone",
+                        artifacts.number,
+                        gone.display()
+                    ));
+                }
+                (
+                    artifacts.binary.clone(),
+                    artifacts.plugins.clone(),
+                    Some(restored),
+                )
+            }
         };
         let listeners = match self.listeners.prepare(&config) {
             Ok(l) => l,
@@ -389,6 +470,7 @@ impl Supervisor {
             started: Instant::now(),
             settings_json: config.worker_settings(plugins.clone()).to_json(),
             plugins,
+            binary,
             workers: (0..config.worker.processes)
                 .map(|_| WorkerSlot::default())
                 .collect(),
@@ -398,16 +480,31 @@ impl Supervisor {
             requests_of_exited: 0,
             failure: None,
             span: span.clone(),
+            promoted: None,
+            crashes_after_promotion: 0,
+            previous: None,
+            restored,
         };
-        self.generations.insert(number, generation);
         {
             let _e = span.enter();
-            tracing::info!(
-                "starting {} worker(s) of {}",
-                config.worker.processes,
-                config.worker.path.display()
-            );
+            match &generation.restored {
+                Some(r) => tracing::warn!(
+                    "starting {} worker(s) from generation {}'s artifacts: {} (sha256 {}), {} plugin(s)",
+                    config.worker.processes,
+                    r.from,
+                    generation.binary.source.display(),
+                    generation.binary.hash,
+                    generation.plugins.len()
+                ),
+                None => tracing::info!(
+                    "starting {} worker(s) of {} (sha256 {})",
+                    config.worker.processes,
+                    generation.binary.source.display(),
+                    generation.binary.hash
+                ),
+            }
         }
+        self.generations.insert(number, generation);
         for slot in 0..config.worker.processes {
             if let Err(reason) = self.launch(number, slot) {
                 return self.fail(number, reason);
@@ -426,7 +523,7 @@ impl Supervisor {
             .get_mut(&number)
             .expect("launch of a live generation");
         let spec = SpawnSpec {
-            binary: &g.config.worker.path,
+            binary: &g.binary.cached,
             generation: number,
             listeners: g
                 .listeners
@@ -440,8 +537,9 @@ impl Supervisor {
         };
         let child = spawn(&spec).map_err(|e| {
             format!(
-                "cannot execute worker {}: {e}",
-                g.config.worker.path.display()
+                "cannot execute worker {} (cached as {}): {e}",
+                g.binary.source.display(),
+                g.binary.cached.display()
             )
         })?;
         let events = self.events.clone();
@@ -500,11 +598,28 @@ impl Supervisor {
     /// Every worker of `number` is READY: it serves, the previous one drains.
     fn promote(&mut self, number: u64) {
         let previous = self.serving();
+        let previous_artifacts = previous.map(|p| Arc::new(self.generations[&p].artifacts()));
         let g = self
             .generations
             .get_mut(&number)
             .expect("promote a live generation");
         g.state = GenerationState::Serving;
+        g.promoted = Some(Instant::now());
+        // A restore is not restored from in turn: no ping-pong between two bad sets.
+        if g.restored.is_none() {
+            g.previous = previous_artifacts;
+        }
+        let result = match &g.restored {
+            None => outcome(Some(number), UpgradeResult::Succeeded, None),
+            Some(r) => outcome(
+                Some(r.crashed),
+                UpgradeResult::RolledBack,
+                Some(format!(
+                    "{}; generation {number} serves generation {}'s artifacts",
+                    r.reason, r.from
+                )),
+            ),
+        };
         let took = g.started.elapsed();
         {
             let _e = g.span.enter();
@@ -515,7 +630,37 @@ impl Supervisor {
         }
         let config = self.generations[&number].config.clone();
         self.sync_watcher(&config);
-        self.finish_upgrade(outcome(Some(number), UpgradeResult::Succeeded, None));
+        self.prune_cache();
+        self.finish_upgrade(result);
+    }
+
+    /// Removes cached artifacts that no live generation runs and none could be restored
+    /// to (the previous generation of each live one).
+    fn prune_cache(&mut self) {
+        let Some(dir) = self
+            .generations
+            .values()
+            .next_back()
+            .map(|g| g.config.plugins.cache_dir.clone())
+        else {
+            return;
+        };
+        let mut keep = HashSet::new();
+        for g in self.generations.values() {
+            let own = g.artifacts();
+            keep.extend(own.files().map(ToOwned::to_owned));
+            if let Some(previous) = &g.previous {
+                keep.extend(previous.files().map(ToOwned::to_owned));
+            }
+        }
+        let removed = self.cache.prune(&dir, &keep);
+        if !removed.is_empty() {
+            tracing::info!(
+                "artifact cache {}: pruned {} unused file(s)",
+                dir.display(),
+                removed.len()
+            );
+        }
     }
 
     fn drain(&mut self, number: u64) {
@@ -658,6 +803,12 @@ impl Supervisor {
                         w.restarts
                     );
                 }
+                let window = g.config.worker.crash_loop_window;
+                if g.promoted.is_some_and(|at| at.elapsed() <= window) {
+                    g.crashes_after_promotion += 1;
+                }
+                let limit = g.config.worker.crash_loop_exits;
+                let crash_loop = limit > 0 && g.crashes_after_promotion >= limit;
                 self.after(
                     delay,
                     Event::Restart {
@@ -665,6 +816,9 @@ impl Supervisor {
                         slot,
                     },
                 );
+                if crash_loop {
+                    self.on_crash_loop(number);
+                }
                 let summary = self.summary();
                 self.systemd.status(&summary);
             }
@@ -675,6 +829,67 @@ impl Supervisor {
                 self.reap_if_empty(number);
             }
         }
+    }
+
+    /// The serving generation `number` crash-looped after its promotion: start the
+    /// generation it replaced again, from exactly the artifacts that one ran.
+    fn on_crash_loop(&mut self, number: u64) {
+        let g = &self.generations[&number];
+        let _e = g.span.enter();
+        let Some(previous) = g.previous.clone() else {
+            if g.crashes_after_promotion == g.config.worker.crash_loop_exits {
+                tracing::error!(
+                    "crash loop: {} worker exit(s) within {} of promotion, but there is no previous generation to roll back to{}",
+                    g.crashes_after_promotion,
+                    humantime::format_duration(g.config.worker.crash_loop_window),
+                    if g.restored.is_some() {
+                        " (this generation is already a rollback)"
+                    } else {
+                        ""
+                    }
+                );
+            }
+            return;
+        };
+        if self.stopping.is_some() {
+            return;
+        }
+        if let Some(starting) = self.starting().or(self.start_deferred.then_some(0)) {
+            tracing::error!(
+                "crash loop after promotion, but an upgrade is starting (generation {starting}); no rollback unless it fails and the crashes go on"
+            );
+            return;
+        }
+        let reason = format!(
+            "generation {number} crash-looped: {} worker exit(s) within {} of promotion",
+            g.crashes_after_promotion,
+            humantime::format_duration(g.config.worker.crash_loop_window)
+        );
+        tracing::error!(
+            "{reason}; rolling back to generation {}'s exact artifacts (worker sha256 {}, {} plugin(s))",
+            previous.number,
+            previous.binary.hash,
+            previous.plugins.len()
+        );
+        drop(_e);
+        let restored = Restored {
+            from: previous.number,
+            crashed: number,
+            reason: reason.clone(),
+        };
+        self.generations
+            .get_mut(&number)
+            .expect("crash-looping generation")
+            .previous = None;
+        self.last_upgrade = Some(outcome(
+            Some(number),
+            UpgradeResult::RolledBack,
+            Some(format!(
+                "{reason}; restoring generation {}'s artifacts",
+                previous.number
+            )),
+        ));
+        self.start_generation(Start::Restore(previous, restored));
     }
 
     /// The watcher saw the plugin directory settle: upgrade if the set of hashes differs
@@ -759,6 +974,8 @@ impl Supervisor {
         let Some(g) = self.generations.remove(&number) else {
             return;
         };
+        self.timers
+            .retain(|_, event| event.generation() != Some(number));
         {
             let _e = g.span.enter();
             tracing::info!(
@@ -772,8 +989,14 @@ impl Supervisor {
             let summary = self.summary();
             self.systemd.status(&summary);
         }
+        self.prune_cache();
         if self.start_deferred && self.stopping.is_none() {
-            self.begin_upgrade();
+            match self.deferred_restore.take() {
+                Some((artifacts, restored)) => {
+                    self.start_generation(Start::Restore(artifacts, restored));
+                }
+                None => self.begin_upgrade(),
+            }
         }
     }
 
@@ -813,6 +1036,7 @@ impl Supervisor {
                 let _ = w.send(refused.clone());
             }
             self.start_deferred = false;
+            self.deferred_restore = None;
         }
         let numbers: Vec<u64> = self.generations.keys().copied().collect();
         for number in numbers {
@@ -826,13 +1050,21 @@ impl Supervisor {
         }
     }
 
-    /// Sends `event` to the loop after `delay`.
-    fn after(&self, delay: Duration, event: Event) {
-        let events = self.events.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep(delay).await;
-            let _ = events.send(event);
-        });
+    /// Hands `event` to the loop after `delay`. Timers live in the supervisor, not in
+    /// tasks, so those of a generation that is gone are dropped with it (hundreds of quick
+    /// upgrades would otherwise leave hundreds of sleeping tasks behind).
+    fn after(&mut self, delay: Duration, event: Event) {
+        self.timer_seq += 1;
+        self.timers
+            .insert((tokio::time::Instant::now() + delay, self.timer_seq), event);
+    }
+
+    /// The next timer that is due, once it is.
+    async fn next_timer(timers: &BTreeMap<(tokio::time::Instant, u64), Event>) {
+        match timers.keys().next() {
+            Some((at, _)) => tokio::time::sleep_until(*at).await,
+            None => std::future::pending().await,
+        }
     }
 
     /// One line for systemd's `STATUS=` and the log.
@@ -904,6 +1136,13 @@ impl Supervisor {
                     connections: g.connections(),
                     requests: g.requests(),
                     failure: g.failure.clone(),
+                    worker: Some(crate::status::BinaryInfo {
+                        path: g.binary.source.display().to_string(),
+                        cached: g.binary.cached.display().to_string(),
+                        sha256: g.binary.hash.clone(),
+                    }),
+                    restored_from: g.restored.as_ref().map(|r| r.from),
+                    rollback_to: g.previous.as_ref().map(|p| p.number),
                     plugins: g
                         .plugins
                         .iter()

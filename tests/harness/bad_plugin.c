@@ -1,10 +1,25 @@
 /*
  * A plugin that is wrong in exactly one way, chosen by a -D flag, for rollback tests:
  * NO_ENTRY, BAD_MAGIC, BAD_MAJOR, NEWER_MINOR, SMALL_STRUCT, NULL_HANDLE, INIT_FAILS,
- * DUP_ROUTE (claims GET /hello, which the hello example serves). Without a flag it is a
- * valid plugin serving GET /bad/ok.
+ * DUP_ROUTE (claims GET /hello, which the hello example serves), CRASH_AFTER_MS=N (loads
+ * fine, then aborts its worker N ms after init: a release that crash-loops once it
+ * serves). Without a flag it is a valid plugin serving GET /bad/ok.
  */
+#define _POSIX_C_SOURCE 200809L
 #include <string.h>
+#ifdef CRASH_AFTER_MS
+#include <pthread.h>
+#include <stdlib.h>
+#include <time.h>
+
+static void *crash_later(void *arg) {
+    (void)arg;
+    struct timespec delay = { CRASH_AFTER_MS / 1000, (CRASH_AFTER_MS % 1000) * 1000000L };
+    nanosleep(&delay, NULL);
+    abort();
+    return NULL;
+}
+#endif
 
 #include "baton_plugin.h"
 
@@ -20,6 +35,13 @@ static int32_t bad_init(const baton_init_t *init, void **state) {
     return 1;
 #else
     (void)init;
+#ifdef CRASH_AFTER_MS
+    pthread_t thread;
+    if (pthread_create(&thread, NULL, crash_later, NULL) != 0) {
+        return 1;
+    }
+    pthread_detach(thread);
+#endif
     return 0;
 #endif
 }

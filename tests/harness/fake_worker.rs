@@ -20,13 +20,7 @@ fn main() {
             sleep_bounded();
         }
         "report" => {
-            let path = std::env::var_os("NOTIFY_SOCKET").expect("NOTIFY_SOCKET is set by baton");
-            let sock = UnixDatagram::unbound().expect("datagram socket");
-            sock.send_to(
-                b"STATUS=failed: fake worker: database unreachable\nERRNO=5",
-                path,
-            )
-            .expect("send failure report");
+            notify(b"STATUS=failed: fake worker: database unreachable\nERRNO=5");
             sleep_bounded();
         }
         "stubborn" => {
@@ -35,9 +29,7 @@ fn main() {
             unsafe {
                 libc::signal(libc::SIGTERM, libc::SIG_IGN);
             }
-            let path = std::env::var_os("NOTIFY_SOCKET").expect("NOTIFY_SOCKET is set by baton");
-            let sock = UnixDatagram::unbound().expect("datagram socket");
-            sock.send_to(b"READY=1", path).expect("send READY");
+            notify(b"READY=1");
             sleep_bounded();
         }
         other => {
@@ -45,6 +37,20 @@ fn main() {
             std::process::exit(2);
         }
     }
+}
+
+/// Sends one datagram to `NOTIFY_SOCKET` (a path, or `@name` in the abstract namespace).
+fn notify(message: &[u8]) {
+    use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::net::SocketAddr;
+    let target = std::env::var("NOTIFY_SOCKET").expect("NOTIFY_SOCKET is set by baton");
+    let addr = match target.strip_prefix('@') {
+        Some(name) => SocketAddr::from_abstract_name(name.as_bytes()),
+        None => SocketAddr::from_pathname(&target),
+    }
+    .expect("NOTIFY_SOCKET address");
+    let sock = UnixDatagram::unbound().expect("datagram socket");
+    sock.send_to_addr(message, &addr).expect("send to NOTIFY_SOCKET");
 }
 
 /// Sleeps long enough for any test, but not forever if something forgets to kill us.

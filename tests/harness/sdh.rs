@@ -157,7 +157,7 @@ impl Instance {
         std::fs::write(
             &self.config,
             format!(
-                "[[listener]]\nname = \"http\"\naddress = \"127.0.0.1:{}\"\n\n[worker]\npath = \"{s}/bin/{worker}\"\nprocesses = 2\nthreads = 1\nready_timeout = \"10s\"\ndrain_timeout = \"10s\"\ndrain_idle_grace = \"500ms\"\n\n[plugins]\ndir = \"{s}/plugins.d\"\n\n[control]\nsocket = \"{s}/run/baton.sock\"\n",
+                "[[listener]]\nname = \"http\"\naddress = \"127.0.0.1:{}\"\n\n[worker]\npath = \"{s}/bin/{worker}\"\nprocesses = 2\nthreads = 1\nready_timeout = \"10s\"\ndrain_timeout = \"10s\"\ndrain_idle_grace = \"500ms\"\n\n[plugins]\ndir = \"{s}/plugins.d\"\n\n[control]\nsocket = \"{s}/run/baton/baton.sock\"\n",
                 self.port
             ),
         )
