@@ -157,7 +157,7 @@ async fn a_missing_worker_binary_fails_check() {
     let out = run_cli(&["check"], &config).await;
     assert_eq!(out.code, Some(1), "{}", out.text());
     assert!(
-        out.stderr.contains("worker.path") && out.stderr.contains("not an executable file"),
+        out.stderr.contains("worker.path") && out.stderr.contains("cannot execute worker"),
         "{}",
         out.text()
     );

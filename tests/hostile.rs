@@ -140,6 +140,46 @@ async fn idle_keepalive_connections_last_keepalive_timeout_not_header_read_timeo
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_http2_connection_lasts_keepalive_timeout_then_gets_goaway() {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let baton = Baton::start(TestConfig {
+        extra: "[http]\nheader_read_timeout = \"1s\"\nkeepalive_timeout = \"3s\"\n".into(),
+        ..TestConfig::default()
+    })
+    .await;
+    let stream = TcpStream::connect(baton.addr()).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    let conn = tokio::spawn(conn);
+    // Connected (preface and settings sent), no request for twice header_read_timeout.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let request = http::Request::get(format!("http://{}/_baton/health", baton.addr()))
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let response = sender
+        .send_request(request)
+        .await
+        .expect("an idle HTTP/2 connection was closed before keepalive_timeout");
+    assert_eq!(response.status(), 200);
+    drop(response);
+    // Then idle for good: the server says GOAWAY and closes after keepalive_timeout.
+    let idle_from = Instant::now();
+    let ended = tokio::time::timeout(Duration::from_secs(10), conn).await;
+    let idle_for = idle_from.elapsed();
+    assert!(
+        ended.is_ok(),
+        "the idle HTTP/2 connection stayed open for 10 s"
+    );
+    assert!(
+        idle_for >= Duration::from_secs(3) && idle_for < Duration::from_millis(5500),
+        "closed after {idle_for:?} idle; keepalive_timeout is 3 s"
+    );
+    healthy(&baton).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_headers_get_431_and_oversized_bodies_413() {
     let baton = Baton::start(TestConfig {
         extra: "[http]\nmax_header_bytes = 8192\nmax_body_bytes = 1000\n".into(),

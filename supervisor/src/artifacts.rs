@@ -6,12 +6,17 @@
 //! crash-loop rollback does that), whatever has been written over the originals since.
 //!
 //! Files: `<sha256>.so` (plugins), `worker-<sha256>` (worker binaries), `*.tmp.<pid>`
-//! (being written). The supervisor that holds the lock file `.lock` prunes what no live
-//! generation, and no generation's rollback target, refers to; a second supervisor
-//! sharing the directory finds the lock taken and prunes nothing.
+//! (being written). A process using an artifact holds a shared `flock` on it for as long
+//! as it may need it (a supervisor: while a live generation, or a rollback target, refers
+//! to it; `baton check`: while it checks). Pruning removes only artifacts it can lock
+//! exclusively, so several supervisors (and `baton check`) can share one directory without
+//! deleting each other's files; whoever holds nothing any more leaves the file to be
+//! pruned by the next one to look.
 
 use crate::config::Config;
-use std::collections::HashSet;
+use nix::fcntl::{Flock, FlockArg};
+use std::collections::{HashMap, HashSet};
+use std::fs::File;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
@@ -50,54 +55,52 @@ impl FileStamp {
 
 #[derive(Debug, Default)]
 pub struct ArtifactCache {
-    /// The directory locked, and the lock (`None` if another process holds it).
-    locked: Option<(PathBuf, Option<nix::fcntl::Flock<std::fs::File>>)>,
+    /// The artifacts this process uses, each with a shared lock held.
+    held: HashMap<PathBuf, Flock<File>>,
     /// The last worker binary hashed, so an unchanged 40 MB file is not read per upgrade.
     last_binary: Option<(FileStamp, WorkerBinary)>,
 }
 
+/// Checks that `path` can serve as the worker binary: an executable regular file, owned
+/// by root or this user, not writable by group or others.
+pub fn check_worker_binary(path: &Path) -> Result<std::fs::Metadata, String> {
+    let cannot = |e: &dyn std::fmt::Display| {
+        format!(
+            "cannot execute worker {}: {e} (worker.path)",
+            path.display()
+        )
+    };
+    let meta = std::fs::metadata(path).map_err(|e| cannot(&e))?;
+    if !meta.is_file() {
+        return Err(cannot(&"not a regular file"));
+    }
+    if meta.permissions().mode() & 0o111 == 0 {
+        return Err(cannot(&"not executable (no x bit)"));
+    }
+    crate::plugins::check_owner_and_mode(path, &meta, "worker binary")?;
+    Ok(meta)
+}
+
 impl ArtifactCache {
-    /// Copies `worker.path` into the cache (if that content is not there yet).
+    /// Copies `worker.path` into the cache (if that content is not there yet) and holds it.
     pub fn worker_binary(&mut self, config: &Config) -> Result<WorkerBinary, String> {
         let source = &config.worker.path;
         let dir = &config.plugins.cache_dir;
-        let cannot = |e: &dyn std::fmt::Display| {
-            format!(
-                "cannot execute worker {}: {e} (worker.path)",
-                source.display()
-            )
-        };
-        let meta = std::fs::metadata(source).map_err(|e| cannot(&e))?;
-        if !meta.is_file() {
-            return Err(cannot(&"not a regular file"));
-        }
-        if meta.permissions().mode() & 0o111 == 0 {
-            return Err(cannot(&"not executable (no x bit)"));
-        }
-        crate::plugins::check_owner_and_mode(source, &meta, "worker binary")?;
-        self.lock(dir);
+        let meta = check_worker_binary(source)?;
         let stamp = FileStamp::of(&meta);
         if let Some((seen, binary)) = &self.last_binary
             && *seen == stamp
             && binary.source == *source
             && binary.cached.starts_with(dir)
-            && std::fs::metadata(&binary.cached).is_ok_and(|m| m.len() == stamp.size)
+            && self.is_held(&binary.cached)
         {
             return Ok(binary.clone());
         }
-        let bytes = std::fs::read(source).map_err(|e| cannot(&e))?;
+        let bytes = std::fs::read(source)
+            .map_err(|e| format!("cannot execute worker {}: {e}", source.display()))?;
         let hash = crate::plugins::sha256_hex(&bytes);
         let cached = dir.join(format!("worker-{hash}"));
-        create_dir(dir)?;
-        if !std::fs::metadata(&cached).is_ok_and(|m| m.len() == bytes.len() as u64) {
-            crate::plugins::write_once(&cached, &bytes, 0o555).map_err(|e| {
-                format!(
-                    "artifact cache {}: cannot write {}: {e}",
-                    dir.display(),
-                    cached.display()
-                )
-            })?;
-        }
+        self.store(dir, &cached, &bytes, 0o555)?;
         let binary = WorkerBinary {
             source: source.clone(),
             cached,
@@ -107,44 +110,48 @@ impl ArtifactCache {
         Ok(binary)
     }
 
-    /// Takes the cache directory's lock if it is not held yet (quietly: the directory may
-    /// not exist or be writable, and writing an artifact reports that).
-    fn lock(&mut self, dir: &Path) {
-        if self.locked.as_ref().is_some_and(|(d, _)| d == dir) {
-            return;
+    /// Makes sure `path` in `dir` holds `bytes` and holds it: an existing copy is locked
+    /// and kept; a missing one (or one pruned by another process just now) is written.
+    pub fn store(
+        &mut self,
+        dir: &Path,
+        path: &Path,
+        bytes: &[u8],
+        mode: u32,
+    ) -> Result<(), String> {
+        let failed = |e: &dyn std::fmt::Display| {
+            format!(
+                "artifact cache {}: cannot write {}: {e}",
+                dir.display(),
+                path.display()
+            )
+        };
+        for _ in 0..3 {
+            if self.is_held(path) {
+                return Ok(());
+            }
+            if let Some(lock) = hold(path, bytes.len() as u64) {
+                self.held.insert(path.to_owned(), lock);
+                return Ok(());
+            }
+            create_dir(dir)?;
+            crate::plugins::write_once(path, bytes, mode).map_err(|e| failed(&e))?;
         }
-        if create_dir(dir).is_err() {
-            return;
-        }
-        // Created, then held open read-only: a file open for writing would keep the
-        // cache's filesystem from being remounted read-only.
-        let path = dir.join(".lock");
-        if !path.exists() {
-            let _ = std::fs::OpenOptions::new()
-                .create(true)
-                .truncate(false)
-                .write(true)
-                .open(&path);
-        }
-        let lock = std::fs::File::open(&path).ok().and_then(|f| {
-            nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock).ok()
-        });
-        if lock.is_none() {
-            tracing::warn!(
-                "artifact cache {} is in use by another process; old artifacts are not pruned",
-                dir.display()
-            );
-        }
-        self.locked = Some((dir.to_owned(), lock));
+        Err(failed(&"it keeps disappearing (another process prunes it)"))
     }
 
-    /// Removes the artifacts in the locked directory that `keep` does not name, and what
-    /// dead writers left behind. Returns the names removed.
+    /// Whether this process holds `path`, and it is still in place.
+    fn is_held(&self, path: &Path) -> bool {
+        self.held
+            .get(path)
+            .is_some_and(|lock| lock.metadata().is_ok_and(|m| m.nlink() > 0))
+    }
+
+    /// Lets go of the artifacts not in `keep`, then removes every artifact in `dir` that no
+    /// process holds and `keep` does not name, and what dead writers left behind.
+    /// Returns the names removed.
     pub fn prune(&mut self, dir: &Path, keep: &HashSet<PathBuf>) -> Vec<String> {
-        self.lock(dir);
-        if !matches!(&self.locked, Some((d, Some(_))) if d == dir) {
-            return Vec::new();
-        }
+        self.held.retain(|path, _| keep.contains(path));
         let Ok(entries) = std::fs::read_dir(dir) else {
             return Vec::new();
         };
@@ -153,19 +160,49 @@ impl ArtifactCache {
             let Ok(name) = entry.file_name().into_string() else {
                 continue;
             };
-            let stale = match artifact_kind(&name) {
-                Some(Kind::Artifact) => !keep.contains(&entry.path()),
+            let path = entry.path();
+            let gone = match artifact_kind(&name) {
+                Some(Kind::Artifact) => !keep.contains(&path) && remove_if_unused(&path),
                 Some(Kind::Partial(pid)) => {
-                    pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists()
+                    pid != std::process::id()
+                        && !Path::new(&format!("/proc/{pid}")).exists()
+                        && std::fs::remove_file(&path).is_ok()
                 }
                 None => false,
             };
-            if stale && std::fs::remove_file(entry.path()).is_ok() {
+            if gone {
                 removed.push(name);
             }
         }
         removed.sort();
         removed
+    }
+}
+
+/// Opens `path` and takes a shared lock on it, if it is there with `len` bytes.
+fn hold(path: &Path, len: u64) -> Option<Flock<File>> {
+    let file = File::open(path).ok()?;
+    let lock = Flock::lock(file, FlockArg::LockSharedNonblock)
+        .or_else(|(file, _)| {
+            // A pruner holds it exclusively for a moment: wait for it to decide.
+            Flock::lock(file, FlockArg::LockShared)
+        })
+        .ok()?;
+    // Locked, but pruned just before? Then it is gone from the directory.
+    let meta = lock.metadata().ok()?;
+    (meta.nlink() > 0 && meta.len() == len).then_some(lock)
+}
+
+/// Removes `path` if no process holds it. It is removed while locked exclusively: a
+/// process that opened it meanwhile finds no link left once it gets its shared lock, and
+/// writes it again.
+fn remove_if_unused(path: &Path) -> bool {
+    let Ok(file) = File::open(path) else {
+        return false;
+    };
+    match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+        Ok(_lock) => std::fs::remove_file(path).is_ok(),
+        Err(_) => false,
     }
 }
 
@@ -179,7 +216,7 @@ enum Kind {
 /// What a file in the cache is, by its name; `None` for anything the cache did not write.
 fn artifact_kind(name: &str) -> Option<Kind> {
     let is_hash = |s: &str| s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit());
-    let base = |s: &str| {
+    let named = |s: &str| {
         s.strip_suffix(".so")
             .or_else(|| s.strip_prefix("worker-"))
             .is_some_and(is_hash)
@@ -191,7 +228,7 @@ fn artifact_kind(name: &str) -> Option<Kind> {
             _ => None,
         };
     }
-    base(name).then_some(Kind::Artifact)
+    named(name).then_some(Kind::Artifact)
 }
 
 fn create_dir(dir: &Path) -> Result<(), String> {
@@ -231,14 +268,20 @@ mod tests {
     }
 
     #[test]
-    fn prune_keeps_what_is_named_and_what_it_did_not_write() {
+    fn prune_spares_what_is_kept_held_elsewhere_or_not_an_artifact() {
         let dir = std::env::temp_dir().join(format!("baton-prune-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
-        let (a, b) = ("aa".repeat(32), "bb".repeat(32));
+        let (a, b, c) = ("aa".repeat(32), "bb".repeat(32), "cc".repeat(32));
+        let mut other = ArtifactCache::default();
+        let mut mine = ArtifactCache::default();
+        for name in [format!("{a}.so"), format!("{b}.so")] {
+            mine.store(&dir, &dir.join(name), b"x", 0o444).unwrap();
+        }
+        other
+            .store(&dir, &dir.join(format!("{c}.so")), b"x", 0o444)
+            .unwrap();
         for name in [
-            format!("{a}.so"),
-            format!("{b}.so"),
             format!("worker-{a}"),
             format!("{a}.tmp.4000000"),
             "README".into(),
@@ -246,8 +289,9 @@ mod tests {
             std::fs::write(dir.join(name), b"x").unwrap();
         }
         let keep: HashSet<PathBuf> = [dir.join(format!("{a}.so"))].into();
-        let mut cache = ArtifactCache::default();
-        let removed = cache.prune(&dir, &keep);
+        let removed = mine.prune(&dir, &keep);
+        // b was let go of, the worker file never held, the partial file's writer is dead;
+        // c is held by the other cache, README is not an artifact.
         assert_eq!(
             removed,
             vec![
@@ -256,14 +300,16 @@ mod tests {
                 format!("worker-{a}")
             ]
         );
-        assert!(dir.join(format!("{a}.so")).exists());
+        assert!(dir.join(format!("{c}.so")).exists());
         assert!(dir.join("README").exists());
-        // A second holder of the same directory prunes nothing.
-        std::fs::write(dir.join(format!("{b}.so")), b"x").unwrap();
-        let mut other = ArtifactCache::default();
-        assert!(other.prune(&dir, &keep).is_empty());
-        assert!(dir.join(format!("{b}.so")).exists());
-        drop(cache);
+        // Once the other lets go, it can be pruned; a kept one is written again if it
+        // was removed under us.
+        drop(other);
+        assert_eq!(mine.prune(&dir, &keep), vec![format!("{c}.so")]);
+        std::fs::remove_file(dir.join(format!("{a}.so"))).unwrap();
+        mine.store(&dir, &dir.join(format!("{a}.so")), b"x", 0o444)
+            .unwrap();
+        assert!(dir.join(format!("{a}.so")).exists());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -12,7 +12,6 @@ use crate::supervisor::{Event, Supervisor};
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use futures_util::StreamExt;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -305,18 +304,14 @@ fn check(path: &Path, env: &Env) -> anyhow::Result<ExitCode> {
         }
     };
     let worker = &config.worker.path;
-    let executable = std::fs::metadata(worker)
-        .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-        .unwrap_or(false);
-    if !executable {
-        eprintln!(
-            "baton check: {}: worker.path {} is not an executable file",
-            path.display(),
-            worker.display()
-        );
+    if let Err(e) = crate::artifacts::check_worker_binary(worker) {
+        eprintln!("baton check: {}: {e}", path.display());
         return Ok(ExitCode::from(1));
     }
-    let plugins = match crate::plugins::prepare(&config) {
+    // Held until the check is done, so that a supervisor sharing the cache does not prune
+    // what the throw-away worker is about to load.
+    let mut artifacts = crate::artifacts::ArtifactCache::default();
+    let plugins = match crate::plugins::prepare(&config, &mut artifacts) {
         Ok(p) => p,
         Err(e) => {
             eprintln!("baton check: {e}");

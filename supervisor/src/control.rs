@@ -169,7 +169,21 @@ impl Drop for ControlSocket {
 /// Reads one request and answers it; a refused peer's request is read too (so that its
 /// client sees the refusal rather than a broken pipe) and answered with an error.
 async fn handle(stream: UnixStream, allowed: bool, events: mpsc::UnboundedSender<Event>) {
-    let (read, mut write) = stream.into_split();
+    let (read, write) = stream.into_split();
+    answer(read, write, allowed, events).await;
+}
+
+/// Reads one request from `read` and answers on `write` (the connection of
+/// [`handle`], or any byte stream: the fuzz targets drive it directly).
+pub async fn answer<R, W>(
+    read: R,
+    mut write: W,
+    allowed: bool,
+    events: mpsc::UnboundedSender<Event>,
+) where
+    R: tokio::io::AsyncRead + Unpin,
+    W: tokio::io::AsyncWrite + Unpin,
+{
     let mut line = Vec::new();
     let mut reader = BufReader::new(read).take(MAX_REQUEST as u64 + 1);
     let read = tokio::time::timeout(REQUEST_TIMEOUT, reader.read_until(b'\n', &mut line)).await;

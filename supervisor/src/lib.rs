@@ -6,6 +6,7 @@ pub mod artifacts;
 pub mod commands;
 pub mod config;
 pub mod control;
+pub mod fuzzing;
 pub mod generation;
 pub mod listeners;
 pub mod notify;

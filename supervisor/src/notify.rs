@@ -208,9 +208,3 @@ impl WorkerSocket {
         }
     }
 }
-
-impl Drop for WorkerSocket {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
-    }
-}

@@ -7,6 +7,7 @@
 //! once (temporary file, then rename) and never modified, so an operator who `cp`s over a
 //! plugin in the directory cannot touch a library a worker has mapped.
 
+use crate::artifacts::ArtifactCache;
 use crate::config::Config;
 use baton_proto::PluginSpec;
 use sha2::{Digest, Sha256};
@@ -205,30 +206,21 @@ pub(crate) fn check_owner_and_mode(
     Ok(())
 }
 
-/// Copies each scanned plugin to `<cache_dir>/<sha256>.so` (if not there yet) and returns
-/// what workers load.
-pub fn cache(config: &Config, scanned: Vec<Scanned>) -> Result<Vec<PluginSpec>, String> {
-    if scanned.is_empty() {
-        return Ok(Vec::new());
-    }
+/// Copies each scanned plugin to `<cache_dir>/<sha256>.so` (if not there yet), holds it
+/// in `artifacts`, and returns what workers load.
+pub fn cache(
+    config: &Config,
+    scanned: Vec<Scanned>,
+    artifacts: &mut ArtifactCache,
+) -> Result<Vec<PluginSpec>, String> {
     let dir = &config.plugins.cache_dir;
-    std::fs::create_dir_all(dir)
-        .map_err(|e| format!("plugin cache {}: cannot create: {e}", dir.display()))?;
-    let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755));
     scanned
         .into_iter()
         .map(|s| {
             let cached = dir.join(format!("{}.so", s.hash));
-            let present = std::fs::metadata(&cached).is_ok_and(|m| m.len() == s.bytes.len() as u64);
-            if !present {
-                write_once(&cached, &s.bytes, 0o444).map_err(|e| {
-                    format!(
-                        "plugin cache {}: cannot write {}: {e}",
-                        dir.display(),
-                        cached.display()
-                    )
-                })?;
-            }
+            artifacts
+                .store(dir, &cached, &s.bytes, 0o444)
+                .map_err(|e| e.replacen("artifact cache", "plugin cache", 1))?;
             Ok(PluginSpec {
                 file: s.file.display().to_string(),
                 cached: cached.display().to_string(),
@@ -261,8 +253,8 @@ pub(crate) fn write_once(path: &Path, bytes: &[u8], mode: u32) -> std::io::Resul
 }
 
 /// Scans and caches: the plugin set a new generation starts with.
-pub fn prepare(config: &Config) -> Result<Vec<PluginSpec>, String> {
-    cache(config, scan(config)?)
+pub fn prepare(config: &Config, artifacts: &mut ArtifactCache) -> Result<Vec<PluginSpec>, String> {
+    cache(config, scan(config)?, artifacts)
 }
 
 #[cfg(test)]

@@ -436,7 +436,7 @@ impl Supervisor {
                     Ok(b) => b,
                     Err(e) => return self.refuse(e),
                 };
-                match crate::plugins::prepare(&config) {
+                match crate::plugins::prepare(&config, &mut self.cache) {
                     Ok(p) => (binary, p, None),
                     Err(e) => return self.refuse(e),
                 }
@@ -652,6 +652,10 @@ impl Supervisor {
             if let Some(previous) = &g.previous {
                 keep.extend(previous.files().map(ToOwned::to_owned));
             }
+        }
+        // A rollback waiting for room under max_generations needs its files.
+        if let Some((restore, _)) = &self.deferred_restore {
+            keep.extend(restore.files().map(ToOwned::to_owned));
         }
         let removed = self.cache.prune(&dir, &keep);
         if !removed.is_empty() {

@@ -50,7 +50,8 @@ fn notify(message: &[u8]) {
     }
     .expect("NOTIFY_SOCKET address");
     let sock = UnixDatagram::unbound().expect("datagram socket");
-    sock.send_to_addr(message, &addr).expect("send to NOTIFY_SOCKET");
+    sock.send_to_addr(message, &addr)
+        .expect("send to NOTIFY_SOCKET");
 }
 
 /// Sleeps long enough for any test, but not forever if something forgets to kill us.

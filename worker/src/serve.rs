@@ -106,6 +106,40 @@ impl Drop for CallGuard {
     }
 }
 
+/// Serves one connection on `io` the way an accepted one is served (no plugins, so the
+/// health path and 404s), until it ends. For fuzzing the HTTP edge. One difference: the
+/// client may half-close (shut down its writing side) and still get its answers, so that
+/// an exchange ends without waiting for a timeout.
+pub(crate) async fn one_connection<I>(io: I, settings: WorkerSettings) -> anyhow::Result<()>
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let router =
+        Router::build(Vec::new(), &settings.http.health_path).map_err(anyhow::Error::msg)?;
+    let shared = Arc::new(Shared {
+        router,
+        blocking: Vec::new(),
+        plugin_calls: Arc::new(AtomicUsize::new(0)),
+        closing: AtomicBool::new(false),
+        generation: 1,
+        pid: std::process::id(),
+        builder: {
+            let mut builder = http_builder(&settings);
+            builder.http1().half_close(true);
+            builder
+        },
+        slots: Arc::new(Semaphore::new(1)),
+        settings,
+        requests: ShardedCounter::default(),
+        connections: Arc::new(Connections::default()),
+    });
+    let (_drain, watch) = Drain::new();
+    let permit = shared.slots.clone().acquire_owned().await?;
+    let guard = shared.connections.open();
+    connection(io, shared, watch, guard, permit).await;
+    Ok(())
+}
+
 /// Serves until SIGTERM, SIGINT or the supervisor's death, then drains and returns.
 pub async fn serve(
     generation: u64,
@@ -340,6 +374,9 @@ struct ConnState {
     /// head of the next request is being read. True from the accept on, so that the first
     /// request is held to `header_read_timeout` too.
     head: AtomicBool,
+    /// The last write to the client could not complete (it is not reading): a response
+    /// is still going out, whatever bytes have arrived meanwhile.
+    write_blocked: AtomicBool,
 }
 
 impl ConnState {
@@ -349,6 +386,7 @@ impl ConnState {
             in_flight: AtomicUsize::new(0),
             started: AtomicU64::new(0),
             head: AtomicBool::new(true),
+            write_blocked: AtomicBool::new(false),
         }
     }
 
@@ -359,6 +397,18 @@ impl ConnState {
 
     fn busy(&self) -> bool {
         self.in_flight.load(Ordering::Acquire) > 0
+    }
+
+    /// A request is in flight, or a response still being written.
+    fn active(&self) -> bool {
+        self.busy() || self.write_blocked.load(Ordering::Relaxed)
+    }
+
+    fn write_polled<T>(&self, polled: &std::task::Poll<T>) {
+        let blocked = polled.is_pending();
+        if self.write_blocked.load(Ordering::Relaxed) != blocked {
+            self.write_blocked.store(blocked, Ordering::Relaxed);
+        }
     }
 
     /// The connection delivered bytes: with nothing in flight, they begin a request head.
@@ -424,7 +474,7 @@ impl ConnClock {
         loop {
             interval.tick().await;
             let now = state.activity();
-            if now != seen || state.busy() {
+            if now != seen || state.active() {
                 seen = now;
                 (header_run, idle_run) = (0, 0);
             } else if state.reading_head() {
@@ -483,6 +533,7 @@ async fn connection<I>(
         TokioIo::new(ConnIo {
             io,
             ctx: ctx.clone(),
+            fresh: true,
         }),
         service,
     );
@@ -523,6 +574,9 @@ async fn connection<I>(
     }
 }
 
+/// How an HTTP/2 connection with prior knowledge begins.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
 /// The connection's socket as hyper sees it. Reads tell the connection's clock that a
 /// request head is arriving. Writes skip the `shutdown(SHUT_WR)` hyper issues before
 /// dropping a socket: closing it right after sends the same FIN (or the same RST, if the
@@ -530,6 +584,8 @@ async fn connection<I>(
 struct ConnIo<I> {
     io: I,
     ctx: Arc<ConnCtx>,
+    /// No byte has been read yet.
+    fresh: bool,
 }
 
 impl<I: AsyncRead + Unpin> AsyncRead for ConnIo<I> {
@@ -541,7 +597,16 @@ impl<I: AsyncRead + Unpin> AsyncRead for ConnIo<I> {
         let before = buf.filled().len();
         let this = &mut *self;
         let polled = std::pin::Pin::new(&mut this.io).poll_read(cx, buf);
-        if buf.filled().len() > before {
+        let new = &buf.filled()[before..];
+        if !new.is_empty() {
+            if this.fresh {
+                this.fresh = false;
+                // HTTP/2 with prior knowledge: there are no request heads to time, and an
+                // idle connection gets a GOAWAY at keepalive_timeout.
+                if H2_PREFACE.starts_with(&new[..new.len().min(H2_PREFACE.len())]) {
+                    this.ctx.state.h2.store(true, Ordering::Relaxed);
+                }
+            }
             this.ctx.state.bytes_arrived();
         }
         polled
@@ -554,7 +619,9 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for ConnIo<I> {
         cx: &mut std::task::Context<'_>,
         buf: &[u8],
     ) -> std::task::Poll<std::io::Result<usize>> {
-        std::pin::Pin::new(&mut self.io).poll_write(cx, buf)
+        let polled = std::pin::Pin::new(&mut self.io).poll_write(cx, buf);
+        self.ctx.state.write_polled(&polled);
+        polled
     }
 
     fn poll_write_vectored(
@@ -562,7 +629,9 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for ConnIo<I> {
         cx: &mut std::task::Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> std::task::Poll<std::io::Result<usize>> {
-        std::pin::Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+        let polled = std::pin::Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        self.ctx.state.write_polled(&polled);
+        polled
     }
 
     fn is_write_vectored(&self) -> bool {
