@@ -47,5 +47,24 @@ fn control_inputs() {
 
 #[test]
 fn http_inputs() {
-    replay("http", baton_worker::fuzzing::http);
+    // As tests/fuzz/run.sh fuzzes it: with the example plugins loaded.
+    let dir = &baton_tests::bins().dir;
+    let plugins: Vec<String> = ["echo", "hello"]
+        .iter()
+        .map(|p| dir.join(format!("libbaton_{p}.so")).display().to_string())
+        .collect();
+    // The plugins answer (the fuzzing reaches their handlers, not just 404s).
+    let out = baton_worker::fuzzing::http_exchange(
+        &plugins,
+        b"GET /hello/you HTTP/1.1\r\nHost: x\r\n\r\nPOST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nhi",
+    );
+    let text = String::from_utf8_lossy(&out);
+    assert_eq!(text.matches("HTTP/1.1 200 OK").count(), 2, "{text}");
+    for (path, bytes) in inputs("http") {
+        let plugins = plugins.clone();
+        if std::panic::catch_unwind(|| baton_worker::fuzzing::http_with(&plugins, &bytes)).is_err()
+        {
+            panic!("http: {} fails", path.display());
+        }
+    }
 }

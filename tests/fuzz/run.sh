@@ -13,6 +13,10 @@ cd "$(dirname "$0")"
 command -v c++ >/dev/null || apt-get install -y g++
 command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
 host=$(rustc -vV | sed -n 's/^host: //p')
+# The http target serves through the example plugins (built normally, not instrumented).
+(cd ../.. && cargo build --release -p baton-echo -p baton-hello)
+BATON_FUZZ_PLUGINS="$PWD/../../target/release/libbaton_echo.so:$PWD/../../target/release/libbaton_hello.so"
+export BATON_FUZZ_PLUGINS
 for t in $targets; do
     mkdir -p "corpus/$t"
     echo "== $t: $secs s"

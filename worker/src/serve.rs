@@ -106,38 +106,66 @@ impl Drop for CallGuard {
     }
 }
 
-/// Serves one connection on `io` the way an accepted one is served (no plugins, so the
-/// health path and 404s), until it ends. For fuzzing the HTTP edge. One difference: the
-/// client may half-close (shut down its writing side) and still get its answers, so that
-/// an exchange ends without waiting for a timeout.
-pub(crate) async fn one_connection<I>(io: I, settings: WorkerSettings) -> anyhow::Result<()>
-where
-    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
-    let router =
-        Router::build(Vec::new(), &settings.http.health_path).map_err(anyhow::Error::msg)?;
-    let shared = Arc::new(Shared {
+/// What every connection of a worker shares, for `router` and `settings`.
+fn shared_state(generation: u64, settings: WorkerSettings, router: Router) -> Shared {
+    let blocking_plugins = router.plugins.iter().filter(|p| !p.nonblocking).count();
+    let share = (settings.blocking_threads / blocking_plugins.max(1)).max(1);
+    let blocking = router
+        .plugins
+        .iter()
+        .map(|p| (!p.nonblocking).then(|| Arc::new(Semaphore::new(share))))
+        .collect();
+    Shared {
         router,
-        blocking: Vec::new(),
+        blocking,
         plugin_calls: Arc::new(AtomicUsize::new(0)),
         closing: AtomicBool::new(false),
-        generation: 1,
+        generation,
         pid: std::process::id(),
-        builder: {
-            let mut builder = http_builder(&settings);
-            builder.http1().half_close(true);
-            builder
-        },
-        slots: Arc::new(Semaphore::new(1)),
+        builder: http_builder(&settings),
+        slots: Arc::new(Semaphore::new(settings.http.max_connections.max(1))),
         settings,
         requests: ShardedCounter::default(),
         connections: Arc::new(Connections::default()),
-    });
-    let (_drain, watch) = Drain::new();
-    let permit = shared.slots.clone().acquire_owned().await?;
-    let guard = shared.connections.open();
-    connection(io, shared, watch, guard, permit).await;
-    Ok(())
+    }
+}
+
+/// A worker's connection handling without listeners: each [`OneConnection::serve`] serves
+/// one connection the way an accepted one is served, until it ends. For fuzzing the HTTP
+/// edge. One difference: the client may half-close (shut down its writing side) and still
+/// get its answers, so that an exchange ends without waiting for a timeout.
+pub(crate) struct OneConnection {
+    shared: Arc<Shared>,
+    watch: DrainWatch,
+    _drain: Drain,
+}
+
+impl OneConnection {
+    pub(crate) fn new(settings: WorkerSettings, router: Router) -> Self {
+        let mut shared = shared_state(1, settings, router);
+        shared.builder.http1().half_close(true);
+        let (drain, watch) = Drain::new();
+        Self {
+            shared: Arc::new(shared),
+            watch,
+            _drain: drain,
+        }
+    }
+
+    pub(crate) async fn serve<I>(&self, io: I)
+    where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let permit = self
+            .shared
+            .slots
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("semaphore never closes");
+        let guard = self.shared.connections.open();
+        connection(io, self.shared.clone(), self.watch.clone(), guard, permit).await;
+    }
 }
 
 /// Serves until SIGTERM, SIGINT or the supervisor's death, then drains and returns.
@@ -157,26 +185,7 @@ pub async fn serve(
         None => None,
     };
 
-    let blocking_plugins = router.plugins.iter().filter(|p| !p.nonblocking).count();
-    let share = (settings.blocking_threads / blocking_plugins.max(1)).max(1);
-    let blocking = router
-        .plugins
-        .iter()
-        .map(|p| (!p.nonblocking).then(|| Arc::new(Semaphore::new(share))))
-        .collect();
-    let shared = Arc::new(Shared {
-        router,
-        blocking,
-        plugin_calls: Arc::new(AtomicUsize::new(0)),
-        closing: AtomicBool::new(false),
-        generation,
-        pid: std::process::id(),
-        builder: http_builder(&settings),
-        slots: Arc::new(Semaphore::new(settings.http.max_connections.max(1))),
-        settings,
-        requests: ShardedCounter::default(),
-        connections: Arc::new(Connections::default()),
-    });
+    let shared = Arc::new(shared_state(generation, settings, router));
     let (drain, watch) = Drain::new();
 
     let mut accepting = tokio::task::JoinSet::new();
