@@ -660,9 +660,10 @@ impl Supervisor {
         let removed = self.cache.prune(&dir, &keep);
         if !removed.is_empty() {
             tracing::info!(
-                "artifact cache {}: pruned {} unused file(s)",
+                "artifact cache {}: pruned {} unused file(s): {}",
                 dir.display(),
-                removed.len()
+                removed.len(),
+                removed.join(", ")
             );
         }
     }
