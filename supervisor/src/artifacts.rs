@@ -96,11 +96,21 @@ impl ArtifactCache {
         {
             return Ok(binary.clone());
         }
-        let bytes = std::fs::read(source)
+        // Streamed, never read whole: a 40 MB buffer would stay in the supervisor's heap.
+        let (hash, len) = stream_file(source, &mut |_| Ok(()))
             .map_err(|e| format!("cannot execute worker {}: {e}", source.display()))?;
-        let hash = crate::plugins::sha256_hex(&bytes);
         let cached = dir.join(format!("worker-{hash}"));
-        self.store(dir, &cached, &bytes, 0o555)?;
+        self.store_with(dir, &cached, len, 0o555, &mut |file| {
+            use std::io::Write;
+            let (copied, _) = stream_file(source, &mut |chunk| file.write_all(chunk))?;
+            if copied != hash {
+                return Err(std::io::Error::other(format!(
+                    "{} changed while it was being copied",
+                    source.display()
+                )));
+            }
+            Ok(())
+        })?;
         let binary = WorkerBinary {
             source: source.clone(),
             cached,
@@ -119,6 +129,21 @@ impl ArtifactCache {
         bytes: &[u8],
         mode: u32,
     ) -> Result<(), String> {
+        use std::io::Write;
+        self.store_with(dir, path, bytes.len() as u64, mode, &mut |f| {
+            f.write_all(bytes)
+        })
+    }
+
+    /// [`ArtifactCache::store`] for `len` bytes that `fill` writes.
+    fn store_with(
+        &mut self,
+        dir: &Path,
+        path: &Path,
+        len: u64,
+        mode: u32,
+        fill: &mut dyn FnMut(&mut File) -> std::io::Result<()>,
+    ) -> Result<(), String> {
         let failed = |e: &dyn std::fmt::Display| {
             format!(
                 "artifact cache {}: cannot write {}: {e}",
@@ -130,12 +155,12 @@ impl ArtifactCache {
             if self.is_held(path) {
                 return Ok(());
             }
-            if let Some(lock) = hold(path, bytes.len() as u64) {
+            if let Some(lock) = hold(path, len) {
                 self.held.insert(path.to_owned(), lock);
                 return Ok(());
             }
             create_dir(dir)?;
-            crate::plugins::write_once(path, bytes, mode).map_err(|e| failed(&e))?;
+            crate::plugins::write_once_with(path, mode, fill).map_err(|e| failed(&e))?;
         }
         Err(failed(&"it keeps disappearing (another process prunes it)"))
     }
@@ -177,6 +202,47 @@ impl ArtifactCache {
         removed.sort();
         removed
     }
+}
+
+/// Hands the heap memory freed after preparing a generation (plugin files are read whole
+/// to be checked and hashed) back to the kernel, so the supervisor's resident size stays
+/// what it needs rather than what its largest upgrade needed.
+pub fn release_free_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim takes no pointers; it only returns the allocator's own free
+    // memory to the kernel, and is safe to call at any time from any thread.
+    #[allow(unsafe_code)]
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+/// Reads `path` in chunks, handing each to `each`; returns the SHA-256 (hex) and length.
+fn stream_file(
+    path: &Path,
+    each: &mut dyn FnMut(&[u8]) -> std::io::Result<()>,
+) -> std::io::Result<(String, u64)> {
+    use sha2::Digest;
+    use std::io::Read;
+    let mut file = File::open(path)?;
+    let mut hasher = sha2::Sha256::new();
+    let mut chunk = vec![0u8; 64 * 1024];
+    let mut len = 0u64;
+    loop {
+        let n = file.read(&mut chunk)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&chunk[..n]);
+        each(&chunk[..n])?;
+        len += n as u64;
+    }
+    let hash = hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    Ok((hash, len))
 }
 
 /// Opens `path` and takes a shared lock on it, if it is there with `len` bytes.

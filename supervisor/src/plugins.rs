@@ -230,10 +230,13 @@ pub fn cache(
         .collect()
 }
 
-/// Writes `bytes` to a temporary name (`<name>.tmp.<pid>`) and renames it into place with
-/// `mode` (read-only, or read-and-execute).
-pub(crate) fn write_once(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
-    use std::io::Write;
+/// Writes what `fill` writes to a temporary name (`<name>.tmp.<pid>`) and renames it
+/// into place with `mode` (read-only, or read-and-execute).
+pub(crate) fn write_once_with(
+    path: &Path,
+    mode: u32,
+    fill: &mut dyn FnMut(&mut std::fs::File) -> std::io::Result<()>,
+) -> std::io::Result<()> {
     let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
     let result = (|| {
         let mut f = std::fs::OpenOptions::new()
@@ -242,7 +245,7 @@ pub(crate) fn write_once(path: &Path, bytes: &[u8], mode: u32) -> std::io::Resul
             .truncate(true)
             .mode(mode)
             .open(&tmp)?;
-        f.write_all(bytes)?;
+        fill(&mut f)?;
         f.sync_all()?;
         std::fs::rename(&tmp, path)
     })();

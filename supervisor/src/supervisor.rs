@@ -436,7 +436,9 @@ impl Supervisor {
                     Ok(b) => b,
                     Err(e) => return self.refuse(e),
                 };
-                match crate::plugins::prepare(&config, &mut self.cache) {
+                let prepared = crate::plugins::prepare(&config, &mut self.cache);
+                crate::artifacts::release_free_memory();
+                match prepared {
                     Ok(p) => (binary, p, None),
                     Err(e) => return self.refuse(e),
                 }
