@@ -59,6 +59,17 @@ async fn slow_headers_are_cut_off_by_header_read_timeout() {
     healthy(&baton).await;
 }
 
+/// `header_read_timeout` 1 s, `keepalive_timeout` 3 s.
+const SHORT_TIMEOUTS: &str = "[http]\nheader_read_timeout = \"1s\"\nkeepalive_timeout = \"3s\"\n";
+
+/// A connection closed after `took`, which must be in `[from_ms, to_ms)`.
+fn assert_within(took: Duration, from_ms: u64, to_ms: u64, what: &str) {
+    assert!(
+        took >= Duration::from_millis(from_ms) && took < Duration::from_millis(to_ms),
+        "closed after {took:?} {what}"
+    );
+}
+
 /// Reads one response with a `Content-Length` body; `None` if the connection closed first.
 async fn read_response(conn: &mut TcpStream) -> Option<String> {
     let mut buf = Vec::new();
@@ -92,7 +103,7 @@ async fn read_response(conn: &mut TcpStream) -> Option<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_keepalive_connections_last_keepalive_timeout_not_header_read_timeout() {
     let baton = Baton::start(TestConfig {
-        extra: "[http]\nheader_read_timeout = \"1s\"\nkeepalive_timeout = \"3s\"\n".into(),
+        extra: SHORT_TIMEOUTS.into(),
         ..TestConfig::default()
     })
     .await;
@@ -116,10 +127,7 @@ async fn idle_keepalive_connections_last_keepalive_timeout_not_header_read_timeo
     let idle_for = idle_from.elapsed();
     assert!(closed, "the idle connection stayed open for 10 s");
     assert!(rest.is_empty(), "unexpected bytes: {rest}");
-    assert!(
-        idle_for >= Duration::from_secs(3) && idle_for < Duration::from_millis(5500),
-        "closed after {idle_for:?} idle; keepalive_timeout is 3 s"
-    );
+    assert_within(idle_for, 3000, 5500, "idle; keepalive_timeout is 3 s");
 
     // A head that starts on a kept-alive connection is held to header_read_timeout.
     let mut conn = TcpStream::connect(baton.addr()).await.unwrap();
@@ -132,9 +140,11 @@ async fn idle_keepalive_connections_last_keepalive_timeout_not_header_read_timeo
     let (_, closed) = read_all(&mut conn, Duration::from_secs(10)).await;
     let took = head_from.elapsed();
     assert!(closed, "an unfinished head was left open for 10 s");
-    assert!(
-        took >= Duration::from_secs(1) && took < Duration::from_millis(2500),
-        "unfinished head closed after {took:?}; header_read_timeout is 1 s"
+    assert_within(
+        took,
+        1000,
+        2500,
+        "with an unfinished head; header_read_timeout is 1 s",
     );
     healthy(&baton).await;
 }
@@ -143,7 +153,7 @@ async fn idle_keepalive_connections_last_keepalive_timeout_not_header_read_timeo
 async fn an_idle_http2_connection_lasts_keepalive_timeout_then_gets_goaway() {
     use hyper_util::rt::{TokioExecutor, TokioIo};
     let baton = Baton::start(TestConfig {
-        extra: "[http]\nheader_read_timeout = \"1s\"\nkeepalive_timeout = \"3s\"\n".into(),
+        extra: SHORT_TIMEOUTS.into(),
         ..TestConfig::default()
     })
     .await;
@@ -172,10 +182,7 @@ async fn an_idle_http2_connection_lasts_keepalive_timeout_then_gets_goaway() {
         ended.is_ok(),
         "the idle HTTP/2 connection stayed open for 10 s"
     );
-    assert!(
-        idle_for >= Duration::from_secs(3) && idle_for < Duration::from_millis(5500),
-        "closed after {idle_for:?} idle; keepalive_timeout is 3 s"
-    );
+    assert_within(idle_for, 3000, 5500, "idle; keepalive_timeout is 3 s");
     healthy(&baton).await;
 }
 

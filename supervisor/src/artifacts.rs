@@ -237,23 +237,14 @@ fn stream_file(
         each(&chunk[..n])?;
         len += n as u64;
     }
-    let hash = hasher
-        .finalize()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    Ok((hash, len))
+    Ok((crate::plugins::hex(&hasher.finalize()), len))
 }
 
 /// Opens `path` and takes a shared lock on it, if it is there with `len` bytes.
 fn hold(path: &Path, len: u64) -> Option<Flock<File>> {
     let file = File::open(path).ok()?;
-    let lock = Flock::lock(file, FlockArg::LockSharedNonblock)
-        .or_else(|(file, _)| {
-            // A pruner holds it exclusively for a moment: wait for it to decide.
-            Flock::lock(file, FlockArg::LockShared)
-        })
-        .ok()?;
+    // Waits if a pruner holds it exclusively: it does for a moment, while it removes it.
+    let lock = Flock::lock(file, FlockArg::LockShared).ok()?;
     // Locked, but pruned just before? Then it is gone from the directory.
     let meta = lock.metadata().ok()?;
     (meta.nlink() > 0 && meta.len() == len).then_some(lock)

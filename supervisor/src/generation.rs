@@ -101,8 +101,7 @@ pub struct Artifacts {
 impl Artifacts {
     /// The cached files.
     pub fn files(&self) -> impl Iterator<Item = &std::path::Path> {
-        std::iter::once(self.binary.cached.as_path())
-            .chain(self.plugins.iter().map(|p| std::path::Path::new(&p.cached)))
+        cached_files(&self.binary, &self.plugins)
     }
 }
 
@@ -137,7 +136,21 @@ impl WorkerProcess {
     }
 }
 
+/// The cache files of a worker binary and a plugin set.
+fn cached_files<'a>(
+    binary: &'a WorkerBinary,
+    plugins: &'a [baton_proto::PluginSpec],
+) -> impl Iterator<Item = &'a std::path::Path> {
+    std::iter::once(binary.cached.as_path())
+        .chain(plugins.iter().map(|p| std::path::Path::new(&p.cached)))
+}
+
 impl Generation {
+    /// The cache files this generation runs.
+    pub fn files(&self) -> impl Iterator<Item = &std::path::Path> {
+        cached_files(&self.binary, &self.plugins)
+    }
+
     pub fn artifacts(&self) -> Artifacts {
         Artifacts {
             number: self.number,

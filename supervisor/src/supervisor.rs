@@ -649,8 +649,7 @@ impl Supervisor {
         };
         let mut keep = HashSet::new();
         for g in self.generations.values() {
-            let own = g.artifacts();
-            keep.extend(own.files().map(ToOwned::to_owned));
+            keep.extend(g.files().map(ToOwned::to_owned));
             if let Some(previous) = &g.previous {
                 keep.extend(previous.files().map(ToOwned::to_owned));
             }
@@ -861,9 +860,9 @@ impl Supervisor {
         if self.stopping.is_some() {
             return;
         }
-        if let Some(starting) = self.starting().or(self.start_deferred.then_some(0)) {
+        if self.starting().is_some() || self.start_deferred {
             tracing::error!(
-                "crash loop after promotion, but an upgrade is starting (generation {starting}); no rollback unless it fails and the crashes go on"
+                "crash loop after promotion, but an upgrade is starting; no rollback unless it fails and the crashes go on"
             );
             return;
         }
