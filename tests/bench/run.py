@@ -37,11 +37,13 @@ import time
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 RELEASE = os.path.join(ROOT, "target", "release")
-# Two single-threaded worker processes, like nginx's two workers (the current-thread
-# scheduler, nothing shared between cores). BATON_BENCH_PROCESSES/THREADS change it; one
-# process with two threads measured 0.82x bare hyper in a full run, two with one 0.89-1.01x.
-BATON_PROCESSES = int(os.environ.get("BATON_BENCH_PROCESSES", "2"))
-BATON_THREADS = int(os.environ.get("BATON_BENCH_THREADS", "1"))
+# Baton's defaults: one worker process with a thread per core (work stealing keeps both
+# cores busy). BATON_BENCH_PROCESSES/THREADS change it. Two single-threaded processes
+# share the listener unevenly under a burst of keep-alive connections (64/0 and 60/4 were
+# seen: whichever process wakes first accepts them all), and both wake for every
+# connection, which costs system time under connection-per-request load.
+BATON_PROCESSES = int(os.environ.get("BATON_BENCH_PROCESSES", "1"))
+BATON_THREADS = int(os.environ.get("BATON_BENCH_THREADS", "0"))
 
 
 def log(msg):

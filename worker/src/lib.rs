@@ -9,6 +9,7 @@ mod drain;
 mod env;
 pub mod fuzzing;
 mod inherit;
+mod lazy_select;
 mod notify;
 mod plugins;
 mod router;

@@ -15,6 +15,7 @@ use baton_plugin::abi::{
 };
 use baton_proto::PluginSpec;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
+use std::cell::RefCell;
 use std::ffi::{CStr, c_char, c_void};
 use thiserror::Error;
 
@@ -271,54 +272,40 @@ impl Plugin {
         let Some(state) = self.state.get().copied() else {
             return Answer::Failed("plugin called before init".into());
         };
-        let method = call.method.as_str();
-        let headers: Vec<BatonHeader> = call
-            .headers
-            .iter()
-            .map(|(name, value)| BatonHeader {
-                name: BatonStr::new(name.as_str().as_bytes()),
-                value: BatonStr::new(value.as_bytes()),
-            })
-            .collect();
-        let params: Vec<BatonParam> = call
-            .params
-            .iter()
-            .map(|(n, v)| BatonParam {
-                name: BatonStr::new(n.as_bytes()),
-                value: BatonStr::new(v.as_bytes()),
-            })
-            .collect();
-        let request = BatonRequest {
-            struct_size: std::mem::size_of::<BatonRequest>() as u32,
-            route: call.route,
-            method: BatonStr::new(method.as_bytes()),
-            path: BatonStr::new(call.path.as_bytes()),
-            query: BatonStr::new(call.query.as_bytes()),
-            headers: headers.as_ptr(),
-            headers_len: headers.len(),
-            params: params.as_ptr(),
-            params_len: params.len(),
-            body: BatonStr::new(call.body),
-            generation: call.generation,
-            worker_pid: call.worker_pid,
-            reserved: 0,
-        };
         let mut builder = Builder {
             status: StatusCode::OK,
             headers: HeaderMap::new(),
             body: Vec::new(),
             error: None,
         };
-        // SAFETY: every view points into `call`, `headers` or `params`, which outlive the
-        // call; `builder` is only reached through the host functions below.
-        let rc = unsafe {
-            (self.handle)(
-                state.0,
-                &request,
-                &HOST_API,
-                (&mut builder as *mut Builder).cast::<BatonResponse>(),
-            )
-        };
+        let rc = with_views(call, |headers, params| {
+            let request = BatonRequest {
+                struct_size: std::mem::size_of::<BatonRequest>() as u32,
+                route: call.route,
+                method: BatonStr::new(call.method.as_str().as_bytes()),
+                path: BatonStr::new(call.path.as_bytes()),
+                query: BatonStr::new(call.query.as_bytes()),
+                headers: headers.as_ptr(),
+                headers_len: headers.len(),
+                params: params.as_ptr(),
+                params_len: params.len(),
+                body: BatonStr::new(call.body),
+                generation: call.generation,
+                worker_pid: call.worker_pid,
+                reserved: 0,
+            };
+            // SAFETY: every view points into `call`, which outlives the call, or into
+            // `headers` and `params`, which are not touched until it returns; `builder`
+            // is only reached through the host functions below.
+            unsafe {
+                (self.handle)(
+                    state.0,
+                    &request,
+                    &HOST_API,
+                    (&mut builder as *mut Builder).cast::<BatonResponse>(),
+                )
+            }
+        });
         match (rc, builder.error) {
             (_, Some(message)) => Answer::Failed(message),
             (0, None) => Answer::Response {
@@ -337,6 +324,44 @@ impl Plugin {
             unsafe { (self.shutdown)(state.0) };
         }
     }
+}
+
+thread_local! {
+    /// Room for one call's header and parameter views, kept per thread so that a handler
+    /// call allocates nothing of its own. Emptied after every call: the views point into
+    /// that call's request.
+    static VIEWS: RefCell<(Vec<BatonHeader>, Vec<BatonParam>)> =
+        const { RefCell::new((Vec::new(), Vec::new())) };
+}
+
+/// Runs `f` with `call`'s headers and path parameters as ABI views.
+fn with_views<R>(call: &Call<'_>, f: impl FnOnce(&[BatonHeader], &[BatonParam]) -> R) -> R {
+    let fill = |headers: &mut Vec<BatonHeader>, params: &mut Vec<BatonParam>| {
+        headers.extend(call.headers.iter().map(|(name, value)| BatonHeader {
+            name: BatonStr::new(name.as_str().as_bytes()),
+            value: BatonStr::new(value.as_bytes()),
+        }));
+        params.extend(call.params.iter().map(|(n, v)| BatonParam {
+            name: BatonStr::new(n.as_bytes()),
+            value: BatonStr::new(v.as_bytes()),
+        }));
+    };
+    VIEWS.with(|views| match views.try_borrow_mut() {
+        Ok(mut views) => {
+            let (headers, params) = &mut *views;
+            fill(headers, params);
+            let result = f(headers, params);
+            headers.clear();
+            params.clear();
+            result
+        }
+        // Only if a handler were called from inside another: fresh room, then.
+        Err(_) => {
+            let (mut headers, mut params) = (Vec::new(), Vec::new());
+            fill(&mut headers, &mut params);
+            f(&headers, &params)
+        }
+    })
 }
 
 fn c_text(ptr: *const c_char) -> Option<String> {

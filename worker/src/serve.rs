@@ -12,8 +12,9 @@
 
 use crate::drain::{ConnectionGuard, Connections, Drain, DrainWatch, Phase};
 use crate::inherit::{Listener, NamedListener};
+use crate::lazy_select::{Either, lazy_select};
 use crate::notify::Notifier;
-use crate::plugins::{Answer, Call};
+use crate::plugins::{Answer, Call, Plugin};
 use crate::router::{Lookup, Router};
 use baton_proto::{Stats, WorkerSettings};
 use bytes::Bytes;
@@ -26,8 +27,10 @@ use hyper_util::server::conn::auto;
 use std::convert::Infallible;
 use std::future::Future;
 use std::os::fd::OwnedFd;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::signal::unix::{SignalKind, signal};
@@ -399,6 +402,12 @@ impl ConnState {
         }
     }
 
+    /// A request's head arrived whole.
+    fn request_started(&self) {
+        self.started.fetch_add(1, Ordering::Relaxed);
+        self.head.store(false, Ordering::Relaxed);
+    }
+
     /// A mark that changes whenever a request starts.
     fn activity(&self) -> u64 {
         self.started.load(Ordering::Relaxed)
@@ -506,10 +515,9 @@ impl ConnClock {
 struct InFlight<'a>(&'a ConnState);
 
 impl<'a> InFlight<'a> {
+    /// For a request whose answer is not ready when [`handle`] returns.
     fn start(state: &'a ConnState) -> Self {
-        state.started.fetch_add(1, Ordering::Relaxed);
         state.in_flight.fetch_add(1, Ordering::AcqRel);
-        state.head.store(false, Ordering::Relaxed);
         InFlight(state)
     }
 }
@@ -536,7 +544,7 @@ async fn connection<I>(
     let state = &ctx.state;
     let service = {
         let ctx = ctx.clone();
-        service_fn(move |req| handle(req, ctx.clone()))
+        service_fn(move |req| handle(req, &ctx))
     };
     let conn = shared.builder.serve_connection(
         TokioIo::new(ConnIo {
@@ -562,17 +570,20 @@ async fn connection<I>(
             tokio::time::sleep(grace).await;
         }
     };
-
-    tokio::select! {
-        result = conn.as_mut() => return log_end(result),
-        _ = drain_says_close => {}
-        expired = clock.expired(state) => {
-            if expired == Expired::Header {
-                // Nothing is in flight; hyper would wait for the head to finish.
-                tracing::debug!("request head not complete within header_read_timeout; closing");
-                return;
-            }
+    let side = async {
+        tokio::select! {
+            _ = drain_says_close => None,
+            expired = clock.expired(state) => Some(expired),
         }
+    };
+    match lazy_select(conn.as_mut(), std::pin::pin!(side)).await {
+        Either::Main(result) => return log_end(result),
+        Either::Side(Some(Expired::Header)) => {
+            // Nothing is in flight; hyper would wait for the head to finish.
+            tracing::debug!("request head not complete within header_read_timeout; closing");
+            return;
+        }
+        Either::Side(_) => {}
     }
     // HTTP/2: GOAWAY, then wait for open streams. HTTP/1: close once the request in
     // flight (if any) is answered.
@@ -675,54 +686,112 @@ struct ConnCtx {
     state: ConnState,
 }
 
-async fn handle(
-    req: Request<Incoming>,
-    ctx: Arc<ConnCtx>,
-) -> Result<Response<Full<Bytes>>, Infallible> {
-    let (shared, state) = (&ctx.shared, &ctx.state);
-    let _in_flight = InFlight::start(&ctx.state);
+/// The future hyper keeps for one request. Most requests are answered before [`handle`]
+/// returns (no body to read, a non-blocking plugin or none): then it is just the response.
+/// The others (a body to collect, a handler on the blocking pool) are boxed. A future
+/// holding the whole request path inline was copied into hyper for every request, and
+/// showed up in profiles.
+enum Handled {
+    Now(Option<Response<Full<Bytes>>>),
+    Later(Pin<Box<dyn Future<Output = Response<Full<Bytes>>> + Send>>),
+}
+
+impl Future for Handled {
+    type Output = Result<Response<Full<Bytes>>, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.get_mut() {
+            Handled::Now(response) => {
+                Poll::Ready(Ok(response.take().expect("polled after completion")))
+            }
+            Handled::Later(future) => future.as_mut().poll(cx).map(Ok),
+        }
+    }
+}
+
+fn handle(req: Request<Incoming>, ctx: &Arc<ConnCtx>) -> Handled {
+    ctx.state.request_started();
     let version = req.version();
     if version == Version::HTTP_2 {
-        state.h2.store(true, Ordering::Relaxed);
+        ctx.state.h2.store(true, Ordering::Relaxed);
     }
     let (parts, body) = req.into_parts();
-    let limit = usize::try_from(shared.settings.http.max_body_bytes).unwrap_or(usize::MAX);
-    let collected = if hyper::body::Body::is_end_stream(&body) {
-        Ok(Bytes::new())
-    } else {
-        Limited::new(body, limit)
-            .collect()
-            .await
-            .map(|c| c.to_bytes())
-    };
-    let mut response = match collected {
-        Ok(body) => dispatch(parts, body, shared).await,
-        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => text(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            format!("request body exceeds {limit} bytes\n"),
-        ),
-        Err(e) => text(StatusCode::BAD_REQUEST, format!("bad request body: {e}\n")),
-    };
+    if hyper::body::Body::is_end_stream(&body) {
+        let body = Bytes::new();
+        let blocking = match route(&parts, &body, &ctx.shared) {
+            Routed::Done(response) => {
+                return Handled::Now(Some(finish(response, version, &ctx.shared)));
+            }
+            Routed::Blocking(call) => call,
+        };
+        let ctx = ctx.clone();
+        return Handled::Later(Box::pin(async move {
+            let _in_flight = InFlight::start(&ctx.state);
+            let response = blocking.run(parts, body, &ctx.shared).await;
+            finish(response, version, &ctx.shared)
+        }));
+    }
+    let ctx = ctx.clone();
+    Handled::Later(Box::pin(async move {
+        let _in_flight = InFlight::start(&ctx.state);
+        let shared = &ctx.shared;
+        let limit = usize::try_from(shared.settings.http.max_body_bytes).unwrap_or(usize::MAX);
+        let response = match Limited::new(body, limit).collect().await {
+            Ok(collected) => {
+                let body = collected.to_bytes();
+                match route(&parts, &body, shared) {
+                    Routed::Done(response) => response,
+                    Routed::Blocking(call) => call.run(parts, body, shared).await,
+                }
+            }
+            Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => text(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("request body exceeds {limit} bytes\n"),
+            ),
+            Err(e) => text(StatusCode::BAD_REQUEST, format!("bad request body: {e}\n")),
+        };
+        finish(response, version, shared)
+    }))
+}
+
+/// Counts the answered request; during the drain, HTTP/1 responses close the connection.
+fn finish(
+    mut response: Response<Full<Bytes>>,
+    version: Version,
+    shared: &Shared,
+) -> Response<Full<Bytes>> {
     shared.requests.add_one();
     if shared.closing.load(Ordering::Relaxed) && version < Version::HTTP_2 {
         response
             .headers_mut()
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
-    Ok(response)
+    response
 }
 
-async fn dispatch(
-    parts: http::request::Parts,
-    body: Bytes,
-    shared: &Shared,
-) -> Response<Full<Bytes>> {
+/// Where a request went.
+enum Routed {
+    /// Answered: the health path, a 404 or 405, or a non-blocking plugin's handler.
+    Done(Response<Full<Bytes>>),
+    /// A handler of a plugin that may block: it runs on the blocking pool.
+    Blocking(BlockingCall),
+}
+
+struct BlockingCall {
+    index: usize,
+    plugin: Arc<Plugin>,
+    route: u32,
+    params: Vec<(String, String)>,
+}
+
+/// Answers the health path and unknown routes, and calls non-blocking handlers inline.
+fn route(parts: &http::request::Parts, body: &Bytes, shared: &Shared) -> Routed {
     let path = parts.uri.path();
     if path == shared.settings.http.health_path {
-        return health(&parts.method, shared);
+        return Routed::Done(health(&parts.method, shared));
     }
-    let (index, plugin, route, params) = match shared.router.lookup(parts.method.as_str(), path) {
-        Lookup::NotFound => return text(StatusCode::NOT_FOUND, "not found\n".into()),
+    match shared.router.lookup(parts.method.as_str(), path) {
+        Lookup::NotFound => Routed::Done(text(StatusCode::NOT_FOUND, "not found\n".into())),
         Lookup::MethodNotAllowed(allow) => {
             let mut r = text(
                 StatusCode::METHOD_NOT_ALLOWED,
@@ -731,41 +800,75 @@ async fn dispatch(
             if let Ok(v) = HeaderValue::from_str(&allow) {
                 r.headers_mut().insert(header::ALLOW, v);
             }
-            return r;
+            Routed::Done(r)
         }
         Lookup::Found {
             index,
             plugin,
             route,
             params,
-        } => (index, plugin.clone(), route, params),
-    };
-    let (generation, worker_pid) = (shared.generation, shared.pid);
-    let answer = match &shared.blocking[index] {
-        None => {
+        } => {
+            if shared.blocking[index].is_some() {
+                return Routed::Blocking(BlockingCall {
+                    index,
+                    plugin: plugin.clone(),
+                    route,
+                    params,
+                });
+            }
             let _counted = CallGuard::new(&shared.plugin_calls);
-            plugin.call(&call_of(
-                route, &parts, &params, &body, generation, worker_pid,
-            ))
+            let answer = plugin.call(&call_of(
+                route,
+                parts,
+                &params,
+                body,
+                shared.generation,
+                shared.pid,
+            ));
+            Routed::Done(respond(answer, plugin, parts))
         }
-        Some(share) => {
-            let _permit = share.acquire().await.expect("semaphore never closes");
-            let plugin = plugin.clone();
-            // Counted until the handler returns, even if this request's task is dropped
-            // meanwhile (a forced close): the blocking thread keeps running.
-            let counted = CallGuard::new(&shared.plugin_calls);
-            let parts = parts.clone();
-            tokio::task::spawn_blocking(move || {
-                let answer = plugin.call(&call_of(
-                    route, &parts, &params, &body, generation, worker_pid,
-                ));
-                drop(counted);
-                answer
-            })
-            .await
-            .unwrap_or_else(|e| Answer::Failed(format!("handler thread failed: {e}")))
-        }
-    };
+    }
+}
+
+impl BlockingCall {
+    /// Calls the handler on the blocking pool, within its plugin's share of it.
+    async fn run(
+        self,
+        parts: http::request::Parts,
+        body: Bytes,
+        shared: &Shared,
+    ) -> Response<Full<Bytes>> {
+        let BlockingCall {
+            index,
+            plugin,
+            route,
+            params,
+        } = self;
+        let share = shared.blocking[index]
+            .as_ref()
+            .expect("routed to the blocking pool");
+        let _permit = share.acquire().await.expect("semaphore never closes");
+        // Counted until the handler returns, even if this request's task is dropped
+        // meanwhile (a forced close): the blocking thread keeps running.
+        let counted = CallGuard::new(&shared.plugin_calls);
+        let (generation, worker_pid) = (shared.generation, shared.pid);
+        let handler = plugin.clone();
+        let request = parts.clone();
+        let answer = tokio::task::spawn_blocking(move || {
+            let answer = handler.call(&call_of(
+                route, &request, &params, &body, generation, worker_pid,
+            ));
+            drop(counted);
+            answer
+        })
+        .await
+        .unwrap_or_else(|e| Answer::Failed(format!("handler thread failed: {e}")));
+        respond(answer, &plugin, &parts)
+    }
+}
+
+/// The response for what a plugin answered; a failure is logged and becomes a 500.
+fn respond(answer: Answer, plugin: &Plugin, parts: &http::request::Parts) -> Response<Full<Bytes>> {
     match answer {
         Answer::Response {
             status,
@@ -779,10 +882,11 @@ async fn dispatch(
         }
         Answer::Failed(message) => {
             tracing::error!(
-                "plugin {} ({}) failed on {} {path}: {message}",
+                "plugin {} ({}) failed on {} {}: {message}",
                 plugin.name,
                 plugin.spec.file,
-                parts.method
+                parts.method,
+                parts.uri.path()
             );
             text(
                 StatusCode::INTERNAL_SERVER_ERROR,
