@@ -21,9 +21,9 @@ use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, StatusCode, Version, header};
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use hyper::body::Incoming;
+use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
 use std::convert::Infallible;
 use std::future::Future;
 use std::os::fd::OwnedFd;
@@ -51,7 +51,8 @@ struct Shared {
     requests: ShardedCounter,
     connections: Arc<Connections>,
     slots: Arc<Semaphore>,
-    builder: auto::Builder<TokioExecutor>,
+    http1: http1::Builder,
+    http2: http2::Builder<TokioExecutor>,
     router: Router,
     /// Per plugin (same index as `router.plugins`): the share of the blocking pool of a
     /// plugin whose handlers may block, so that a saturated one cannot starve the others.
@@ -125,7 +126,8 @@ fn shared_state(generation: u64, settings: WorkerSettings, router: Router) -> Sh
         closing: AtomicBool::new(false),
         generation,
         pid: std::process::id(),
-        builder: http_builder(&settings),
+        http1: http1_builder(&settings),
+        http2: http2_builder(&settings),
         slots: Arc::new(Semaphore::new(settings.http.max_connections.max(1))),
         settings,
         requests: ShardedCounter::default(),
@@ -146,7 +148,7 @@ pub(crate) struct OneConnection {
 impl OneConnection {
     pub(crate) fn new(settings: WorkerSettings, router: Router) -> Self {
         let mut shared = shared_state(1, settings, router);
-        shared.builder.http1().half_close(true);
+        shared.http1.half_close(true);
         let (drain, watch) = Drain::new();
         Self {
             shared: Arc::new(shared),
@@ -155,10 +157,7 @@ impl OneConnection {
         }
     }
 
-    pub(crate) async fn serve<I>(&self, io: I)
-    where
-        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    {
+    pub(crate) async fn serve<I: Socket>(&self, io: I) {
         let permit = self
             .shared
             .slots
@@ -272,10 +271,9 @@ pub async fn serve(
     Ok(())
 }
 
-fn http_builder(settings: &WorkerSettings) -> auto::Builder<TokioExecutor> {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
+fn http1_builder(settings: &WorkerSettings) -> http1::Builder {
+    let mut builder = http1::Builder::new();
     builder
-        .http1()
         .timer(TokioTimer::new())
         // Off: hyper's timer runs from the end of one request to the next head as well, so
         // idle keep-alive connections would close at header_read_timeout. `ConnClock`
@@ -283,7 +281,11 @@ fn http_builder(settings: &WorkerSettings) -> auto::Builder<TokioExecutor> {
         .header_read_timeout(None)
         .max_buf_size(settings.http.max_header_bytes.max(8192));
     builder
-        .http2()
+}
+
+fn http2_builder(settings: &WorkerSettings) -> http2::Builder<TokioExecutor> {
+    let mut builder = http2::Builder::new(TokioExecutor::new());
+    builder
         .timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(settings.http.max_header_bytes).unwrap_or(u32::MAX));
     builder
@@ -329,7 +331,7 @@ async fn report_stats(shared: Arc<Shared>, notifier: Notifier) {
 
 /// A listening socket the accept loop can take connections from.
 trait Accept: Send + Sync + 'static {
-    type Io: AsyncRead + AsyncWrite + Unpin + Send + 'static;
+    type Io: Socket;
     fn accept(&self) -> impl Future<Output = std::io::Result<Self::Io>> + Send;
 }
 
@@ -337,7 +339,6 @@ impl Accept for tokio::net::TcpListener {
     type Io = tokio::net::TcpStream;
     async fn accept(&self) -> std::io::Result<Self::Io> {
         let (stream, _) = tokio::net::TcpListener::accept(self).await?;
-        stream.set_nodelay(true)?;
         Ok(stream)
     }
 }
@@ -379,6 +380,8 @@ async fn accept_loop<L: Accept>(listener: L, shared: Arc<Shared>, mut watch: Dra
 #[derive(Debug)]
 struct ConnState {
     h2: AtomicBool,
+    /// The first HTTP/1 request asked to keep the connection open.
+    keep_alive: AtomicBool,
     in_flight: AtomicUsize,
     /// Requests started on this connection.
     started: AtomicU64,
@@ -395,6 +398,7 @@ impl ConnState {
     fn new() -> Self {
         Self {
             h2: AtomicBool::new(false),
+            keep_alive: AtomicBool::new(false),
             in_flight: AtomicUsize::new(0),
             started: AtomicU64::new(0),
             head: AtomicBool::new(true),
@@ -403,9 +407,16 @@ impl ConnState {
     }
 
     /// A request's head arrived whole.
-    fn request_started(&self) {
-        self.started.fetch_add(1, Ordering::Relaxed);
+    fn request_started(&self, parts: &http::request::Parts) {
+        if self.started.fetch_add(1, Ordering::Relaxed) == 0 && keeps_alive(parts) {
+            self.keep_alive.store(true, Ordering::Relaxed);
+        }
         self.head.store(false, Ordering::Relaxed);
+    }
+
+    /// The connection will carry more than one response.
+    fn stays_open(&self) -> bool {
+        self.keep_alive.load(Ordering::Relaxed) || self.h2.load(Ordering::Relaxed)
     }
 
     /// A mark that changes whenever a request starts.
@@ -439,6 +450,24 @@ impl ConnState {
     /// An HTTP/1 request head is incomplete (HTTP/2 frames between requests are not heads).
     fn reading_head(&self) -> bool {
         self.head.load(Ordering::Relaxed) && !self.h2.load(Ordering::Relaxed)
+    }
+}
+
+/// Whether an HTTP/1 request keeps its connection open: HTTP/1.1 unless it says
+/// `Connection: close`, HTTP/1.0 only if it says `Connection: keep-alive`.
+fn keeps_alive(parts: &http::request::Parts) -> bool {
+    let says = |token: &str| {
+        parts
+            .headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case(token))
+    };
+    match parts.version {
+        Version::HTTP_09 | Version::HTTP_10 => says("keep-alive"),
+        _ => !says("close"),
     }
 }
 
@@ -528,34 +557,18 @@ impl Drop for InFlight<'_> {
     }
 }
 
-async fn connection<I>(
+async fn connection<I: Socket>(
     io: I,
     shared: Arc<Shared>,
     mut watch: DrainWatch,
     _guard: ConnectionGuard,
     _permit: OwnedSemaphorePermit,
-) where
-    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
+) {
     let ctx = Arc::new(ConnCtx {
         shared: shared.clone(),
         state: ConnState::new(),
     });
     let state = &ctx.state;
-    let service = {
-        let ctx = ctx.clone();
-        service_fn(move |req| handle(req, &ctx))
-    };
-    let conn = shared.builder.serve_connection(
-        TokioIo::new(ConnIo {
-            io,
-            ctx: ctx.clone(),
-            fresh: true,
-        }),
-        service,
-    );
-    tokio::pin!(conn);
-
     let clock = ConnClock::new(
         Duration::from_millis(shared.settings.http.keepalive_timeout_ms),
         Duration::from_millis(shared.settings.http.header_read_timeout_ms),
@@ -576,7 +589,49 @@ async fn connection<I>(
             expired = clock.expired(state) => Some(expired),
         }
     };
-    match lazy_select(conn.as_mut(), std::pin::pin!(side)).await {
+    let mut side = std::pin::pin!(side);
+
+    let mut io = ConnIo {
+        io,
+        ctx: ctx.clone(),
+        prefix: Bytes::new(),
+        nodelay: false,
+    };
+    let h2 = tokio::select! {
+        sniffed = io.sniff() => match sniffed {
+            Ok(h2) => h2,
+            Err(e) => return tracing::debug!("connection ended: {e}"),
+        },
+        // Closed before its first request: the drain, or no head within the timeout.
+        _ = side.as_mut() => return,
+    };
+    let service = {
+        let ctx = ctx.clone();
+        service_fn(move |req| handle(req, &ctx))
+    };
+    let io = TokioIo::new(io);
+    if h2 {
+        state.h2.store(true, Ordering::Relaxed);
+        let conn = shared.http2.serve_connection(io, service);
+        drive(conn, |c| c.graceful_shutdown(), side, &mut watch).await;
+    } else {
+        let conn = shared.http1.serve_connection(io, service);
+        drive(conn, |c| c.graceful_shutdown(), side, &mut watch).await;
+    }
+}
+
+/// Serves `conn` until it ends, or until `side` (the drain, the connection's clock) says
+/// to close it: then HTTP/2 gets a GOAWAY and its open streams finish, HTTP/1 closes once
+/// the request in flight (if any) is answered; the forced phase of the drain cuts that
+/// short.
+async fn drive<C: Future<Output = hyper::Result<()>>>(
+    conn: C,
+    graceful_shutdown: impl FnOnce(Pin<&mut C>),
+    side: Pin<&mut impl Future<Output = Option<Expired>>>,
+    watch: &mut DrainWatch,
+) {
+    let mut conn = std::pin::pin!(conn);
+    match lazy_select(conn.as_mut(), side).await {
         Either::Main(result) => return log_end(result),
         Either::Side(Some(Expired::Header)) => {
             // Nothing is in flight; hyper would wait for the head to finish.
@@ -585,9 +640,7 @@ async fn connection<I>(
         }
         Either::Side(_) => {}
     }
-    // HTTP/2: GOAWAY, then wait for open streams. HTTP/1: close once the request in
-    // flight (if any) is answered.
-    conn.as_mut().graceful_shutdown();
+    graceful_shutdown(conn.as_mut());
     tokio::select! {
         result = conn.as_mut() => log_end(result),
         _ = watch.reached(Phase::Forced) => {}
@@ -597,48 +650,104 @@ async fn connection<I>(
 /// How an HTTP/2 connection with prior knowledge begins.
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
+/// How much the first read of a connection takes: a whole small request, so that hyper
+/// finds it in [`ConnIo::prefix`] instead of reading again.
+const FIRST_READ: usize = 2048;
+
+/// A connection's socket. TCP sets `TCP_NODELAY`, lazily (see [`ConnIo`]); other kinds
+/// have nothing to set.
+pub(crate) trait Socket: AsyncRead + AsyncWrite + Unpin + Send + 'static {
+    fn set_nodelay(&self) {}
+}
+
+impl Socket for tokio::net::TcpStream {
+    fn set_nodelay(&self) {
+        if let Err(e) = tokio::net::TcpStream::set_nodelay(self, true) {
+            tracing::debug!("TCP_NODELAY: {e}");
+        }
+    }
+}
+
+impl Socket for tokio::net::UnixStream {}
+
+impl Socket for tokio::io::DuplexStream {}
+
 /// The connection's socket as hyper sees it. Reads tell the connection's clock that a
 /// request head is arriving. Writes skip the `shutdown(SHUT_WR)` hyper issues before
 /// dropping a socket: closing it right after sends the same FIN (or the same RST, if the
 /// peer left unread data), and connection-per-request load showed the extra syscall.
+///
+/// It also sets `TCP_NODELAY` before the first write of a connection that stays open
+/// (HTTP/2, or an HTTP/1 request that keeps the connection alive), as nginx does: a
+/// response followed by the close goes out whole anyway, and connection-per-request load
+/// showed the extra syscall.
 struct ConnIo<I> {
     io: I,
     ctx: Arc<ConnCtx>,
-    /// No byte has been read yet.
-    fresh: bool,
+    /// Read by [`ConnIo::sniff`], not yet by hyper.
+    prefix: Bytes,
+    /// `TCP_NODELAY` is set.
+    nodelay: bool,
 }
 
-impl<I: AsyncRead + Unpin> AsyncRead for ConnIo<I> {
+impl<I: Socket> ConnIo<I> {
+    /// Reads the connection's first bytes (as many as arrived, up to [`FIRST_READ`]) and
+    /// says whether they begin HTTP/2 with prior knowledge. One read, where sniffing the
+    /// 24 bytes of the preface apart from what follows took two.
+    async fn sniff(&mut self) -> std::io::Result<bool> {
+        use tokio::io::AsyncReadExt;
+        let mut first = Vec::with_capacity(FIRST_READ);
+        loop {
+            if self.io.read_buf(&mut first).await? == 0 {
+                break;
+            }
+            let n = first.len().min(H2_PREFACE.len());
+            // Only a prefix of the preface so far: read on until it is whole or differs.
+            if first[..n] != H2_PREFACE[..n] || n == H2_PREFACE.len() {
+                break;
+            }
+        }
+        let h2 = first.starts_with(H2_PREFACE);
+        self.prefix = Bytes::from(first);
+        Ok(h2)
+    }
+
+    fn before_write(&mut self) {
+        if !self.nodelay && self.ctx.state.stays_open() {
+            self.nodelay = true;
+            self.io.set_nodelay();
+        }
+    }
+}
+
+impl<I: Socket> AsyncRead for ConnIo<I> {
     fn poll_read(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
-        let before = buf.filled().len();
         let this = &mut *self;
+        if !this.prefix.is_empty() {
+            let n = this.prefix.len().min(buf.remaining());
+            buf.put_slice(&this.prefix.split_to(n));
+            return std::task::Poll::Ready(Ok(()));
+        }
+        let before = buf.filled().len();
         let polled = std::pin::Pin::new(&mut this.io).poll_read(cx, buf);
-        let new = &buf.filled()[before..];
-        if !new.is_empty() {
-            if this.fresh {
-                this.fresh = false;
-                // HTTP/2 with prior knowledge: there are no request heads to time, and an
-                // idle connection gets a GOAWAY at keepalive_timeout.
-                if H2_PREFACE.starts_with(&new[..new.len().min(H2_PREFACE.len())]) {
-                    this.ctx.state.h2.store(true, Ordering::Relaxed);
-                }
-            }
+        if buf.filled().len() > before {
             this.ctx.state.bytes_arrived();
         }
         polled
     }
 }
 
-impl<I: AsyncWrite + Unpin> AsyncWrite for ConnIo<I> {
+impl<I: Socket> AsyncWrite for ConnIo<I> {
     fn poll_write(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
         buf: &[u8],
     ) -> std::task::Poll<std::io::Result<usize>> {
+        self.before_write();
         let polled = std::pin::Pin::new(&mut self.io).poll_write(cx, buf);
         self.ctx.state.write_polled(&polled);
         polled
@@ -649,6 +758,7 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for ConnIo<I> {
         cx: &mut std::task::Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> std::task::Poll<std::io::Result<usize>> {
+        self.before_write();
         let polled = std::pin::Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
         self.ctx.state.write_polled(&polled);
         polled
@@ -674,7 +784,7 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for ConnIo<I> {
     }
 }
 
-fn log_end(result: Result<(), Box<dyn std::error::Error + Send + Sync>>) {
+fn log_end(result: hyper::Result<()>) {
     if let Err(e) = result {
         tracing::debug!("connection ended: {e}");
     }
@@ -710,12 +820,12 @@ impl Future for Handled {
 }
 
 fn handle(req: Request<Incoming>, ctx: &Arc<ConnCtx>) -> Handled {
-    ctx.state.request_started();
     let version = req.version();
     if version == Version::HTTP_2 {
         ctx.state.h2.store(true, Ordering::Relaxed);
     }
     let (parts, body) = req.into_parts();
+    ctx.state.request_started(&parts);
     if hyper::body::Body::is_end_stream(&body) {
         let body = Bytes::new();
         let blocking = match route(&parts, &body, &ctx.shared) {
