@@ -1058,3 +1058,73 @@ fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
     );
     r
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    fn one_connection() -> OneConnection {
+        let settings = WorkerSettings::default();
+        let router = Router::build(Vec::new(), &settings.http.health_path).expect("router");
+        OneConnection::new(settings, router)
+    }
+
+    /// Sends `pieces` with pauses between them (so each is a read of its own), then
+    /// returns the first bytes the server answers.
+    async fn answer_to(pieces: &[&[u8]]) -> Vec<u8> {
+        let server = one_connection();
+        let (mut client, io) = tokio::io::duplex(64 * 1024);
+        let talk = async {
+            for piece in pieces {
+                client.write_all(piece).await.unwrap();
+                tokio::time::sleep(Duration::from_millis(30)).await;
+            }
+            let mut first = vec![0; 64];
+            let n = client.read(&mut first).await.unwrap();
+            first.truncate(n);
+            first
+        };
+        tokio::select! {
+            first = talk => first,
+            () = server.serve(io) => panic!("the connection ended before it answered"),
+        }
+    }
+
+    #[tokio::test]
+    async fn an_http2_preface_split_across_reads_is_still_http2() {
+        let preface = H2_PREFACE;
+        // An empty SETTINGS frame: length 0, type 4, no flags, stream 0.
+        let settings = [0u8, 0, 0, 4, 0, 0, 0, 0, 0];
+        let first = answer_to(&[&preface[..5], &preface[5..16], &preface[16..], &settings]).await;
+        // The server's first frame is its SETTINGS (type 4), not an HTTP/1 error.
+        assert!(first.len() >= 9, "{first:?}");
+        assert_eq!(first[3], 4, "not an HTTP/2 SETTINGS frame: {first:?}");
+    }
+
+    #[tokio::test]
+    async fn a_request_that_starts_like_the_preface_is_http1() {
+        let first = answer_to(&[b"P", b"UT /nowhere HTTP/1.1\r\nHost: x\r\n\r\n"]).await;
+        let text = String::from_utf8_lossy(&first);
+        assert!(text.starts_with("HTTP/1.1 404"), "{text:?}");
+    }
+
+    #[test]
+    fn keep_alive_follows_the_version_and_the_connection_header() {
+        let parts = |version, connection: Option<&str>| {
+            let mut b = Request::get("/").version(version);
+            if let Some(c) = connection {
+                b = b.header(header::CONNECTION, c);
+            }
+            b.body(()).unwrap().into_parts().0
+        };
+        assert!(keeps_alive(&parts(Version::HTTP_11, None)));
+        assert!(!keeps_alive(&parts(Version::HTTP_11, Some("close"))));
+        assert!(!keeps_alive(&parts(
+            Version::HTTP_11,
+            Some("Upgrade, Close")
+        )));
+        assert!(!keeps_alive(&parts(Version::HTTP_10, None)));
+        assert!(keeps_alive(&parts(Version::HTTP_10, Some("Keep-Alive"))));
+    }
+}
