@@ -10,7 +10,8 @@ time. `--quick` shortens every scenario (about 3 minutes in all instead of about
 
 Scenarios:
   a  steady throughput and latency: wrk -t2 -c64, keep-alive and Connection: close
-     (full: 4 rounds of 5 s per server, servers alternating; the median round counts)
+     (every server up at once, measured in turns of 2 s, 10 turns each in a full run;
+     a server's figure is over all its turns)
   b  an upgrade every 0.5 s under wrk -t1 -c32 (keep-alive / close): failed requests,
      socket errors, p99 and max latency
   c  upgrade latency over N upgrades, idle and under load: signal -> a new worker
@@ -450,10 +451,29 @@ def parse_wrk(out):
 
 # ---------------------------------------------------------------------- scenarios
 
-def scenario_a(server, seconds):
-    keep = wrk(server.port, server.path, 2, 64, seconds)
-    close = wrk(server.port, server.path, 2, 64, seconds, close=True)
-    return {"keepalive": keep, "close": close}
+def scenario_a(servers, turns, seconds):
+    """Every server is up; they take turns of `seconds` under the same load, in an order
+    that rotates, `turns` times for each mode. The machine's slow spells last several
+    seconds (rounds of 5 s per server ranged by +-20% for every server): short turns,
+    taken in alternation, spread them over all servers alike."""
+    out = {}
+    for mode, close in (("keepalive", False), ("close", True)):
+        slices = {s.name: [] for s in servers}
+        for t in range(turns):
+            k = t % len(servers)
+            for server in servers[k:] + servers[:k]:
+                slices[server.name].append(wrk(server.port, server.path, 2, 64, seconds, close=close))
+        for name, rs in slices.items():
+            total = {key: sum(r[key] for r in rs)
+                     for key in ("requests", "non2xx", "connect", "read", "write", "timeout", "errors")}
+            total["rps"] = sum(r["requests"] for r in rs) / (seconds * len(rs))
+            for key in ("p50_ms", "p99_ms"):
+                got = sorted(r[key] for r in rs if r[key] is not None)
+                total[key] = statistics.median(got) if got else None
+            total["max_ms"] = max((r["max_ms"] for r in rs if r["max_ms"] is not None), default=None)
+            total["turns_rps"] = [r["rps"] for r in rs]
+            out.setdefault(name, {})[mode] = total
+    return out
 
 
 def upgrade_every(server, interval, duration, stop):
@@ -603,7 +623,7 @@ def report(results, quick):
     a = {n: results["servers"][n].get("a") for n in names}
     anchor_n = a.get("nginx")
     anchor_h = a.get("hyper")
-    add("(a) steady state, wrk -t2 -c64 (median of rounds)")
+    add("(a) steady state, wrk -t2 -c64 (servers taking turns of 2 s; p50/p99: median turn)")
     add(f"{'server':14} {'mode':10} {'req/s':>10} {'x nginx':>8} {'x hyper':>8} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} {'errors':>7}")
     for n in names:
         if not a[n]:
@@ -710,7 +730,7 @@ def main():
     only = set(args.only.split(","))
     q = args.quick
     plan = {
-        "a_seconds": 3 if q else 5, "a_rounds": 1 if q else 4,
+        "a_seconds": 2, "a_turns": 3 if q else 10,
         "b_seconds": 8 if q else 30, "c_upgrades": 10 if q else 50,
         "d_connections": 1000, "e_connections": 10000, "e_upgrades": 5,
     }
@@ -742,23 +762,22 @@ def main():
         finally:
             server.stop()
 
-    # (a): rounds, servers alternating within each round; the median round per server.
+    # (a): every server up at once, taking turns (nginx-binary is nginx in steady state).
     if "a" in only:
-        rounds = {n: [] for n in names}
-        for i in range(plan["a_rounds"]):
+        up = []
+        try:
             for n, cls in servers_for(names):
                 if n == "nginx-binary":
-                    continue  # same server as nginx in steady state
-                log(f"(a) round {i + 1}: {n}")
-                rounds[n].append(with_server(cls, lambda s: scenario_a(s, plan["a_seconds"])))
-        for n, rs in rounds.items():
-            if rs:
-                pick = {}
-                for mode in ("keepalive", "close"):
-                    ordered = sorted(rs, key=lambda r: r[mode]["rps"])
-                    pick[mode] = ordered[len(ordered) // 2][mode]
-                    pick[mode]["rounds_rps"] = [r[mode]["rps"] for r in rs]
-                results["servers"][n]["a"] = pick
+                    continue
+                server = cls()
+                up.append(server)
+                server.start()
+            log(f"(a) {plan['a_turns']} turns of {plan['a_seconds']} s per server and mode")
+            for n, r in scenario_a(up, plan["a_turns"], plan["a_seconds"]).items():
+                results["servers"][n]["a"] = r
+        finally:
+            for server in up:
+                server.stop()
     for key, fn in (("b", lambda s: scenario_b(s, plan["b_seconds"])),
                     ("c", lambda s: scenario_c(s, plan["c_upgrades"])),
                     ("d", lambda s: scenario_d(s, plan["d_connections"])),
