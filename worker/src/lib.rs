@@ -5,9 +5,11 @@
 //! The environment is read once, in [`main`], before any thread starts; everything after
 //! works from that snapshot.
 
+mod connection;
 mod drain;
 mod env;
 pub mod fuzzing;
+mod handle;
 mod inherit;
 mod lazy_select;
 mod notify;

@@ -1,0 +1,518 @@
+//! One connection, from the accept to the close: which HTTP it speaks (HTTP/2 with prior
+//! knowledge is recognised in the first read), its header and idle deadlines, and the
+//! socket as hyper sees it. It never answers a request ([`crate::handle`] does) and never
+//! decides when the worker drains: it closes its connection when the drain or its own
+//! clock says so. An idle keep-alive connection is not closed the moment a drain begins
+//! (a client may be sending on it right then): it gets `drain_idle_grace` to send one
+//! more request, answered with `Connection: close`.
+
+use crate::drain::{ConnectionGuard, DrainWatch, Phase};
+use crate::handle::handle;
+use crate::lazy_select::{Either, lazy_select};
+use crate::serve::Shared;
+use bytes::Bytes;
+use http::{Version, header};
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::OwnedSemaphorePermit;
+
+/// What a connection's handlers tell its task. Counters only: reading the clock on every
+/// request showed up in profiles.
+#[derive(Debug)]
+pub(crate) struct ConnState {
+    pub(crate) h2: AtomicBool,
+    /// The first HTTP/1 request asked to keep the connection open.
+    keep_alive: AtomicBool,
+    in_flight: AtomicUsize,
+    /// Requests started on this connection.
+    started: AtomicU64,
+    /// Bytes arrived with no request in flight and no request has started since: the
+    /// head of the next request is being read. True from the accept on, so that the first
+    /// request is held to `header_read_timeout` too.
+    head: AtomicBool,
+    /// The last write to the client could not complete (it is not reading): a response
+    /// is still going out, whatever bytes have arrived meanwhile.
+    write_blocked: AtomicBool,
+}
+
+impl ConnState {
+    fn new() -> Self {
+        Self {
+            h2: AtomicBool::new(false),
+            keep_alive: AtomicBool::new(false),
+            in_flight: AtomicUsize::new(0),
+            started: AtomicU64::new(0),
+            head: AtomicBool::new(true),
+            write_blocked: AtomicBool::new(false),
+        }
+    }
+
+    /// A request's head arrived whole.
+    pub(crate) fn request_started(&self, parts: &http::request::Parts) {
+        if self.started.fetch_add(1, Ordering::Relaxed) == 0 && keeps_alive(parts) {
+            self.keep_alive.store(true, Ordering::Relaxed);
+        }
+        self.head.store(false, Ordering::Relaxed);
+    }
+
+    /// The connection will carry more than one response.
+    fn stays_open(&self) -> bool {
+        self.keep_alive.load(Ordering::Relaxed) || self.h2.load(Ordering::Relaxed)
+    }
+
+    /// A mark that changes whenever a request starts.
+    fn activity(&self) -> u64 {
+        self.started.load(Ordering::Relaxed)
+    }
+
+    fn busy(&self) -> bool {
+        self.in_flight.load(Ordering::Acquire) > 0
+    }
+
+    /// A request is in flight, or a response still being written.
+    fn active(&self) -> bool {
+        self.busy() || self.write_blocked.load(Ordering::Relaxed)
+    }
+
+    fn write_polled<T>(&self, polled: &std::task::Poll<T>) {
+        let blocked = polled.is_pending();
+        if self.write_blocked.load(Ordering::Relaxed) != blocked {
+            self.write_blocked.store(blocked, Ordering::Relaxed);
+        }
+    }
+
+    /// The connection delivered bytes: with nothing in flight, they begin a request head.
+    fn bytes_arrived(&self) {
+        if !self.busy() && !self.head.load(Ordering::Relaxed) {
+            self.head.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// An HTTP/1 request head is incomplete (HTTP/2 frames between requests are not heads).
+    fn reading_head(&self) -> bool {
+        self.head.load(Ordering::Relaxed) && !self.h2.load(Ordering::Relaxed)
+    }
+}
+
+/// Whether an HTTP/1 request keeps its connection open: HTTP/1.1 unless it says
+/// `Connection: close`, HTTP/1.0 only if it says `Connection: keep-alive`.
+fn keeps_alive(parts: &http::request::Parts) -> bool {
+    let says = |token: &str| {
+        parts
+            .headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case(token))
+    };
+    match parts.version {
+        Version::HTTP_09 | Version::HTTP_10 => says("keep-alive"),
+        _ => !says("close"),
+    }
+}
+
+/// Why a connection's clock ran out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Expired {
+    /// No request for `keepalive_timeout`: close gracefully (HTTP/2 gets a GOAWAY).
+    Idle,
+    /// A request head did not arrive whole within `header_read_timeout`: drop it.
+    Header,
+}
+
+/// The idle and header deadlines of one connection, kept with a coarse tick instead of a
+/// timer re-armed for every request: the request path only flips atomics, and the tick
+/// (half the shorter timeout) checks them. A head is cut off between one and one and a
+/// half `header_read_timeout`s after its first byte; an idle connection between one and
+/// one and a half `keepalive_timeout`s after its last request (at most one tick late).
+#[derive(Debug, Clone, Copy)]
+struct ConnClock {
+    tick: Duration,
+    /// Ticks in a row that must see the same unfinished head / the same idleness.
+    header_ticks: u32,
+    idle_ticks: u32,
+}
+
+impl ConnClock {
+    /// Shortest tick, so tiny timeouts in tests do not spin.
+    const MIN_TICK: Duration = Duration::from_millis(25);
+
+    fn new(keepalive: Duration, header: Duration) -> Self {
+        let tick = (keepalive.min(header) / 2).max(Self::MIN_TICK);
+        let ticks = |timeout: Duration| {
+            // The first tick may come just after the state began: one more makes the
+            // timeout a lower bound.
+            (timeout.as_nanos().div_ceil(tick.as_nanos()) as u32).saturating_add(1)
+        };
+        Self {
+            tick,
+            header_ticks: ticks(header),
+            idle_ticks: ticks(keepalive),
+        }
+    }
+
+    /// Resolves when the connection has been idle, or has been reading one head, too long.
+    async fn expired(self, state: &ConnState) -> Expired {
+        let mut interval =
+            tokio::time::interval_at(tokio::time::Instant::now() + self.tick, self.tick);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut seen = state.activity();
+        let (mut header_run, mut idle_run) = (0u32, 0u32);
+        loop {
+            interval.tick().await;
+            let now = state.activity();
+            if now != seen || state.active() {
+                seen = now;
+                (header_run, idle_run) = (0, 0);
+            } else if state.reading_head() {
+                idle_run = 0;
+                header_run += 1;
+                if header_run >= self.header_ticks {
+                    return Expired::Header;
+                }
+            } else {
+                header_run = 0;
+                idle_run += 1;
+                if idle_run >= self.idle_ticks {
+                    return Expired::Idle;
+                }
+            }
+        }
+    }
+}
+
+pub(crate) struct InFlight<'a>(&'a ConnState);
+
+impl<'a> InFlight<'a> {
+    /// For a request whose answer is not ready when [`handle`] returns.
+    pub(crate) fn start(state: &'a ConnState) -> Self {
+        state.in_flight.fetch_add(1, Ordering::AcqRel);
+        InFlight(state)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Release);
+    }
+}
+
+pub(crate) async fn connection<I: Socket>(
+    io: I,
+    shared: Arc<Shared>,
+    mut watch: DrainWatch,
+    _guard: ConnectionGuard,
+    _permit: OwnedSemaphorePermit,
+) {
+    let ctx = Arc::new(ConnCtx {
+        shared: shared.clone(),
+        state: ConnState::new(),
+    });
+    let state = &ctx.state;
+    let clock = ConnClock::new(
+        Duration::from_millis(shared.settings.http.keepalive_timeout_ms),
+        Duration::from_millis(shared.settings.http.header_read_timeout_ms),
+    );
+    let grace = Duration::from_millis(shared.settings.drain_idle_grace_ms);
+    let mut closing_watch = watch.clone();
+    let drain_says_close = async {
+        closing_watch.reached(Phase::Closing).await;
+        if !state.h2.load(Ordering::Relaxed) {
+            // An idle HTTP/1 connection may carry a request right now: let it be answered
+            // (with `Connection: close`) before closing what is still idle.
+            tokio::time::sleep(grace).await;
+        }
+    };
+    let side = async {
+        tokio::select! {
+            _ = drain_says_close => None,
+            expired = clock.expired(state) => Some(expired),
+        }
+    };
+    let mut side = std::pin::pin!(side);
+
+    let mut io = ConnIo {
+        io,
+        ctx: ctx.clone(),
+        prefix: Bytes::new(),
+        nodelay: false,
+    };
+    let h2 = tokio::select! {
+        sniffed = io.sniff() => match sniffed {
+            Ok(h2) => h2,
+            Err(e) => return tracing::debug!("connection ended: {e}"),
+        },
+        // Closed before its first request: the drain, or no head within the timeout.
+        _ = side.as_mut() => return,
+    };
+    let service = {
+        let ctx = ctx.clone();
+        service_fn(move |req| handle(req, &ctx))
+    };
+    let io = TokioIo::new(io);
+    if h2 {
+        state.h2.store(true, Ordering::Relaxed);
+        let conn = shared.http2.serve_connection(io, service);
+        drive(conn, |c| c.graceful_shutdown(), side, &mut watch).await;
+    } else {
+        let conn = shared.http1.serve_connection(io, service);
+        drive(conn, |c| c.graceful_shutdown(), side, &mut watch).await;
+    }
+}
+
+/// Serves `conn` until it ends, or until `side` (the drain, the connection's clock) says
+/// to close it: then HTTP/2 gets a GOAWAY and its open streams finish, HTTP/1 closes once
+/// the request in flight (if any) is answered; the forced phase of the drain cuts that
+/// short.
+async fn drive<C: Future<Output = hyper::Result<()>>>(
+    conn: C,
+    graceful_shutdown: impl FnOnce(Pin<&mut C>),
+    side: Pin<&mut impl Future<Output = Option<Expired>>>,
+    watch: &mut DrainWatch,
+) {
+    let mut conn = std::pin::pin!(conn);
+    match lazy_select(conn.as_mut(), side).await {
+        Either::Main(result) => return log_end(result),
+        Either::Side(Some(Expired::Header)) => {
+            // Nothing is in flight; hyper would wait for the head to finish.
+            tracing::debug!("request head not complete within header_read_timeout; closing");
+            return;
+        }
+        Either::Side(_) => {}
+    }
+    graceful_shutdown(conn.as_mut());
+    tokio::select! {
+        result = conn.as_mut() => log_end(result),
+        _ = watch.reached(Phase::Forced) => {}
+    }
+}
+
+/// How an HTTP/2 connection with prior knowledge begins.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// How much the first read of a connection takes: a whole small request, so that hyper
+/// finds it in [`ConnIo::prefix`] instead of reading again.
+const FIRST_READ: usize = 2048;
+
+/// A connection's socket. TCP sets `TCP_NODELAY`, lazily (see [`ConnIo`]); other kinds
+/// have nothing to set.
+pub(crate) trait Socket: AsyncRead + AsyncWrite + Unpin + Send + 'static {
+    fn set_nodelay(&self) {}
+}
+
+impl Socket for tokio::net::TcpStream {
+    fn set_nodelay(&self) {
+        if let Err(e) = tokio::net::TcpStream::set_nodelay(self, true) {
+            tracing::debug!("TCP_NODELAY: {e}");
+        }
+    }
+}
+
+impl Socket for tokio::net::UnixStream {}
+
+impl Socket for tokio::io::DuplexStream {}
+
+/// The connection's socket as hyper sees it. Reads tell the connection's clock that a
+/// request head is arriving. Writes skip the `shutdown(SHUT_WR)` hyper issues before
+/// dropping a socket: closing it right after sends the same FIN (or the same RST, if the
+/// peer left unread data), and connection-per-request load showed the extra syscall.
+///
+/// It also sets `TCP_NODELAY` before the first write of a connection that stays open
+/// (HTTP/2, or an HTTP/1 request that keeps the connection alive), as nginx does: a
+/// response followed by the close goes out whole anyway, and connection-per-request load
+/// showed the extra syscall.
+struct ConnIo<I> {
+    io: I,
+    ctx: Arc<ConnCtx>,
+    /// Read by [`ConnIo::sniff`], not yet by hyper.
+    prefix: Bytes,
+    /// `TCP_NODELAY` is set.
+    nodelay: bool,
+}
+
+impl<I: Socket> ConnIo<I> {
+    /// Reads the connection's first bytes (as many as arrived, up to [`FIRST_READ`]) and
+    /// says whether they begin HTTP/2 with prior knowledge. One read, where sniffing the
+    /// 24 bytes of the preface apart from what follows took two.
+    async fn sniff(&mut self) -> std::io::Result<bool> {
+        use tokio::io::AsyncReadExt;
+        let mut first = Vec::with_capacity(FIRST_READ);
+        loop {
+            if self.io.read_buf(&mut first).await? == 0 {
+                break;
+            }
+            let n = first.len().min(H2_PREFACE.len());
+            // Only a prefix of the preface so far: read on until it is whole or differs.
+            if first[..n] != H2_PREFACE[..n] || n == H2_PREFACE.len() {
+                break;
+            }
+        }
+        let h2 = first.starts_with(H2_PREFACE);
+        self.prefix = Bytes::from(first);
+        Ok(h2)
+    }
+
+    fn before_write(&mut self) {
+        if !self.nodelay && self.ctx.state.stays_open() {
+            self.nodelay = true;
+            self.io.set_nodelay();
+        }
+    }
+}
+
+impl<I: Socket> AsyncRead for ConnIo<I> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let this = &mut *self;
+        if !this.prefix.is_empty() {
+            let n = this.prefix.len().min(buf.remaining());
+            buf.put_slice(&this.prefix.split_to(n));
+            return std::task::Poll::Ready(Ok(()));
+        }
+        let before = buf.filled().len();
+        let polled = std::pin::Pin::new(&mut this.io).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            this.ctx.state.bytes_arrived();
+        }
+        polled
+    }
+}
+
+impl<I: Socket> AsyncWrite for ConnIo<I> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        self.before_write();
+        let polled = std::pin::Pin::new(&mut self.io).poll_write(cx, buf);
+        self.ctx.state.write_polled(&polled);
+        polled
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        self.before_write();
+        let polled = std::pin::Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        self.ctx.state.write_polled(&polled);
+        polled
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        // Flush what is buffered; the close that follows does the rest.
+        std::pin::Pin::new(&mut self.io).poll_flush(cx)
+    }
+}
+
+fn log_end(result: hyper::Result<()>) {
+    if let Err(e) = result {
+        tracing::debug!("connection ended: {e}");
+    }
+}
+
+/// What the handlers of one connection share.
+pub(crate) struct ConnCtx {
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) state: ConnState,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::router::Router;
+    use crate::serve::OneConnection;
+    use baton_proto::WorkerSettings;
+    use http::Request;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    fn one_connection() -> OneConnection {
+        let settings = WorkerSettings::default();
+        let router = Router::build(Vec::new(), &settings.http.health_path).expect("router");
+        OneConnection::new(settings, router)
+    }
+
+    /// Sends `pieces` with pauses between them (so each is a read of its own), then
+    /// returns the first bytes the server answers.
+    async fn answer_to(pieces: &[&[u8]]) -> Vec<u8> {
+        let server = one_connection();
+        let (mut client, io) = tokio::io::duplex(64 * 1024);
+        let talk = async {
+            for piece in pieces {
+                client.write_all(piece).await.unwrap();
+                tokio::time::sleep(Duration::from_millis(30)).await;
+            }
+            let mut first = vec![0; 64];
+            let n = client.read(&mut first).await.unwrap();
+            first.truncate(n);
+            first
+        };
+        tokio::select! {
+            first = talk => first,
+            () = server.serve(io) => panic!("the connection ended before it answered"),
+        }
+    }
+
+    #[tokio::test]
+    async fn an_http2_preface_split_across_reads_is_still_http2() {
+        let preface = H2_PREFACE;
+        // An empty SETTINGS frame: length 0, type 4, no flags, stream 0.
+        let settings = [0u8, 0, 0, 4, 0, 0, 0, 0, 0];
+        let first = answer_to(&[&preface[..5], &preface[5..16], &preface[16..], &settings]).await;
+        // The server's first frame is its SETTINGS (type 4), not an HTTP/1 error.
+        assert!(first.len() >= 9, "{first:?}");
+        assert_eq!(first[3], 4, "not an HTTP/2 SETTINGS frame: {first:?}");
+    }
+
+    #[tokio::test]
+    async fn a_request_that_starts_like_the_preface_is_http1() {
+        let first = answer_to(&[b"P", b"UT /nowhere HTTP/1.1\r\nHost: x\r\n\r\n"]).await;
+        let text = String::from_utf8_lossy(&first);
+        assert!(text.starts_with("HTTP/1.1 404"), "{text:?}");
+    }
+
+    #[test]
+    fn keep_alive_follows_the_version_and_the_connection_header() {
+        let parts = |version, connection: Option<&str>| {
+            let mut b = Request::get("/").version(version);
+            if let Some(c) = connection {
+                b = b.header(header::CONNECTION, c);
+            }
+            b.body(()).unwrap().into_parts().0
+        };
+        assert!(keeps_alive(&parts(Version::HTTP_11, None)));
+        assert!(!keeps_alive(&parts(Version::HTTP_11, Some("close"))));
+        assert!(!keeps_alive(&parts(
+            Version::HTTP_11,
+            Some("Upgrade, Close")
+        )));
+        assert!(!keeps_alive(&parts(Version::HTTP_10, None)));
+        assert!(keeps_alive(&parts(Version::HTTP_10, Some("Keep-Alive"))));
+    }
+}

@@ -1,0 +1,282 @@
+//! One request, from its head to its response: the health path, 404 and 405, plugin
+//! handlers (non-blocking ones inline, the others on the blocking pool within their
+//! plugin's share), the body limit, and `Connection: close` once the drain began. It
+//! never touches the connection's socket.
+
+use crate::connection::{ConnCtx, InFlight};
+use crate::plugins::{Answer, Call, Plugin};
+use crate::router::Lookup;
+use crate::serve::{CallGuard, Shared};
+use bytes::Bytes;
+use http::{HeaderValue, Method, Request, Response, StatusCode, Version, header};
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use hyper::body::Incoming;
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::task::{Context, Poll};
+
+/// The future hyper keeps for one request. Most requests are answered before [`handle`]
+/// returns (no body to read, a non-blocking plugin or none): then it is just the response.
+/// The others (a body to collect, a handler on the blocking pool) are boxed. A future
+/// holding the whole request path inline was copied into hyper for every request, and
+/// showed up in profiles.
+pub(crate) enum Handled {
+    Now(Option<Response<Full<Bytes>>>),
+    Later(Pin<Box<dyn Future<Output = Response<Full<Bytes>>> + Send>>),
+}
+
+impl Future for Handled {
+    type Output = Result<Response<Full<Bytes>>, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.get_mut() {
+            Handled::Now(response) => {
+                Poll::Ready(Ok(response.take().expect("polled after completion")))
+            }
+            Handled::Later(future) => future.as_mut().poll(cx).map(Ok),
+        }
+    }
+}
+
+pub(crate) fn handle(req: Request<Incoming>, ctx: &Arc<ConnCtx>) -> Handled {
+    let version = req.version();
+    if version == Version::HTTP_2 {
+        ctx.state.h2.store(true, Ordering::Relaxed);
+    }
+    let (parts, body) = req.into_parts();
+    ctx.state.request_started(&parts);
+    if hyper::body::Body::is_end_stream(&body) {
+        let body = Bytes::new();
+        let blocking = match route(&parts, &body, &ctx.shared) {
+            Routed::Done(response) => {
+                return Handled::Now(Some(finish(response, version, &ctx.shared)));
+            }
+            Routed::Blocking(call) => call,
+        };
+        let ctx = ctx.clone();
+        return Handled::Later(Box::pin(async move {
+            let _in_flight = InFlight::start(&ctx.state);
+            let response = blocking.run(parts, body, &ctx.shared).await;
+            finish(response, version, &ctx.shared)
+        }));
+    }
+    let ctx = ctx.clone();
+    Handled::Later(Box::pin(async move {
+        let _in_flight = InFlight::start(&ctx.state);
+        let shared = &ctx.shared;
+        let limit = usize::try_from(shared.settings.http.max_body_bytes).unwrap_or(usize::MAX);
+        let response = match Limited::new(body, limit).collect().await {
+            Ok(collected) => {
+                let body = collected.to_bytes();
+                match route(&parts, &body, shared) {
+                    Routed::Done(response) => response,
+                    Routed::Blocking(call) => call.run(parts, body, shared).await,
+                }
+            }
+            Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => text(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("request body exceeds {limit} bytes\n"),
+            ),
+            Err(e) => text(StatusCode::BAD_REQUEST, format!("bad request body: {e}\n")),
+        };
+        finish(response, version, shared)
+    }))
+}
+
+/// Counts the answered request; during the drain, HTTP/1 responses close the connection.
+fn finish(
+    mut response: Response<Full<Bytes>>,
+    version: Version,
+    shared: &Shared,
+) -> Response<Full<Bytes>> {
+    shared.requests.add_one();
+    if shared.closing.load(Ordering::Relaxed) && version < Version::HTTP_2 {
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    response
+}
+
+/// Where a request went.
+enum Routed {
+    /// Answered: the health path, a 404 or 405, or a non-blocking plugin's handler.
+    Done(Response<Full<Bytes>>),
+    /// A handler of a plugin that may block: it runs on the blocking pool.
+    Blocking(BlockingCall),
+}
+
+struct BlockingCall {
+    index: usize,
+    plugin: Arc<Plugin>,
+    route: u32,
+    params: Vec<(String, String)>,
+}
+
+/// Answers the health path and unknown routes, and calls non-blocking handlers inline.
+fn route(parts: &http::request::Parts, body: &Bytes, shared: &Shared) -> Routed {
+    let path = parts.uri.path();
+    if path == shared.settings.http.health_path {
+        return Routed::Done(health(&parts.method, shared));
+    }
+    match shared.router.lookup(parts.method.as_str(), path) {
+        Lookup::NotFound => Routed::Done(text(StatusCode::NOT_FOUND, "not found\n".into())),
+        Lookup::MethodNotAllowed(allow) => {
+            let mut r = text(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method not allowed\n".into(),
+            );
+            if let Ok(v) = HeaderValue::from_str(&allow) {
+                r.headers_mut().insert(header::ALLOW, v);
+            }
+            Routed::Done(r)
+        }
+        Lookup::Found {
+            index,
+            plugin,
+            route,
+            params,
+        } => {
+            if shared.blocking[index].is_some() {
+                return Routed::Blocking(BlockingCall {
+                    index,
+                    plugin: plugin.clone(),
+                    route,
+                    params,
+                });
+            }
+            let _counted = CallGuard::new(&shared.plugin_calls);
+            let answer = plugin.call(&call_of(
+                route,
+                parts,
+                &params,
+                body,
+                shared.generation,
+                shared.pid,
+            ));
+            Routed::Done(respond(answer, plugin, parts))
+        }
+    }
+}
+
+impl BlockingCall {
+    /// Calls the handler on the blocking pool, within its plugin's share of it.
+    async fn run(
+        self,
+        parts: http::request::Parts,
+        body: Bytes,
+        shared: &Shared,
+    ) -> Response<Full<Bytes>> {
+        let BlockingCall {
+            index,
+            plugin,
+            route,
+            params,
+        } = self;
+        let share = shared.blocking[index]
+            .as_ref()
+            .expect("routed to the blocking pool");
+        let _permit = share.acquire().await.expect("semaphore never closes");
+        // Counted until the handler returns, even if this request's task is dropped
+        // meanwhile (a forced close): the blocking thread keeps running.
+        let counted = CallGuard::new(&shared.plugin_calls);
+        let (generation, worker_pid) = (shared.generation, shared.pid);
+        let handler = plugin.clone();
+        let request = parts.clone();
+        let answer = tokio::task::spawn_blocking(move || {
+            let answer = handler.call(&call_of(
+                route, &request, &params, &body, generation, worker_pid,
+            ));
+            drop(counted);
+            answer
+        })
+        .await
+        .unwrap_or_else(|e| Answer::Failed(format!("handler thread failed: {e}")));
+        respond(answer, &plugin, &parts)
+    }
+}
+
+/// The response for what a plugin answered; a failure is logged and becomes a 500.
+fn respond(answer: Answer, plugin: &Plugin, parts: &http::request::Parts) -> Response<Full<Bytes>> {
+    match answer {
+        Answer::Response {
+            status,
+            headers,
+            body,
+        } => {
+            let mut r = Response::new(Full::new(Bytes::from(body)));
+            *r.status_mut() = status;
+            *r.headers_mut() = headers;
+            r
+        }
+        Answer::Failed(message) => {
+            tracing::error!(
+                "plugin {} ({}) failed on {} {}: {message}",
+                plugin.name,
+                plugin.spec.file,
+                parts.method,
+                parts.uri.path()
+            );
+            text(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal server error\n".into(),
+            )
+        }
+    }
+}
+
+fn call_of<'a>(
+    route: u32,
+    parts: &'a http::request::Parts,
+    params: &'a [(String, String)],
+    body: &'a [u8],
+    generation: u64,
+    worker_pid: u32,
+) -> Call<'a> {
+    Call {
+        route,
+        method: &parts.method,
+        path: parts.uri.path(),
+        query: parts.uri.query().unwrap_or(""),
+        headers: &parts.headers,
+        params,
+        body,
+        generation,
+        worker_pid,
+    }
+}
+
+fn health(method: &Method, shared: &Shared) -> Response<Full<Bytes>> {
+    if method != Method::GET && method != Method::HEAD {
+        let mut r = text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method not allowed\n".into(),
+        );
+        r.headers_mut()
+            .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+        return r;
+    }
+    let body = format!(
+        "{{\"status\":\"ok\",\"generation\":{},\"pid\":{}}}\n",
+        shared.generation, shared.pid
+    );
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
