@@ -4,14 +4,14 @@
 One run installs what it needs (wrk, nginx, haproxy from Debian's packages), builds Baton
 in release mode, then runs every scenario for every server, alternating them, and prints
 one table plus a JSON file. Everything binds to 127.0.0.1 and every step is bounded in
-time. `--quick` shortens every scenario (about 3 minutes in all instead of about 13).
+time. `--quick` shortens every scenario (under 3 minutes in all instead of about 9).
 
     python3 tests/bench/run.py [--quick] [--json PATH] [--only a,b,c,d,e]
 
 Scenarios:
   a  steady throughput and latency: wrk -t2 -c64, keep-alive and Connection: close
-     (every server up at once, measured in turns of 2 s, 10 turns each in a full run;
-     a server's figure is over all its turns)
+     (every server up at once, measured in turns of 2 s, 10 turns each in a full run and
+     2 in a quick one; a server's figure is over all its turns)
   b  an upgrade every 0.5 s under wrk -t1 -c32 (keep-alive / close): failed requests,
      socket errors, p99 and max latency
   c  upgrade latency over N upgrades, idle and under load: signal -> a new worker
@@ -730,7 +730,7 @@ def main():
     only = set(args.only.split(","))
     q = args.quick
     plan = {
-        "a_seconds": 2, "a_turns": 3 if q else 10,
+        "a_seconds": 2, "a_turns": 2 if q else 10,
         "b_seconds": 8 if q else 30, "c_upgrades": 10 if q else 50,
         "d_connections": 1000, "e_connections": 10000, "e_upgrades": 5,
     }
