@@ -146,6 +146,26 @@ async fn idle_keepalive_connections_last_keepalive_timeout_not_header_read_timeo
         2500,
         "with an unfinished head; header_read_timeout is 1 s",
     );
+
+    // The same after a first request whose body is read after its head: a head of
+    // exactly the worker's first read (2 KiB), its body in the same write.
+    let mut posted = TcpStream::connect(baton.addr()).await.unwrap();
+    let start = "POST /nowhere HTTP/1.1\r\nHost: x\r\nContent-Length: 3000\r\nX-Pad: ";
+    let pad = "p".repeat(2048 - start.len() - "\r\n\r\n".len());
+    let mut post = format!("{start}{pad}\r\n\r\n").into_bytes();
+    assert_eq!(post.len(), 2048);
+    post.resize(post.len() + 3000, b'x');
+    posted.write_all(&post).await.unwrap();
+    let head = read_response(&mut posted)
+        .await
+        .expect("the POST's response");
+    assert!(head.starts_with("HTTP/1.1 404"), "{head}");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    posted.write_all(REQUEST).await.unwrap();
+    let head = read_response(&mut posted)
+        .await
+        .expect("a connection idle after a request with a body was closed");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     healthy(&baton).await;
 }
 

@@ -26,14 +26,15 @@ use tokio::sync::OwnedSemaphorePermit;
 /// request showed up in profiles.
 #[derive(Debug)]
 pub(crate) struct ConnState {
-    pub(crate) h2: AtomicBool,
+    /// HTTP/2 with prior knowledge (known from the first read).
+    h2: AtomicBool,
     /// The first HTTP/1 request asked to keep the connection open.
     keep_alive: AtomicBool,
     in_flight: AtomicUsize,
     /// Requests started on this connection.
     started: AtomicU64,
-    /// Bytes arrived with no request in flight and no request has started since: the
-    /// head of the next request is being read. True from the accept on, so that the first
+    /// Bytes arrived while no request was in flight ([`InFlight`]) and none has started
+    /// since: the head of the next request is being read. True from the accept on, so that the first
     /// request is held to `header_read_timeout` too.
     head: AtomicBool,
     /// The last write to the client could not complete (it is not reading): a response
@@ -188,19 +189,26 @@ impl ConnClock {
     }
 }
 
-pub(crate) struct InFlight<'a>(&'a ConnState);
+/// A request whose answer is not ready when [`handle`] returns (its body is still to be
+/// read, or its handler runs on the blocking pool), from then until the answer is: taken
+/// before `handle` returns, since hyper may read the body from the socket before it first
+/// polls the answer, and those bytes are not the head of another request.
+pub(crate) struct InFlight(Arc<ConnCtx>);
 
-impl<'a> InFlight<'a> {
-    /// For a request whose answer is not ready when [`handle`] returns.
-    pub(crate) fn start(state: &'a ConnState) -> Self {
-        state.in_flight.fetch_add(1, Ordering::AcqRel);
-        InFlight(state)
+impl InFlight {
+    pub(crate) fn start(ctx: &Arc<ConnCtx>) -> Self {
+        ctx.state.in_flight.fetch_add(1, Ordering::AcqRel);
+        InFlight(ctx.clone())
+    }
+
+    pub(crate) fn ctx(&self) -> &ConnCtx {
+        &self.0
     }
 }
 
-impl Drop for InFlight<'_> {
+impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::Release);
+        self.0.state.in_flight.fetch_sub(1, Ordering::Release);
     }
 }
 
@@ -325,9 +333,9 @@ impl Socket for tokio::io::DuplexStream {}
 /// peer left unread data), and connection-per-request load showed the extra syscall.
 ///
 /// It also sets `TCP_NODELAY` before the first write of a connection that stays open
-/// (HTTP/2, or an HTTP/1 request that keeps the connection alive), as nginx does: a
-/// response followed by the close goes out whole anyway, and connection-per-request load
-/// showed the extra syscall.
+/// (HTTP/2, or an HTTP/1 request that keeps the connection alive), as nginx does: the
+/// kernel sends a response followed by the close whole anyway, so those connections are
+/// spared the `setsockopt`.
 struct ConnIo<I> {
     io: I,
     ctx: Arc<ConnCtx>,
@@ -339,8 +347,9 @@ struct ConnIo<I> {
 
 impl<I: Socket> ConnIo<I> {
     /// Reads the connection's first bytes (as many as arrived, up to [`FIRST_READ`]) and
-    /// says whether they begin HTTP/2 with prior knowledge. One read, where sniffing the
-    /// 24 bytes of the preface apart from what follows took two.
+    /// says whether they begin HTTP/2 with prior knowledge. Usually one read, where
+    /// sniffing the 24 bytes of the preface apart from what follows took two; more only
+    /// while what arrived is a beginning of the preface.
     async fn sniff(&mut self) -> std::io::Result<bool> {
         use tokio::io::AsyncReadExt;
         let mut first = Vec::with_capacity(FIRST_READ);

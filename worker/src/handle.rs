@@ -43,9 +43,6 @@ impl Future for Handled {
 
 pub(crate) fn handle(req: Request<Incoming>, ctx: &Arc<ConnCtx>) -> Handled {
     let version = req.version();
-    if version == Version::HTTP_2 {
-        ctx.state.h2.store(true, Ordering::Relaxed);
-    }
     let (parts, body) = req.into_parts();
     ctx.state.request_started(&parts);
     if hyper::body::Body::is_end_stream(&body) {
@@ -56,17 +53,16 @@ pub(crate) fn handle(req: Request<Incoming>, ctx: &Arc<ConnCtx>) -> Handled {
             }
             Routed::Blocking(call) => call,
         };
-        let ctx = ctx.clone();
+        let in_flight = InFlight::start(ctx);
         return Handled::Later(Box::pin(async move {
-            let _in_flight = InFlight::start(&ctx.state);
-            let response = blocking.run(parts, body, &ctx.shared).await;
-            finish(response, version, &ctx.shared)
+            let shared = &in_flight.ctx().shared;
+            let response = blocking.run(parts, body, shared).await;
+            finish(response, version, shared)
         }));
     }
-    let ctx = ctx.clone();
+    let in_flight = InFlight::start(ctx);
     Handled::Later(Box::pin(async move {
-        let _in_flight = InFlight::start(&ctx.state);
-        let shared = &ctx.shared;
+        let shared = &in_flight.ctx().shared;
         let limit = usize::try_from(shared.settings.http.max_body_bytes).unwrap_or(usize::MAX);
         let response = match Limited::new(body, limit).collect().await {
             Ok(collected) => {

@@ -93,6 +93,8 @@ where
         if let Poll::Ready(out) = Pin::new(&mut this.main).poll(cx) {
             return Poll::Ready(Either::Main(out));
         }
+        // A plain load first: most polls find the flag clear, and a wake-up between the
+        // load and the store is not lost, since `side` is polled right after.
         if this.flag.fired.load(Ordering::Acquire) {
             this.flag.fired.store(false, Ordering::Release);
             let mut side_cx = Context::from_waker(&this.side_waker);

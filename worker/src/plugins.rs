@@ -349,6 +349,9 @@ fn with_views<R>(call: &Call<'_>, f: impl FnOnce(&[BatonHeader], &[BatonParam]) 
     VIEWS.with(|views| match views.try_borrow_mut() {
         Ok(mut views) => {
             let (headers, params) = &mut *views;
+            // Emptied before as well as after: a call that unwound would leave views behind.
+            headers.clear();
+            params.clear();
             fill(headers, params);
             let result = f(headers, params);
             headers.clear();
