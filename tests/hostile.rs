@@ -100,6 +100,17 @@ async fn read_response(conn: &mut TcpStream) -> Option<String> {
     }
 }
 
+/// Idle for twice `header_read_timeout` (`SHORT_TIMEOUTS`), then `request`: the connection
+/// is still open and the request is served.
+async fn served_after_idle(conn: &mut TcpStream, request: &[u8], closed: &str) {
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    conn.write_all(request).await.unwrap();
+    let head = read_response(conn)
+        .await
+        .unwrap_or_else(|| panic!("{closed}"));
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_keepalive_connections_last_keepalive_timeout_not_header_read_timeout() {
     let baton = Baton::start(TestConfig {
@@ -113,13 +124,12 @@ async fn idle_keepalive_connections_last_keepalive_timeout_not_header_read_timeo
     let head = read_response(&mut conn).await.expect("first response");
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
 
-    // Idle for twice header_read_timeout: still open, and the next request is served.
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    conn.write_all(REQUEST).await.unwrap();
-    let head = read_response(&mut conn)
-        .await
-        .expect("an idle connection was closed before keepalive_timeout");
-    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    served_after_idle(
+        &mut conn,
+        REQUEST,
+        "an idle connection was closed before keepalive_timeout",
+    )
+    .await;
 
     // Then idle for good: closed after keepalive_timeout, not long after.
     let idle_from = Instant::now();
@@ -147,8 +157,8 @@ async fn idle_keepalive_connections_last_keepalive_timeout_not_header_read_timeo
         "with an unfinished head; header_read_timeout is 1 s",
     );
 
-    // The same after a first request whose body is read after its head: a head of
-    // exactly the worker's first read (2 KiB), its body in the same write.
+    // An idle connection also lasts after a first request whose body is read after its
+    // head: a head of exactly the worker's first read (2 KiB), its body in the same write.
     let mut posted = TcpStream::connect(baton.addr()).await.unwrap();
     let start = "POST /nowhere HTTP/1.1\r\nHost: x\r\nContent-Length: 3000\r\nX-Pad: ";
     let pad = "p".repeat(2048 - start.len() - "\r\n\r\n".len());
@@ -160,12 +170,12 @@ async fn idle_keepalive_connections_last_keepalive_timeout_not_header_read_timeo
         .await
         .expect("the POST's response");
     assert!(head.starts_with("HTTP/1.1 404"), "{head}");
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    posted.write_all(REQUEST).await.unwrap();
-    let head = read_response(&mut posted)
-        .await
-        .expect("a connection idle after a request with a body was closed");
-    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    served_after_idle(
+        &mut posted,
+        REQUEST,
+        "a connection idle after a request with a body was closed",
+    )
+    .await;
     healthy(&baton).await;
 }
 

@@ -10,7 +10,6 @@ use crate::drain::{ConnectionGuard, DrainWatch, Phase};
 use crate::handle::handle;
 use crate::lazy_select::{Either, lazy_select};
 use crate::serve::Shared;
-use bytes::Bytes;
 use http::{Version, header};
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
@@ -34,8 +33,8 @@ pub(crate) struct ConnState {
     /// Requests started on this connection.
     started: AtomicU64,
     /// Bytes arrived while no request was in flight ([`InFlight`]) and none has started
-    /// since: the head of the next request is being read. True from the accept on, so that the first
-    /// request is held to `header_read_timeout` too.
+    /// since: the head of the next request is being read. True from the accept on, so
+    /// that the first request is held to `header_read_timeout` too.
     head: AtomicBool,
     /// The last write to the client could not complete (it is not reading): a response
     /// is still going out, whatever bytes have arrived meanwhile.
@@ -220,10 +219,10 @@ pub(crate) async fn connection<I: Socket>(
     _permit: OwnedSemaphorePermit,
 ) {
     let ctx = Arc::new(ConnCtx {
-        shared: shared.clone(),
+        shared,
         state: ConnState::new(),
     });
-    let state = &ctx.state;
+    let (shared, state) = (&ctx.shared, &ctx.state);
     let clock = ConnClock::new(
         Duration::from_millis(shared.settings.http.keepalive_timeout_ms),
         Duration::from_millis(shared.settings.http.header_read_timeout_ms),
@@ -249,7 +248,7 @@ pub(crate) async fn connection<I: Socket>(
     let mut io = ConnIo {
         io,
         ctx: ctx.clone(),
-        prefix: Bytes::new(),
+        prefix: Vec::new(),
         nodelay: false,
     };
     let h2 = tokio::select! {
@@ -339,8 +338,8 @@ impl Socket for tokio::io::DuplexStream {}
 struct ConnIo<I> {
     io: I,
     ctx: Arc<ConnCtx>,
-    /// Read by [`ConnIo::sniff`], not yet by hyper.
-    prefix: Bytes,
+    /// Read by [`ConnIo::sniff`], not yet by hyper (freed once it has all of it).
+    prefix: Vec<u8>,
     /// `TCP_NODELAY` is set.
     nodelay: bool,
 }
@@ -364,7 +363,7 @@ impl<I: Socket> ConnIo<I> {
             }
         }
         let h2 = first.starts_with(H2_PREFACE);
-        self.prefix = Bytes::from(first);
+        self.prefix = first;
         Ok(h2)
     }
 
@@ -385,7 +384,11 @@ impl<I: Socket> AsyncRead for ConnIo<I> {
         let this = &mut *self;
         if !this.prefix.is_empty() {
             let n = this.prefix.len().min(buf.remaining());
-            buf.put_slice(&this.prefix.split_to(n));
+            buf.put_slice(&this.prefix[..n]);
+            this.prefix.drain(..n);
+            if this.prefix.is_empty() {
+                this.prefix = Vec::new();
+            }
             return std::task::Poll::Ready(Ok(()));
         }
         let before = buf.filled().len();

@@ -31,25 +31,20 @@ fn harness(paths: Vec<String>) -> Harness {
         .enable_all()
         .build()
         .expect("a tokio runtime");
-    let settings = baton_proto::WorkerSettings::default();
-    let mut plugins = Vec::new();
-    for path in &paths {
-        let spec = baton_proto::PluginSpec {
-            file: path.to_owned(),
-            cached: path.to_owned(),
-            hash: "fuzz".into(),
-        };
-        let plugin = crate::plugins::Plugin::load(&spec)
-            .unwrap_or_else(|e| panic!("{ENV_PLUGINS}: {path}: {e}"));
-        plugins.push(std::sync::Arc::new(plugin));
-    }
-    let router = crate::router::Router::build(plugins, &settings.http.health_path)
-        .unwrap_or_else(|e| panic!("{ENV_PLUGINS}: {e}"));
-    for plugin in &router.plugins {
-        plugin
-            .initialise("{}", 1)
-            .unwrap_or_else(|e| panic!("{ENV_PLUGINS}: {}: {e}", plugin.name));
-    }
+    // Loaded and initialised the way a worker does it, with empty settings.
+    let settings = baton_proto::WorkerSettings {
+        plugins: paths
+            .iter()
+            .map(|path| baton_proto::PluginSpec {
+                file: path.to_owned(),
+                cached: path.to_owned(),
+                hash: "fuzz".into(),
+            })
+            .collect(),
+        ..baton_proto::WorkerSettings::default()
+    };
+    let router = crate::load_plugins(&settings, 1, &crate::notify::Notifier::new(None))
+        .unwrap_or_else(|e| panic!("{ENV_PLUGINS}: {e:#}"));
     // Entered, so that the server's parts may register with the runtime.
     let server = {
         let _guard = runtime.enter();

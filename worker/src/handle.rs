@@ -24,7 +24,7 @@ use std::task::{Context, Poll};
 /// holding the whole request path inline was copied into hyper for every request, and
 /// showed up in profiles.
 pub(crate) enum Handled {
-    Now(Option<Response<Full<Bytes>>>),
+    Now(std::future::Ready<Result<Response<Full<Bytes>>, Infallible>>),
     Later(Pin<Box<dyn Future<Output = Response<Full<Bytes>>> + Send>>),
 }
 
@@ -33,9 +33,7 @@ impl Future for Handled {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.get_mut() {
-            Handled::Now(response) => {
-                Poll::Ready(Ok(response.take().expect("polled after completion")))
-            }
+            Handled::Now(ready) => Pin::new(ready).poll(cx),
             Handled::Later(future) => future.as_mut().poll(cx).map(Ok),
         }
     }
@@ -45,41 +43,50 @@ pub(crate) fn handle(req: Request<Incoming>, ctx: &Arc<ConnCtx>) -> Handled {
     let version = req.version();
     let (parts, body) = req.into_parts();
     ctx.state.request_started(&parts);
-    if hyper::body::Body::is_end_stream(&body) {
-        let body = Bytes::new();
-        let blocking = match route(&parts, &body, &ctx.shared) {
+    // Without a body, the route is known now: most requests end here.
+    let blocking = if hyper::body::Body::is_end_stream(&body) {
+        match route(&parts, &Bytes::new(), &ctx.shared) {
             Routed::Done(response) => {
-                return Handled::Now(Some(finish(response, version, &ctx.shared)));
+                let response = finish(response, version, &ctx.shared);
+                return Handled::Now(std::future::ready(Ok(response)));
             }
-            Routed::Blocking(call) => call,
-        };
-        let in_flight = InFlight::start(ctx);
-        return Handled::Later(Box::pin(async move {
-            let shared = &in_flight.ctx().shared;
-            let response = blocking.run(parts, body, shared).await;
-            finish(response, version, shared)
-        }));
-    }
+            Routed::Blocking(call) => Some(call),
+        }
+    } else {
+        None
+    };
     let in_flight = InFlight::start(ctx);
     Handled::Later(Box::pin(async move {
         let shared = &in_flight.ctx().shared;
-        let limit = usize::try_from(shared.settings.http.max_body_bytes).unwrap_or(usize::MAX);
-        let response = match Limited::new(body, limit).collect().await {
-            Ok(collected) => {
-                let body = collected.to_bytes();
-                match route(&parts, &body, shared) {
-                    Routed::Done(response) => response,
-                    Routed::Blocking(call) => call.run(parts, body, shared).await,
-                }
-            }
-            Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => text(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                format!("request body exceeds {limit} bytes\n"),
-            ),
-            Err(e) => text(StatusCode::BAD_REQUEST, format!("bad request body: {e}\n")),
+        let response = match blocking {
+            Some(call) => call.run(parts, Bytes::new(), shared).await,
+            None => with_body(parts, body, shared).await,
         };
         finish(response, version, shared)
     }))
+}
+
+/// Collects the request body (413 past `max_body_bytes`), then routes the request.
+async fn with_body(
+    parts: http::request::Parts,
+    body: Incoming,
+    shared: &Shared,
+) -> Response<Full<Bytes>> {
+    let limit = usize::try_from(shared.settings.http.max_body_bytes).unwrap_or(usize::MAX);
+    match Limited::new(body, limit).collect().await {
+        Ok(collected) => {
+            let body = collected.to_bytes();
+            match route(&parts, &body, shared) {
+                Routed::Done(response) => response,
+                Routed::Blocking(call) => call.run(parts, body, shared).await,
+            }
+        }
+        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => text(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("request body exceeds {limit} bytes\n"),
+        ),
+        Err(e) => text(StatusCode::BAD_REQUEST, format!("bad request body: {e}\n")),
+    }
 }
 
 /// Counts the answered request; during the drain, HTTP/1 responses close the connection.

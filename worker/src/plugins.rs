@@ -328,8 +328,8 @@ impl Plugin {
 
 thread_local! {
     /// Room for one call's header and parameter views, kept per thread so that a handler
-    /// call allocates nothing of its own. Emptied after every call: the views point into
-    /// that call's request.
+    /// call allocates nothing of its own. Emptied before every call: what is left from the
+    /// last one points into that call's request, and is never read.
     static VIEWS: RefCell<(Vec<BatonHeader>, Vec<BatonParam>)> =
         const { RefCell::new((Vec::new(), Vec::new())) };
 }
@@ -349,14 +349,10 @@ fn with_views<R>(call: &Call<'_>, f: impl FnOnce(&[BatonHeader], &[BatonParam]) 
     VIEWS.with(|views| match views.try_borrow_mut() {
         Ok(mut views) => {
             let (headers, params) = &mut *views;
-            // Emptied before as well as after: a call that unwound would leave views behind.
             headers.clear();
             params.clear();
             fill(headers, params);
-            let result = f(headers, params);
-            headers.clear();
-            params.clear();
-            result
+            f(headers, params)
         }
         // Only if a handler were called from inside another: fresh room, then.
         Err(_) => {
