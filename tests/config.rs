@@ -93,6 +93,11 @@ async fn bad_configs_are_refused_by_check_and_run_with_key_and_line() {
             vec!["baton.toml:9: worker.ready_timeout:", "\"ten seconds\" is not a duration"],
         ),
         (
+            "bad size",
+            TestConfig { extra: "[http]\nmax_body_bytes = \"1 Mbit\"\n".into(), ..TestConfig::default() }.render(),
+            vec!["baton.toml:14: http.max_body_bytes:", "\"1 Mbit\" is not a size", "\"64KiB\""],
+        ),
+        (
             "no listener",
             "[worker]\nprocesses = 1\n".into(),
             vec!["at least one [[listener]] is required"],

@@ -192,8 +192,9 @@ struct RawPlugins {
 struct RawHttp {
     keepalive_timeout: Option<Spanned<String>>,
     header_read_timeout: Option<Spanned<String>>,
-    max_header_bytes: Option<Spanned<i64>>,
-    max_body_bytes: Option<Spanned<i64>>,
+    /// Byte sizes: an integer, or a string with a unit ([`parse_size`]).
+    max_header_bytes: Option<Spanned<toml::Value>>,
+    max_body_bytes: Option<Spanned<toml::Value>>,
     max_connections: Option<Spanned<i64>>,
     health_path: Option<Spanned<String>>,
 }
@@ -396,18 +397,18 @@ impl Config {
                 "http.header_read_timeout",
                 "10s",
             )?),
-            max_header_bytes: v.int(
+            max_header_bytes: v.bytes(
                 &h.max_header_bytes,
                 "http.max_header_bytes",
-                65_536,
+                defaults.max_header_bytes as u64,
                 1024..=16 << 20,
-            )?,
-            max_body_bytes: v.int(
+            )? as usize,
+            max_body_bytes: v.bytes(
                 &h.max_body_bytes,
                 "http.max_body_bytes",
-                1 << 20,
+                defaults.max_body_bytes,
                 0..=1 << 40,
-            )? as u64,
+            )?,
             max_connections: v.int(
                 &h.max_connections,
                 "http.max_connections",
@@ -526,6 +527,43 @@ fn line_of(text: &str, offset: usize) -> usize {
         + 1
 }
 
+/// The units a byte size may carry (ASCII case ignored): decimal ones are powers of 1000,
+/// binary ones powers of 1024, as their names say.
+const SIZE_UNITS: [(&str, u64); 9] = [
+    ("B", 1),
+    ("KB", 1_000),
+    ("KiB", 1 << 10),
+    ("MB", 1_000_000),
+    ("MiB", 1 << 20),
+    ("GB", 1_000_000_000),
+    ("GiB", 1 << 30),
+    ("TB", 1_000_000_000_000),
+    ("TiB", 1 << 40),
+];
+
+/// What a byte size may look like, for messages.
+const SIZE_FORMS: &str = "write a number of bytes (65536) or a string with a unit: \"512B\", \
+                          \"64KiB\" (65536), \"64KB\" (64000), \"1MiB\", \"1MB\", \"1GiB\", \
+                          \"1GB\"";
+
+/// A byte size written as a string: digits, then optional spaces and a unit of
+/// [`SIZE_UNITS`] (none: bytes).
+fn parse_size(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let digits = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let number: u64 = s[..digits].parse().ok()?;
+    let unit = s[digits..].trim_start();
+    let scale = if unit.is_empty() {
+        1
+    } else {
+        SIZE_UNITS
+            .iter()
+            .find(|(name, _)| name.eq_ignore_ascii_case(unit))?
+            .1
+    };
+    number.checked_mul(scale)
+}
+
 fn parse_address(s: &str, base: &Path) -> Result<Address, String> {
     if let Some(path) = s.strip_prefix("unix:") {
         if path.is_empty() {
@@ -637,6 +675,59 @@ impl Validator<'_> {
             uid: found.uid.as_raw(),
             gid,
         }))
+    }
+
+    /// A byte size: a TOML integer, or a string [`parse_size`] reads.
+    fn bytes(
+        &self,
+        value: &Option<Spanned<toml::Value>>,
+        key: &str,
+        default: u64,
+        range: std::ops::RangeInclusive<u64>,
+    ) -> Result<u64, ConfigError> {
+        let Some(value) = value else {
+            return Ok(default);
+        };
+        let (n, written) = match value.get_ref() {
+            toml::Value::Integer(n) => (Some(i128::from(*n)), n.to_string()),
+            toml::Value::String(s) => (parse_size(s).map(i128::from), format!("{s:?}")),
+            other => {
+                return Err(self.invalid(
+                    value,
+                    key,
+                    &format!(
+                        "expected an integer or a string, found a {}; {SIZE_FORMS}",
+                        other.type_str()
+                    ),
+                ));
+            }
+        };
+        let Some(n) = n else {
+            return Err(self.invalid(
+                value,
+                key,
+                &format!("{written} is not a size; {SIZE_FORMS}"),
+            ));
+        };
+        match u64::try_from(n) {
+            Ok(n) if range.contains(&n) => Ok(n),
+            _ => {
+                let bytes = if written == n.to_string() {
+                    String::new()
+                } else {
+                    format!(" ({n} bytes)")
+                };
+                Err(self.invalid(
+                    value,
+                    key,
+                    &format!(
+                        "{written}{bytes} is out of range ({} to {} bytes)",
+                        range.start(),
+                        range.end()
+                    ),
+                ))
+            }
+        }
     }
 
     fn int(
@@ -778,6 +869,68 @@ mod tests {
         assert!(err.to_string().contains("worker.max_generations"), "{err}");
         let err = parse(&format!("{MINIMAL}[worker]\nprocesses = 0\n")).unwrap_err();
         assert!(err.to_string().contains("worker.processes"), "{err}");
+    }
+
+    /// `[http] KEY = VALUE` on line 5.
+    fn http_key(key: &str, value: &str) -> Result<Config, ConfigError> {
+        parse(&format!("{MINIMAL}[http]\n{key} = {value}\n"))
+    }
+
+    #[test]
+    fn byte_sizes_are_integers_or_strings_with_a_unit() {
+        let body = |value: &str| {
+            http_key("max_body_bytes", value)
+                .unwrap()
+                .http
+                .max_body_bytes
+        };
+        assert_eq!(body("2048"), 2048);
+        assert_eq!(body("\"2048\""), 2048);
+        assert_eq!(body("\"512B\""), 512);
+        assert_eq!(body("\"64KiB\""), 65_536);
+        assert_eq!(body("\"64KB\""), 64_000);
+        assert_eq!(body("\"1MB\""), 1_000_000);
+        assert_eq!(body("\" 1 MiB \""), 1 << 20);
+        assert_eq!(body("\"1gib\""), 1 << 30);
+        assert_eq!(body("\"1TiB\""), 1 << 40);
+        assert_eq!(body("0"), 0);
+        let header = http_key("max_header_bytes", "\"16KiB\"").unwrap();
+        assert_eq!(header.http.max_header_bytes, 16_384);
+    }
+
+    #[test]
+    fn bad_byte_sizes_name_key_line_and_the_forms_accepted() {
+        for (value, says) in [
+            (
+                "\"1.5MB\"",
+                "\"1.5MB\" is not a size; write a number of bytes (65536) or a string",
+            ),
+            ("\"1 Mbit\"", "\"1 Mbit\" is not a size"),
+            ("\"MiB\"", "\"MiB\" is not a size"),
+            ("\"\"", "\"\" is not a size"),
+            ("true", "expected an integer or a string, found a boolean"),
+            ("-1", "-1 is out of range (0 to 1099511627776 bytes)"),
+            ("\"2TiB\"", "\"2TiB\" (2199023255552 bytes) is out of range"),
+            ("\"99999999999TiB\"", "is not a size"),
+        ] {
+            let err = http_key("max_body_bytes", value).unwrap_err().to_string();
+            assert!(
+                err.starts_with("/etc/baton/baton.toml:5: http.max_body_bytes: "),
+                "{value}: {err}"
+            );
+            assert!(err.contains(says), "{value}: {err}");
+        }
+        let err = http_key("max_body_bytes", "\"1 Mbit\"")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("\"64KiB\" (65536)"), "{err}");
+        let err = http_key("max_header_bytes", "\"512B\"")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("http.max_header_bytes: \"512B\" (512 bytes) is out of range (1024 to"),
+            "{err}"
+        );
     }
 
     #[test]
