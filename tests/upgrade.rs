@@ -11,7 +11,13 @@ use std::time::{Duration, Instant};
 async fn twenty_upgrades_under_load_lose_no_request() {
     let _heavy = heavy().await;
     let baton = Baton::start(TestConfig::default()).await;
-    let load = Load::start(baton.addr(), LoadSpec::default());
+    let load = Load::start(
+        baton.addr(),
+        LoadSpec {
+            keepalive_10: 4,
+            ..LoadSpec::default()
+        },
+    );
     let mut seen_pids: HashSet<u32> = HashSet::new();
     let (_, first_pids) = baton.serving().await.expect("generation 1 serves");
     seen_pids.extend(&first_pids);
@@ -53,7 +59,10 @@ async fn twenty_upgrades_under_load_lose_no_request() {
         tail(&baton.log())
     );
     assert!(
-        counts.ok_keepalive > 0 && counts.ok_per_request > 0 && counts.ok_h2 > 0,
+        counts.ok_keepalive > 0
+            && counts.ok_keepalive_10 > 0
+            && counts.ok_per_request > 0
+            && counts.ok_h2 > 0,
         "{counts:?}"
     );
     // Responses came from workers of many generations, the first and the last among them.
@@ -77,9 +86,11 @@ async fn twenty_upgrades_under_load_lose_no_request() {
         "an answer came from an unknown pid"
     );
     eprintln!(
-        "20 upgrades: {} ok ({} keep-alive, {} per-request, {} h2), 0 failed, {} reconnects",
+        "20 upgrades: {} ok ({} keep-alive, {} HTTP/1.0 keep-alive, {} per-request, {} h2), \
+         0 failed, {} reconnects",
         counts.ok(),
         counts.ok_keepalive,
+        counts.ok_keepalive_10,
         counts.ok_per_request,
         counts.ok_h2,
         counts.reconnects

@@ -1,10 +1,13 @@
-//! Load generators that count every answer: keep-alive HTTP/1.1 connections, a client
-//! that opens a new connection per request, and HTTP/2 (prior knowledge) clients.
+//! Load generators that count every answer: keep-alive HTTP/1.1 connections, HTTP/1.0
+//! keep-alive connections (as `ab -k` speaks it), a client that opens a new connection
+//! per request, and HTTP/2 (prior knowledge) clients.
 //!
-//! The clients follow HTTP: a response with `Connection: close` ends its connection, a
-//! connection the server closed before a request was written is replaced (nothing was
-//! sent), and the HTTP/2 client retries only what the server's GOAWAY says it never
-//! processed. Any other error, a timeout or a non-2xx answer is a failed request.
+//! The clients follow HTTP: a response with `Connection: close` ends its connection (an
+//! HTTP/1.0 one is reused only if its answer says `keep-alive`), a connection the server
+//! closed before a request was written is replaced (nothing was sent), and the HTTP/2
+//! client retries only what the server's GOAWAY says it never processed. Any other error,
+//! a timeout or a non-2xx answer is a failed request; so is an HTTP/1.0 answer that says
+//! both `close` and `keep-alive` (`ab -k` reuses the connection and fails).
 //! Every loop stops on `stop()` or after `max_duration`, whichever comes first.
 
 use bytes::Bytes;
@@ -24,6 +27,8 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Debug, Clone)]
 pub struct LoadSpec {
     pub keepalive: usize,
+    /// HTTP/1.0 clients that ask for keep-alive.
+    pub keepalive_10: usize,
     pub per_request: usize,
     pub h2: usize,
     pub path: String,
@@ -34,6 +39,7 @@ impl Default for LoadSpec {
     fn default() -> Self {
         Self {
             keepalive: 32,
+            keepalive_10: 0,
             per_request: 1,
             h2: 2,
             path: "/_baton/health".into(),
@@ -46,6 +52,7 @@ impl Default for LoadSpec {
 #[derive(Debug, Default, Clone)]
 pub struct Counts {
     pub ok_keepalive: u64,
+    pub ok_keepalive_10: u64,
     pub ok_per_request: u64,
     pub ok_h2: u64,
     pub failed: u64,
@@ -60,7 +67,7 @@ pub struct Counts {
 
 impl Counts {
     pub fn ok(&self) -> u64 {
-        self.ok_keepalive + self.ok_per_request + self.ok_h2
+        self.ok_keepalive + self.ok_keepalive_10 + self.ok_per_request + self.ok_h2
     }
 
     fn fail(&mut self, what: String) {
@@ -72,6 +79,7 @@ impl Counts {
 
     fn merge(&mut self, other: Counts) {
         self.ok_keepalive += other.ok_keepalive;
+        self.ok_keepalive_10 += other.ok_keepalive_10;
         self.ok_per_request += other.ok_per_request;
         self.ok_h2 += other.ok_h2;
         self.failed += other.failed;
@@ -112,6 +120,14 @@ impl Load {
         let mut tasks = Vec::new();
         for _ in 0..spec.keepalive {
             tasks.push(tokio::spawn(keepalive(
+                addr,
+                spec.path.clone(),
+                stop.clone(),
+                deadline,
+            )));
+        }
+        for _ in 0..spec.keepalive_10 {
+            tasks.push(tokio::spawn(keepalive_10(
                 addr,
                 spec.path.clone(),
                 stop.clone(),
@@ -228,6 +244,146 @@ async fn keepalive(
         }
     }
     c
+}
+
+async fn keepalive_10(
+    addr: SocketAddr,
+    path: String,
+    stop: Arc<AtomicBool>,
+    deadline: Instant,
+) -> Counts {
+    let request =
+        format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\nConnection: keep-alive\r\n\r\n");
+    let mut c = Counts::default();
+    'connection: while running(&stop, deadline) {
+        let mut stream = match TcpStream::connect(addr).await {
+            Ok(s) => s,
+            Err(e) => {
+                c.fail(format!("HTTP/1.0 connect: {e}"));
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        while running(&stop, deadline) {
+            match stream.try_read(&mut [0u8; 1]) {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                // Closed by the server before we wrote anything: open another.
+                Ok(0) | Err(_) => {
+                    c.reconnects += 1;
+                    continue 'connection;
+                }
+                Ok(_) => {
+                    c.fail("HTTP/1.0 keep-alive: bytes nobody asked for".into());
+                    continue 'connection;
+                }
+            }
+            let answer =
+                match tokio::time::timeout(REQUEST_TIMEOUT, exchange_10(&mut stream, &request))
+                    .await
+                {
+                    Err(_) => {
+                        c.fail("HTTP/1.0 keep-alive request timed out".into());
+                        continue 'connection;
+                    }
+                    Ok(Err(e)) => {
+                        c.fail(format!("HTTP/1.0 keep-alive request: {e}"));
+                        continue 'connection;
+                    }
+                    Ok(Ok(answer)) => answer,
+                };
+            if !answer.status.is_success() {
+                c.fail(format!("HTTP/1.0 keep-alive answer {}", answer.status));
+            } else if answer.close && answer.keep_alive {
+                c.fail("HTTP/1.0 keep-alive answer says both close and keep-alive".into());
+            } else {
+                c.ok_keepalive_10 += 1;
+                c.record(&answer.body);
+            }
+            if answer.close || !answer.keep_alive {
+                continue 'connection;
+            }
+        }
+    }
+    c
+}
+
+/// An answer to an HTTP/1.0 request.
+struct Answer10 {
+    status: http::StatusCode,
+    /// Its `Connection` header holds these tokens.
+    keep_alive: bool,
+    close: bool,
+    body: Vec<u8>,
+}
+
+/// Sends `request` and reads its answer (which must have a `Content-Length`).
+async fn exchange_10(stream: &mut TcpStream, request: &str) -> Result<Answer10, String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    stream
+        .write_all(request.as_bytes())
+        .await
+        .map_err(|e| format!("write: {e}"))?;
+    let mut buf = Vec::with_capacity(512);
+    let mut chunk = [0u8; 4096];
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+            let mut lines = head.split("\r\n");
+            let status = lines
+                .next()
+                .and_then(|l| l.strip_prefix("HTTP/1.0 "))
+                .and_then(|l| l.get(..3))
+                .and_then(|code| code.parse::<http::StatusCode>().ok())
+                .ok_or_else(|| format!("not an HTTP/1.0 answer: {head:?}"))?;
+            let (mut keep_alive, mut close, mut length) = (false, false, None);
+            for (name, value) in lines.filter_map(|l| l.split_once(':')) {
+                if name.eq_ignore_ascii_case("connection") {
+                    for token in value.split(',').map(str::trim) {
+                        keep_alive |= token.eq_ignore_ascii_case("keep-alive");
+                        close |= token.eq_ignore_ascii_case("close");
+                    }
+                } else if name.eq_ignore_ascii_case("content-length") {
+                    length = value.trim().parse::<usize>().ok();
+                }
+            }
+            let length = length.ok_or_else(|| format!("no Content-Length: {head:?}"))?;
+            let body_from = end + 4;
+            while buf.len() < body_from + length {
+                let n = stream
+                    .read(&mut chunk)
+                    .await
+                    .map_err(|e| format!("read body: {e}"))?;
+                if n == 0 {
+                    return Err("closed within the body".into());
+                }
+                buf.extend_from_slice(&chunk[..n]);
+            }
+            if buf.len() > body_from + length {
+                return Err(format!(
+                    "{} bytes past the body",
+                    buf.len() - body_from - length
+                ));
+            }
+            return Ok(Answer10 {
+                status,
+                keep_alive,
+                close,
+                body: buf.split_off(body_from),
+            });
+        }
+        let n = stream
+            .read(&mut chunk)
+            .await
+            .map_err(|e| format!("read: {e}"))?;
+        if n == 0 {
+            return Err(if buf.is_empty() {
+                "closed before an answer".into()
+            } else {
+                "closed within the head".into()
+            });
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
 }
 
 async fn per_request(

@@ -103,19 +103,20 @@ impl ConnState {
 /// Whether an HTTP/1 request keeps its connection open: HTTP/1.1 unless it says
 /// `Connection: close`, HTTP/1.0 only if it says `Connection: keep-alive`.
 fn keeps_alive(parts: &http::request::Parts) -> bool {
-    let says = |token: &str| {
-        parts
-            .headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .any(|t| t.trim().eq_ignore_ascii_case(token))
-    };
     match parts.version {
-        Version::HTTP_09 | Version::HTTP_10 => says("keep-alive"),
-        _ => !says("close"),
+        Version::HTTP_09 | Version::HTTP_10 => has_token(&parts.headers, "keep-alive"),
+        _ => !has_token(&parts.headers, "close"),
     }
+}
+
+/// Whether a `Connection` header of `headers` holds `token` (ASCII case ignored).
+pub(crate) fn has_token(headers: &http::HeaderMap, token: &str) -> bool {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
 }
 
 /// Why a connection's clock ran out.

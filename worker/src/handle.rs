@@ -3,7 +3,7 @@
 //! plugin's share), the body limit, and `Connection: close` once the drain began. It
 //! never touches the connection's socket.
 
-use crate::connection::{ConnCtx, InFlight};
+use crate::connection::{ConnCtx, InFlight, has_token};
 use crate::plugins::{Answer, Call, Plugin};
 use crate::router::Lookup;
 use crate::serve::{CallGuard, Shared};
@@ -100,6 +100,14 @@ fn finish(
         response
             .headers_mut()
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    if version == Version::HTTP_10 && has_token(response.headers(), "close") {
+        // To an HTTP/1.0 request that asked for keep-alive, hyper appends `keep-alive` to
+        // an HTTP/1.1 response's `Connection`, even after `close`: a client that sees it
+        // sends its next request into the close. An HTTP/1.0 response without
+        // `keep-alive` closes the connection and says only `close` (hyper answers an
+        // HTTP/1.0 client in HTTP/1.0 anyway).
+        *response.version_mut() = Version::HTTP_10;
     }
     response
 }
@@ -282,4 +290,75 @@ fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
     r
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::router::Router;
+    use crate::serve::OneConnection;
+    use baton_proto::{HttpSettings, WorkerSettings};
+    use std::time::Duration;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    fn server(http: HttpSettings) -> OneConnection {
+        let settings = WorkerSettings {
+            http,
+            ..WorkerSettings::default()
+        };
+        let router = Router::build(Vec::new(), &settings.http.health_path).expect("router");
+        OneConnection::new(settings, router)
+    }
+
+    /// Writes `input` to a connection of `server` and returns what the server sends
+    /// until it closes, or what it sent within 500 ms if it keeps the connection open.
+    async fn exchange(server: &OneConnection, input: &[u8]) -> String {
+        let (mut client, io) = tokio::io::duplex(64 * 1024);
+        let talk = async {
+            client.write_all(input).await.unwrap();
+            let mut out = Vec::new();
+            let _ = tokio::time::timeout(Duration::from_millis(500), client.read_to_end(&mut out))
+                .await;
+            String::from_utf8_lossy(&out).into_owned()
+        };
+        tokio::select! {
+            out = talk => out,
+            // Ended by the server: it answered and closed.
+            () = server.serve(io) => {
+                let mut out = Vec::new();
+                client.read_to_end(&mut out).await.unwrap();
+                String::from_utf8_lossy(&out).into_owned()
+            }
+        }
+    }
+
+    /// The values of the response's `Connection` header lines, lower-cased.
+    fn connection_header(response: &str) -> Vec<String> {
+        response
+            .lines()
+            .take_while(|l| !l.is_empty())
+            .filter_map(|l| l.split_once(':'))
+            .filter(|(name, _)| name.eq_ignore_ascii_case("connection"))
+            .map(|(_, value)| value.trim().to_ascii_lowercase())
+            .collect()
+    }
+
+    const KEEP_ALIVE_10: &[u8] = b"GET /_baton/health HTTP/1.0\r\nConnection: keep-alive\r\n\r\n";
+
+    #[tokio::test]
+    async fn an_http10_keep_alive_request_in_a_drain_is_told_close_and_nothing_else() {
+        let server = server(HttpSettings::default());
+        // Before the drain: kept alive, as the client asked.
+        let out = exchange(&server, KEEP_ALIVE_10).await;
+        assert!(out.starts_with("HTTP/1.0 200"), "{out}");
+        assert_eq!(connection_header(&out), ["keep-alive"], "{out}");
+
+        server.drain();
+        let out = exchange(&server, KEEP_ALIVE_10).await;
+        assert!(out.starts_with("HTTP/1.0 200"), "{out}");
+        assert_eq!(connection_header(&out), ["close"], "{out}");
+        // HTTP/1.1 is told the same.
+        let out = exchange(&server, b"GET /_baton/health HTTP/1.1\r\nHost: x\r\n\r\n").await;
+        assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+        assert_eq!(connection_header(&out), ["close"], "{out}");
+    }
 }

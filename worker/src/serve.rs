@@ -158,6 +158,13 @@ impl OneConnection {
         let guard = self.shared.connections.open();
         connection(io, self.shared.clone(), self.watch.clone(), guard, permit).await;
     }
+
+    /// Begins the drain, as a worker does when told to stop.
+    #[cfg(test)]
+    pub(crate) fn drain(&self) {
+        self.shared.closing.store(true, Ordering::Relaxed);
+        self._drain.advance(Phase::Closing);
+    }
 }
 
 /// Serves until SIGTERM, SIGINT or the supervisor's death, then drains and returns.
