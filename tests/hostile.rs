@@ -1,6 +1,7 @@
 //! Hostile and broken clients, on raw sockets, while a normal client keeps being served:
-//! slow headers, oversized headers and bodies, the connection cap, malformed requests,
-//! and a control-socket peer that is not allowed in.
+//! slow headers, oversized headers and bodies, too many header fields, requests without
+//! `Host`, error answers the client must still read whole, the connection cap, malformed
+//! requests, and a control-socket peer that is not allowed in.
 
 use baton_tests::{Baton, TestConfig, WAIT, get};
 use std::time::{Duration, Instant};
@@ -219,7 +220,8 @@ async fn an_idle_http2_connection_lasts_keepalive_timeout_then_gets_goaway() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_headers_get_431_and_oversized_bodies_413() {
     let baton = Baton::start(TestConfig {
-        extra: "[http]\nmax_header_bytes = 8192\nmax_body_bytes = 1000\n".into(),
+        // Sizes with units: 8 KiB = 8192 bytes, 1 KB = 1000 bytes.
+        extra: "[http]\nmax_header_bytes = \"8KiB\"\nmax_body_bytes = \"1KB\"\n".into(),
         ..TestConfig::default()
     })
     .await;
@@ -258,6 +260,137 @@ async fn oversized_headers_get_431_and_oversized_bodies_413() {
     let (response, _) = read_all(&mut conn, WAIT).await;
     assert!(response.starts_with("HTTP/1.1 413"), "{response}");
     healthy(&baton).await;
+}
+
+/// A request head with `fields` header fields (`Host` among them).
+fn head_with_fields(fields: usize) -> String {
+    let mut head = String::from("GET /_baton/health HTTP/1.1\r\nHost: x\r\n");
+    for i in 1..fields {
+        head.push_str(&format!("X-Field-{i}: v\r\n"));
+    }
+    head + "\r\n"
+}
+
+/// Sends `request` and then `more` bytes the server never asked for, and returns the
+/// whole answer, read up to a clean end of the connection: a reset after the answer (a
+/// server that closes with unread data) fails.
+async fn answer_while_sending_more(baton: &Baton, request: &[u8], more: usize) -> String {
+    let mut conn = TcpStream::connect(baton.addr()).await.unwrap();
+    let mut sent = request.to_vec();
+    sent.resize(request.len() + more, b'x');
+    conn.write_all(&sent)
+        .await
+        .expect("the server took what the client sent");
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(WAIT, conn.read_to_end(&mut answer))
+        .await
+        .expect("the server closed within WAIT");
+    let text = String::from_utf8_lossy(&answer).into_owned();
+    read.unwrap_or_else(|e| panic!("{e} after reading {text:?}"));
+    text
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn too_many_header_fields_get_431_read_whole_before_the_close() {
+    let baton = Baton::start(TestConfig {
+        extra: "[http]\nmax_headers = 20\nmax_header_bytes = \"8KiB\"\n".into(),
+        ..TestConfig::default()
+    })
+    .await;
+    let mut conn = TcpStream::connect(baton.addr()).await.unwrap();
+    conn.write_all(head_with_fields(20).as_bytes())
+        .await
+        .unwrap();
+    let head = read_response(&mut conn).await.expect("an answer");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+
+    // One more field, then 256 KiB the client keeps sending: the 431 arrives whole, and
+    // the connection ends with a close, not a reset.
+    let answer =
+        answer_while_sending_more(&baton, head_with_fields(21).as_bytes(), 256 << 10).await;
+    assert!(answer.starts_with("HTTP/1.1 431"), "{answer}");
+    assert!(answer.ends_with("\r\n\r\n"), "{answer}");
+    // The same for a head past max_header_bytes.
+    let big = format!(
+        "GET /_baton/health HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(20_000)
+    );
+    let answer = answer_while_sending_more(&baton, big.as_bytes(), 256 << 10).await;
+    assert!(answer.starts_with("HTTP/1.1 431"), "{answer}");
+    healthy(&baton).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_announced_past_max_body_bytes_gets_413_without_being_invited() {
+    let baton = Baton::start(TestConfig {
+        extra: "[http]\nmax_body_bytes = \"1KiB\"\n".into(),
+        ..TestConfig::default()
+    })
+    .await;
+    let expect = |length: usize| {
+        format!(
+            "POST /_baton/health HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n\
+             Content-Length: {length}\r\n\r\n"
+        )
+    };
+    // Past the limit: 413 at once, no `100 Continue`, and the connection closes.
+    let mut conn = TcpStream::connect(baton.addr()).await.unwrap();
+    conn.write_all(expect(1025).as_bytes()).await.unwrap();
+    let (answer, closed) = read_all(&mut conn, WAIT).await;
+    assert!(closed, "the connection stayed open: {answer}");
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert!(
+        answer
+            .to_ascii_lowercase()
+            .contains("\r\nconnection: close\r\n"),
+        "{answer}"
+    );
+    // A client that sends the body anyway still reads the whole 413.
+    let answer = answer_while_sending_more(&baton, expect(5_000_000).as_bytes(), 256 << 10).await;
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert!(answer.ends_with("bytes\n"), "{answer}");
+    // Within the limit: invited, then answered (405: the health path takes no POST).
+    let mut conn = TcpStream::connect(baton.addr()).await.unwrap();
+    conn.write_all(expect(1024).as_bytes()).await.unwrap();
+    let mut invitation = [0u8; 25];
+    tokio::time::timeout(WAIT, conn.read_exact(&mut invitation))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&invitation, b"HTTP/1.1 100 Continue\r\n\r\n");
+    conn.write_all(&[b'y'; 1024]).await.unwrap();
+    let head = read_response(&mut conn).await.expect("an answer");
+    assert!(head.starts_with("HTTP/1.1 405"), "{head}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http11_without_host_gets_400_http10_does_not_need_it() {
+    let baton = Baton::start(TestConfig::default()).await;
+    for (request, status) in [
+        (&b"GET /_baton/health HTTP/1.1\r\n\r\n"[..], "HTTP/1.1 400"),
+        (
+            b"GET http://x/_baton/health HTTP/1.1\r\n\r\n",
+            "HTTP/1.1 400",
+        ),
+        (
+            b"GET /_baton/health HTTP/1.1\r\nHost: x\r\nHost: y\r\n\r\n",
+            "HTTP/1.1 400",
+        ),
+        (
+            b"GET http://x/_baton/health HTTP/1.1\r\nHost: x\r\n\r\n",
+            "HTTP/1.1 200",
+        ),
+        (b"GET /_baton/health HTTP/1.0\r\n\r\n", "HTTP/1.0 200"),
+    ] {
+        let mut conn = TcpStream::connect(baton.addr()).await.unwrap();
+        conn.write_all(request).await.unwrap();
+        let head = read_response(&mut conn).await.expect("an answer");
+        assert!(
+            head.starts_with(status),
+            "{}: {head}",
+            String::from_utf8_lossy(request)
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -194,6 +194,7 @@ struct RawHttp {
     header_read_timeout: Option<Spanned<String>>,
     /// Byte sizes: an integer, or a string with a unit ([`parse_size`]).
     max_header_bytes: Option<Spanned<toml::Value>>,
+    max_headers: Option<Spanned<i64>>,
     max_body_bytes: Option<Spanned<toml::Value>>,
     max_connections: Option<Spanned<i64>>,
     health_path: Option<Spanned<String>>,
@@ -403,6 +404,12 @@ impl Config {
                 defaults.max_header_bytes as u64,
                 1024..=16 << 20,
             )? as usize,
+            max_headers: v.int(
+                &h.max_headers,
+                "http.max_headers",
+                defaults.max_headers,
+                1..=10_000,
+            )?,
             max_body_bytes: v.bytes(
                 &h.max_body_bytes,
                 "http.max_body_bytes",
@@ -929,6 +936,18 @@ mod tests {
             .to_string();
         assert!(
             err.contains("http.max_header_bytes: \"512B\" (512 bytes) is out of range (1024 to"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn max_headers_is_checked_and_reaches_the_workers() {
+        assert_eq!(parse(MINIMAL).unwrap().http.max_headers, 100);
+        let c = http_key("max_headers", "200").unwrap();
+        assert_eq!(c.worker_settings(Vec::new()).http.max_headers, 200);
+        let err = http_key("max_headers", "0").unwrap_err().to_string();
+        assert!(
+            err.starts_with("/etc/baton/baton.toml:5: http.max_headers: 0 is out of range"),
             "{err}"
         );
     }

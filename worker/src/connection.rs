@@ -5,6 +5,11 @@
 //! clock says so. An idle keep-alive connection is not closed the moment a drain begins
 //! (a client may be sending on it right then): it gets `drain_idle_grace` to send one
 //! more request, answered with `Connection: close`.
+//!
+//! A connection that ends while its client may still be sending (an error answer to a
+//! head, a body left unread) is closed the way nginx's `lingering_close` does it: shut
+//! down writing, read and discard for a short bounded time, then close, so that the close
+//! does not send a reset that could destroy the answer before the client reads it.
 
 use crate::drain::{ConnectionGuard, DrainWatch, Phase};
 use crate::handle::handle;
@@ -39,6 +44,9 @@ pub(crate) struct ConnState {
     /// The last write to the client could not complete (it is not reading): a response
     /// is still going out, whatever bytes have arrived meanwhile.
     write_blocked: AtomicBool,
+    /// A request was answered without reading its whole body: the client may still be
+    /// sending it.
+    body_left: AtomicBool,
 }
 
 impl ConnState {
@@ -50,7 +58,21 @@ impl ConnState {
             started: AtomicU64::new(0),
             head: AtomicBool::new(true),
             write_blocked: AtomicBool::new(false),
+            body_left: AtomicBool::new(false),
         }
+    }
+
+    /// A request is answered without its whole body being read.
+    pub(crate) fn body_left(&self) {
+        self.body_left.store(true, Ordering::Relaxed);
+    }
+
+    /// The client may still be sending when the connection ends: a head hyper answered
+    /// with an error (431, 400) or that arrived after the last request, or a body left
+    /// unread.
+    fn input_pending(&self) -> bool {
+        !self.h2.load(Ordering::Relaxed)
+            && (self.head.load(Ordering::Relaxed) || self.body_left.load(Ordering::Relaxed))
     }
 
     /// A request's head arrived whole.
@@ -251,6 +273,7 @@ pub(crate) async fn connection<I: Socket>(
         ctx: ctx.clone(),
         prefix: Vec::new(),
         nodelay: false,
+        linger: None,
     };
     let h2 = tokio::select! {
         sniffed = io.sniff() => match sniffed {
@@ -309,6 +332,11 @@ const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// finds it in [`ConnIo::prefix`] instead of reading again.
 const FIRST_READ: usize = 2048;
 
+/// A lingering close reads and discards what the client still sends for at most this
+/// long, and at most [`LINGER_BYTES`], before closing.
+const LINGER_TIME: Duration = Duration::from_secs(2);
+const LINGER_BYTES: usize = 1 << 20;
+
 /// A connection's socket. TCP sets `TCP_NODELAY`, lazily (see [`ConnIo`]); other kinds
 /// have nothing to set.
 pub(crate) trait Socket: AsyncRead + AsyncWrite + Unpin + Send + 'static {
@@ -328,9 +356,12 @@ impl Socket for tokio::net::UnixStream {}
 impl Socket for tokio::io::DuplexStream {}
 
 /// The connection's socket as hyper sees it. Reads tell the connection's clock that a
-/// request head is arriving. Writes skip the `shutdown(SHUT_WR)` hyper issues before
-/// dropping a socket: closing it right after sends the same FIN (or the same RST, if the
-/// peer left unread data), and connection-per-request load showed the extra syscall.
+/// request head is arriving. The `shutdown(SHUT_WR)` hyper issues before dropping a
+/// socket is skipped when nothing more can come from the client: closing it right after
+/// sends the same FIN, and connection-per-request load showed the extra syscall. When
+/// the client may still be sending ([`ConnState::input_pending`]), closing with unread
+/// data would send a reset instead, which can destroy the answer before the client reads
+/// it: then the shutdown is a lingering close ([`Linger`]).
 ///
 /// It also sets `TCP_NODELAY` before the first write of a connection that stays open
 /// (HTTP/2, or an HTTP/1 request that keeps the connection alive), as nginx does: the
@@ -343,6 +374,50 @@ struct ConnIo<I> {
     prefix: Vec<u8>,
     /// `TCP_NODELAY` is set.
     nodelay: bool,
+    /// Writing is shut down and what the client still sends is being discarded.
+    linger: Option<Linger>,
+}
+
+/// A lingering close under way: its deadline and how much more it reads.
+struct Linger {
+    deadline: Pin<Box<tokio::time::Sleep>>,
+    left: usize,
+}
+
+impl Linger {
+    fn new() -> Self {
+        Self {
+            deadline: Box::pin(tokio::time::sleep(LINGER_TIME)),
+            left: LINGER_BYTES,
+        }
+    }
+
+    /// Reads and discards until the client closes (or fails), the deadline passes or
+    /// [`LINGER_BYTES`] were read.
+    fn poll_discard<I: AsyncRead + Unpin>(
+        &mut self,
+        io: &mut I,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<()> {
+        let mut scratch = [0u8; 4096];
+        loop {
+            if self.deadline.as_mut().poll(cx).is_ready() {
+                return std::task::Poll::Ready(());
+            }
+            let mut buf = tokio::io::ReadBuf::new(&mut scratch);
+            match std::pin::Pin::new(&mut *io).poll_read(cx, &mut buf) {
+                std::task::Poll::Pending => return std::task::Poll::Pending,
+                std::task::Poll::Ready(Ok(())) if !buf.filled().is_empty() => {
+                    self.left = self.left.saturating_sub(buf.filled().len());
+                    if self.left == 0 {
+                        return std::task::Poll::Ready(());
+                    }
+                }
+                // The client closed, or the connection failed: nothing left to protect.
+                std::task::Poll::Ready(_) => return std::task::Poll::Ready(()),
+            }
+        }
+    }
 }
 
 impl<I: Socket> ConnIo<I> {
@@ -439,8 +514,19 @@ impl<I: Socket> AsyncWrite for ConnIo<I> {
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
-        // Flush what is buffered; the close that follows does the rest.
-        std::pin::Pin::new(&mut self.io).poll_flush(cx)
+        let this = &mut *self;
+        if this.linger.is_none() {
+            // Flush what is buffered; unless the client may still be sending, the close
+            // that follows does the rest.
+            std::task::ready!(std::pin::Pin::new(&mut this.io).poll_flush(cx))?;
+            if !this.ctx.state.input_pending() {
+                return std::task::Poll::Ready(Ok(()));
+            }
+            std::task::ready!(std::pin::Pin::new(&mut this.io).poll_shutdown(cx))?;
+            this.linger = Some(Linger::new());
+        }
+        let linger = this.linger.as_mut().expect("set above");
+        linger.poll_discard(&mut this.io, cx).map(Ok)
     }
 }
 
@@ -508,6 +594,75 @@ mod tests {
         let first = answer_to(&[b"P", b"UT /nowhere HTTP/1.1\r\nHost: x\r\n\r\n"]).await;
         let text = String::from_utf8_lossy(&first);
         assert!(text.starts_with("HTTP/1.1 404"), "{text:?}");
+    }
+
+    /// A connection of [`one_connection`] over TCP: the client's end, and the server's
+    /// task serving the other.
+    async fn tcp_connection() -> (tokio::net::TcpStream, tokio::task::JoinHandle<()>) {
+        let server = one_connection();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (accepted, _) = listener.accept().await.unwrap();
+        (
+            client,
+            tokio::spawn(async move { server.serve(accepted).await }),
+        )
+    }
+
+    #[tokio::test]
+    async fn an_error_answer_is_read_whole_while_the_client_still_sends() {
+        let (mut client, serving) = tcp_connection().await;
+        // More header fields than hyper's 100, then more than the server reads of it.
+        let mut request = b"GET /_baton/health HTTP/1.1\r\nHost: x\r\n".to_vec();
+        for i in 0..150 {
+            request.extend_from_slice(format!("X-Field-{i}: v\r\n").as_bytes());
+        }
+        request.resize(request.len() + 256 * 1024, b'x');
+        client.write_all(&request).await.unwrap();
+        let mut answer = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(5), client.read_to_end(&mut answer))
+            .await
+            .expect("the server closed its side");
+        let text = String::from_utf8_lossy(&answer);
+        // A reset instead of a close would fail the read (ECONNRESET).
+        read.unwrap_or_else(|e| panic!("{e} after {text:?}"));
+        assert!(text.starts_with("HTTP/1.1 431"), "{text}");
+        assert!(text.ends_with("\r\n\r\n"), "{text}");
+        // Closing its side ends the server's lingering at once.
+        drop(client);
+        tokio::time::timeout(Duration::from_secs(1), serving)
+            .await
+            .expect("the connection ended")
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_lingering_close_is_bounded_in_bytes_and_in_time() {
+        // A client that never stops sending: the server stops reading after LINGER_BYTES,
+        // well before LINGER_TIME.
+        let (mut client, serving) = tcp_connection().await;
+        client.write_all(b"GARBAGE\r\n\r\n").await.unwrap();
+        let flood = async {
+            let chunk = [b'x'; 64 * 1024];
+            while client.write_all(&chunk).await.is_ok() {}
+        };
+        let started = tokio::time::Instant::now();
+        let (_, served) = tokio::join!(flood, serving);
+        served.unwrap();
+        assert!(started.elapsed() < LINGER_TIME, "{:?}", started.elapsed());
+
+        // A client that neither sends nor closes: the server closes after LINGER_TIME.
+        let (mut client, serving) = tcp_connection().await;
+        client.write_all(b"GARBAGE\r\n\r\n").await.unwrap();
+        let mut answer = Vec::new();
+        client.read_to_end(&mut answer).await.unwrap();
+        assert!(answer.starts_with(b"HTTP/1.1 400"), "{answer:?}");
+        tokio::time::timeout(LINGER_TIME + Duration::from_secs(1), serving)
+            .await
+            .expect("the lingering close ended")
+            .unwrap();
     }
 
     #[test]

@@ -1,7 +1,8 @@
-//! One request, from its head to its response: the health path, 404 and 405, plugin
-//! handlers (non-blocking ones inline, the others on the blocking pool within their
-//! plugin's share), the body limit, and `Connection: close` once the drain began. It
-//! never touches the connection's socket.
+//! One request, from its head to its response: the checks of its head (`Host`, the
+//! header count over HTTP/2, a `Content-Length` past the body limit), the health path,
+//! 404 and 405, plugin handlers (non-blocking ones inline, the others on the blocking pool
+//! within their plugin's share), the body limit, and `Connection: close` once the drain
+//! began. It never touches the connection's socket.
 
 use crate::connection::{ConnCtx, InFlight, has_token};
 use crate::plugins::{Answer, Call, Plugin};
@@ -43,8 +44,19 @@ pub(crate) fn handle(req: Request<Incoming>, ctx: &Arc<ConnCtx>) -> Handled {
     let version = req.version();
     let (parts, body) = req.into_parts();
     ctx.state.request_started(&parts);
+    let no_body = hyper::body::Body::is_end_stream(&body);
+    if let Some(refused) = refuse_head(&parts, &body, &ctx.shared) {
+        // Answered before the body is polled: an `Expect: 100-continue` client is not
+        // invited to send it. Hyper closes the connection if a body is left unread.
+        if !no_body {
+            ctx.state.body_left();
+        }
+        drop(body);
+        let response = finish(refused, version, &ctx.shared);
+        return Handled::Now(std::future::ready(Ok(response)));
+    }
     // Without a body, the route is known now: most requests end here.
-    let blocking = if hyper::body::Body::is_end_stream(&body) {
+    let blocking = if no_body {
         match route(&parts, &Bytes::new(), &ctx.shared) {
             Routed::Done(response) => {
                 let response = finish(response, version, &ctx.shared);
@@ -60,20 +72,68 @@ pub(crate) fn handle(req: Request<Incoming>, ctx: &Arc<ConnCtx>) -> Handled {
         let shared = &in_flight.ctx().shared;
         let response = match blocking {
             Some(call) => call.run(parts, Bytes::new(), shared).await,
-            None => with_body(parts, body, shared).await,
+            None => with_body(parts, body, in_flight.ctx()).await,
         };
         finish(response, version, shared)
     }))
+}
+
+/// Answers a request whose head alone is enough to refuse it: HTTP/1.1 without exactly
+/// one `Host` (RFC 9112 §3.2; HTTP/1.0 may leave it out), more header fields than
+/// `max_headers` over HTTP/2 (hyper counts them for HTTP/1), or a `Content-Length` past
+/// `max_body_bytes`.
+fn refuse_head(
+    parts: &http::request::Parts,
+    body: &Incoming,
+    shared: &Shared,
+) -> Option<Response<Full<Bytes>>> {
+    let http = &shared.settings.http;
+    if parts.version < Version::HTTP_2 {
+        let mut hosts = parts.headers.get_all(header::HOST).iter();
+        let (first, second) = (hosts.next(), hosts.next());
+        if second.is_some() || (first.is_none() && parts.version == Version::HTTP_11) {
+            let why = if second.is_some() {
+                "more than one"
+            } else {
+                "no"
+            };
+            return Some(text(
+                StatusCode::BAD_REQUEST,
+                format!("bad request: {why} Host header\n"),
+            ));
+        }
+    } else if parts.headers.len() > http.max_headers {
+        return Some(text(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            format!("more than {} request header fields\n", http.max_headers),
+        ));
+    }
+    // Exact when the request has a `Content-Length`; 0 when chunked.
+    if hyper::body::Body::size_hint(body).lower() > http.max_body_bytes {
+        return Some(body_too_large(http.max_body_bytes));
+    }
+    None
+}
+
+fn body_too_large(limit: u64) -> Response<Full<Bytes>> {
+    text(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        format!("request body exceeds {limit} bytes\n"),
+    )
 }
 
 /// Collects the request body (413 past `max_body_bytes`), then routes the request.
 async fn with_body(
     parts: http::request::Parts,
     body: Incoming,
-    shared: &Shared,
+    ctx: &ConnCtx,
 ) -> Response<Full<Bytes>> {
-    let limit = usize::try_from(shared.settings.http.max_body_bytes).unwrap_or(usize::MAX);
-    match Limited::new(body, limit).collect().await {
+    let shared = &ctx.shared;
+    let limit = shared.settings.http.max_body_bytes;
+    match Limited::new(body, usize::try_from(limit).unwrap_or(usize::MAX))
+        .collect()
+        .await
+    {
         Ok(collected) => {
             let body = collected.to_bytes();
             match route(&parts, &body, shared) {
@@ -81,11 +141,15 @@ async fn with_body(
                 Routed::Blocking(call) => call.run(parts, body, shared).await,
             }
         }
-        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => text(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            format!("request body exceeds {limit} bytes\n"),
-        ),
-        Err(e) => text(StatusCode::BAD_REQUEST, format!("bad request body: {e}\n")),
+        Err(e) => {
+            // The client may still be sending the rest.
+            ctx.state.body_left();
+            if e.downcast_ref::<LengthLimitError>().is_some() {
+                body_too_large(limit)
+            } else {
+                text(StatusCode::BAD_REQUEST, format!("bad request body: {e}\n"))
+            }
+        }
     }
 }
 
@@ -360,5 +424,121 @@ mod tests {
         let out = exchange(&server, b"GET /_baton/health HTTP/1.1\r\nHost: x\r\n\r\n").await;
         assert!(out.starts_with("HTTP/1.1 200"), "{out}");
         assert_eq!(connection_header(&out), ["close"], "{out}");
+    }
+
+    #[tokio::test]
+    async fn http11_needs_exactly_one_host_and_http10_none() {
+        let server = server(HttpSettings::default());
+        for (request, status) in [
+            (&b"GET /_baton/health HTTP/1.1\r\n\r\n"[..], "HTTP/1.1 400"),
+            (
+                b"GET http://x/_baton/health HTTP/1.1\r\n\r\n",
+                "HTTP/1.1 400",
+            ),
+            (
+                b"GET /_baton/health HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+                "HTTP/1.1 400",
+            ),
+            (
+                b"GET /_baton/health HTTP/1.0\r\nHost: a\r\nHost: b\r\n\r\n",
+                "HTTP/1.0 400",
+            ),
+            (
+                b"GET /_baton/health HTTP/1.1\r\nHost: x\r\n\r\n",
+                "HTTP/1.1 200",
+            ),
+            (
+                b"GET http://x/_baton/health HTTP/1.1\r\nHost: x\r\n\r\n",
+                "HTTP/1.1 200",
+            ),
+            (b"GET /_baton/health HTTP/1.0\r\n\r\n", "HTTP/1.0 200"),
+        ] {
+            let out = exchange(&server, request).await;
+            assert!(
+                out.starts_with(status),
+                "{}: {out}",
+                String::from_utf8_lossy(request)
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_content_length_past_the_limit_gets_413_without_an_invitation() {
+        let server = server(HttpSettings {
+            max_body_bytes: 10,
+            ..HttpSettings::default()
+        });
+        let ask = |length: usize| {
+            format!(
+                "POST /_baton/health HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n\
+                 Content-Length: {length}\r\n\r\n"
+            )
+        };
+        let out = exchange(&server, ask(11).as_bytes()).await;
+        assert!(out.starts_with("HTTP/1.1 413"), "{out}");
+        assert!(!out.contains("100 Continue"), "{out}");
+        assert_eq!(connection_header(&out), ["close"], "{out}");
+        // Within the limit, the body is invited.
+        let out = exchange(&server, ask(10).as_bytes()).await;
+        assert!(out.starts_with("HTTP/1.1 100 Continue\r\n\r\n"), "{out}");
+    }
+
+    #[tokio::test]
+    async fn more_header_fields_than_max_headers_get_431() {
+        let server = server(HttpSettings {
+            max_headers: 5,
+            ..HttpSettings::default()
+        });
+        let with = |fields: usize| {
+            let mut r = String::from("GET /_baton/health HTTP/1.1\r\nHost: x\r\n");
+            for i in 1..fields {
+                r.push_str(&format!("X-Field-{i}: v\r\n"));
+            }
+            r + "\r\n"
+        };
+        let out = exchange(&server, with(5).as_bytes()).await;
+        assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+        let out = exchange(&server, with(6).as_bytes()).await;
+        assert!(out.starts_with("HTTP/1.1 431"), "{out}");
+    }
+
+    #[tokio::test]
+    async fn http2_requests_are_held_to_max_headers_too() {
+        use hyper_util::rt::{TokioExecutor, TokioIo};
+        let server = server(HttpSettings {
+            max_headers: 5,
+            ..HttpSettings::default()
+        });
+        let (client, io) = tokio::io::duplex(64 * 1024);
+        let talk = async {
+            let (mut sender, conn) =
+                hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(client))
+                    .await
+                    .unwrap();
+            tokio::spawn(conn);
+            let mut statuses = Vec::new();
+            for fields in [5, 6] {
+                let mut request = http::Request::get("http://x/_baton/health");
+                for i in 0..fields {
+                    request = request.header(format!("x-field-{i}"), "v");
+                }
+                let request = request
+                    .body(http_body_util::Empty::<bytes::Bytes>::new())
+                    .unwrap();
+                statuses.push(
+                    sender
+                        .send_request(request)
+                        .await
+                        .unwrap()
+                        .status()
+                        .as_u16(),
+                );
+            }
+            statuses
+        };
+        tokio::select! {
+            statuses = talk => assert_eq!(statuses, [200, 431]),
+            () = server.serve(io) => panic!("the connection ended"),
+        }
     }
 }

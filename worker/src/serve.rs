@@ -277,8 +277,16 @@ fn http1_builder(settings: &WorkerSettings) -> http1::Builder {
         // keeps both deadlines.
         .header_read_timeout(None)
         .max_buf_size(settings.http.max_header_bytes.max(8192));
+    // Hyper's default is the same limit with the parser's buffer inline; set, the buffer
+    // is sized per request (on the heap above 100), so only a different limit is set.
+    if settings.http.max_headers != HYPER_MAX_HEADERS {
+        builder.max_headers(settings.http.max_headers);
+    }
     builder
 }
+
+/// Hyper's limit on HTTP/1 request header fields when none is set.
+const HYPER_MAX_HEADERS: usize = 100;
 
 fn http2_builder(settings: &WorkerSettings) -> http2::Builder<TokioExecutor> {
     let mut builder = http2::Builder::new(TokioExecutor::new());

@@ -49,6 +49,9 @@ pub struct HttpSettings {
     pub header_read_timeout_ms: u64,
     /// Largest accepted request header block, in bytes.
     pub max_header_bytes: usize,
+    /// Most header fields a request may carry; more get 431.
+    #[serde(default = "default_max_headers")]
+    pub max_headers: usize,
     /// Largest accepted request body, in bytes.
     pub max_body_bytes: u64,
     /// Most connections one worker holds open at once.
@@ -77,11 +80,18 @@ impl Default for HttpSettings {
             keepalive_timeout_ms: 60_000,
             header_read_timeout_ms: 10_000,
             max_header_bytes: 65_536,
+            max_headers: default_max_headers(),
             max_body_bytes: 1_048_576,
             max_connections: 10_000,
             health_path: "/_baton/health".to_owned(),
         }
     }
+}
+
+/// `max_headers` when the settings lack it: an upgrade may start a newer worker binary
+/// under a supervisor that predates the key. Hyper's own limit, which applied then.
+fn default_max_headers() -> usize {
+    100
 }
 
 impl WorkerSettings {
