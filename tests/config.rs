@@ -145,6 +145,24 @@ async fn a_port_in_use_fails_run_with_the_address() {
         ],
     )
     .await;
+    // Said once, not twice.
+    let out = run_cli(&["run"], &config).await;
+    assert_eq!(
+        out.stderr.matches("Address already in use").count(),
+        1,
+        "{}",
+        out.text()
+    );
+    // `check` refuses what `run` refuses.
+    let out = run_cli(&["check"], &config).await;
+    assert_eq!(out.code, Some(1), "{}", out.text());
+    assert!(
+        out.stderr.contains(&format!(
+            "listener \"http\" (line 1): 127.0.0.1:{port} is in use by another process"
+        )),
+        "{}",
+        out.text()
+    );
 }
 
 #[tokio::test]
@@ -176,11 +194,26 @@ async fn clients_report_an_unreachable_supervisor_with_status_two() {
         let out = run_cli(args, &config).await;
         assert_eq!(out.code, Some(2), "{args:?}: {}", out.text());
         assert!(
-            out.stderr.contains("supervisor unreachable"),
+            out.stderr.contains("no supervisor is listening on")
+                && out
+                    .stderr
+                    .contains(&format!("is `baton run -c {}` running", config.display())),
             "{args:?}: {}",
             out.text()
         );
     }
+    // No config where it was looked for: say so, and how to name one.
+    let missing = dir.path().join("nope.toml");
+    let out = run_cli(&["status"], &missing).await;
+    assert_eq!(out.code, Some(2), "{}", out.text());
+    assert!(
+        out.stderr
+            .contains(&format!("cannot read the config {}", missing.display()))
+            && out.stderr.contains("No such file")
+            && out.stderr.contains("-c FILE or BATON_CONFIG"),
+        "{}",
+        out.text()
+    );
 }
 
 #[tokio::test]
@@ -240,6 +273,16 @@ async fn a_control_socket_directory_others_can_enter_is_refused() {
         out.text()
     );
     assert!(!open.join("baton.sock").exists());
+    // `check` says the same, so `ExecStartPre=baton check` stops it.
+    let out = run_cli(&["check"], &config).await;
+    assert_eq!(out.code, Some(1), "{}", out.text());
+    assert!(
+        out.stderr
+            .contains(&format!("control socket directory {}", open.display()))
+            && out.stderr.contains("mode 0755"),
+        "{}",
+        out.text()
+    );
 
     // A directory that does not exist yet is created private.
     let private = dir.path().join("private");
@@ -266,4 +309,58 @@ async fn a_control_socket_directory_others_can_enter_is_refused() {
     let out = run_cli(&["status"], &config).await;
     assert_eq!(out.code, Some(0), "{}", out.text());
     assert_eq!(baton_tests::terminate(&mut baton).await, Some(0));
+}
+
+#[tokio::test]
+async fn completions_and_man_pages_come_from_the_cli_definitions() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(&bins().baton)
+        .args(["completions", "bash"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let script = dir.path().join("baton.bash");
+    std::fs::write(&script, &out.stdout).unwrap();
+    let text = String::from_utf8(out.stdout).unwrap();
+    for word in [
+        "upgrade",
+        "--wait",
+        "--timeout",
+        "status",
+        "--json",
+        "--config",
+    ] {
+        assert!(text.contains(word), "{word} missing from the completions");
+    }
+    // Valid bash, which defines the completion.
+    let check = std::process::Command::new("bash")
+        .arg("-c")
+        .arg(format!(
+            "source '{}' && complete -p baton",
+            script.display()
+        ))
+        .output()
+        .unwrap();
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+
+    let pages = dir.path().join("man1");
+    let out = std::process::Command::new(&bins().baton)
+        .args(["manpage", "--dir"])
+        .arg(&pages)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    for page in ["baton.1", "baton-run.1", "baton-upgrade.1", "baton-check.1"] {
+        let text = std::fs::read_to_string(pages.join(page)).unwrap();
+        assert!(text.starts_with(".ie") || text.contains(".TH"), "{page}");
+    }
+    let top = std::fs::read_to_string(pages.join("baton.1")).unwrap();
+    assert!(
+        top.contains("SIGUSR2") && top.contains("Exit status"),
+        "{top}"
+    );
 }

@@ -277,7 +277,7 @@ async fn a_full_or_read_only_cache_disk_refuses_the_upgrade() {
         // The cache is a small tmpfs in the supervisor's own mount namespace (generation 1
         // caches the worker binary there), filled up or made read-only once it serves.
         let script = format!(
-            "mount -t tmpfs -o size=96m baton-test-cache '{}' && exec '{}' run -c '{}'",
+            "mount -t tmpfs -o size=96m,mode=0755 baton-test-cache '{}' && exec '{}' run -c '{}'",
             cache.display(),
             baton_tests::bins().baton.display(),
             config.display()
@@ -350,7 +350,7 @@ async fn a_full_or_read_only_cache_disk_refuses_the_upgrade() {
         let out = baton_tests::run_cli(&["upgrade", "--wait"], &config).await;
         assert_eq!(out.code, Some(1), "{case}: {}", out.text());
         assert!(
-            out.text().contains("plugin cache") && out.text().contains(expect),
+            out.text().contains("libbaton_hello.so: artifact cache") && out.text().contains(expect),
             "{case}: {}\nlog:\n{}",
             out.text(),
             std::fs::read_to_string(tmp.path().join("log")).unwrap()
@@ -516,7 +516,7 @@ async fn a_crash_loop_after_promotion_restores_the_previous_generations_exact_ar
         .map(|e| e.unwrap().file_name().into_string().unwrap())
         .filter(|n| n != ".lock")
         .collect();
-    assert_eq!(names.len(), 2, "cache holds {names:?}");
+    assert_eq!(names.len(), 2, "cache holds {names:?}\n{}", baton.log());
 
     // And it serves without failures from here on.
     let load = Load::start(baton.addr(), mixed_hello_load());

@@ -13,21 +13,120 @@
 //! deleting each other's files; whoever holds nothing any more leaves the file to be
 //! pruned by the next one to look.
 
+//! What is hashed is what runs: an artifact is used only through an open, read-only fd
+//! whose owner, mode and SHA-256 were checked on that very open file ([`Artifact`]).
+//! Workers get that fd (the binary is exec'd through `/proc/self/fd/N`, plugins are
+//! `dlopen`ed the same way), never a path looked up again, so renaming or replacing a
+//! cache file after the check changes nothing. A file this process did not write is never
+//! trusted by its name or size: it is hashed again, and one that fails (another owner, a
+//! writable mode, other content, a symlink) is written anew over it. The cache directory
+//! and every directory above it must pass [`crate::trust::check_dir`].
+
 use crate::config::Config;
+use crate::trust;
 use nix::fcntl::{Flock, FlockArg};
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::fd::{AsFd, BorrowedFd};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// A cache file, open read-only and checked on the open file: owned by Baton's user, not
+/// writable by anyone else, of the mode the cache gives it, and hashing to its name. A
+/// shared `flock` is held on it for as long as this value lives, so no pruner removes it.
+#[derive(Debug)]
+pub struct Artifact {
+    path: PathBuf,
+    hash: String,
+    file: Flock<File>,
+    /// The file as it was when checked; any write since changes its `ctime`.
+    stamp: FileStamp,
+}
+
+impl Artifact {
+    /// Where it is in the cache (absolute), for messages and pruning.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Its SHA-256, hex.
+    pub fn hash(&self) -> &str {
+        &self.hash
+    }
+
+    /// The open file that was checked: what a worker gets.
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.file.as_fd()
+    }
+
+    /// Fails if the open file was written since it was checked (only root or Baton's user
+    /// can: `cp` over a cache file as root writes in place) and no longer hashes to its
+    /// name. Cheap when it was not: one `fstat`.
+    pub fn verify_unchanged(&self) -> Result<(), String> {
+        let meta = self
+            .file
+            .metadata()
+            .map_err(|e| format!("{}: {e}", self.path.display()))?;
+        if FileStamp::of(&meta) == self.stamp {
+            return Ok(());
+        }
+        let mut reader = std::io::BufReader::new(ReadAt {
+            file: &self.file,
+            at: 0,
+        });
+        let (found, _) = trust::sha256_stream(&mut reader, &mut |_| Ok(()))
+            .map_err(|e| format!("{}: {e}", self.path.display()))?;
+        if found == self.hash {
+            return Ok(());
+        }
+        Err(format!(
+            "{} was written over after it was checked: it hashes to {found} now",
+            self.path.display()
+        ))
+    }
+
+    /// Whether its name in the cache still leads to it (nobody pruned or replaced it).
+    fn still_in_place(&self) -> bool {
+        let Ok(mine) = self.file.metadata() else {
+            return false;
+        };
+        std::fs::symlink_metadata(&self.path)
+            .is_ok_and(|m| mine.nlink() > 0 && m.dev() == mine.dev() && m.ino() == mine.ino())
+    }
+}
+
+/// Reads a file from an offset of its own, leaving the fd's offset alone.
+struct ReadAt<'a> {
+    file: &'a File,
+    at: u64,
+}
+
+impl std::io::Read for ReadAt<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = std::os::unix::fs::FileExt::read_at(self.file, buf, self.at)?;
+        self.at += n as u64;
+        Ok(n)
+    }
+}
 
 /// A worker binary as a generation runs it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct WorkerBinary {
-    /// `worker.path` as configured.
+    /// `worker.path` as configured (absolute).
     pub source: PathBuf,
-    /// The cached copy that is exec'd.
-    pub cached: PathBuf,
-    pub hash: String,
+    /// The cached copy that is exec'd, through its fd.
+    pub artifact: Arc<Artifact>,
+}
+
+impl WorkerBinary {
+    pub fn hash(&self) -> &str {
+        self.artifact.hash()
+    }
+
+    pub fn cached(&self) -> &Path {
+        self.artifact.path()
+    }
 }
 
 /// Identifies a file's content without reading it: any write changes `ctime`, which no
@@ -55,14 +154,14 @@ impl FileStamp {
 
 #[derive(Debug, Default)]
 pub struct ArtifactCache {
-    /// The artifacts this process uses, each with a shared lock held.
-    held: HashMap<PathBuf, Flock<File>>,
+    /// The artifacts this process checked (or wrote) and holds.
+    held: HashMap<PathBuf, Arc<Artifact>>,
     /// The last worker binary hashed, so an unchanged 40 MB file is not read per upgrade.
     last_binary: Option<(FileStamp, WorkerBinary)>,
 }
 
 /// Checks that `path` can serve as the worker binary: an executable regular file, owned
-/// by root or this user, not writable by group or others.
+/// by root or this user, not writable by group or others, nor is any directory above it.
 pub fn check_worker_binary(path: &Path) -> Result<std::fs::Metadata, String> {
     let cannot = |e: &dyn std::fmt::Display| {
         format!(
@@ -77,9 +176,15 @@ pub fn check_worker_binary(path: &Path) -> Result<std::fs::Metadata, String> {
     if meta.permissions().mode() & 0o111 == 0 {
         return Err(cannot(&"not executable (no x bit)"));
     }
-    crate::plugins::check_owner_and_mode(path, &meta, "worker binary")?;
+    trust::check_owner_and_mode(path, &meta, "worker binary")?;
+    trust::check_parents(path, "worker binary")?;
     Ok(meta)
 }
+
+/// Mode of cached plugins.
+pub const PLUGIN_MODE: u32 = 0o444;
+/// Mode of cached worker binaries.
+pub const BINARY_MODE: u32 = 0o555;
 
 impl ArtifactCache {
     /// Copies `worker.path` into the cache (if that content is not there yet) and holds it.
@@ -90,60 +195,69 @@ impl ArtifactCache {
         let stamp = FileStamp::of(&meta);
         if let Some((seen, binary)) = &self.last_binary
             && *seen == stamp
-            && binary.source == *source
-            && binary.cached.starts_with(dir)
-            && self.is_held(&binary.cached)
+            && binary.source == trust::absolute(source)
+            && binary.artifact.path.starts_with(trust::absolute(dir))
+            && self.is_held(&binary.artifact.path)
+            && binary.artifact.verify_unchanged().is_ok()
         {
             return Ok(binary.clone());
         }
         // Streamed, never read whole: a 40 MB buffer would stay in the supervisor's heap.
-        let (hash, len) = stream_file(source, &mut |_| Ok(()))
+        let (hash, _) = File::open(source)
+            .and_then(|mut f| trust::sha256_stream(&mut f, &mut |_| Ok(())))
             .map_err(|e| format!("cannot execute worker {}: {e}", source.display()))?;
-        let cached = dir.join(format!("worker-{hash}"));
-        self.store_with(dir, &cached, len, 0o555, &mut |file| {
-            use std::io::Write;
-            let (copied, _) = stream_file(source, &mut |chunk| file.write_all(chunk))?;
-            if copied != hash {
-                return Err(std::io::Error::other(format!(
-                    "{} changed while it was being copied",
-                    source.display()
-                )));
-            }
-            Ok(())
-        })?;
+        let artifact = self.acquire(
+            dir,
+            &format!("worker-{hash}"),
+            &hash,
+            BINARY_MODE,
+            &mut |file| {
+                use std::io::Write;
+                let (copied, _) = File::open(source).and_then(|mut f| {
+                    trust::sha256_stream(&mut f, &mut |chunk| file.write_all(chunk))
+                })?;
+                if copied != hash {
+                    return Err(std::io::Error::other(format!(
+                        "{} changed while it was being copied",
+                        source.display()
+                    )));
+                }
+                Ok(())
+            },
+        )?;
         let binary = WorkerBinary {
-            source: source.clone(),
-            cached,
-            hash,
+            source: trust::absolute(source),
+            artifact,
         };
         self.last_binary = Some((stamp, binary.clone()));
         Ok(binary)
     }
 
-    /// Makes sure `path` in `dir` holds `bytes` and holds it: an existing copy is locked
-    /// and kept; a missing one (or one pruned by another process just now) is written.
+    /// The artifact `name` in `dir` with content `bytes` (whose SHA-256 is `hash`): an
+    /// existing copy is checked and hashed again, a missing or failing one is written.
     pub fn store(
         &mut self,
         dir: &Path,
-        path: &Path,
+        name: &str,
+        hash: &str,
         bytes: &[u8],
         mode: u32,
-    ) -> Result<(), String> {
+    ) -> Result<Arc<Artifact>, String> {
         use std::io::Write;
-        self.store_with(dir, path, bytes.len() as u64, mode, &mut |f| {
-            f.write_all(bytes)
-        })
+        self.acquire(dir, name, hash, mode, &mut |f| f.write_all(bytes))
     }
 
-    /// [`ArtifactCache::store`] for `len` bytes that `fill` writes.
-    fn store_with(
+    /// [`ArtifactCache::store`] for content that `fill` writes.
+    fn acquire(
         &mut self,
         dir: &Path,
-        path: &Path,
-        len: u64,
+        name: &str,
+        hash: &str,
         mode: u32,
         fill: &mut dyn FnMut(&mut File) -> std::io::Result<()>,
-    ) -> Result<(), String> {
+    ) -> Result<Arc<Artifact>, String> {
+        let dir = trust::absolute(dir);
+        let path = dir.join(name);
         let failed = |e: &dyn std::fmt::Display| {
             format!(
                 "artifact cache {}: cannot write {}: {e}",
@@ -151,33 +265,63 @@ impl ArtifactCache {
                 path.display()
             )
         };
+        trust::create_dir(&dir)
+            .map_err(|e| format!("artifact cache {}: cannot create: {e}", dir.display()))?;
+        trust::check_dir(
+            &dir,
+            "artifact cache",
+            "plugins.cache_dir",
+            trust::Link::Follow,
+        )?;
         for _ in 0..3 {
-            if self.is_held(path) {
-                return Ok(());
+            if let Some(held) = self.held.get(&path)
+                && held.still_in_place()
+            {
+                match held.verify_unchanged() {
+                    Ok(()) => return Ok(held.clone()),
+                    Err(why) => tracing::warn!("artifact cache: {why}; writing it again"),
+                }
             }
-            if let Some(lock) = hold(path, len) {
-                self.held.insert(path.to_owned(), lock);
-                return Ok(());
+            match adopt(&path, hash, mode) {
+                Ok(Some(artifact)) => {
+                    let artifact = Arc::new(artifact);
+                    self.held.insert(path.clone(), artifact.clone());
+                    return Ok(artifact);
+                }
+                Ok(None) => {}
+                Err(why) => tracing::warn!(
+                    "artifact cache: {} is not trusted ({why}); writing it again",
+                    path.display()
+                ),
             }
-            create_dir(dir)?;
-            crate::plugins::write_once_with(path, mode, fill).map_err(|e| failed(&e))?;
+            let artifact = write_once(&path, hash, mode, fill).map_err(|e| failed(&e))?;
+            // Checked like any other: a rename over it between write and lock shows here.
+            if artifact.still_in_place() {
+                let artifact = Arc::new(artifact);
+                self.held.insert(path.clone(), artifact.clone());
+                return Ok(artifact);
+            }
         }
         Err(failed(&"it keeps disappearing (another process prunes it)"))
     }
 
     /// Whether this process holds `path`, and it is still in place.
     fn is_held(&self, path: &Path) -> bool {
-        self.held
-            .get(path)
-            .is_some_and(|lock| lock.metadata().is_ok_and(|m| m.nlink() > 0))
+        self.held.get(path).is_some_and(|a| a.still_in_place())
     }
 
     /// Lets go of the artifacts not in `keep`, then removes every artifact in `dir` that no
     /// process holds and `keep` does not name, and what dead writers left behind.
     /// Returns the names removed.
     pub fn prune(&mut self, dir: &Path, keep: &HashSet<PathBuf>) -> Vec<String> {
+        let dir = trust::absolute(dir);
         self.held.retain(|path, _| keep.contains(path));
-        let Ok(entries) = std::fs::read_dir(dir) else {
+        if let Some((_, binary)) = &self.last_binary
+            && !keep.contains(binary.artifact.path())
+        {
+            self.last_binary = None;
+        }
+        let Ok(entries) = std::fs::read_dir(&dir) else {
             return Vec::new();
         };
         let mut removed = Vec::new();
@@ -204,50 +348,101 @@ impl ArtifactCache {
     }
 }
 
-/// Hands the heap memory freed after preparing a generation (plugin files are read whole
-/// to be checked and hashed) back to the kernel, so the supervisor's resident size stays
-/// what it needs rather than what its largest upgrade needed.
-pub fn release_free_memory() {
-    #[cfg(target_env = "gnu")]
-    // SAFETY: malloc_trim takes no pointers; it only returns the allocator's own free
-    // memory to the kernel, and is safe to call at any time from any thread.
-    #[allow(unsafe_code)]
-    unsafe {
-        libc::malloc_trim(0);
+/// Opens the cache file `path` and checks it on the open file: a regular file (not a
+/// symlink), owned by this user, of mode `mode` exactly, hashing to `hash`. `Ok(None)`
+/// when it is not there (or was pruned just now); `Err` says why an existing file is not
+/// trusted.
+fn adopt(path: &Path, hash: &str, mode: u32) -> Result<Option<Artifact>, String> {
+    let file = match std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+    {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => return Err("it is a symlink".into()),
+        Err(e) => return Err(format!("cannot open it: {e}")),
+    };
+    let meta = file.metadata().map_err(|e| e.to_string())?;
+    if !meta.is_file() {
+        return Err("it is not a regular file".into());
     }
-}
-
-/// Reads `path` in chunks, handing each to `each`; returns the SHA-256 (hex) and length.
-fn stream_file(
-    path: &Path,
-    each: &mut dyn FnMut(&[u8]) -> std::io::Result<()>,
-) -> std::io::Result<(String, u64)> {
-    use sha2::Digest;
-    use std::io::Read;
-    let mut file = File::open(path)?;
-    let mut hasher = sha2::Sha256::new();
-    let mut chunk = vec![0u8; 64 * 1024];
-    let mut len = 0u64;
-    loop {
-        let n = file.read(&mut chunk)?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&chunk[..n]);
-        each(&chunk[..n])?;
-        len += n as u64;
+    if meta.uid() != trust::me() {
+        return Err(format!(
+            "owned by uid {}, not by the service's user (uid {})",
+            meta.uid(),
+            trust::me()
+        ));
     }
-    Ok((crate::plugins::hex(&hasher.finalize()), len))
-}
-
-/// Opens `path` and takes a shared lock on it, if it is there with `len` bytes.
-fn hold(path: &Path, len: u64) -> Option<Flock<File>> {
-    let file = File::open(path).ok()?;
+    let found = meta.permissions().mode() & 0o7777;
+    if found != mode {
+        return Err(format!(
+            "mode {found:04o}, where the cache writes {mode:04o}"
+        ));
+    }
     // Waits if a pruner holds it exclusively: it does for a moment, while it removes it.
-    let lock = Flock::lock(file, FlockArg::LockShared).ok()?;
+    let lock = Flock::lock(file, FlockArg::LockShared).map_err(|(_, e)| e.to_string())?;
     // Locked, but pruned just before? Then it is gone from the directory.
-    let meta = lock.metadata().ok()?;
-    (meta.nlink() > 0 && meta.len() == len).then_some(lock)
+    if lock.metadata().map_err(|e| e.to_string())?.nlink() == 0 {
+        return Ok(None);
+    }
+    let stamp = FileStamp::of(&lock.metadata().map_err(|e| e.to_string())?);
+    let (found, _) = trust::sha256_stream(&mut &*lock, &mut |_| Ok(()))
+        .map_err(|e| format!("cannot read it: {e}"))?;
+    if found != hash {
+        return Err(format!("its content hashes to {found}, not to its name"));
+    }
+    Ok(Some(Artifact {
+        path: path.to_owned(),
+        hash: hash.to_owned(),
+        file: lock,
+        stamp,
+    }))
+}
+
+/// Writes what `fill` writes to a new temporary name (`<name>.tmp.<pid>`, created
+/// exclusively, so nothing planted there is followed), gives it `mode`, renames it into
+/// place and returns it, open read-only and locked. Its content is what `fill` wrote,
+/// which the caller hashed; nobody else can write a file of ours with that mode.
+fn write_once(
+    path: &Path,
+    hash: &str,
+    mode: u32,
+    fill: &mut dyn FnMut(&mut File) -> std::io::Result<()>,
+) -> std::io::Result<Artifact> {
+    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
+    let _ = std::fs::remove_file(&tmp);
+    let result = (|| {
+        let mut writer = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .mode(0o600)
+            .open(&tmp)?;
+        fill(&mut writer)?;
+        writer.set_permissions(std::fs::Permissions::from_mode(mode))?;
+        writer.sync_all()?;
+        // The same file, read-only: a binary open for writing cannot be exec'd.
+        let reader = File::open(format!(
+            "/proc/self/fd/{}",
+            std::os::fd::AsRawFd::as_raw_fd(&writer)
+        ))?;
+        drop(writer);
+        let lock =
+            Flock::lock(reader, FlockArg::LockShared).map_err(|(_, e)| std::io::Error::from(e))?;
+        std::fs::rename(&tmp, path)?;
+        let stamp = FileStamp::of(&lock.metadata()?);
+        Ok(Artifact {
+            path: path.to_owned(),
+            hash: hash.to_owned(),
+            file: lock,
+            stamp,
+        })
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
 }
 
 /// Removes `path` if no process holds it. It is removed while locked exclusively: a
@@ -288,13 +483,6 @@ fn artifact_kind(name: &str) -> Option<Kind> {
     named(name).then_some(Kind::Artifact)
 }
 
-fn create_dir(dir: &Path) -> Result<(), String> {
-    std::fs::create_dir_all(dir)
-        .map_err(|e| format!("artifact cache {}: cannot create: {e}", dir.display()))?;
-    let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755));
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -324,49 +512,159 @@ mod tests {
         }
     }
 
+    fn temp_dir(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("baton-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        trust::create_dir(&dir).unwrap();
+        dir
+    }
+
+    fn store(cache: &mut ArtifactCache, dir: &Path, bytes: &[u8]) -> Arc<Artifact> {
+        let hash = trust::sha256_hex(bytes);
+        cache
+            .store(dir, &format!("{hash}.so"), &hash, bytes, PLUGIN_MODE)
+            .unwrap()
+    }
+
+    fn read_fd(artifact: &Artifact) -> Vec<u8> {
+        let fd = artifact.fd().as_raw_fd();
+        std::fs::read(format!("/proc/self/fd/{fd}")).unwrap()
+    }
+
+    use std::os::fd::AsRawFd;
+
     #[test]
     fn prune_spares_what_is_kept_held_elsewhere_or_not_an_artifact() {
-        let dir = std::env::temp_dir().join(format!("baton-prune-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let (a, b, c) = ("aa".repeat(32), "bb".repeat(32), "cc".repeat(32));
+        let dir = temp_dir("prune");
         let mut other = ArtifactCache::default();
         let mut mine = ArtifactCache::default();
-        for name in [format!("{a}.so"), format!("{b}.so")] {
-            mine.store(&dir, &dir.join(name), b"x", 0o444).unwrap();
-        }
-        other
-            .store(&dir, &dir.join(format!("{c}.so")), b"x", 0o444)
-            .unwrap();
-        for name in [
-            format!("worker-{a}"),
-            format!("{a}.tmp.4000000"),
+        let a = store(&mut mine, &dir, b"a").path().to_owned();
+        let b = store(&mut mine, &dir, b"b").path().to_owned();
+        let c = store(&mut other, &dir, b"c").path().to_owned();
+        let name = |p: &Path| p.file_name().unwrap().to_str().unwrap().to_owned();
+        let a_hash = name(&a).trim_end_matches(".so").to_owned();
+        for n in [
+            format!("worker-{a_hash}"),
+            format!("{a_hash}.tmp.4000000"),
             "README".into(),
         ] {
-            std::fs::write(dir.join(name), b"x").unwrap();
+            std::fs::write(dir.join(n), b"x").unwrap();
         }
-        let keep: HashSet<PathBuf> = [dir.join(format!("{a}.so"))].into();
+        let keep: HashSet<PathBuf> = [a.clone()].into();
         let removed = mine.prune(&dir, &keep);
         // b was let go of, the worker file never held, the partial file's writer is dead;
         // c is held by the other cache, README is not an artifact.
-        assert_eq!(
-            removed,
-            vec![
-                format!("{a}.tmp.4000000"),
-                format!("{b}.so"),
-                format!("worker-{a}")
-            ]
-        );
-        assert!(dir.join(format!("{c}.so")).exists());
+        let mut expected = vec![
+            format!("{a_hash}.tmp.4000000"),
+            name(&b),
+            format!("worker-{a_hash}"),
+        ];
+        expected.sort();
+        assert_eq!(removed, expected);
+        assert!(c.exists());
         assert!(dir.join("README").exists());
         // Once the other lets go, it can be pruned; a kept one is written again if it
         // was removed under us.
         drop(other);
-        assert_eq!(mine.prune(&dir, &keep), vec![format!("{c}.so")]);
-        std::fs::remove_file(dir.join(format!("{a}.so"))).unwrap();
-        mine.store(&dir, &dir.join(format!("{a}.so")), b"x", 0o444)
-            .unwrap();
-        assert!(dir.join(format!("{a}.so")).exists());
+        assert_eq!(mine.prune(&dir, &keep), vec![name(&c)]);
+        std::fs::remove_file(&a).unwrap();
+        store(&mut mine, &dir, b"a");
+        assert_eq!(std::fs::read(&a).unwrap(), b"a");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_file_not_written_here_is_hashed_again_and_rewritten_when_it_differs() {
+        let dir = temp_dir("distrust");
+        let good = b"the real plugin";
+        let hash = trust::sha256_hex(good);
+        let path = dir.join(format!("{hash}.so"));
+        // Planted: the same size, other bytes, the right mode.
+        std::fs::write(&path, b"a planted one!!").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(PLUGIN_MODE)).unwrap();
+        let artifact = store(&mut ArtifactCache::default(), &dir, good);
+        assert_eq!(read_fd(&artifact), good);
+        assert_eq!(std::fs::read(&path).unwrap(), good);
+        // A right file of the wrong mode (anyone could have written it).
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666)).unwrap();
+        assert_eq!(
+            adopt(&path, &hash, PLUGIN_MODE).unwrap_err(),
+            "mode 0666, where the cache writes 0444"
+        );
+        let artifact = store(&mut ArtifactCache::default(), &dir, good);
+        assert_eq!(read_fd(&artifact), good);
+        // A symlink under the name is replaced, never followed; its target is untouched.
+        let target = dir.join("elsewhere");
+        std::fs::write(&target, b"not ours").unwrap();
+        std::fs::remove_file(&path).unwrap();
+        std::os::unix::fs::symlink(&target, &path).unwrap();
+        let artifact = store(&mut ArtifactCache::default(), &dir, good);
+        assert_eq!(read_fd(&artifact), good);
+        assert!(
+            !std::fs::symlink_metadata(&path)
+                .unwrap()
+                .file_type()
+                .is_symlink()
+        );
+        assert_eq!(std::fs::read(&target).unwrap(), b"not ours");
+        // Another user's file, as root can make one.
+        if trust::me() == 0 {
+            nix::unistd::chown(&path, Some(nix::unistd::Uid::from_raw(65534)), None).unwrap();
+            assert!(
+                adopt(&path, &hash, PLUGIN_MODE)
+                    .unwrap_err()
+                    .contains("uid 65534")
+            );
+            let artifact = store(&mut ArtifactCache::default(), &dir, good);
+            assert_eq!(std::fs::metadata(artifact.path()).unwrap().uid(), 0);
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn what_is_held_is_what_was_checked_whatever_happens_to_the_path() {
+        let dir = temp_dir("swap");
+        let mut cache = ArtifactCache::default();
+        let artifact = store(&mut cache, &dir, b"checked");
+        // Replaced under the same name, by rename, and then the directory swapped too.
+        std::fs::remove_file(artifact.path()).unwrap();
+        std::fs::write(artifact.path(), b"planted").unwrap();
+        assert_eq!(read_fd(&artifact), b"checked");
+        std::fs::rename(&dir, dir.with_extension("old")).unwrap();
+        assert_eq!(read_fd(&artifact), b"checked");
+        std::fs::remove_dir_all(dir.with_extension("old")).unwrap();
+    }
+
+    #[test]
+    fn a_file_written_over_in_place_is_noticed_and_replaced() {
+        let dir = temp_dir("in-place");
+        let mut cache = ArtifactCache::default();
+        let artifact = store(&mut cache, &dir, b"checked");
+        artifact.verify_unchanged().unwrap();
+        // As root's `cp` does: the same inode, opened for writing despite mode 0444.
+        std::fs::set_permissions(artifact.path(), std::fs::Permissions::from_mode(0o644)).unwrap();
+        std::fs::write(artifact.path(), b"planted").unwrap();
+        std::fs::set_permissions(artifact.path(), std::fs::Permissions::from_mode(0o444)).unwrap();
+        let err = artifact.verify_unchanged().unwrap_err();
+        assert!(err.contains("written over after it was checked"), "{err}");
+        let again = store(&mut cache, &dir, b"checked");
+        assert_eq!(read_fd(&again), b"checked");
+        assert_eq!(std::fs::read(again.path()).unwrap(), b"checked");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_cache_in_a_directory_others_can_write_is_refused() {
+        let base = temp_dir("open-cache");
+        std::fs::set_permissions(&base, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let hash = trust::sha256_hex(b"x");
+        let err = ArtifactCache::default()
+            .store(&base.join(".baton-cache"), "x.so", &hash, b"x", PLUGIN_MODE)
+            .unwrap_err();
+        assert!(
+            err.starts_with("artifact cache ") && err.contains("0777"),
+            "{err}"
+        );
+        std::fs::remove_dir_all(&base).unwrap();
     }
 }

@@ -19,11 +19,30 @@ use std::time::Duration;
 
 /// Zero-downtime hot-restart supervisor for HTTP services.
 #[derive(Debug, Parser)]
-#[command(name = "baton", version, about)]
+#[command(
+    name = "baton",
+    version,
+    about,
+    after_long_help = AFTER_HELP
+)]
 pub struct Cli {
     #[command(subcommand)]
     command: Command,
 }
+
+/// The part of `--help` and the man page that no option carries.
+const AFTER_HELP: &str = "\
+Signals to `baton run`: SIGUSR2 or SIGHUP start an upgrade; SIGTERM or SIGINT stop \
+gracefully (every generation drains); SIGQUIT stops fast (workers are killed).
+
+Exit status: 0 success; 1 invalid config or plugins, a failed or rolled-back upgrade; \
+2 the supervisor is unreachable; 3 `upgrade --wait --timeout` passed before the upgrade ended.
+
+Environment: BATON_CONFIG names the config when -c is not given (default \
+/etc/baton/baton.toml); BATON_LOG sets the log level (off, error, warn, info, debug, trace).
+
+The README (/usr/local/share/doc/baton/README.md when installed) describes the config \
+keys, the plugin ABI and operation under systemd.";
 
 #[derive(Debug, Subcommand)]
 enum Command {
@@ -58,6 +77,17 @@ enum Command {
         #[arg(long)]
         wait: bool,
     },
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell) to stdout.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page baton(1) in roff, or write it and one page per command into DIR.
+    Manpage {
+        /// Write baton.1 and baton-<command>.1 here instead.
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -83,6 +113,8 @@ pub struct Env {
     runtime_dir: Option<PathBuf>,
     cache_dir: Option<PathBuf>,
     journal: bool,
+    /// Started by systemd as part of a unit (`INVOCATION_ID`).
+    invocation: bool,
 }
 
 impl Env {
@@ -106,6 +138,7 @@ impl Env {
                 .and_then(|d| d.split(':').next().map(PathBuf::from))
                 .filter(|d| !d.as_os_str().is_empty()),
             journal: std::env::var_os("JOURNAL_STREAM").is_some(),
+            invocation: std::env::var_os("INVOCATION_ID").is_some(),
         }
     }
 
@@ -124,24 +157,35 @@ impl Env {
 
 pub fn main(cli: Cli, env: Env) -> ExitCode {
     init_tracing(env.journal);
+    // Absolute from here on, so every path derived from the config's (plugins, cache,
+    // control socket) is absolute in status, logs and process titles.
+    let absolute = |c: ConfigArg| crate::trust::absolute(&c.path);
     let result = match cli.command {
-        Command::Run(c) => run(&c.path, env),
-        Command::Check(c) => check(&c.path, &env),
+        Command::Run(c) => run(&absolute(c), env),
+        Command::Check(c) => check(&absolute(c), &env),
         Command::Upgrade {
             config,
             wait,
             timeout,
         } => client(
-            &config.path,
+            &absolute(config),
             &env,
             Request::Upgrade { wait },
             timeout,
             false,
         ),
-        Command::Status { config, json } => client(&config.path, &env, Request::Status, None, json),
-        Command::Stop { config, wait } => {
-            client(&config.path, &env, Request::Stop { wait }, None, false)
+        Command::Status { config, json } => {
+            client(&absolute(config), &env, Request::Status, None, json)
         }
+        Command::Stop { config, wait } => {
+            client(&absolute(config), &env, Request::Stop { wait }, None, false)
+        }
+        Command::Completions { shell } => {
+            let mut command = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut command, "baton", &mut std::io::stdout());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Manpage { dir } => manpages(dir.as_deref()),
     };
     match result {
         Ok(code) => code,
@@ -150,6 +194,31 @@ pub fn main(cli: Cli, env: Env) -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+/// `baton manpage`: baton(1) to stdout, or every page into `dir`.
+fn manpages(dir: Option<&Path>) -> anyhow::Result<ExitCode> {
+    let command = <Cli as clap::CommandFactory>::command();
+    let Some(dir) = dir else {
+        clap_mangen::Man::new(command).render(&mut std::io::stdout())?;
+        return Ok(ExitCode::SUCCESS);
+    };
+    std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    let mut written = vec![dir.join("baton.1")];
+    clap_mangen::Man::new(command.clone()).render(&mut std::fs::File::create(&written[0])?)?;
+    for sub in command.get_subcommands() {
+        // clap names are 'static; this command runs once and exits.
+        let name: &'static str = format!("baton-{}", sub.get_name()).leak();
+        let path = dir.join(format!("{name}.1"));
+        let usage: &'static str = format!("baton {}", sub.get_name()).leak();
+        let page = sub.clone().name(name).bin_name(usage);
+        clap_mangen::Man::new(page).render(&mut std::fs::File::create(&path)?)?;
+        written.push(path);
+    }
+    for path in written {
+        println!("{}", path.display());
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn init_tracing(journal: bool) {
@@ -179,6 +248,7 @@ fn run(path: &Path, env: Env) -> anyhow::Result<ExitCode> {
     )?;
     crate::spawn::cloexec_inherited();
     let ctx = env.path_context();
+    crate::trust::check_config(path).map_err(|e| anyhow::anyhow!(e))?;
     let config = Config::load(path, &ctx)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -296,36 +366,58 @@ async fn pump_notify(socket: Arc<WorkerSocket>, events: tokio::sync::mpsc::Unbou
 }
 
 fn check(path: &Path, env: &Env) -> anyhow::Result<ExitCode> {
+    let failed = |e: &dyn std::fmt::Display| {
+        eprintln!("baton check: {e}");
+        Ok(ExitCode::from(1))
+    };
+    if let Err(e) = crate::trust::check_config(path) {
+        return failed(&e);
+    }
     let config = match Config::load(path, &env.path_context()) {
         Ok(c) => c,
-        Err(e) => {
-            eprintln!("baton check: {e}");
-            return Ok(ExitCode::from(1));
-        }
+        Err(e) => return failed(&e),
     };
     let worker = &config.worker.path;
     if let Err(e) = crate::artifacts::check_worker_binary(worker) {
-        eprintln!("baton check: {}: {e}", path.display());
-        return Ok(ExitCode::from(1));
+        return failed(&format!("{}: {e}", path.display()));
+    }
+    // What `run` would refuse at start besides the artifacts: the control socket's
+    // directory and the listeners. What cannot be checked from here is said.
+    let mut notes = Vec::new();
+    let running = std::os::unix::net::UnixStream::connect(&config.control_socket).is_ok();
+    if running {
+        notes.push(format!(
+            "a supervisor is running with this config (control socket {}): its listeners were not bound again",
+            config.control_socket.display()
+        ));
+    } else {
+        if let Err(e) = crate::control::check_private_dir(&config.control_socket) {
+            return failed(&format!("{e:#}"));
+        }
+        for l in &config.listeners {
+            match crate::listeners::probe(l, env.listen_fdnames.as_deref(), env.invocation) {
+                Ok(None) => {}
+                Ok(Some(note)) => notes.push(note),
+                Err(e) => return failed(&e),
+            }
+        }
     }
     // Held until the check is done, so that a supervisor sharing the cache does not prune
     // what the throw-away worker is about to load.
     let mut artifacts = crate::artifacts::ArtifactCache::default();
+    let binary = match artifacts.worker_binary(&config) {
+        Ok(b) => b,
+        Err(e) => return failed(&e),
+    };
     let plugins = match crate::plugins::prepare(&config, &mut artifacts) {
         Ok(p) => p,
-        Err(e) => {
-            eprintln!("baton check: {e}");
-            return Ok(ExitCode::from(1));
-        }
+        Err(e) => return failed(&e),
     };
-    let report = match check_plugins(&config, plugins) {
+    let report = match check_plugins(&config, &binary, &plugins) {
         Ok(report) => report,
-        Err(e) => {
-            eprintln!("baton check: {e}");
-            return Ok(ExitCode::from(1));
-        }
+        Err(e) => return failed(&format!("{e:#}")),
     };
-    println!("{}: OK", path.display());
+    println!("{}: OK", crate::trust::absolute(path).display());
     for l in &config.listeners {
         let addr = l
             .address
@@ -337,14 +429,17 @@ fn check(path: &Path, env: &Env) -> anyhow::Result<ExitCode> {
     }
     println!(
         "  worker: {} x{} (ready_timeout {}, drain_timeout {}, max_generations {})",
-        worker.display(),
+        crate::trust::absolute(worker).display(),
         config.worker.processes,
         humantime::format_duration(config.worker.ready_timeout),
         humantime::format_duration(config.worker.drain_timeout),
         config.worker.max_generations
     );
     if report.is_empty() {
-        println!("  plugins: none in {}", config.plugins.dir.display());
+        println!(
+            "  plugins: none in {}",
+            crate::trust::absolute(&config.plugins.dir).display()
+        );
     }
     for p in report {
         println!(
@@ -363,35 +458,45 @@ fn check(path: &Path, env: &Env) -> anyhow::Result<ExitCode> {
             println!("    {}", r.as_str().unwrap_or("?"));
         }
     }
-    println!("  control socket: {}", config.control_socket.display());
+    println!(
+        "  control socket: {}",
+        crate::trust::absolute(&config.control_socket).display()
+    );
+    println!(
+        "  artifact cache: {}",
+        crate::trust::absolute(&config.plugins.cache_dir).display()
+    );
+    for note in notes {
+        println!("  not checked: {note}");
+    }
     Ok(ExitCode::SUCCESS)
 }
 
 /// Loads the plugin set in a throw-away worker (`baton-worker --check`), never in this
-/// process, and returns its report: one JSON object per plugin.
+/// process, and returns its report: one JSON object per plugin. The worker and the
+/// plugins are the checked cache files, handed over open, as a generation gets them.
 fn check_plugins(
     config: &Config,
-    plugins: Vec<baton_proto::PluginSpec>,
+    binary: &crate::artifacts::WorkerBinary,
+    plugins: &[crate::plugins::CachedPlugin],
 ) -> anyhow::Result<Vec<serde_json::Value>> {
     if plugins.is_empty() {
         return Ok(Vec::new());
     }
-    let mut child = std::process::Command::new(&config.worker.path)
+    let specs = crate::spawn::numbered(plugins, baton_proto::LISTEN_FDS_START);
+    let mut cmd = crate::spawn::worker_command(binary, plugins, Vec::new())?;
+    let mut child = cmd
         .arg("--check")
         .env(
             baton_proto::ENV_SETTINGS,
-            config.worker_settings(plugins).to_json(),
+            config.worker_settings(specs).to_json(),
         )
         .env(baton_proto::ENV_GENERATION, "0")
-        .env_remove("NOTIFY_SOCKET")
-        .env_remove("LISTEN_FDS")
-        .env_remove("LISTEN_PID")
-        .env_remove("LISTEN_FDNAMES")
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
-        .with_context(|| format!("cannot run {} --check", config.worker.path.display()))?;
+        .with_context(|| format!("cannot run {} --check", binary.cached().display()))?;
     let deadline = std::time::Instant::now() + config.worker.ready_timeout;
     while child.try_wait()?.is_none() {
         if std::time::Instant::now() > deadline {
@@ -422,19 +527,31 @@ fn client(
     timeout: Option<Duration>,
     json: bool,
 ) -> anyhow::Result<ExitCode> {
-    let Some(socket) = control_socket_lenient(path, &env.path_context()) else {
-        eprintln!(
-            "baton: cannot read {} to find the control socket",
-            path.display()
-        );
-        return Ok(ExitCode::from(2));
+    let socket = match control_socket_lenient(path, &env.path_context()) {
+        Ok(socket) => socket,
+        Err(e) => {
+            eprintln!(
+                "baton: cannot read the config {} to find the control socket: {e}\n\
+                 (name the config with -c FILE or BATON_CONFIG; the default is /etc/baton/baton.toml)",
+                crate::trust::absolute(path).display()
+            );
+            return Ok(ExitCode::from(2));
+        }
     };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     runtime.block_on(async {
         let unreachable = |e: std::io::Error| {
-            eprintln!("baton: supervisor unreachable at {}: {e}", socket.display());
+            let socket = crate::trust::absolute(&socket);
+            match e.kind() {
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => eprintln!(
+                    "baton: no supervisor is listening on {} ({e}): is `baton run -c {}` running with this config?",
+                    socket.display(),
+                    crate::trust::absolute(path).display()
+                ),
+                _ => eprintln!("baton: supervisor unreachable at {}: {e}", socket.display()),
+            }
             ExitCode::from(2)
         };
         let mut replies = match crate::control::request(&socket, &request).await {
@@ -481,10 +598,10 @@ fn client(
                 match next {
                     Ok(Some(Reply::Upgrade { outcome })) => {
                         if outcome.result == UpgradeResult::Succeeded {
-                            println!("upgrade succeeded: {}", outcome.describe());
+                            println!("upgrade {}", outcome.describe());
                             Ok(ExitCode::SUCCESS)
                         } else {
-                            eprintln!("upgrade failed: {}", outcome.describe());
+                            eprintln!("upgrade {}", outcome.describe());
                             Ok(ExitCode::from(1))
                         }
                     }

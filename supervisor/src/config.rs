@@ -480,13 +480,16 @@ impl Config {
 }
 
 /// Finds the control socket's path in a config that may not validate, so that `baton
-/// upgrade` can still reach the supervisor and let it report what is wrong.
-pub fn control_socket_lenient(path: &Path, ctx: &PathContext) -> Option<PathBuf> {
-    let text = std::fs::read_to_string(path).ok()?;
+/// upgrade` can still reach the supervisor and let it report what is wrong. Fails only
+/// when the file cannot be read, or is not TOML at all.
+pub fn control_socket_lenient(path: &Path, ctx: &PathContext) -> Result<PathBuf, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| e.to_string())?;
     if let Ok(config) = Config::parse(&text, path, ctx) {
-        return Some(config.control_socket);
+        return Ok(config.control_socket);
     }
-    let table: toml::Table = text.parse().ok()?;
+    let table: toml::Table = text
+        .parse()
+        .map_err(|e: toml::de::Error| e.message().to_owned())?;
     let name = table
         .get("control")
         .and_then(|c| c.get("socket"))
@@ -496,7 +499,7 @@ pub fn control_socket_lenient(path: &Path, ctx: &PathContext) -> Option<PathBuf>
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
-    Some(control_path(name, base, ctx))
+    Ok(control_path(name, base, ctx))
 }
 
 /// `control.socket` resolved: absolute as written; relative inside `$RUNTIME_DIRECTORY`,

@@ -118,7 +118,7 @@ impl ControlSocket {
 /// someone else. Mode 0600 on the socket alone would not be enough: the directory is what
 /// keeps other users from even reaching it.
 fn private_dir(dir: &Path) -> anyhow::Result<()> {
-    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    use std::os::unix::fs::DirBuilderExt;
     if let Some(parent) = dir.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent)
             .map_err(|e| anyhow::anyhow!("control socket directory {}: {e}", parent.display()))?;
@@ -133,6 +133,24 @@ fn private_dir(dir: &Path) -> anyhow::Result<()> {
     }
     let meta = std::fs::symlink_metadata(dir)
         .map_err(|e| anyhow::anyhow!("control socket directory {}: {e}", dir.display()))?;
+    judge_private_dir(dir, &meta)
+}
+
+/// What [`ControlSocket::bind`] would say of the directory of the control socket `path`,
+/// without creating anything (`baton check`): a missing directory is fine, it is created.
+pub fn check_private_dir(path: &Path) -> anyhow::Result<()> {
+    let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) else {
+        return Ok(());
+    };
+    match std::fs::symlink_metadata(dir) {
+        Ok(meta) => judge_private_dir(dir, &meta),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => anyhow::bail!("control socket directory {}: {e}", dir.display()),
+    }
+}
+
+fn judge_private_dir(dir: &Path, meta: &std::fs::Metadata) -> anyhow::Result<()> {
+    use std::os::unix::fs::MetadataExt;
     let me = nix::unistd::geteuid().as_raw();
     let mode = meta.mode() & 0o7777;
     if !meta.is_dir() {

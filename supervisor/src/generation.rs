@@ -59,7 +59,7 @@ pub struct Generation {
     pub config: Arc<Config>,
     pub listeners: Vec<Arc<Listener>>,
     pub settings_json: String,
-    pub plugins: Vec<baton_proto::PluginSpec>,
+    pub plugins: Vec<crate::plugins::CachedPlugin>,
     /// The cached worker binary the workers exec.
     pub binary: WorkerBinary,
     pub workers: Vec<WorkerSlot>,
@@ -70,6 +70,8 @@ pub struct Generation {
     pub span: tracing::Span,
     /// When it began serving.
     pub promoted: Option<Instant>,
+    /// When it was told to drain.
+    pub draining_since: Option<Instant>,
     /// Worker exits while serving, within `crash_loop_window` of `promoted`.
     pub crashes_after_promotion: usize,
     /// What to start again if this generation crash-loops after promotion: the
@@ -95,7 +97,7 @@ pub struct Artifacts {
     pub number: u64,
     pub config: Arc<Config>,
     pub binary: WorkerBinary,
-    pub plugins: Vec<baton_proto::PluginSpec>,
+    pub plugins: Vec<crate::plugins::CachedPlugin>,
 }
 
 impl Artifacts {
@@ -118,6 +120,8 @@ pub struct WorkerSlot {
     /// When a restart is due, while waiting out the back-off.
     pub restart_at: Option<Instant>,
     pub stats: Stats,
+    /// When the worker last reported `stats`.
+    pub stats_at: Option<Instant>,
 }
 
 /// A running worker process.
@@ -139,10 +143,9 @@ impl WorkerProcess {
 /// The cache files of a worker binary and a plugin set.
 fn cached_files<'a>(
     binary: &'a WorkerBinary,
-    plugins: &'a [baton_proto::PluginSpec],
+    plugins: &'a [crate::plugins::CachedPlugin],
 ) -> impl Iterator<Item = &'a std::path::Path> {
-    std::iter::once(binary.cached.as_path())
-        .chain(plugins.iter().map(|p| std::path::Path::new(&p.cached)))
+    std::iter::once(binary.cached()).chain(plugins.iter().map(|p| p.artifact.path()))
 }
 
 impl Generation {

@@ -14,4 +14,6 @@ pub mod plugins;
 pub mod spawn;
 pub mod status;
 pub mod supervisor;
+pub mod sys;
+pub mod trust;
 pub mod watch;

@@ -23,11 +23,11 @@ const BACKLOG: i32 = 4096;
 
 #[derive(Debug, Error)]
 pub enum ListenerError {
-    #[error("listener {name:?}: cannot listen on {address}: {source}")]
+    #[error("listener {name:?}: cannot listen on {address}: {error}")]
     Bind {
         name: String,
         address: Address,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("listener {name:?}: {message}")]
     Unusable { name: String, message: String },
@@ -265,10 +265,10 @@ fn bind_listener(name: &str, address: Option<&Address>) -> Result<Listener, List
             message: "has no address and systemd passed no fd of that name".into(),
         });
     };
-    let fd = bind(address).map_err(|source| ListenerError::Bind {
+    let fd = bind(address).map_err(|error| ListenerError::Bind {
         name: name.to_owned(),
         address: address.clone(),
-        source,
+        error,
     })?;
     verify(fd.as_fd()).map_err(|message| ListenerError::Unusable {
         name: name.to_owned(),
@@ -283,6 +283,61 @@ fn bind_listener(name: &str, address: Option<&Address>) -> Result<Listener, List
         owns_file: matches!(address, Address::Unix(_)),
         fds: vec![fd],
     })
+}
+
+/// What `baton check` can tell of a listener without keeping it: `Err` when `run` would
+/// refuse it (its address is in use), `Ok(Some(note))` when it cannot be checked from
+/// here, `Ok(None)` when it can be bound. `activated` lists the names systemd passed;
+/// `under_systemd` says a socket unit may hold the address for `run`.
+pub fn probe(
+    listener: &crate::config::ListenerConfig,
+    activated: Option<&str>,
+    under_systemd: bool,
+) -> Result<Option<String>, String> {
+    let name = &listener.name;
+    if activated.is_some_and(|names| names.split(':').any(|n| n == name)) {
+        return Ok(None);
+    }
+    let Some(address) = &listener.address else {
+        return Ok(Some(format!(
+            "listener {name:?} has no address: baton run takes it from systemd socket activation"
+        )));
+    };
+    let in_use = match address {
+        Address::Tcp(_) => match bind(address) {
+            Ok(_) => return Ok(None),
+            Err(e) if e.raw_os_error() == Some(libc::EADDRINUSE) => e.to_string(),
+            Err(e) if e.raw_os_error() == Some(libc::EACCES) => {
+                return Ok(Some(format!(
+                    "listener {name:?}: binding {address} needs root or CAP_NET_BIND_SERVICE ({e}); \
+                     the systemd unit grants it"
+                )));
+            }
+            Err(e) => {
+                return Err(ListenerError::Bind {
+                    name: name.clone(),
+                    address: address.clone(),
+                    error: e,
+                }
+                .to_string());
+            }
+        },
+        Address::Unix(path) => match std::os::unix::net::UnixStream::connect(path) {
+            Ok(_) => "a process is accepting connections on it".to_owned(),
+            Err(_) => return Ok(None),
+        },
+    };
+    if under_systemd {
+        return Ok(Some(format!(
+            "listener {name:?}: {address} is in use ({in_use}); under systemd that is usually \
+             the service's socket unit, which hands it to baton run"
+        )));
+    }
+    Err(format!(
+        "listener {name:?} (line {}): {address} is in use by another process ({in_use}); \
+         baton run would refuse to start",
+        listener.line
+    ))
 }
 
 /// Binds and listens on `address`. The socket is close-on-exec; workers get a duplicate.

@@ -144,7 +144,7 @@ impl WorkerSocket {
         let name = format!(
             "baton/{}/notify/{}",
             std::process::id(),
-            crate::plugins::hex(&random)
+            crate::trust::hex(&random)
         );
         let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())?;
         let socket = std::os::unix::net::UnixDatagram::bind_addr(&addr)?;

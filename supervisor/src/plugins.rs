@@ -7,13 +7,15 @@
 //! once (temporary file, then rename) and never modified, so an operator who `cp`s over a
 //! plugin in the directory cannot touch a library a worker has mapped.
 
-use crate::artifacts::ArtifactCache;
+use crate::artifacts::{Artifact, ArtifactCache, PLUGIN_MODE};
 use crate::config::Config;
+use crate::trust;
 use baton_proto::PluginSpec;
-use sha2::{Digest, Sha256};
 use std::io::Read;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::fd::AsFd;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// A plugin file and the hash of its content.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
@@ -31,26 +33,14 @@ pub fn is_plugin_name(name: &str) -> bool {
 /// Reads and checks every plugin in `config.plugins.dir`, in name order.
 pub fn scan(config: &Config) -> Result<Vec<Scanned>, String> {
     let dir = &config.plugins.dir;
-    let meta = match std::fs::symlink_metadata(dir) {
-        Ok(m) => m,
+    match std::fs::symlink_metadata(dir) {
+        Ok(_) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound && !config.plugins.dir_explicit => {
             return Ok(Vec::new());
         }
         Err(e) => return Err(format!("plugin directory {}: {e}", dir.display())),
-    };
-    if meta.file_type().is_symlink() {
-        return Err(format!(
-            "plugin directory {} is a symlink; point plugins.dir at the real directory",
-            dir.display()
-        ));
     }
-    if !meta.is_dir() {
-        return Err(format!(
-            "plugin directory {} is not a directory",
-            dir.display()
-        ));
-    }
-    check_owner_and_mode(dir, &meta, "plugin directory")?;
+    trust::check_dir(dir, "plugin directory", "plugins.dir", trust::Link::Refuse)?;
     let mut names: Vec<String> = std::fs::read_dir(dir)
         .map_err(|e| format!("plugin directory {}: {e}", dir.display()))?
         .filter_map(|e| e.ok())
@@ -86,28 +76,25 @@ fn read_plugin(path: &Path) -> Result<Scanned, String> {
     if !meta.is_file() {
         return Err(format!("plugin {}: is not a regular file", path.display()));
     }
-    check_owner_and_mode(path, &meta, "plugin")?;
+    trust::check_owner_and_mode(path, &meta, "plugin")?;
+    if crate::sys::writers(file.as_fd()) == crate::sys::Writers::Some {
+        return Err(format!(
+            "plugin {}: another process still has it open for writing; wait until it is \
+             written whole (copy to a dotfile or *.tmp name, then rename it into place)",
+            path.display()
+        ));
+    }
     let mut bytes = Vec::with_capacity(meta.len() as usize);
     (&file)
         .read_to_end(&mut bytes)
         .map_err(|e| format!("plugin {}: cannot read: {e}", path.display()))?;
     check_elf(&bytes).map_err(|e| format!("plugin {}: {e}", path.display()))?;
-    let hash = sha256_hex(&bytes);
+    let hash = trust::sha256_hex(&bytes);
     Ok(Scanned {
-        file: path.to_owned(),
+        file: trust::absolute(path),
         hash,
         bytes,
     })
-}
-
-/// The SHA-256 of `bytes`, in lowercase hex.
-pub(crate) fn sha256_hex(bytes: &[u8]) -> String {
-    hex(&Sha256::digest(bytes))
-}
-
-/// `bytes` in lowercase hex.
-pub(crate) fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// The ELF machine number of this host.
@@ -185,27 +172,11 @@ fn check_elf(bytes: &[u8]) -> Result<(), String> {
     Ok(())
 }
 
-pub(crate) fn check_owner_and_mode(
-    path: &Path,
-    meta: &std::fs::Metadata,
-    what: &str,
-) -> Result<(), String> {
-    let me = nix::unistd::geteuid().as_raw();
-    if meta.uid() != 0 && meta.uid() != me {
-        return Err(format!(
-            "{what} {}: owned by uid {}; it must belong to root or to the service's user (uid {me})",
-            path.display(),
-            meta.uid()
-        ));
-    }
-    let mode = meta.permissions().mode() & 0o7777;
-    if mode & 0o022 != 0 {
-        return Err(format!(
-            "{what} {}: mode {mode:04o} is group- or world-writable; run chmod go-w on it",
-            path.display()
-        ));
-    }
-    Ok(())
+/// A plugin of a generation: what workers are told, and the checked cache file they load.
+#[derive(Debug, Clone)]
+pub struct CachedPlugin {
+    pub spec: PluginSpec,
+    pub artifact: Arc<Artifact>,
 }
 
 /// Copies each scanned plugin to `<cache_dir>/<sha256>.so` (if not there yet), holds it
@@ -214,51 +185,33 @@ pub fn cache(
     config: &Config,
     scanned: Vec<Scanned>,
     artifacts: &mut ArtifactCache,
-) -> Result<Vec<PluginSpec>, String> {
+) -> Result<Vec<CachedPlugin>, String> {
     let dir = &config.plugins.cache_dir;
     scanned
         .into_iter()
         .map(|s| {
-            let cached = dir.join(format!("{}.so", s.hash));
-            artifacts
-                .store(dir, &cached, &s.bytes, 0o444)
-                .map_err(|e| e.replacen("artifact cache", "plugin cache", 1))?;
-            Ok(PluginSpec {
-                file: s.file.display().to_string(),
-                cached: cached.display().to_string(),
-                hash: s.hash,
+            let name = format!("{}.so", s.hash);
+            let artifact = artifacts
+                .store(dir, &name, &s.hash, &s.bytes, PLUGIN_MODE)
+                .map_err(|e| format!("plugin {}: {e}", s.file.display()))?;
+            Ok(CachedPlugin {
+                spec: PluginSpec {
+                    file: s.file.display().to_string(),
+                    cached: artifact.path().display().to_string(),
+                    hash: s.hash,
+                    fd: None,
+                },
+                artifact,
             })
         })
         .collect()
 }
 
-/// Writes what `fill` writes to a temporary name (`<name>.tmp.<pid>`) and renames it
-/// into place with `mode` (read-only, or read-and-execute).
-pub(crate) fn write_once_with(
-    path: &Path,
-    mode: u32,
-    fill: &mut dyn FnMut(&mut std::fs::File) -> std::io::Result<()>,
-) -> std::io::Result<()> {
-    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
-    let result = (|| {
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(mode)
-            .open(&tmp)?;
-        fill(&mut f)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
-}
-
 /// Scans and caches: the plugin set a new generation starts with.
-pub fn prepare(config: &Config, artifacts: &mut ArtifactCache) -> Result<Vec<PluginSpec>, String> {
+pub fn prepare(
+    config: &Config,
+    artifacts: &mut ArtifactCache,
+) -> Result<Vec<CachedPlugin>, String> {
     cache(config, scan(config)?, artifacts)
 }
 

@@ -96,6 +96,10 @@ pub struct WorkerInfo {
     pub restart_in_ms: Option<u64>,
     pub connections: u64,
     pub requests: u64,
+    /// How old `connections` and `requests` are: workers report them when they change,
+    /// at most once a second. `None` before the first report.
+    #[serde(default)]
+    pub stats_age_ms: Option<u64>,
 }
 
 /// How an upgrade ended.
@@ -122,11 +126,13 @@ pub struct UpgradeOutcome {
 impl UpgradeOutcome {
     pub fn describe(&self) -> String {
         match (self.result, self.generation, &self.reason) {
-            (UpgradeResult::Succeeded, Some(n), _) => format!("generation {n} is serving"),
-            (UpgradeResult::RolledBack, Some(n), Some(r)) => {
-                format!("generation {n} was rolled back: {r}")
+            (UpgradeResult::Succeeded, Some(n), _) => {
+                format!("succeeded: generation {n} is serving")
             }
-            (UpgradeResult::Refused, _, Some(r)) => format!("upgrade refused: {r}"),
+            (UpgradeResult::RolledBack, Some(n), Some(r)) => {
+                format!("failed: generation {n} was rolled back: {r}")
+            }
+            (UpgradeResult::Refused, _, Some(r)) => format!("refused: {r}"),
             (result, n, r) => format!(
                 "{result:?} (generation {n:?}): {}",
                 r.as_deref().unwrap_or("")
@@ -177,9 +183,18 @@ impl StatusReport {
                     .map(|ms| format!(" in {ms}ms"))
                     .unwrap_or_default();
                 let pid = w.pid.map_or("-".into(), |p| p.to_string());
+                let figures = w
+                    .stats_age_ms
+                    .map(|ms| {
+                        format!(
+                            "  connections {} requests {} (reported {ms} ms ago)",
+                            w.connections, w.requests
+                        )
+                    })
+                    .unwrap_or_default();
                 let _ = writeln!(
                     out,
-                    "  worker {} pid {pid:<8} {}{backoff}  restarts {}",
+                    "  worker {} pid {pid:<8} {}{backoff}  restarts {}{figures}",
                     w.slot, w.state, w.restarts
                 );
             }

@@ -437,26 +437,19 @@ impl Supervisor {
                     Err(e) => return self.refuse(e),
                 };
                 let prepared = crate::plugins::prepare(&config, &mut self.cache);
-                crate::artifacts::release_free_memory();
+                crate::sys::release_free_memory();
                 match prepared {
                     Ok(p) => (binary, p, None),
                     Err(e) => return self.refuse(e),
                 }
             }
-            Start::Restore(artifacts, restored) => {
-                if let Some(gone) = artifacts.files().find(|f| !f.exists()) {
-                    return self.refuse(format!(
-                        "cannot restore generation {}: its cached artifact {} is gone",
-                        artifacts.number,
-                        gone.display()
-                    ));
-                }
-                (
-                    artifacts.binary.clone(),
-                    artifacts.plugins.clone(),
-                    Some(restored),
-                )
-            }
+            // The restored generation's files are held open since it ran: what runs
+            // again is what was checked then, whatever became of the cache directory.
+            Start::Restore(artifacts, restored) => (
+                artifacts.binary.clone(),
+                artifacts.plugins.clone(),
+                Some(restored),
+            ),
         };
         let listeners = match self.listeners.prepare(&config) {
             Ok(l) => l,
@@ -470,7 +463,9 @@ impl Supervisor {
             state: GenerationState::Starting,
             started_at: SystemTime::now(),
             started: Instant::now(),
-            settings_json: config.worker_settings(plugins.clone()).to_json(),
+            settings_json: config
+                .worker_settings(crate::spawn::plugin_specs(&plugins, &listeners))
+                .to_json(),
             plugins,
             binary,
             workers: (0..config.worker.processes)
@@ -483,6 +478,7 @@ impl Supervisor {
             failure: None,
             span: span.clone(),
             promoted: None,
+            draining_since: None,
             crashes_after_promotion: 0,
             previous: None,
             restored,
@@ -495,14 +491,14 @@ impl Supervisor {
                     config.worker.processes,
                     r.from,
                     generation.binary.source.display(),
-                    generation.binary.hash,
+                    generation.binary.hash(),
                     generation.plugins.len()
                 ),
                 None => tracing::info!(
                     "starting {} worker(s) of {} (sha256 {})",
                     config.worker.processes,
                     generation.binary.source.display(),
-                    generation.binary.hash
+                    generation.binary.hash()
                 ),
             }
         }
@@ -524,8 +520,13 @@ impl Supervisor {
             .generations
             .get_mut(&number)
             .expect("launch of a live generation");
+        // What was hashed is what runs: a file written over since is not handed on.
+        std::iter::once(&g.binary.artifact)
+            .chain(g.plugins.iter().map(|p| &p.artifact))
+            .try_for_each(|a| a.verify_unchanged())?;
         let spec = SpawnSpec {
-            binary: &g.binary.cached,
+            binary: &g.binary,
+            plugins: &g.plugins,
             generation: number,
             listeners: g
                 .listeners
@@ -541,7 +542,7 @@ impl Supervisor {
             format!(
                 "cannot execute worker {} (cached as {}): {e}",
                 g.binary.source.display(),
-                g.binary.cached.display()
+                g.binary.cached().display()
             )
         })?;
         let events = self.events.clone();
@@ -575,6 +576,7 @@ impl Supervisor {
         let g = self.generations.get_mut(&number).expect("found above");
         if let Some(stats) = message.stats {
             g.workers[slot].stats = stats;
+            g.workers[slot].stats_at = Some(Instant::now());
         }
         if let Some(status) = &message.status {
             g.workers[slot].status = Some(status.clone());
@@ -600,15 +602,18 @@ impl Supervisor {
     /// Every worker of `number` is READY: it serves, the previous one drains.
     fn promote(&mut self, number: u64) {
         let previous = self.serving();
-        let previous_artifacts = previous.map(|p| Arc::new(self.generations[&p].artifacts()));
+        // A restore is not restored from in turn: no ping-pong between two bad sets. (Made
+        // only when kept: the artifacts it holds open would keep the cache from pruning.)
+        let previous_artifacts = previous
+            .filter(|_| self.generations[&number].restored.is_none())
+            .map(|p| Arc::new(self.generations[&p].artifacts()));
         let g = self
             .generations
             .get_mut(&number)
             .expect("promote a live generation");
         g.state = GenerationState::Serving;
         g.promoted = Some(Instant::now());
-        // A restore is not restored from in turn: no ping-pong between two bad sets.
-        if g.restored.is_none() {
+        if previous_artifacts.is_some() {
             g.previous = previous_artifacts;
         }
         let result = match &g.restored {
@@ -678,6 +683,7 @@ impl Supervisor {
             return;
         }
         g.state = GenerationState::Draining;
+        g.draining_since = Some(Instant::now());
         let deadline = g.config.worker.drain_timeout + DRAIN_KILL_MARGIN;
         {
             let _e = g.span.enter();
@@ -874,7 +880,7 @@ impl Supervisor {
         tracing::error!(
             "{reason}; rolling back to generation {}'s exact artifacts (worker sha256 {}, {} plugin(s))",
             previous.number,
-            previous.binary.hash,
+            previous.binary.hash(),
             previous.plugins.len()
         );
         drop(_e);
@@ -909,7 +915,11 @@ impl Supervisor {
             )
         });
         let Some(newest) = newest else { return };
-        let current: Vec<&str> = newest.plugins.iter().map(|p| p.hash.as_str()).collect();
+        let current: Vec<&str> = newest
+            .plugins
+            .iter()
+            .map(|p| p.spec.hash.as_str())
+            .collect();
         match crate::plugins::scan(&newest.config) {
             Ok(scanned)
                 if scanned
@@ -984,13 +994,26 @@ impl Supervisor {
             .retain(|_, event| event.generation() != Some(number));
         {
             let _e = g.span.enter();
-            tracing::info!(
-                "{} generation gone after {:?}, {} request(s) served",
-                g.state.name(),
-                g.started.elapsed(),
-                g.requests()
-            );
+            let ms = |d: Duration| {
+                humantime::format_duration(Duration::from_millis(d.as_millis() as u64))
+            };
+            match g.draining_since {
+                Some(since) => tracing::info!(
+                    "generation gone: drained in {}, {} request(s) served in {}",
+                    ms(since.elapsed()),
+                    g.requests(),
+                    ms(g.started.elapsed())
+                ),
+                None => tracing::info!(
+                    "{} generation gone after {}, {} request(s) served",
+                    g.state.name(),
+                    ms(g.started.elapsed()),
+                    g.requests()
+                ),
+            }
         }
+        // Its artifacts are let go of before the cache is pruned.
+        drop(g);
         if self.stopping.is_none() {
             let summary = self.summary();
             self.systemd.status(&summary);
@@ -1091,7 +1114,7 @@ impl Supervisor {
         if let Some(last) = &self.last_upgrade
             && last.result != UpgradeResult::Succeeded
         {
-            parts.push(format!("last upgrade failed: {}", last.describe()));
+            parts.push(format!("last upgrade {}", last.describe()));
         }
         parts.join("; ")
     }
@@ -1144,8 +1167,8 @@ impl Supervisor {
                     failure: g.failure.clone(),
                     worker: Some(crate::status::BinaryInfo {
                         path: g.binary.source.display().to_string(),
-                        cached: g.binary.cached.display().to_string(),
-                        sha256: g.binary.hash.clone(),
+                        cached: g.binary.cached().display().to_string(),
+                        sha256: g.binary.hash().to_owned(),
                     }),
                     restored_from: g.restored.as_ref().map(|r| r.from),
                     rollback_to: g.previous.as_ref().map(|p| p.number),
@@ -1153,8 +1176,8 @@ impl Supervisor {
                         .plugins
                         .iter()
                         .map(|p| crate::status::PluginInfo {
-                            file: p.file.clone(),
-                            sha256: p.hash.clone(),
+                            file: p.spec.file.clone(),
+                            sha256: p.spec.hash.clone(),
                         })
                         .collect(),
                     workers: g
@@ -1178,6 +1201,10 @@ impl Supervisor {
                                 .map(|at| at.saturating_duration_since(now).as_millis() as u64),
                             connections: w.stats.connections,
                             requests: w.stats.requests,
+                            stats_age_ms: w
+                                .stats_at
+                                .filter(|_| w.process.is_some())
+                                .map(|at| now.saturating_duration_since(at).as_millis() as u64),
                         })
                         .collect(),
                 })

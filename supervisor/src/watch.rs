@@ -1,6 +1,9 @@
 //! Watches the plugin directory (inotify) and reports a change once the directory has
 //! been quiet for `plugins.watch_debounce` and every plugin file kept the same size and
 //! modification time across one more debounce period (a copy in progress does not count).
+//! A stable size and time are no proof that a writer has finished (a `cp` may pause), so
+//! a change also waits while any plugin file is still open for writing by some process
+//! (a read lease is refused exactly then), and the log says which file it waits for.
 //! Dotfiles and names that are not `*.so` (such as `*.tmp`) are ignored. Whether the
 //! plugin set really changed is for the supervisor to decide, by hash.
 
@@ -61,19 +64,48 @@ async fn run(
                 None => return,
             }
         }
-        // Debounce, then require the files to be stable.
+        // Debounce, then require the files to be stable and closed by their writers.
+        let mut waited_for = None;
         loop {
             while let Ok(Some(_)) = tokio::time::timeout(debounce, stream.next()).await {}
             let before = snapshot(&dir);
             tokio::time::sleep(debounce).await;
-            if snapshot(&dir) == before {
-                break;
+            if snapshot(&dir) != before {
+                continue;
+            }
+            match being_written(&dir) {
+                None => break,
+                Some(name) => {
+                    if waited_for.as_ref() != Some(&name) {
+                        tracing::info!(
+                            "plugin directory changed, but {} is still open for writing: waiting until its writer closes it",
+                            dir.join(&name).display()
+                        );
+                        waited_for = Some(name);
+                    }
+                }
             }
         }
         if events.send(Event::PluginsChanged).is_err() {
             return;
         }
     }
+}
+
+/// The first plugin file some process still has open for writing, if any.
+fn being_written(dir: &Path) -> Option<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| is_plugin_name(n))
+        .collect();
+    names.sort();
+    names.into_iter().find(|name| {
+        std::fs::File::open(dir.join(name)).is_ok_and(|f| {
+            crate::sys::writers(std::os::fd::AsFd::as_fd(&f)) == crate::sys::Writers::Some
+        })
+    })
 }
 
 /// Names, sizes and modification times of the plugin files.

@@ -258,6 +258,14 @@ impl Drop for Instance {
         }
         let _ = std::fs::remove_dir_all(&self.share);
         let _ = std::fs::remove_dir_all(&self.units);
+        // The parents go with the last instance (removing a directory that another
+        // test's instance still uses fails, as it should).
+        for parent in [self.share.parent(), self.units.parent()]
+            .into_iter()
+            .flatten()
+        {
+            let _ = std::fs::remove_dir(parent);
+        }
     }
 }
 

@@ -3,7 +3,7 @@
 
 use anyhow::Context;
 use baton_proto::{
-    ENV_GENERATION, ENV_LIFELINE_FD, ENV_SETTINGS, ENV_SUPERVISOR_PID, WorkerSettings,
+    ENV_EXE_FD, ENV_GENERATION, ENV_LIFELINE_FD, ENV_SETTINGS, ENV_SUPERVISOR_PID, WorkerSettings,
 };
 use std::path::PathBuf;
 
@@ -17,6 +17,8 @@ pub struct WorkerEnv {
     pub generation: u64,
     pub settings_json: Option<String>,
     pub lifeline_fd: Option<String>,
+    /// The fd of the worker binary's file that the supervisor exec'd.
+    pub exe_fd: Option<String>,
     pub supervisor_pid: Option<String>,
     pub journal: bool,
     /// `--check`: load the plugins, report them, exit.
@@ -36,6 +38,7 @@ impl WorkerEnv {
                 .unwrap_or(0),
             settings_json: var(ENV_SETTINGS),
             lifeline_fd: var(ENV_LIFELINE_FD),
+            exe_fd: var(ENV_EXE_FD),
             supervisor_pid: var(ENV_SUPERVISOR_PID),
             journal: std::env::var_os("JOURNAL_STREAM").is_some(),
             check: std::env::args().nth(1).as_deref() == Some("--check"),

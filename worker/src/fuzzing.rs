@@ -39,6 +39,7 @@ fn harness(paths: Vec<String>) -> Harness {
                 file: path.to_owned(),
                 cached: path.to_owned(),
                 hash: "fuzz".into(),
+                fd: None,
             })
             .collect(),
         ..baton_proto::WorkerSettings::default()

@@ -1,5 +1,6 @@
 //! Takes ownership of the fds the worker inherits: the listeners at `3..3+LISTEN_FDS`
-//! (systemd's socket-activation protocol) and the supervisor's lifeline pipe.
+//! (systemd's socket-activation protocol), the supervisor's lifeline pipe, the checked
+//! plugin files named in the settings, and the worker binary's own file, which it closes.
 //!
 //! This is the only module of the worker that turns raw fd numbers into owned fds. It
 //! verifies each listener really is a listening stream socket before anything serves on it,
@@ -8,7 +9,7 @@
 
 use crate::env::WorkerEnv;
 use anyhow::{Context, bail, ensure};
-use baton_proto::{ENV_LIFELINE_FD, ENV_SUPERVISOR_PID, LISTEN_FDS_START};
+use baton_proto::{ENV_EXE_FD, ENV_LIFELINE_FD, ENV_SUPERVISOR_PID, LISTEN_FDS_START};
 use nix::fcntl::{FcntlArg, FdFlag, fcntl};
 use nix::sys::socket::{
     AddressFamily, SockType, SockaddrLike, SockaddrStorage, getsockname, getsockopt, sockopt,
@@ -130,4 +131,34 @@ pub fn lifeline(env: &WorkerEnv) -> anyhow::Result<Option<OwnedFd>> {
     let fd = unsafe { OwnedFd::from_raw_fd(raw) };
     fcntl(&fd, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC)).context("lifeline fd")?;
     Ok(Some(fd))
+}
+
+/// The inherited file of a plugin (`PluginSpec::fd`): the very file the supervisor checked
+/// and hashed, which the loader opens through `/proc/self/fd`.
+pub fn plugin_file(raw: RawFd) -> anyhow::Result<OwnedFd> {
+    ensure!(raw > 2, "plugin fd {raw} is a standard stream");
+    ensure_open(raw).with_context(|| format!("plugin fd {raw}"))?;
+    // SAFETY: the supervisor placed this plugin's file at this number and names it in the
+    // settings, once per plugin; it is taken once, here.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    fcntl(&fd, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC)).context("plugin fd")?;
+    Ok(fd)
+}
+
+/// Closes the worker binary's own file, which the supervisor exec'd through
+/// `/proc/self/fd` and names in `BATON_EXE_FD`; nothing in the worker needs it.
+pub fn close_exe(env: &WorkerEnv) -> anyhow::Result<()> {
+    let Some(raw) = &env.exe_fd else {
+        return Ok(());
+    };
+    let raw: RawFd = raw
+        .parse()
+        .with_context(|| format!("{ENV_EXE_FD}={raw:?} is not an fd number"))?;
+    ensure!(raw > 2, "{ENV_EXE_FD}={raw} is a standard stream");
+    if ensure_open(raw).is_ok() {
+        // SAFETY: the supervisor placed the binary's file at this number for us and names
+        // it in the environment; it is taken once, here, and closed.
+        drop(unsafe { OwnedFd::from_raw_fd(raw) });
+    }
+    Ok(())
 }

@@ -44,13 +44,19 @@ pub fn main() -> ExitCode {
 }
 
 fn run(env: env::WorkerEnv, notifier: &notify::Notifier) -> anyhow::Result<()> {
+    inherit::close_exe(&env)?;
     let settings = env.settings()?;
     if env.check {
         return check(&settings, env.generation, notifier);
     }
+    let span = tracing::info_span!(
+        "worker",
+        generation = env.generation,
+        pid = std::process::id()
+    );
     let listeners = inherit::listeners(&env)?;
     let lifeline = inherit::lifeline(&env)?;
-    let router = load_plugins(&settings, env.generation, notifier)?;
+    let router = span.in_scope(|| load_plugins(&settings, env.generation, notifier))?;
     let threads = match settings.threads {
         0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
         n => n,
@@ -67,11 +73,6 @@ fn run(env: env::WorkerEnv, notifier: &notify::Notifier) -> anyhow::Result<()> {
         .max_blocking_threads(settings.blocking_threads.max(1) + BLOCKING_SPARE)
         .enable_all()
         .build()?;
-    let span = tracing::info_span!(
-        "worker",
-        generation = env.generation,
-        pid = std::process::id()
-    );
     runtime.block_on(tracing::Instrument::instrument(
         serve::serve(
             env.generation,
@@ -103,7 +104,8 @@ fn load_plugins(
     for spec in &settings.plugins {
         // If loading kills the process, the supervisor's report says where it was.
         notifier.send(&format!("STATUS=loading plugin {}", spec.file));
-        let plugin = plugins::Plugin::load(spec)?;
+        let file = spec.fd.map(inherit::plugin_file).transpose()?;
+        let plugin = plugins::Plugin::load(spec, file)?;
         if let Some(other) = loaded.iter().find(|p| p.name == plugin.name) {
             anyhow::bail!(
                 "plugin name {:?} is used by both {} and {}",

@@ -17,6 +17,7 @@ use baton_proto::PluginSpec;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 use std::cell::RefCell;
 use std::ffi::{CStr, c_char, c_void};
+use std::os::fd::{AsRawFd, OwnedFd};
 use thiserror::Error;
 
 /// A plugin that could not be used, naming its file.
@@ -95,12 +96,20 @@ fn fail(spec: &PluginSpec, reason: impl Into<String>) -> PluginError {
 
 impl Plugin {
     /// Loads and checks the library, without running any of its code but the entry point.
-    pub fn load(spec: &PluginSpec) -> Result<Plugin, PluginError> {
+    /// `file` is the checked cache file the supervisor handed over (loaded through
+    /// `/proc/self/fd`, so no path is looked up again); without it, `spec.cached` is loaded.
+    pub fn load(spec: &PluginSpec, file: Option<OwnedFd>) -> Result<Plugin, PluginError> {
         let flags = libloading::os::unix::RTLD_NOW | libloading::os::unix::RTLD_LOCAL;
+        let path = match &file {
+            Some(fd) => format!("/proc/self/fd/{}", fd.as_raw_fd()),
+            None => spec.cached.clone(),
+        };
         // SAFETY: loading runs the library's initialisers; that is what loading a plugin
-        // means, and the supervisor checked the file's ownership and permissions.
-        let library = unsafe { libloading::os::unix::Library::open(Some(&spec.cached), flags) }
+        // means, and the supervisor checked the file's ownership, permissions and hash.
+        let library = unsafe { libloading::os::unix::Library::open(Some(&path), flags) }
             .map_err(|e| fail(spec, format!("cannot load: {}", dl_reason(&e))))?;
+        // Mapped now; the fd is not needed any more.
+        drop(file);
         // SAFETY: the symbol's type is fixed by the ABI; a library exporting the name with
         // another type is not a Baton plugin and breaks its contract.
         let entry = unsafe { library.get::<EntryFn>(abi::ENTRY_POINT) }.map_err(|_| {

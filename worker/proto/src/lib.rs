@@ -21,6 +21,8 @@ pub const ENV_SETTINGS: &str = "BATON_WORKER_SETTINGS";
 /// Environment variable: the fd number of the read end of the supervisor's lifeline pipe.
 /// The pipe never carries data; end-of-file on it means the supervisor is gone.
 pub const ENV_LIFELINE_FD: &str = "BATON_LIFELINE_FD";
+/// The fd of the worker binary's own file, which the supervisor exec'd; the worker closes it.
+pub const ENV_EXE_FD: &str = "BATON_EXE_FD";
 /// Environment variable: the supervisor's pid. A worker started by the supervisor accepts
 /// `LISTEN_FDS` without `LISTEN_PID` only when this equals its parent's pid (the supervisor
 /// cannot know the worker's pid before `fork`, and setting the environment between `fork`

@@ -33,10 +33,14 @@ pub struct WorkerSettings {
 pub struct PluginSpec {
     /// The file in the plugin directory (for messages).
     pub file: String,
-    /// The content-addressed copy the worker loads.
+    /// The content-addressed copy (for messages; loaded by this path only without `fd`).
     pub cached: String,
     /// SHA-256 of the file, hex.
     pub hash: String,
+    /// The inherited fd of the checked cache file, which the worker loads: what the
+    /// supervisor hashed is what runs, whatever happens to `cached` meanwhile.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fd: Option<i32>,
 }
 
 /// HTTP behaviour of a worker.
