@@ -204,9 +204,17 @@ pub fn create_dir(dir: &Path) -> std::io::Result<()> {
         .create(dir)
 }
 
-/// `path` made absolute against the current directory, for messages and process titles.
+/// `path` made absolute against the current directory, with the directory it is in
+/// resolved (no `..`, no symlinked parents) where that directory exists; the last
+/// component is kept as it is, so a check of it still sees a symlink there.
 pub fn absolute(path: &Path) -> PathBuf {
-    std::path::absolute(path).unwrap_or_else(|_| path.to_owned())
+    let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_owned());
+    match (absolute.parent(), absolute.file_name()) {
+        (Some(parent), Some(name)) => std::fs::canonicalize(parent)
+            .map(|p| p.join(name))
+            .unwrap_or(absolute),
+        _ => absolute,
+    }
 }
 
 #[cfg(test)]
@@ -232,6 +240,24 @@ mod tests {
         })
         .unwrap();
         assert_eq!((hash, len, seen), (sha256_hex(&data), 200_000, 200_000));
+    }
+
+    #[test]
+    fn absolute_resolves_the_directory_but_not_the_name() {
+        let here = std::env::current_dir().unwrap();
+        let tmp = std::fs::canonicalize(std::env::temp_dir()).unwrap();
+        let link = tmp.join(format!("baton-abs-{}", std::process::id()));
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(&tmp, &link).unwrap();
+        assert_eq!(
+            absolute(&link.join("x/../y.so")),
+            link.join("x/../y.so"),
+            "x is missing"
+        );
+        assert_eq!(absolute(&link.join("y.so")), tmp.join("y.so"));
+        assert_eq!(absolute(&link), link, "the name itself stays a link");
+        assert_eq!(absolute(Path::new("a.toml")), here.join("a.toml"));
+        std::fs::remove_file(&link).unwrap();
     }
 
     #[test]
