@@ -3,7 +3,7 @@
 //! Exit statuses: 0 success; 1 invalid (config, plugins), failed or rolled back; 2 the
 //! supervisor is unreachable; 3 `--timeout` passed before the upgrade ended.
 
-use crate::config::{Config, PathContext, control_socket_lenient};
+use crate::config::{Config, ConfigError, PathContext, control_socket_lenient};
 use crate::control::{ControlSocket, Reply, Request};
 use crate::listeners::{Activated, ListenerSet};
 use crate::notify::{Systemd, WorkerSocket};
@@ -530,6 +530,10 @@ fn client(
     let socket = match control_socket_lenient(path, &env.path_context()) {
         Ok(socket) => socket,
         Err(e) => {
+            let e: &dyn std::fmt::Display = match &e {
+                ConfigError::Read { source, .. } => source,
+                other => other,
+            };
             eprintln!(
                 "baton: cannot read the config {} to find the control socket: {e}\n\
                  (name the config with -c FILE or BATON_CONFIG; the default is /etc/baton/baton.toml)",

@@ -3,14 +3,23 @@
 //! typed values and resolved paths. Validation has no side effects: it never binds,
 //! opens or creates anything, so it is safe for `baton check` and for an upgrade that
 //! may be refused.
+//!
+//! This module holds the typed result and the one error type; `sections` holds each
+//! section's raw struct and checks, `values` how one value is checked and worded, and
+//! [`defaults`] every default (README.md's table and examples/baton.toml are tested
+//! against it).
+
+pub mod defaults;
+mod sections;
+mod values;
 
 use baton_proto::{HttpSettings, PluginSpec, WorkerSettings};
-use serde::Deserialize;
+use sections::Raw;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use thiserror::Error;
-use toml::Spanned;
+use values::{Validator, millis};
 
 /// Where relative paths in the config resolve to, read once at start-up.
 #[derive(Debug, Clone)]
@@ -129,83 +138,6 @@ pub struct Config {
     pub control_socket: PathBuf,
 }
 
-const DEFAULT_WORKER: &str = "baton-worker";
-const DEFAULT_PLUGIN_DIR: &str = "plugins.d";
-const DEFAULT_CONTROL_SOCKET: &str = "baton.sock";
-const DEFAULT_CACHE_DIR: &str = ".baton-cache";
-/// Outside systemd, the private directory (mode 0700) relative control sockets go in.
-const DEFAULT_RUNTIME_DIR: &str = ".baton-run";
-/// Longest duration accepted anywhere, so that deadlines computed from them cannot overflow.
-const MAX_DURATION: Duration = Duration::from_secs(7 * 24 * 3600);
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Raw {
-    #[serde(default)]
-    listener: Vec<Spanned<RawListener>>,
-    #[serde(default)]
-    worker: RawWorker,
-    #[serde(default)]
-    plugins: RawPlugins,
-    #[serde(default)]
-    http: RawHttp,
-    #[serde(default)]
-    control: RawControl,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawListener {
-    name: Spanned<String>,
-    address: Option<Spanned<String>>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawWorker {
-    path: Option<Spanned<String>>,
-    processes: Option<Spanned<i64>>,
-    threads: Option<Spanned<i64>>,
-    ready_timeout: Option<Spanned<String>>,
-    drain_timeout: Option<Spanned<String>>,
-    drain_idle_grace: Option<Spanned<String>>,
-    max_generations: Option<Spanned<i64>>,
-    blocking_threads: Option<Spanned<i64>>,
-    crash_loop_window: Option<Spanned<String>>,
-    crash_loop_exits: Option<Spanned<i64>>,
-    user: Option<Spanned<String>>,
-    group: Option<Spanned<String>>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawPlugins {
-    dir: Option<Spanned<String>>,
-    cache_dir: Option<Spanned<String>>,
-    watch: Option<bool>,
-    watch_debounce: Option<Spanned<String>>,
-    settings: Option<Spanned<toml::Table>>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawHttp {
-    keepalive_timeout: Option<Spanned<String>>,
-    header_read_timeout: Option<Spanned<String>>,
-    /// Byte sizes: an integer, or a string with a unit ([`parse_size`]).
-    max_header_bytes: Option<Spanned<toml::Value>>,
-    max_headers: Option<Spanned<i64>>,
-    max_body_bytes: Option<Spanned<toml::Value>>,
-    max_connections: Option<Spanned<i64>>,
-    health_path: Option<Spanned<String>>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawControl {
-    socket: Option<Spanned<String>>,
-}
-
 impl Config {
     /// Reads and validates the file at `path`.
     pub fn load(path: &Path, ctx: &PathContext) -> Result<Config, ConfigError> {
@@ -216,251 +148,20 @@ impl Config {
         Config::parse(&text, path, ctx)
     }
 
-    /// Validates `text` as if read from `path`.
+    /// Validates `text` as if read from `path`: the raw sections first (any TOML error,
+    /// unknown key or wrong type), then the values of each section in turn (listeners,
+    /// worker, plugins, http, control); the first error found is the one reported.
     pub fn parse(text: &str, path: &Path, ctx: &PathContext) -> Result<Config, ConfigError> {
-        let raw: Raw = toml::from_str(text).map_err(|e| {
-            let line = e.span().map_or(1, |s| line_of(text, s.start));
-            let mut message = e.message().trim().to_owned();
-            if let Some(table) = table_at(text, line) {
-                message = format!("{message} (in {table})");
-            }
-            ConfigError::Syntax {
-                path: path.to_owned(),
-                line,
-                message,
-            }
-        })?;
+        let raw: Raw = toml::from_str(text).map_err(|e| values::syntax_error(text, path, &e))?;
         let v = Validator { text, path };
-        let base = path.parent().unwrap_or(Path::new(".")).to_owned();
-        let base = if base.as_os_str().is_empty() {
-            PathBuf::from(".")
-        } else {
-            base
-        };
-
-        let mut listeners: Vec<ListenerConfig> = Vec::new();
-        for entry in &raw.listener {
-            let line = line_of(text, entry.span().start);
-            let l = entry.get_ref();
-            let name = l.name.get_ref().trim().to_owned();
-            if name.is_empty() || name.len() > 255 || name.contains(':') || !name.is_ascii() {
-                return Err(v.invalid(
-                    &l.name,
-                    "listener.name",
-                    "must be 1 to 255 ASCII characters without ':' (it becomes an fd name)",
-                ));
-            }
-            if listeners.iter().any(|o| o.name == name) {
-                return Err(v.invalid(
-                    &l.name,
-                    "listener.name",
-                    &format!("{name:?} is used twice"),
-                ));
-            }
-            let address = match &l.address {
-                None => None,
-                Some(a) => {
-                    let addr = parse_address(a.get_ref(), &base)
-                        .map_err(|m| v.invalid(a, "listener.address", &m))?;
-                    if let Some(other) =
-                        listeners.iter().find(|o| o.address.as_ref() == Some(&addr))
-                    {
-                        return Err(v.invalid(
-                            a,
-                            "listener.address",
-                            &format!("{addr} is already used by listener {:?}", other.name),
-                        ));
-                    }
-                    Some(addr)
-                }
-            };
-            listeners.push(ListenerConfig {
-                name,
-                address,
-                line,
-            });
-        }
-        if listeners.is_empty() {
-            return Err(ConfigError::Invalid {
-                path: path.to_owned(),
-                line: 1,
-                key: "listener".into(),
-                message: "at least one [[listener]] is required".into(),
-            });
-        }
-
-        let w = &raw.worker;
-        let worker_path = match &w.path {
-            None => ctx.exe_dir.join(DEFAULT_WORKER),
-            Some(p) if p.get_ref().is_empty() => {
-                return Err(v.invalid(p, "worker.path", "must not be empty"));
-            }
-            Some(p) => {
-                let given = Path::new(p.get_ref());
-                if given.is_absolute() {
-                    given.to_owned()
-                } else {
-                    ctx.exe_dir.join(given)
-                }
-            }
-        };
-        let worker = WorkerConfig {
-            path: worker_path,
-            processes: v.int(&w.processes, "worker.processes", 1, 1..=1024)?,
-            threads: v.int(&w.threads, "worker.threads", 0, 0..=1024)?,
-            ready_timeout: v.duration(&w.ready_timeout, "worker.ready_timeout", "10s")?,
-            drain_timeout: v.duration(&w.drain_timeout, "worker.drain_timeout", "30s")?,
-            drain_idle_grace: v.duration(&w.drain_idle_grace, "worker.drain_idle_grace", "1s")?,
-            max_generations: v.int(&w.max_generations, "worker.max_generations", 4, 2..=64)?,
-            blocking_threads: v.int(
-                &w.blocking_threads,
-                "worker.blocking_threads",
-                64,
-                1..=4096,
-            )?,
-            crash_loop_window: v.duration(
-                &w.crash_loop_window,
-                "worker.crash_loop_window",
-                "60s",
-            )?,
-            crash_loop_exits: v.int(&w.crash_loop_exits, "worker.crash_loop_exits", 3, 0..=1000)?,
-            credentials: v.credentials(&w.user, &w.group)?,
-        };
-
-        let plugins = PluginsConfig {
-            dir: match &raw.plugins.dir {
-                None => base.join(DEFAULT_PLUGIN_DIR),
-                Some(d) if d.get_ref().is_empty() => {
-                    return Err(v.invalid(d, "plugins.dir", "must not be empty"));
-                }
-                Some(d) => base.join(d.get_ref()),
-            },
-            dir_explicit: raw.plugins.dir.is_some(),
-            cache_dir: match &raw.plugins.cache_dir {
-                Some(d) if d.get_ref().is_empty() => {
-                    return Err(v.invalid(d, "plugins.cache_dir", "must not be empty"));
-                }
-                Some(d) => base.join(d.get_ref()),
-                None => match &ctx.cache_dir {
-                    Some(dir) => dir.join("plugins"),
-                    None => base.join(DEFAULT_CACHE_DIR),
-                },
-            },
-            watch: raw.plugins.watch.unwrap_or(false),
-            watch_debounce: v.duration(
-                &raw.plugins.watch_debounce,
-                "plugins.watch_debounce",
-                "500ms",
-            )?,
-            settings: match &raw.plugins.settings {
-                None => toml::Table::new(),
-                Some(table) => {
-                    for (name, value) in table.get_ref() {
-                        if !value.is_table() {
-                            return Err(v.invalid(
-                                table,
-                                &format!("plugins.settings.{name}"),
-                                "must be a table ([plugins.settings.NAME])",
-                            ));
-                        }
-                    }
-                    table.get_ref().clone()
-                }
-            },
-        };
-
-        let h = &raw.http;
-        let defaults = HttpSettings::default();
-        let health_path = match &h.health_path {
-            None => defaults.health_path.clone(),
-            Some(p) => {
-                let s = p.get_ref();
-                if !s.starts_with('/')
-                    || s.chars().any(|c| c.is_whitespace() || c == '?' || c == '#')
-                {
-                    return Err(v.invalid(
-                        p,
-                        "http.health_path",
-                        "must start with '/' and hold no spaces, '?' or '#'",
-                    ));
-                }
-                s.clone()
-            }
-        };
-        let http = HttpSettings {
-            keepalive_timeout_ms: millis(v.duration(
-                &h.keepalive_timeout,
-                "http.keepalive_timeout",
-                "60s",
-            )?),
-            header_read_timeout_ms: millis(v.duration(
-                &h.header_read_timeout,
-                "http.header_read_timeout",
-                "10s",
-            )?),
-            max_header_bytes: v.bytes(
-                &h.max_header_bytes,
-                "http.max_header_bytes",
-                defaults.max_header_bytes as u64,
-                1024..=16 << 20,
-            )? as usize,
-            max_headers: v.int(
-                &h.max_headers,
-                "http.max_headers",
-                defaults.max_headers,
-                1..=10_000,
-            )?,
-            max_body_bytes: v.bytes(
-                &h.max_body_bytes,
-                "http.max_body_bytes",
-                defaults.max_body_bytes,
-                0..=1 << 40,
-            )?,
-            max_connections: v.int(
-                &h.max_connections,
-                "http.max_connections",
-                10_000,
-                1..=1 << 20,
-            )?,
-            health_path,
-        };
-
-        let control_socket = match &raw.control.socket {
-            Some(s) if s.get_ref().is_empty() => {
-                return Err(v.invalid(s, "control.socket", "must not be empty"));
-            }
-            other => control_path(
-                other
-                    .as_ref()
-                    .map_or(DEFAULT_CONTROL_SOCKET, |s| s.get_ref()),
-                &base,
-                ctx,
-            ),
-        };
-        if control_socket.as_os_str().len() > 100 {
-            let line = raw
-                .control
-                .socket
-                .as_ref()
-                .map_or(1, |s| line_of(text, s.span().start));
-            return Err(ConfigError::Invalid {
-                path: path.to_owned(),
-                line,
-                key: "control.socket".into(),
-                message: format!(
-                    "{} is too long for a Unix socket path (at most 100 bytes)",
-                    control_socket.display()
-                ),
-            });
-        }
-
+        let base = config_dir(path);
         Ok(Config {
             file: path.to_owned(),
-            listeners,
-            worker,
-            plugins,
-            http,
-            control_socket,
+            listeners: sections::listeners(&v, &raw.listener, &base)?,
+            worker: raw.worker.validate(&v, ctx)?,
+            plugins: raw.plugins.validate(&v, &base, ctx)?,
+            http: raw.http.validate(&v)?,
+            control_socket: raw.control.validate(&v, &base, ctx)?,
         })
     }
 
@@ -482,24 +183,31 @@ impl Config {
 /// Finds the control socket's path in a config that may not validate, so that `baton
 /// upgrade` can still reach the supervisor and let it report what is wrong. Fails only
 /// when the file cannot be read, or is not TOML at all.
-pub fn control_socket_lenient(path: &Path, ctx: &PathContext) -> Result<PathBuf, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| e.to_string())?;
+pub fn control_socket_lenient(path: &Path, ctx: &PathContext) -> Result<PathBuf, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
     if let Ok(config) = Config::parse(&text, path, ctx) {
         return Ok(config.control_socket);
     }
     let table: toml::Table = text
         .parse()
-        .map_err(|e: toml::de::Error| e.message().to_owned())?;
+        .map_err(|e| values::syntax_error(&text, path, &e))?;
     let name = table
         .get("control")
         .and_then(|c| c.get("socket"))
         .and_then(|s| s.as_str())
-        .unwrap_or(DEFAULT_CONTROL_SOCKET);
-    let base = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    Ok(control_path(name, base, ctx))
+        .unwrap_or(defaults::CONTROL_SOCKET);
+    Ok(control_path(name, &config_dir(path), ctx))
+}
+
+/// The directory relative paths in the config file at `path` resolve against.
+fn config_dir(path: &Path) -> PathBuf {
+    match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir.to_owned(),
+        _ => PathBuf::from("."),
+    }
 }
 
 /// `control.socket` resolved: absolute as written; relative inside `$RUNTIME_DIRECTORY`,
@@ -511,254 +219,7 @@ fn control_path(name: &str, base: &Path, ctx: &PathContext) -> PathBuf {
     }
     match &ctx.runtime_dir {
         Some(dir) => dir.join(name),
-        None => base.join(DEFAULT_RUNTIME_DIR).join(name),
-    }
-}
-
-/// The `[table]` header that line `line` falls under, if any.
-fn table_at(text: &str, line: usize) -> Option<&str> {
-    text.lines()
-        .take(line)
-        .map(str::trim)
-        .filter(|l| l.starts_with('['))
-        .last()
-        .map(|l| l.split('#').next().unwrap_or(l).trim())
-}
-
-fn millis(d: Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
-}
-
-fn line_of(text: &str, offset: usize) -> usize {
-    text.as_bytes()[..offset.min(text.len())]
-        .iter()
-        .filter(|&&b| b == b'\n')
-        .count()
-        + 1
-}
-
-/// The units a byte size may carry (ASCII case ignored): decimal ones are powers of 1000,
-/// binary ones powers of 1024, as their names say.
-const SIZE_UNITS: [(&str, u64); 9] = [
-    ("B", 1),
-    ("KB", 1_000),
-    ("KiB", 1 << 10),
-    ("MB", 1_000_000),
-    ("MiB", 1 << 20),
-    ("GB", 1_000_000_000),
-    ("GiB", 1 << 30),
-    ("TB", 1_000_000_000_000),
-    ("TiB", 1 << 40),
-];
-
-/// What a byte size may look like, for messages.
-const SIZE_FORMS: &str = "write a number of bytes (65536) or a string with a unit: \"512B\", \
-                          \"64KiB\" (65536), \"64KB\" (64000), \"1MiB\", \"1MB\", \"1GiB\", \
-                          \"1GB\"";
-
-/// A byte size written as a string: digits, then optional spaces and a unit of
-/// [`SIZE_UNITS`] (none: bytes).
-fn parse_size(s: &str) -> Option<u64> {
-    let s = s.trim();
-    let digits = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let number: u64 = s[..digits].parse().ok()?;
-    let unit = s[digits..].trim_start();
-    let scale = if unit.is_empty() {
-        1
-    } else {
-        SIZE_UNITS
-            .iter()
-            .find(|(name, _)| name.eq_ignore_ascii_case(unit))?
-            .1
-    };
-    number.checked_mul(scale)
-}
-
-fn parse_address(s: &str, base: &Path) -> Result<Address, String> {
-    if let Some(path) = s.strip_prefix("unix:") {
-        if path.is_empty() {
-            return Err("unix: needs a path, as in \"unix:/run/baton/http.sock\"".into());
-        }
-        let path = base.join(path);
-        if path.as_os_str().len() > 100 {
-            return Err(format!(
-                "{} is too long for a Unix socket path",
-                path.display()
-            ));
-        }
-        return Ok(Address::Unix(path));
-    }
-    s.parse::<SocketAddr>().map(Address::Tcp).map_err(|_| {
-        format!("{s:?} is not an address: expected IP:PORT (\"127.0.0.1:8080\", \"[::]:8080\") or unix:PATH")
-    })
-}
-
-struct Validator<'a> {
-    text: &'a str,
-    path: &'a Path,
-}
-
-impl Validator<'_> {
-    fn invalid<T>(&self, at: &Spanned<T>, key: &str, message: &str) -> ConfigError {
-        ConfigError::Invalid {
-            path: self.path.to_owned(),
-            line: line_of(self.text, at.span().start),
-            key: key.to_owned(),
-            message: message.to_owned(),
-        }
-    }
-
-    fn duration(
-        &self,
-        value: &Option<Spanned<String>>,
-        key: &str,
-        default: &str,
-    ) -> Result<Duration, ConfigError> {
-        let Some(value) = value else {
-            return Ok(humantime::parse_duration(default).expect("defaults parse"));
-        };
-        let d = humantime::parse_duration(value.get_ref()).map_err(|e| {
-            self.invalid(
-                value,
-                key,
-                &format!(
-                    "{:?} is not a duration ({e}); write e.g. \"500ms\", \"10s\", \"2m\"",
-                    value.get_ref()
-                ),
-            )
-        })?;
-        if d.is_zero() {
-            return Err(self.invalid(value, key, "must be longer than zero"));
-        }
-        if d > MAX_DURATION {
-            return Err(self.invalid(value, key, "must be at most 7 days"));
-        }
-        Ok(d)
-    }
-
-    /// Looks the user and group up (a read of the user database, nothing else).
-    fn credentials(
-        &self,
-        user: &Option<Spanned<String>>,
-        group: &Option<Spanned<String>>,
-    ) -> Result<Option<Credentials>, ConfigError> {
-        let Some(user) = user else {
-            if let Some(group) = group {
-                return Err(self.invalid(group, "worker.group", "needs worker.user"));
-            }
-            return Ok(None);
-        };
-        let found = nix::unistd::User::from_name(user.get_ref())
-            .map_err(|e| self.invalid(user, "worker.user", &format!("cannot look it up: {e}")))?
-            .ok_or_else(|| {
-                self.invalid(
-                    user,
-                    "worker.user",
-                    &format!("no user {:?}", user.get_ref()),
-                )
-            })?;
-        let gid = match group {
-            None => found.gid.as_raw(),
-            Some(group) => nix::unistd::Group::from_name(group.get_ref())
-                .map_err(|e| {
-                    self.invalid(group, "worker.group", &format!("cannot look it up: {e}"))
-                })?
-                .ok_or_else(|| {
-                    self.invalid(
-                        group,
-                        "worker.group",
-                        &format!("no group {:?}", group.get_ref()),
-                    )
-                })?
-                .gid
-                .as_raw(),
-        };
-        if found.uid.is_root() {
-            return Err(self.invalid(
-                user,
-                "worker.user",
-                "must not be root (leave it out to run workers as the supervisor's user)",
-            ));
-        }
-        Ok(Some(Credentials {
-            user: user.get_ref().clone(),
-            uid: found.uid.as_raw(),
-            gid,
-        }))
-    }
-
-    /// A byte size: a TOML integer, or a string [`parse_size`] reads.
-    fn bytes(
-        &self,
-        value: &Option<Spanned<toml::Value>>,
-        key: &str,
-        default: u64,
-        range: std::ops::RangeInclusive<u64>,
-    ) -> Result<u64, ConfigError> {
-        let Some(value) = value else {
-            return Ok(default);
-        };
-        let (n, written) = match value.get_ref() {
-            toml::Value::Integer(n) => (Some(i128::from(*n)), n.to_string()),
-            toml::Value::String(s) => (parse_size(s).map(i128::from), format!("{s:?}")),
-            other => {
-                return Err(self.invalid(
-                    value,
-                    key,
-                    &format!(
-                        "expected an integer or a string, found a {}; {SIZE_FORMS}",
-                        other.type_str()
-                    ),
-                ));
-            }
-        };
-        let Some(n) = n else {
-            return Err(self.invalid(
-                value,
-                key,
-                &format!("{written} is not a size; {SIZE_FORMS}"),
-            ));
-        };
-        match u64::try_from(n) {
-            Ok(n) if range.contains(&n) => Ok(n),
-            _ => {
-                let bytes = if written == n.to_string() {
-                    String::new()
-                } else {
-                    format!(" ({n} bytes)")
-                };
-                Err(self.invalid(
-                    value,
-                    key,
-                    &format!(
-                        "{written}{bytes} is out of range ({} to {} bytes)",
-                        range.start(),
-                        range.end()
-                    ),
-                ))
-            }
-        }
-    }
-
-    fn int(
-        &self,
-        value: &Option<Spanned<i64>>,
-        key: &str,
-        default: usize,
-        range: std::ops::RangeInclusive<i64>,
-    ) -> Result<usize, ConfigError> {
-        let Some(value) = value else {
-            return Ok(default);
-        };
-        let n = *value.get_ref();
-        if !range.contains(&n) {
-            return Err(self.invalid(
-                value,
-                key,
-                &format!("{n} is out of range ({} to {})", range.start(), range.end()),
-            ));
-        }
-        Ok(n as usize)
+        None => base.join(defaults::RUNTIME_DIR).join(name),
     }
 }
 

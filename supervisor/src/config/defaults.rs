@@ -1,0 +1,354 @@
+//! Every default of the config file, in one place. The parser takes each default it fills
+//! in from the constants here, and [`KEYS`] lists every key the file may hold with its
+//! default. README.md's table and examples/baton.toml are written by hand and held to
+//! [`KEYS`] by the tests below: change a default here and they name the line to change
+//! there. Nothing here reads the environment or the file system.
+
+/// `worker.path`: the worker binary, looked up next to the `baton` binary.
+pub const WORKER_PATH: &str = "baton-worker";
+/// `worker.processes`: worker processes per generation.
+pub const PROCESSES: usize = 1;
+/// `worker.threads`: runtime threads per worker; 0 is one per core.
+pub const THREADS: usize = 0;
+/// `worker.ready_timeout`: how long a new generation has to become ready.
+pub const READY_TIMEOUT: &str = "10s";
+/// `worker.drain_timeout`: how long a draining worker may take.
+pub const DRAIN_TIMEOUT: &str = "30s";
+/// `worker.drain_idle_grace`: how long an idle keep-alive connection stays open in a drain.
+pub const DRAIN_IDLE_GRACE: &str = "1s";
+/// `worker.max_generations`: generations alive at once.
+pub const MAX_GENERATIONS: usize = 4;
+/// `worker.blocking_threads`: threads for plugins whose handlers may block.
+pub const BLOCKING_THREADS: usize = 64;
+/// `worker.crash_loop_window`: how soon after its promotion exits count as a crash loop.
+pub const CRASH_LOOP_WINDOW: &str = "60s";
+/// `worker.crash_loop_exits`: exits within the window that make a crash loop (0: never).
+pub const CRASH_LOOP_EXITS: usize = 3;
+
+/// `plugins.dir`: the plugin directory, next to the config file.
+pub const PLUGIN_DIR: &str = "plugins.d";
+/// `plugins.cache_dir` under systemd: this directory inside `$CACHE_DIRECTORY`.
+pub const CACHE_SUBDIR: &str = "plugins";
+/// `plugins.cache_dir` without `$CACHE_DIRECTORY`: this directory next to the config file.
+pub const CACHE_DIR: &str = ".baton-cache";
+/// `plugins.watch`: upgrade when the set of plugins changes.
+pub const WATCH: bool = false;
+/// `plugins.watch_debounce`: quiet time before a change counts.
+pub const WATCH_DEBOUNCE: &str = "500ms";
+
+/// `http.keepalive_timeout`: a connection with no request for this long is closed.
+pub const KEEPALIVE_TIMEOUT: &str = "60s";
+/// `http.header_read_timeout`: a request head must arrive whole within this.
+pub const HEADER_READ_TIMEOUT: &str = "10s";
+/// `http.max_header_bytes`: larger request heads get 431.
+pub const MAX_HEADER_BYTES: u64 = 65_536;
+/// `http.max_headers`: more header fields get 431.
+pub const MAX_HEADERS: usize = 100;
+/// `http.max_body_bytes`: larger request bodies get 413.
+pub const MAX_BODY_BYTES: u64 = 1_048_576;
+/// `http.max_connections`: connections per worker before it stops accepting.
+pub const MAX_CONNECTIONS: usize = 10_000;
+/// `http.health_path`: answered with the worker's generation and pid.
+pub const HEALTH_PATH: &str = "/_baton/health";
+
+/// `control.socket`: in `$RUNTIME_DIRECTORY`, else in [`RUNTIME_DIR`] next to the config.
+pub const CONTROL_SOCKET: &str = "baton.sock";
+/// Outside systemd, the private directory (mode 0700) relative control sockets go in.
+pub const RUNTIME_DIR: &str = ".baton-run";
+
+/// A key's default, as a reader of the config file sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DefaultValue {
+    /// The key must be given (a listener may take its address from systemd instead).
+    Required,
+    /// Left out, the feature is off (workers run as the supervisor's user; a plugin gets
+    /// no settings).
+    Unset,
+    /// What writing this integer would do.
+    Int(u64),
+    /// What writing this boolean would do.
+    Bool(bool),
+    /// What writing this string would do (a duration, a path, an HTTP path).
+    Str(&'static str),
+    /// `$VAR/subdir` when systemd sets `VAR`, else `otherwise` next to the config file.
+    FromEnv {
+        var: &'static str,
+        subdir: &'static str,
+        otherwise: &'static str,
+    },
+}
+
+/// Every key of the config file and its default, in the README's order. `listener.*` are
+/// the keys of each `[[listener]]`; `plugins.settings.NAME` is the table for plugin NAME.
+pub const KEYS: &[(&str, DefaultValue)] = {
+    use DefaultValue::*;
+    &[
+        ("listener.name", Required),
+        ("listener.address", Required),
+        ("worker.path", Str(WORKER_PATH)),
+        ("worker.processes", Int(PROCESSES as u64)),
+        ("worker.threads", Int(THREADS as u64)),
+        ("worker.ready_timeout", Str(READY_TIMEOUT)),
+        ("worker.drain_timeout", Str(DRAIN_TIMEOUT)),
+        ("worker.drain_idle_grace", Str(DRAIN_IDLE_GRACE)),
+        ("worker.max_generations", Int(MAX_GENERATIONS as u64)),
+        ("worker.user", Unset),
+        ("worker.group", Unset),
+        ("worker.blocking_threads", Int(BLOCKING_THREADS as u64)),
+        ("worker.crash_loop_window", Str(CRASH_LOOP_WINDOW)),
+        ("worker.crash_loop_exits", Int(CRASH_LOOP_EXITS as u64)),
+        ("plugins.dir", Str(PLUGIN_DIR)),
+        (
+            "plugins.cache_dir",
+            FromEnv {
+                var: "CACHE_DIRECTORY",
+                subdir: CACHE_SUBDIR,
+                otherwise: CACHE_DIR,
+            },
+        ),
+        ("plugins.watch", Bool(WATCH)),
+        ("plugins.watch_debounce", Str(WATCH_DEBOUNCE)),
+        ("plugins.settings.NAME", Unset),
+        ("http.keepalive_timeout", Str(KEEPALIVE_TIMEOUT)),
+        ("http.header_read_timeout", Str(HEADER_READ_TIMEOUT)),
+        ("http.max_header_bytes", Int(MAX_HEADER_BYTES)),
+        ("http.max_headers", Int(MAX_HEADERS as u64)),
+        ("http.max_body_bytes", Int(MAX_BODY_BYTES)),
+        ("http.max_connections", Int(MAX_CONNECTIONS as u64)),
+        ("http.health_path", Str(HEALTH_PATH)),
+        ("control.socket", Str(CONTROL_SOCKET)),
+    ]
+};
+
+#[cfg(test)]
+mod tests {
+    //! The README's table and the example config agree with [`KEYS`], and [`KEYS`] with
+    //! the parser: that it names every key the raw structs accept, and that writing every
+    //! default out gives the same config as leaving them all out.
+
+    use super::DefaultValue::*;
+    use super::*;
+    use crate::config::{Config, PathContext, sections};
+    use std::collections::BTreeMap;
+    use std::path::Path;
+
+    const README: &str = include_str!("../../../README.md");
+    const EXAMPLE: &str = include_str!("../../../examples/baton.toml");
+
+    impl DefaultValue {
+        /// As the README's table writes it.
+        fn readme(self) -> String {
+            match self {
+                Required => "required".into(),
+                Unset => "—".into(),
+                Int(n) => n.to_string(),
+                Bool(b) => b.to_string(),
+                Str(s) => format!("`{s:?}`"),
+                FromEnv {
+                    var,
+                    subdir,
+                    otherwise,
+                } => format!("`${var}/{subdir}`, else `{otherwise}` next to the config"),
+            }
+        }
+
+        /// As a config file writes it, when one can (outside systemd, for `FromEnv`).
+        fn toml(self) -> Option<toml::Value> {
+            match self {
+                Required | Unset => None,
+                Int(n) => Some(toml::Value::Integer(n as i64)),
+                Bool(b) => Some(toml::Value::Boolean(b)),
+                Str(s) | FromEnv { otherwise: s, .. } => Some(toml::Value::String(s.into())),
+            }
+        }
+    }
+
+    fn default_of(key: &str) -> DefaultValue {
+        KEYS.iter()
+            .find(|(k, _)| *k == key)
+            .unwrap_or_else(|| panic!("{key} is not in defaults::KEYS"))
+            .1
+    }
+
+    /// The README's table, key → its default cell, in the table's order.
+    fn readme_defaults() -> Vec<(String, String)> {
+        let mut rows = Vec::new();
+        let table = README
+            .lines()
+            .skip_while(|l| *l != "| key | default | meaning |")
+            .skip(2)
+            .take_while(|l| l.starts_with('|'));
+        for row in table {
+            let cells: Vec<&str> = row.splitn(4, '|').map(str::trim).collect();
+            let keys: Vec<String> = cells[1]
+                .split(", ")
+                .map(|k| k.trim_matches('`').replace("[[listener]] ", "listener."))
+                .collect();
+            // `a`, `b` | `x`, `y`: one default each; otherwise the cell is every key's.
+            let parts: Vec<&str> = cells[2].split(", ").collect();
+            for (i, key) in keys.iter().enumerate() {
+                let cell = if keys.len() > 1 && parts.len() == keys.len() {
+                    parts[i]
+                } else {
+                    cells[2]
+                };
+                rows.push((key.clone(), cell.to_owned()));
+            }
+        }
+        rows
+    }
+
+    #[test]
+    fn the_readme_table_lists_every_key_with_its_default() {
+        let rows = readme_defaults();
+        let listed: Vec<&str> = rows.iter().map(|(k, _)| k.as_str()).collect();
+        let keys: Vec<&str> = KEYS.iter().map(|(k, _)| *k).collect();
+        assert_eq!(listed, keys, "README.md's config table and defaults::KEYS");
+        for (key, cell) in &rows {
+            let default = default_of(key);
+            let agrees = match default {
+                Required => cell.starts_with("required"),
+                _ => *cell == default.readme(),
+            };
+            assert!(
+                agrees,
+                "README.md says the default of {key} is {cell}; the code says {}",
+                default.readme()
+            );
+        }
+    }
+
+    /// The example's keys (as [`KEYS`] names them), each with its value and the comment on
+    /// its line.
+    fn example_keys() -> BTreeMap<String, (toml::Value, String)> {
+        let table: toml::Table = EXAMPLE.parse().expect("examples/baton.toml is TOML");
+        let mut keys = BTreeMap::new();
+        let mut add = |key: String, value: &toml::Value| {
+            let comment = comment_of(&key);
+            keys.insert(key, (value.clone(), comment));
+        };
+        for (section, body) in &table {
+            let entries: Vec<&toml::Table> = match body {
+                toml::Value::Array(listeners) => {
+                    listeners.iter().flat_map(|l| l.as_table()).collect()
+                }
+                toml::Value::Table(t) => vec![t],
+                other => panic!("examples/baton.toml: {section} = {other} outside a table"),
+            };
+            for entry in entries {
+                for (name, value) in entry {
+                    if section == "plugins" && name == "settings" {
+                        add("plugins.settings.NAME".into(), value);
+                    } else {
+                        add(format!("{section}.{name}"), value);
+                    }
+                }
+            }
+        }
+        keys
+    }
+
+    /// The comment on the line that sets `key` in the example (the first such line).
+    fn comment_of(key: &str) -> String {
+        let (section, name) = key.split_once('.').unwrap();
+        let mut current = "";
+        for line in EXAMPLE.lines().map(str::trim) {
+            if line.starts_with('[') {
+                current = line.trim_matches(|c| c == '[' || c == ']');
+            } else if current == section
+                && line
+                    .strip_prefix(name)
+                    .is_some_and(|rest| rest.trim_start().starts_with('='))
+            {
+                return line.split_once("# ").map_or("", |(_, c)| c).to_owned();
+            }
+        }
+        String::new()
+    }
+
+    #[test]
+    fn the_example_config_writes_every_default() {
+        let example = example_keys();
+        for key in example.keys() {
+            default_of(key);
+        }
+        for &(key, default) in KEYS {
+            let Some(want) = default.toml() else {
+                continue;
+            };
+            let Some((value, comment)) = example.get(key) else {
+                panic!("examples/baton.toml lacks {key} (default {want})");
+            };
+            // A value other than the default says so: `processes = 2  # default 1`.
+            assert!(
+                *value == want || comment.starts_with(&format!("default {want}")),
+                "examples/baton.toml sets {key} = {value}; the code's default is {want} \
+                 (write it, or say `# default {want}` on its line)"
+            );
+        }
+    }
+
+    #[test]
+    fn keys_name_every_key_the_parser_accepts() {
+        let mut accepted = Vec::new();
+        for (section, fields) in sections::field_names() {
+            for field in fields {
+                accepted.push(match (section, field) {
+                    ("plugins", "settings") => "plugins.settings.NAME".to_owned(),
+                    _ => format!("{section}.{field}"),
+                });
+            }
+        }
+        accepted.sort();
+        let mut keys: Vec<String> = KEYS.iter().map(|(k, _)| (*k).to_owned()).collect();
+        keys.sort();
+        assert_eq!(accepted, keys);
+    }
+
+    #[test]
+    fn writing_every_default_changes_nothing() {
+        let ctx = PathContext {
+            exe_dir: "/opt/baton/bin".into(),
+            runtime_dir: None,
+            cache_dir: None,
+        };
+        let path = Path::new("/etc/baton/baton.toml");
+        let listener = "[[listener]]\nname = \"http\"\naddress = \"127.0.0.1:8080\"\n";
+        let mut written = listener.to_owned();
+        let mut section = "";
+        for &(key, default) in KEYS {
+            let (table, name) = key.split_once('.').unwrap();
+            let Some(value) = default.toml() else {
+                continue;
+            };
+            if table != section {
+                written.push_str(&format!("[{table}]\n"));
+                section = table;
+            }
+            written.push_str(&format!("{name} = {value}\n"));
+        }
+        let explicit = Config::parse(&written, path, &ctx).expect(&written);
+        let mut implied = Config::parse(listener, path, &ctx).unwrap();
+        // The one difference that is meant: a plugin directory that was written must exist.
+        assert!(explicit.plugins.dir_explicit && !implied.plugins.dir_explicit);
+        implied.plugins.dir_explicit = true;
+        assert_eq!(explicit, implied, "{written}");
+    }
+
+    #[test]
+    fn workers_without_settings_use_the_same_defaults() {
+        let ctx = PathContext {
+            exe_dir: "/opt/baton/bin".into(),
+            runtime_dir: None,
+            cache_dir: None,
+        };
+        let listener = "[[listener]]\nname = \"http\"\naddress = \"127.0.0.1:8080\"\n";
+        let config = Config::parse(listener, Path::new("/etc/baton/baton.toml"), &ctx).unwrap();
+        assert_eq!(
+            config.worker_settings(Vec::new()),
+            baton_proto::WorkerSettings::default(),
+            "baton-proto's WorkerSettings::default (a worker started without settings) \
+             and the config's defaults"
+        );
+    }
+}

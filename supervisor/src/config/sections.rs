@@ -1,0 +1,373 @@
+//! The first step: a raw serde mirror of each section of the file (`deny_unknown_fields`,
+//! values kept with their spans), and the validation that turns it into the typed section
+//! of [`Config`](super::Config). Each section's checks are in its `validate`, in the order
+//! the file is checked; the defaults they fill in come from [`defaults`]; how one value is
+//! checked and worded is in [`values`](super::values).
+
+use super::defaults;
+use super::values::{Validator, millis};
+use super::{ConfigError, ListenerConfig, PathContext, PluginsConfig, WorkerConfig, control_path};
+use baton_proto::HttpSettings;
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+use toml::Spanned;
+
+/// The whole file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct Raw {
+    #[serde(default)]
+    pub listener: Vec<Spanned<RawListener>>,
+    #[serde(default)]
+    pub worker: RawWorker,
+    #[serde(default)]
+    pub plugins: RawPlugins,
+    #[serde(default)]
+    pub http: RawHttp,
+    #[serde(default)]
+    pub control: RawControl,
+}
+
+/// One `[[listener]]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawListener {
+    name: Spanned<String>,
+    address: Option<Spanned<String>>,
+}
+
+/// Every `[[listener]]`: names and addresses unique, at least one listener. Relative
+/// Unix socket paths resolve against `base`, the config file's directory.
+pub(super) fn listeners(
+    v: &Validator,
+    entries: &[Spanned<RawListener>],
+    base: &Path,
+) -> Result<Vec<ListenerConfig>, ConfigError> {
+    let mut listeners: Vec<ListenerConfig> = Vec::new();
+    for entry in entries {
+        let line = v.line(entry);
+        let l = entry.get_ref();
+        let name = l.name.get_ref().trim().to_owned();
+        if name.is_empty() || name.len() > 255 || name.contains(':') || !name.is_ascii() {
+            return Err(v.invalid(
+                &l.name,
+                "listener.name",
+                "must be 1 to 255 ASCII characters without ':' (it becomes an fd name)",
+            ));
+        }
+        if listeners.iter().any(|o| o.name == name) {
+            return Err(v.invalid(&l.name, "listener.name", &format!("{name:?} is used twice")));
+        }
+        let address = match &l.address {
+            None => None,
+            Some(a) => {
+                let addr = v.address(a, "listener.address", base)?;
+                if let Some(other) = listeners.iter().find(|o| o.address.as_ref() == Some(&addr)) {
+                    return Err(v.invalid(
+                        a,
+                        "listener.address",
+                        &format!("{addr} is already used by listener {:?}", other.name),
+                    ));
+                }
+                Some(addr)
+            }
+        };
+        listeners.push(ListenerConfig {
+            name,
+            address,
+            line,
+        });
+    }
+    if listeners.is_empty() {
+        return Err(v.invalid_at(1, "listener", "at least one [[listener]] is required"));
+    }
+    Ok(listeners)
+}
+
+/// `[worker]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawWorker {
+    path: Option<Spanned<String>>,
+    processes: Option<Spanned<i64>>,
+    threads: Option<Spanned<i64>>,
+    ready_timeout: Option<Spanned<String>>,
+    drain_timeout: Option<Spanned<String>>,
+    drain_idle_grace: Option<Spanned<String>>,
+    max_generations: Option<Spanned<i64>>,
+    blocking_threads: Option<Spanned<i64>>,
+    crash_loop_window: Option<Spanned<String>>,
+    crash_loop_exits: Option<Spanned<i64>>,
+    user: Option<Spanned<String>>,
+    group: Option<Spanned<String>>,
+}
+
+impl RawWorker {
+    /// A relative `path` resolves next to the `baton` binary.
+    pub fn validate(&self, v: &Validator, ctx: &PathContext) -> Result<WorkerConfig, ConfigError> {
+        let path = v.non_empty(&self.path, "worker.path")?;
+        Ok(WorkerConfig {
+            path: ctx.exe_dir.join(path.unwrap_or(defaults::WORKER_PATH)),
+            processes: v.int(
+                &self.processes,
+                "worker.processes",
+                defaults::PROCESSES,
+                1..=1024,
+            )?,
+            threads: v.int(&self.threads, "worker.threads", defaults::THREADS, 0..=1024)?,
+            ready_timeout: v.duration(
+                &self.ready_timeout,
+                "worker.ready_timeout",
+                defaults::READY_TIMEOUT,
+            )?,
+            drain_timeout: v.duration(
+                &self.drain_timeout,
+                "worker.drain_timeout",
+                defaults::DRAIN_TIMEOUT,
+            )?,
+            drain_idle_grace: v.duration(
+                &self.drain_idle_grace,
+                "worker.drain_idle_grace",
+                defaults::DRAIN_IDLE_GRACE,
+            )?,
+            max_generations: v.int(
+                &self.max_generations,
+                "worker.max_generations",
+                defaults::MAX_GENERATIONS,
+                2..=64,
+            )?,
+            blocking_threads: v.int(
+                &self.blocking_threads,
+                "worker.blocking_threads",
+                defaults::BLOCKING_THREADS,
+                1..=4096,
+            )?,
+            crash_loop_window: v.duration(
+                &self.crash_loop_window,
+                "worker.crash_loop_window",
+                defaults::CRASH_LOOP_WINDOW,
+            )?,
+            crash_loop_exits: v.int(
+                &self.crash_loop_exits,
+                "worker.crash_loop_exits",
+                defaults::CRASH_LOOP_EXITS,
+                0..=1000,
+            )?,
+            credentials: v.credentials(&self.user, &self.group)?,
+        })
+    }
+}
+
+/// `[plugins]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawPlugins {
+    dir: Option<Spanned<String>>,
+    cache_dir: Option<Spanned<String>>,
+    watch: Option<bool>,
+    watch_debounce: Option<Spanned<String>>,
+    settings: Option<Spanned<toml::Table>>,
+}
+
+impl RawPlugins {
+    /// Relative paths resolve against `base`, the config file's directory; without
+    /// `cache_dir`, systemd's `$CACHE_DIRECTORY` is used if it is set.
+    pub fn validate(
+        &self,
+        v: &Validator,
+        base: &Path,
+        ctx: &PathContext,
+    ) -> Result<PluginsConfig, ConfigError> {
+        let dir = v.non_empty(&self.dir, "plugins.dir")?;
+        let cache_dir = match v.non_empty(&self.cache_dir, "plugins.cache_dir")? {
+            Some(d) => base.join(d),
+            None => match &ctx.cache_dir {
+                Some(dir) => dir.join(defaults::CACHE_SUBDIR),
+                None => base.join(defaults::CACHE_DIR),
+            },
+        };
+        Ok(PluginsConfig {
+            dir: base.join(dir.unwrap_or(defaults::PLUGIN_DIR)),
+            dir_explicit: dir.is_some(),
+            cache_dir,
+            watch: self.watch.unwrap_or(defaults::WATCH),
+            watch_debounce: v.duration(
+                &self.watch_debounce,
+                "plugins.watch_debounce",
+                defaults::WATCH_DEBOUNCE,
+            )?,
+            settings: self.settings(v)?,
+        })
+    }
+
+    /// `[plugins.settings.NAME]`: a table per plugin.
+    fn settings(&self, v: &Validator) -> Result<toml::Table, ConfigError> {
+        let Some(table) = &self.settings else {
+            return Ok(toml::Table::new());
+        };
+        for (name, value) in table.get_ref() {
+            if !value.is_table() {
+                return Err(v.invalid(
+                    table,
+                    &format!("plugins.settings.{name}"),
+                    "must be a table ([plugins.settings.NAME])",
+                ));
+            }
+        }
+        Ok(table.get_ref().clone())
+    }
+}
+
+/// `[http]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawHttp {
+    keepalive_timeout: Option<Spanned<String>>,
+    header_read_timeout: Option<Spanned<String>>,
+    /// Byte sizes: an integer, or a string with a unit ([`Validator::bytes`]).
+    max_header_bytes: Option<Spanned<toml::Value>>,
+    max_headers: Option<Spanned<i64>>,
+    max_body_bytes: Option<Spanned<toml::Value>>,
+    max_connections: Option<Spanned<i64>>,
+    health_path: Option<Spanned<String>>,
+}
+
+impl RawHttp {
+    pub fn validate(&self, v: &Validator) -> Result<HttpSettings, ConfigError> {
+        let health_path = self.health_path(v)?;
+        Ok(HttpSettings {
+            keepalive_timeout_ms: millis(v.duration(
+                &self.keepalive_timeout,
+                "http.keepalive_timeout",
+                defaults::KEEPALIVE_TIMEOUT,
+            )?),
+            header_read_timeout_ms: millis(v.duration(
+                &self.header_read_timeout,
+                "http.header_read_timeout",
+                defaults::HEADER_READ_TIMEOUT,
+            )?),
+            max_header_bytes: v.bytes(
+                &self.max_header_bytes,
+                "http.max_header_bytes",
+                defaults::MAX_HEADER_BYTES,
+                1024..=16 << 20,
+            )? as usize,
+            max_headers: v.int(
+                &self.max_headers,
+                "http.max_headers",
+                defaults::MAX_HEADERS,
+                1..=10_000,
+            )?,
+            max_body_bytes: v.bytes(
+                &self.max_body_bytes,
+                "http.max_body_bytes",
+                defaults::MAX_BODY_BYTES,
+                0..=1 << 40,
+            )?,
+            max_connections: v.int(
+                &self.max_connections,
+                "http.max_connections",
+                defaults::MAX_CONNECTIONS,
+                1..=1 << 20,
+            )?,
+            health_path,
+        })
+    }
+
+    fn health_path(&self, v: &Validator) -> Result<String, ConfigError> {
+        let Some(p) = &self.health_path else {
+            return Ok(defaults::HEALTH_PATH.to_owned());
+        };
+        let s = p.get_ref();
+        if !s.starts_with('/') || s.chars().any(|c| c.is_whitespace() || c == '?' || c == '#') {
+            return Err(v.invalid(
+                p,
+                "http.health_path",
+                "must start with '/' and hold no spaces, '?' or '#'",
+            ));
+        }
+        Ok(s.clone())
+    }
+}
+
+/// `[control]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawControl {
+    socket: Option<Spanned<String>>,
+}
+
+impl RawControl {
+    /// The control socket's path, resolved as [`control_path`] says; it must fit in a
+    /// Unix socket address.
+    pub fn validate(
+        &self,
+        v: &Validator,
+        base: &Path,
+        ctx: &PathContext,
+    ) -> Result<PathBuf, ConfigError> {
+        let name = v.non_empty(&self.socket, "control.socket")?;
+        let socket = control_path(name.unwrap_or(defaults::CONTROL_SOCKET), base, ctx);
+        if socket.as_os_str().len() > 100 {
+            let line = self.socket.as_ref().map_or(1, |s| v.line(s));
+            return Err(v.invalid_at(
+                line,
+                "control.socket",
+                &format!(
+                    "{} is too long for a Unix socket path (at most 100 bytes)",
+                    socket.display()
+                ),
+            ));
+        }
+        Ok(socket)
+    }
+}
+
+/// The keys each raw struct accepts, by section (`listener` for each `[[listener]]`), as
+/// serde sees them: what [`defaults::KEYS`] is checked against.
+#[cfg(test)]
+pub(super) fn field_names() -> Vec<(&'static str, Vec<&'static str>)> {
+    vec![
+        ("listener", fields_of::<RawListener>()),
+        ("worker", fields_of::<RawWorker>()),
+        ("plugins", fields_of::<RawPlugins>()),
+        ("http", fields_of::<RawHttp>()),
+        ("control", fields_of::<RawControl>()),
+    ]
+}
+
+/// The field names a derived `Deserialize` for `T` hands to `deserialize_struct`.
+#[cfg(test)]
+fn fields_of<T: for<'de> Deserialize<'de>>() -> Vec<&'static str> {
+    use serde::de::{Error, Visitor, value};
+
+    struct FieldNames<'a>(&'a mut Vec<&'static str>);
+
+    impl<'de> serde::Deserializer<'de> for FieldNames<'_> {
+        type Error = value::Error;
+
+        fn deserialize_any<V: Visitor<'de>>(self, _: V) -> Result<V::Value, value::Error> {
+            Err(value::Error::custom("not a struct"))
+        }
+
+        fn deserialize_struct<V: Visitor<'de>>(
+            self,
+            _: &'static str,
+            fields: &'static [&'static str],
+            _: V,
+        ) -> Result<V::Value, value::Error> {
+            self.0.extend(fields);
+            Err(value::Error::custom("only the field names were wanted"))
+        }
+
+        serde::forward_to_deserialize_any! {
+            bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes
+            byte_buf option unit unit_struct newtype_struct seq tuple tuple_struct map enum
+            identifier ignored_any
+        }
+    }
+
+    let mut fields = Vec::new();
+    let _ = T::deserialize(FieldNames(&mut fields));
+    fields
+}
