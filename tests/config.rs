@@ -1,4 +1,5 @@
 //! Bad configs: a clear message naming the key and line, exit status 1, nothing started.
+#![forbid(unsafe_code)]
 
 use baton_tests::{TestConfig, WAIT, bins, free_port, run_cli};
 use std::path::Path;

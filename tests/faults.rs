@@ -1,5 +1,6 @@
 //! Fault injection under load: a worker that ignores SIGTERM while draining, a worker
 //! stopped while serving, and the supervisor killed in the middle of an upgrade.
+#![forbid(unsafe_code)]
 
 use baton_tests::{
     Baton, Load, LoadSpec, TestConfig, WAIT, eventually, fake_worker_script, heavy, procfs,

@@ -1,5 +1,6 @@
 //! Every input in `tests/fuzz/seeds/` and `tests/fuzz/regressions/` run through the same
 //! checks as the fuzz targets (`tests/fuzz/run.sh`), so what fuzzing found stays fixed.
+#![forbid(unsafe_code)]
 
 use std::path::PathBuf;
 

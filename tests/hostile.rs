@@ -2,6 +2,7 @@
 //! slow headers, oversized headers and bodies, too many header fields, requests without
 //! `Host`, error answers the client must still read whole, the connection cap, malformed
 //! requests, and a control-socket peer that is not allowed in.
+#![forbid(unsafe_code)]
 
 use baton_tests::{Baton, TestConfig, WAIT, get};
 use std::time::{Duration, Instant};

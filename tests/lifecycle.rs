@@ -1,5 +1,6 @@
 //! Crashes, stops and listeners: a killed worker is replaced, a killed supervisor leaves
 //! no orphans, SIGTERM finishes requests in flight, and every listener kind serves.
+#![forbid(unsafe_code)]
 
 use baton_tests::{
     Baton, TestConfig, WAIT, bins, eventually, free_port, get, get_unix, heavy, procfs, terminate,

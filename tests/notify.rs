@@ -1,6 +1,7 @@
 //! The exact sd_notify sequence the supervisor sends, caught on a datagram socket the
 //! test binds as NOTIFY_SOCKET: start, upgrade, rolled-back upgrade, watchdog, stop with a
 //! long drain. Workers never see this socket or WATCHDOG_*.
+#![forbid(unsafe_code)]
 
 use baton_tests::{Baton, TestConfig, WAIT, fake_worker_script, get, heavy, plugin_dir, procfs};
 use nix::sys::signal::Signal;

@@ -1,5 +1,6 @@
 //! Plugins end to end: the examples (Rust and C) serving through one worker, the router,
 //! panics, the blocking pool, and every kind of bad plugin rolled back under load.
+#![forbid(unsafe_code)]
 
 use baton_tests::{
     Baton, Load, LoadSpec, TestConfig, WAIT, bins, compile_c_plugin, get, heavy, plugin_dir,

@@ -1,6 +1,7 @@
 //! Every way a new generation can fail is rolled back: the serving generation keeps
 //! serving untouched, and the reason reaches `baton upgrade --wait`, `baton status` and
 //! the log.
+#![forbid(unsafe_code)]
 
 use baton_tests::{
     Baton, Load, LoadSpec, TestConfig, WAIT, eventually, fake_worker_script, heavy, procfs,

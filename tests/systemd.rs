@@ -2,6 +2,7 @@
 //! bookworm-backports), booted per test by the repository's systemd harness: start, reload
 //! under load, a failed reload, stop with a request in flight, the watchdog, and the
 //! notify-reload alternative. Needs root; skips with the reason where it cannot run.
+#![forbid(unsafe_code)]
 
 use baton_tests::sdh::{Instance, skip_reason, text};
 use baton_tests::{Load, LoadSpec, WAIT, get, heavy, run_cli};

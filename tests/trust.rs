@@ -2,6 +2,7 @@
 //! against other users and careless writers. Each test plants or swaps files the way an
 //! attacker (uid 65534) or a slip of root's would, and checks that the planted bytes never
 //! run and that the serving generation is untouched.
+#![forbid(unsafe_code)]
 
 use baton_tests::{Baton, TestConfig, get, plugin_dir, run_cli};
 use sha2::Digest;

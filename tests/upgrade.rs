@@ -1,4 +1,5 @@
 //! Zero-downtime upgrades under concurrent load.
+#![forbid(unsafe_code)]
 
 use baton_tests::{
     Baton, Load, LoadSpec, TestConfig, WAIT, eventually, heavy, procfs, slow_start_worker_script,

@@ -246,7 +246,7 @@ fn run(path: &Path, env: Env) -> anyhow::Result<ExitCode> {
         env.listen_fds.as_deref(),
         env.listen_fdnames.as_deref(),
     )?;
-    crate::spawn::cloexec_inherited();
+    baton_sys::inherit::cloexec_inherited();
     let ctx = env.path_context();
     crate::trust::check_config(path).map_err(|e| anyhow::anyhow!(e))?;
     let config = Config::load(path, &ctx)?;

@@ -5,15 +5,15 @@
 //! from the config; either way it is verified to be a listening stream socket. Generations
 //! hold `Arc<Listener>`s, so a listener dropped from the config stays open until the last
 //! generation that serves on it has exited. This module never closes and rebinds a socket
-//! that is still in use: a connection waiting in the backlog is never lost.
-#![allow(unsafe_code)]
+//! that is still in use: a connection waiting in the backlog is never lost. Taking
+//! systemd's fds and the verification are `baton_sys::activation`'s, which the worker
+//! uses too.
 
 use crate::config::{Address, Config};
-use nix::fcntl::{FcntlArg, FdFlag, fcntl};
-use nix::sys::socket::{SockType, getsockopt, sockopt};
+use baton_sys::activation::{ActivationError, ListenFds, verify_listening};
 use socket2::{Domain, Socket, Type};
 use std::collections::HashMap;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::Path;
 use std::sync::{Arc, Weak};
 use thiserror::Error;
@@ -95,40 +95,15 @@ impl Activated {
             tracing::info!("ignoring LISTEN_FDS: LISTEN_PID={pid} is not this process");
             return Ok(Self::default());
         }
-        let count: usize = count.parse().map_err(|_| {
-            ListenerError::Activation(format!("LISTEN_FDS={count:?} is not a number"))
-        })?;
-        let names: Vec<String> = match listen_fdnames {
-            Some(names) => names.split(':').map(str::to_owned).collect(),
-            None => vec!["unknown".to_owned(); count],
-        };
-        if names.len() != count {
-            return Err(ListenerError::Activation(format!(
-                "LISTEN_FDNAMES names {} fds but LISTEN_FDS is {count}",
-                names.len()
-            )));
-        }
-        let mut fds = Vec::with_capacity(count);
-        for (i, name) in names.into_iter().enumerate() {
-            let raw = baton_proto::LISTEN_FDS_START + i as i32;
-            // SAFETY: F_GETFD on a number only asks whether it is open.
-            if unsafe { libc::fcntl(raw, libc::F_GETFD) } < 0 {
-                return Err(ListenerError::Activation(format!(
-                    "LISTEN_FDS={count} but fd {raw} ({name}) is not open"
-                )));
-            }
-            // SAFETY: systemd passes fds 3..3+LISTEN_FDS to the process named by LISTEN_PID,
-            // which we checked is us, and the fd is open; each number is taken exactly
-            // once, here, at start-up.
-            let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-            fcntl(&fd, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC))
-                .map_err(|e| ListenerError::Activation(format!("fd {raw} ({name}): {e}")))?;
-            verify(fd.as_fd()).map_err(|message| ListenerError::Unusable {
-                name: name.clone(),
-                message: format!("fd {raw} from systemd: {message}"),
+        let fds = ListenFds::parse(count, listen_fdnames)
+            .and_then(ListenFds::adopt)
+            .map_err(|e| match e {
+                ActivationError::NotListening { name, fd, reason } => ListenerError::Unusable {
+                    name,
+                    message: format!("fd {fd} from systemd: {reason}"),
+                },
+                other => ListenerError::Activation(other.to_string()),
             })?;
-            fds.push((name, fd));
-        }
         Ok(Self { fds })
     }
 }
@@ -270,9 +245,9 @@ fn bind_listener(name: &str, address: Option<&Address>) -> Result<Listener, List
         address: address.clone(),
         error,
     })?;
-    verify(fd.as_fd()).map_err(|message| ListenerError::Unusable {
+    verify_listening(fd.as_fd()).map_err(|e| ListenerError::Unusable {
         name: name.to_owned(),
-        message,
+        message: e.to_string(),
     })?;
     tracing::info!("listener {name:?}: bound {address} from the config");
     Ok(Listener {
@@ -382,19 +357,6 @@ fn remove_stale_socket(path: &Path) -> std::io::Result<()> {
             "another process is accepting on it",
         )),
         Err(_) => std::fs::remove_file(path),
-    }
-}
-
-/// Checks that `fd` is a listening stream socket.
-pub fn verify(fd: BorrowedFd<'_>) -> Result<(), String> {
-    let ty = getsockopt(&fd, sockopt::SockType).map_err(|e| format!("not a socket ({e})"))?;
-    if ty != SockType::Stream {
-        return Err(format!("not a stream socket ({ty:?})"));
-    }
-    match getsockopt(&fd, sockopt::AcceptConn) {
-        Ok(true) => Ok(()),
-        Ok(false) => Err("socket is not listening".into()),
-        Err(e) => Err(format!("SO_ACCEPTCONN: {e}")),
     }
 }
 

@@ -1,4 +1,5 @@
 //! `baton`: parse the command line, run the command, map the outcome to an exit status.
+#![forbid(unsafe_code)]
 
 use clap::Parser;
 

@@ -135,12 +135,7 @@ impl WorkerSocket {
     pub fn bind_abstract() -> std::io::Result<Self> {
         use std::os::linux::net::SocketAddrExt;
         let mut random = [0u8; 8];
-        // SAFETY: getrandom writes at most `random.len()` bytes into the buffer.
-        #[allow(unsafe_code)]
-        let n = unsafe { libc::getrandom(random.as_mut_ptr().cast(), random.len(), 0) };
-        if n != random.len() as isize {
-            return Err(std::io::Error::last_os_error());
-        }
+        baton_sys::random::fill(&mut random)?;
         let name = format!(
             "baton/{}/notify/{}",
             std::process::id(),

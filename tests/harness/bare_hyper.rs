@@ -1,6 +1,7 @@
 //! The benchmark's ceiling: a bare hyper server (HTTP/1.1 and HTTP/2) on the same stack
 //! as a Baton worker — tokio, hyper, hyper-util — answering every request with a tiny 200,
 //! without supervisor, plugins or drain. `baton-bare-hyper ADDR [THREADS]`.
+#![forbid(unsafe_code)]
 
 use bytes::Bytes;
 use http_body_util::Full;

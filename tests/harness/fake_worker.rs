@@ -3,7 +3,8 @@
 //! - `exit`: writes to stderr and exits 3 before READY;
 //! - `hang`: never says READY;
 //! - `report`: reports a start-up failure over NOTIFY_SOCKET, then stays alive;
-//! - `stubborn`: says READY but never accepts and ignores SIGTERM (only SIGKILL ends it).
+//! - `stubborn`: says READY but never accepts and blocks SIGTERM (only SIGKILL ends it).
+#![forbid(unsafe_code)]
 
 use std::os::unix::net::UnixDatagram;
 use std::time::Duration;
@@ -24,11 +25,10 @@ fn main() {
             sleep_bounded();
         }
         "stubborn" => {
-            // SAFETY: setting a signal's disposition to SIG_IGN before any thread exists.
-            #[allow(unsafe_code)]
-            unsafe {
-                libc::signal(libc::SIGTERM, libc::SIG_IGN);
-            }
+            // Blocked in the only thread: SIGTERM stays pending and never ends the process.
+            let mut term = nix::sys::signal::SigSet::empty();
+            term.add(nix::sys::signal::Signal::SIGTERM);
+            term.thread_block().expect("block SIGTERM");
             notify(b"READY=1");
             sleep_bounded();
         }

@@ -4,6 +4,7 @@
 //!
 //! Each test gets its own temp dir, control socket and free port. Nothing sleeps where an
 //! event can be awaited: waits poll an observable condition with a deadline.
+#![forbid(unsafe_code)]
 
 pub mod load;
 pub mod procfs;

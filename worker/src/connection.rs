@@ -11,135 +11,20 @@
 //! down writing, read and discard for a short bounded time, then close, so that the close
 //! does not send a reset that could destroy the answer before the client reads it.
 
-use crate::drain::{ConnectionGuard, DrainWatch, Phase};
+use crate::conn_state::{ConnCtx, ConnState};
+use crate::drain::{ConnectionGuard, Drain, DrainWatch, Phase};
 use crate::handle::handle;
 use crate::lazy_select::{Either, lazy_select};
-use crate::serve::Shared;
-use http::{Version, header};
+use crate::router::Router;
+use crate::shared::Shared;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::OwnedSemaphorePermit;
-
-/// What a connection's handlers tell its task. Counters only: reading the clock on every
-/// request showed up in profiles.
-#[derive(Debug)]
-pub(crate) struct ConnState {
-    /// HTTP/2 with prior knowledge (known from the first read).
-    h2: AtomicBool,
-    /// The first HTTP/1 request asked to keep the connection open.
-    keep_alive: AtomicBool,
-    in_flight: AtomicUsize,
-    /// Requests started on this connection.
-    started: AtomicU64,
-    /// Bytes arrived while no request was in flight ([`InFlight`]) and none has started
-    /// since: the head of the next request is being read. True from the accept on, so
-    /// that the first request is held to `header_read_timeout` too.
-    head: AtomicBool,
-    /// The last write to the client could not complete (it is not reading): a response
-    /// is still going out, whatever bytes have arrived meanwhile.
-    write_blocked: AtomicBool,
-    /// A request was answered without reading its whole body: the client may still be
-    /// sending it.
-    body_left: AtomicBool,
-}
-
-impl ConnState {
-    fn new() -> Self {
-        Self {
-            h2: AtomicBool::new(false),
-            keep_alive: AtomicBool::new(false),
-            in_flight: AtomicUsize::new(0),
-            started: AtomicU64::new(0),
-            head: AtomicBool::new(true),
-            write_blocked: AtomicBool::new(false),
-            body_left: AtomicBool::new(false),
-        }
-    }
-
-    /// A request is answered without its whole body being read.
-    pub(crate) fn body_left(&self) {
-        self.body_left.store(true, Ordering::Relaxed);
-    }
-
-    /// The client may still be sending when the connection ends: a head hyper answered
-    /// with an error (431, 400) or that arrived after the last request, or a body left
-    /// unread.
-    fn input_pending(&self) -> bool {
-        !self.h2.load(Ordering::Relaxed)
-            && (self.head.load(Ordering::Relaxed) || self.body_left.load(Ordering::Relaxed))
-    }
-
-    /// A request's head arrived whole.
-    pub(crate) fn request_started(&self, parts: &http::request::Parts) {
-        if self.started.fetch_add(1, Ordering::Relaxed) == 0 && keeps_alive(parts) {
-            self.keep_alive.store(true, Ordering::Relaxed);
-        }
-        self.head.store(false, Ordering::Relaxed);
-    }
-
-    /// The connection will carry more than one response.
-    fn stays_open(&self) -> bool {
-        self.keep_alive.load(Ordering::Relaxed) || self.h2.load(Ordering::Relaxed)
-    }
-
-    /// A mark that changes whenever a request starts.
-    fn activity(&self) -> u64 {
-        self.started.load(Ordering::Relaxed)
-    }
-
-    fn busy(&self) -> bool {
-        self.in_flight.load(Ordering::Acquire) > 0
-    }
-
-    /// A request is in flight, or a response still being written.
-    fn active(&self) -> bool {
-        self.busy() || self.write_blocked.load(Ordering::Relaxed)
-    }
-
-    fn write_polled<T>(&self, polled: &std::task::Poll<T>) {
-        let blocked = polled.is_pending();
-        if self.write_blocked.load(Ordering::Relaxed) != blocked {
-            self.write_blocked.store(blocked, Ordering::Relaxed);
-        }
-    }
-
-    /// The connection delivered bytes: with nothing in flight, they begin a request head.
-    fn bytes_arrived(&self) {
-        if !self.busy() && !self.head.load(Ordering::Relaxed) {
-            self.head.store(true, Ordering::Relaxed);
-        }
-    }
-
-    /// An HTTP/1 request head is incomplete (HTTP/2 frames between requests are not heads).
-    fn reading_head(&self) -> bool {
-        self.head.load(Ordering::Relaxed) && !self.h2.load(Ordering::Relaxed)
-    }
-}
-
-/// Whether an HTTP/1 request keeps its connection open: HTTP/1.1 unless it says
-/// `Connection: close`, HTTP/1.0 only if it says `Connection: keep-alive`.
-fn keeps_alive(parts: &http::request::Parts) -> bool {
-    match parts.version {
-        Version::HTTP_09 | Version::HTTP_10 => has_token(&parts.headers, "keep-alive"),
-        _ => !has_token(&parts.headers, "close"),
-    }
-}
-
-/// Whether a `Connection` header of `headers` holds `token` (ASCII case ignored).
-pub(crate) fn has_token(headers: &http::HeaderMap, token: &str) -> bool {
-    headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case(token))
-}
 
 /// Why a connection's clock ran out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -211,29 +96,6 @@ impl ConnClock {
     }
 }
 
-/// A request whose answer is not ready when [`handle`] returns (its body is still to be
-/// read, or its handler runs on the blocking pool), from then until the answer is: taken
-/// before `handle` returns, since hyper may read the body from the socket before it first
-/// polls the answer, and those bytes are not the head of another request.
-pub(crate) struct InFlight(Arc<ConnCtx>);
-
-impl InFlight {
-    pub(crate) fn start(ctx: &Arc<ConnCtx>) -> Self {
-        ctx.state.in_flight.fetch_add(1, Ordering::AcqRel);
-        InFlight(ctx.clone())
-    }
-
-    pub(crate) fn ctx(&self) -> &ConnCtx {
-        &self.0
-    }
-}
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        self.0.state.in_flight.fetch_sub(1, Ordering::Release);
-    }
-}
-
 pub(crate) async fn connection<I: Socket>(
     io: I,
     shared: Arc<Shared>,
@@ -254,7 +116,7 @@ pub(crate) async fn connection<I: Socket>(
     let mut closing_watch = watch.clone();
     let drain_says_close = async {
         closing_watch.reached(Phase::Closing).await;
-        if !state.h2.load(Ordering::Relaxed) {
+        if !state.h2() {
             // An idle HTTP/1 connection may carry a request right now: let it be answered
             // (with `Connection: close`) before closing what is still idle.
             tokio::time::sleep(grace).await;
@@ -289,7 +151,7 @@ pub(crate) async fn connection<I: Socket>(
     };
     let io = TokioIo::new(io);
     if h2 {
-        state.h2.store(true, Ordering::Relaxed);
+        state.set_h2();
         let conn = shared.http2.serve_connection(io, service);
         drive(conn, |c| c.graceful_shutdown(), side, &mut watch).await;
     } else {
@@ -536,19 +398,54 @@ fn log_end(result: hyper::Result<()>) {
     }
 }
 
-/// What the handlers of one connection share.
-pub(crate) struct ConnCtx {
-    pub(crate) shared: Arc<Shared>,
-    pub(crate) state: ConnState,
+/// A worker's connection handling without listeners: each [`OneConnection::serve`] serves
+/// one connection the way an accepted one is served, until it ends. For fuzzing the HTTP
+/// edge. One difference: the client may half-close (shut down its writing side) and still
+/// get its answers, so that an exchange ends without waiting for a timeout.
+pub(crate) struct OneConnection {
+    shared: Arc<Shared>,
+    watch: DrainWatch,
+    _drain: Drain,
+}
+
+impl OneConnection {
+    pub(crate) fn new(settings: baton_proto::WorkerSettings, router: Router) -> Self {
+        let mut shared = Shared::new(1, settings, router);
+        shared.http1.half_close(true);
+        let (drain, watch) = Drain::new();
+        Self {
+            shared: Arc::new(shared),
+            watch,
+            _drain: drain,
+        }
+    }
+
+    pub(crate) async fn serve<I: Socket>(&self, io: I) {
+        let permit = self
+            .shared
+            .slots
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("semaphore never closes");
+        let guard = self.shared.connections.open();
+        connection(io, self.shared.clone(), self.watch.clone(), guard, permit).await;
+    }
+
+    /// Begins the drain, as a worker does when told to stop.
+    #[cfg(test)]
+    pub(crate) fn drain(&self) {
+        self.shared
+            .closing
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        self._drain.advance(Phase::Closing);
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::router::Router;
-    use crate::serve::OneConnection;
     use baton_proto::WorkerSettings;
-    use http::Request;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     fn one_connection() -> OneConnection {
@@ -663,24 +560,5 @@ mod tests {
             .await
             .expect("the lingering close ended")
             .unwrap();
-    }
-
-    #[test]
-    fn keep_alive_follows_the_version_and_the_connection_header() {
-        let parts = |version, connection: Option<&str>| {
-            let mut b = Request::get("/").version(version);
-            if let Some(c) = connection {
-                b = b.header(header::CONNECTION, c);
-            }
-            b.body(()).unwrap().into_parts().0
-        };
-        assert!(keeps_alive(&parts(Version::HTTP_11, None)));
-        assert!(!keeps_alive(&parts(Version::HTTP_11, Some("close"))));
-        assert!(!keeps_alive(&parts(
-            Version::HTTP_11,
-            Some("Upgrade, Close")
-        )));
-        assert!(!keeps_alive(&parts(Version::HTTP_10, None)));
-        assert!(keeps_alive(&parts(Version::HTTP_10, Some("Keep-Alive"))));
     }
 }

@@ -19,7 +19,7 @@ pub const ENV_PLUGINS: &str = "BATON_FUZZ_PLUGINS";
 struct Harness {
     plugins: Vec<String>,
     runtime: tokio::runtime::Runtime,
-    server: crate::serve::OneConnection,
+    server: crate::connection::OneConnection,
 }
 
 thread_local! {
@@ -49,7 +49,7 @@ fn harness(paths: Vec<String>) -> Harness {
     // Entered, so that the server's parts may register with the runtime.
     let server = {
         let _guard = runtime.enter();
-        crate::serve::OneConnection::new(settings, router)
+        crate::connection::OneConnection::new(settings, router)
     };
     Harness {
         plugins: paths,
@@ -105,7 +105,7 @@ pub fn http_exchange(plugins: &[String], input: &[u8]) -> Vec<u8> {
     })
 }
 
-async fn exchange(server: &crate::serve::OneConnection, input: &[u8]) -> Vec<u8> {
+async fn exchange(server: &crate::connection::OneConnection, input: &[u8]) -> Vec<u8> {
     let (mut client, server_io) = tokio::io::duplex(64 * 1024);
     let (mut read, mut write) = tokio::io::split(&mut client);
     let send = async {

@@ -4,10 +4,10 @@
 //! within their plugin's share), the body limit, and `Connection: close` once the drain
 //! began. It never touches the connection's socket.
 
-use crate::connection::{ConnCtx, InFlight, has_token};
-use crate::plugins::{Answer, Call, Plugin};
+use crate::conn_state::{ConnCtx, InFlight, has_token};
 use crate::router::Lookup;
-use crate::serve::{CallGuard, Shared};
+use crate::shared::{CallGuard, Shared};
+use baton_loader::{Answer, Call, Plugin};
 use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, StatusCode, Version, header};
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
@@ -358,8 +358,8 @@ fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
 
 #[cfg(test)]
 mod tests {
+    use crate::connection::OneConnection;
     use crate::router::Router;
-    use crate::serve::OneConnection;
     use baton_proto::{HttpSettings, WorkerSettings};
     use std::time::Duration;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};

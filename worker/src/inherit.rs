@@ -2,19 +2,19 @@
 //! (systemd's socket-activation protocol), the supervisor's lifeline pipe, the checked
 //! plugin files named in the settings, and the worker binary's own file, which it closes.
 //!
-//! This is the only module of the worker that turns raw fd numbers into owned fds. It
-//! verifies each listener really is a listening stream socket before anything serves on it,
-//! and never takes an fd it was not told about.
-#![allow(unsafe_code)]
+//! The worker's rules for them live here: which variable names which fd, that `LISTEN_PID`
+//! may be missing when the supervisor is our parent, what kind of socket a listener is.
+//! Taking a number as an owned fd, and checking that a listener really is a listening
+//! stream socket before anything serves on it, is `baton_sys`'s (the supervisor takes
+//! systemd's fds through the same code). It never takes an fd it was not told about.
 
 use crate::env::WorkerEnv;
 use anyhow::{Context, bail, ensure};
-use baton_proto::{ENV_EXE_FD, ENV_LIFELINE_FD, ENV_SUPERVISOR_PID, LISTEN_FDS_START};
-use nix::fcntl::{FcntlArg, FdFlag, fcntl};
-use nix::sys::socket::{
-    AddressFamily, SockType, SockaddrLike, SockaddrStorage, getsockname, getsockopt, sockopt,
-};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use baton_proto::{ENV_EXE_FD, ENV_LIFELINE_FD, ENV_SUPERVISOR_PID};
+use baton_sys::activation::ListenFds;
+use baton_sys::inherit::adopt;
+use nix::sys::socket::{AddressFamily, SockaddrLike, SockaddrStorage, getsockname};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 
 /// One inherited listening socket.
 #[derive(Debug)]
@@ -37,33 +37,17 @@ pub fn listeners(env: &WorkerEnv) -> anyhow::Result<Vec<NamedListener>> {
             "no listeners: LISTEN_FDS is not set (start the worker through baton or systemd socket activation)"
         );
     };
-    let count: i32 = count
-        .parse()
-        .with_context(|| format!("LISTEN_FDS={count:?} is not a number"))?;
+    let fds = ListenFds::parse(count, env.listen_fdnames.as_deref())?;
     ensure!(
-        (1..=1024).contains(&count),
+        (1..=1024).contains(&fds.len()),
         "LISTEN_FDS={count} is out of range"
     );
     check_listen_pid(env)?;
-    let names: Vec<String> = match &env.listen_fdnames {
-        Some(names) => names.split(':').map(str::to_owned).collect(),
-        None => vec!["unknown".to_owned(); count as usize],
-    };
-    ensure!(
-        names.len() == count as usize,
-        "LISTEN_FDNAMES has {} names for {count} fds",
-        names.len()
-    );
-    let mut out = Vec::with_capacity(names.len());
-    for (i, name) in names.into_iter().enumerate() {
-        let raw = LISTEN_FDS_START + i as i32;
-        ensure_open(raw).with_context(|| format!("LISTEN_FDS={count}: listener {name:?}"))?;
-        // SAFETY: the socket-activation protocol hands fds 3..3+LISTEN_FDS to this process
-        // and the fd is open; each number is taken exactly once, here, and nothing else in
-        // the worker uses it.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    let mut out = Vec::with_capacity(fds.len());
+    for (name, fd) in fds.adopt()? {
+        let raw = fd.as_raw_fd();
         let listener =
-            verify(fd).with_context(|| format!("inherited fd {raw} (listener {name:?})"))?;
+            classify(fd).with_context(|| format!("inherited fd {raw} (listener {name:?})"))?;
         out.push(NamedListener { name, listener });
     }
     Ok(out)
@@ -90,23 +74,8 @@ fn check_listen_pid(env: &WorkerEnv) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Fails unless `raw` is an open fd, so no `OwnedFd` is ever made of a closed number.
-fn ensure_open(raw: RawFd) -> anyhow::Result<()> {
-    // SAFETY: F_GETFD on a number only asks whether it is open.
-    if unsafe { libc::fcntl(raw, libc::F_GETFD) } < 0 {
-        bail!("fd {raw} is not open");
-    }
-    Ok(())
-}
-
-fn verify(fd: OwnedFd) -> anyhow::Result<Listener> {
-    fcntl(&fd, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC)).context("set FD_CLOEXEC")?;
-    let ty = getsockopt(&fd, sockopt::SockType).context("not a socket")?;
-    ensure!(ty == SockType::Stream, "not a stream socket ({ty:?})");
-    ensure!(
-        getsockopt(&fd, sockopt::AcceptConn).context("SO_ACCEPTCONN")?,
-        "socket is not listening"
-    );
+/// A listening stream socket (as `baton_sys` verified) as a TCP or a Unix listener.
+fn classify(fd: OwnedFd) -> anyhow::Result<Listener> {
     let addr: SockaddrStorage = getsockname(fd.as_raw_fd()).context("getsockname")?;
     let listener = match addr.family() {
         Some(AddressFamily::Inet | AddressFamily::Inet6) => Listener::Tcp(fd.into()),
@@ -125,11 +94,7 @@ pub fn lifeline(env: &WorkerEnv) -> anyhow::Result<Option<OwnedFd>> {
         .parse()
         .with_context(|| format!("{ENV_LIFELINE_FD}={raw:?} is not an fd number"))?;
     ensure!(raw > 2, "{ENV_LIFELINE_FD}={raw} is a standard stream");
-    ensure_open(raw).with_context(|| format!("{ENV_LIFELINE_FD}={raw}"))?;
-    // SAFETY: the supervisor placed the lifeline's read end at this number for us and names
-    // it in the environment; it is taken once, here.
-    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-    fcntl(&fd, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC)).context("lifeline fd")?;
+    let fd = adopt(raw).with_context(|| format!("{ENV_LIFELINE_FD}={raw}"))?;
     Ok(Some(fd))
 }
 
@@ -137,12 +102,7 @@ pub fn lifeline(env: &WorkerEnv) -> anyhow::Result<Option<OwnedFd>> {
 /// and hashed, which the loader opens through `/proc/self/fd`.
 pub fn plugin_file(raw: RawFd) -> anyhow::Result<OwnedFd> {
     ensure!(raw > 2, "plugin fd {raw} is a standard stream");
-    ensure_open(raw).with_context(|| format!("plugin fd {raw}"))?;
-    // SAFETY: the supervisor placed this plugin's file at this number and names it in the
-    // settings, once per plugin; it is taken once, here.
-    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-    fcntl(&fd, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC)).context("plugin fd")?;
-    Ok(fd)
+    adopt(raw).with_context(|| format!("plugin fd {raw}"))
 }
 
 /// Closes the worker binary's own file, which the supervisor exec'd through
@@ -155,10 +115,9 @@ pub fn close_exe(env: &WorkerEnv) -> anyhow::Result<()> {
         .parse()
         .with_context(|| format!("{ENV_EXE_FD}={raw:?} is not an fd number"))?;
     ensure!(raw > 2, "{ENV_EXE_FD}={raw} is a standard stream");
-    if ensure_open(raw).is_ok() {
-        // SAFETY: the supervisor placed the binary's file at this number for us and names
-        // it in the environment; it is taken once, here, and closed.
-        drop(unsafe { OwnedFd::from_raw_fd(raw) });
+    // Not open (already closed by whoever started us): nothing to close.
+    if let Ok(fd) = adopt(raw) {
+        drop(fd);
     }
     Ok(())
 }

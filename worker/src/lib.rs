@@ -4,7 +4,16 @@
 //!
 //! The environment is read once, in [`main`], before any thread starts; everything after
 //! works from that snapshot.
+//!
+//! No `unsafe` here: the plugin loader is `baton-loader`, the system calls are `baton-sys`.
+//!
+//! Modules, each importing only those below it: `serve` (accept loops, the drain) →
+//! `connection` (one connection) → `handle` (one request) → `conn_state` (what a
+//! connection and its requests share) → `shared` (what every connection shares) →
+//! `router`, `drain`; beside them `inherit`, `env`, `notify` and `lazy_select`.
+#![forbid(unsafe_code)]
 
+mod conn_state;
 mod connection;
 mod drain;
 mod env;
@@ -13,9 +22,9 @@ mod handle;
 mod inherit;
 mod lazy_select;
 mod notify;
-mod plugins;
 mod router;
 mod serve;
+mod shared;
 
 use std::process::ExitCode;
 
@@ -100,12 +109,12 @@ fn load_plugins(
     let all: serde_json::Map<String, serde_json::Value> =
         serde_json::from_str(&settings.plugin_settings_json)
             .context("plugin settings are not a JSON object")?;
-    let mut loaded: Vec<std::sync::Arc<plugins::Plugin>> = Vec::new();
+    let mut loaded: Vec<std::sync::Arc<baton_loader::Plugin>> = Vec::new();
     for spec in &settings.plugins {
         // If loading kills the process, the supervisor's report says where it was.
         notifier.send(&format!("STATUS=loading plugin {}", spec.file));
         let file = spec.fd.map(inherit::plugin_file).transpose()?;
-        let plugin = plugins::Plugin::load(spec, file)?;
+        let plugin = baton_loader::Plugin::load(spec, file)?;
         if let Some(other) = loaded.iter().find(|p| p.name == plugin.name) {
             anyhow::bail!(
                 "plugin name {:?} is used by both {} and {}",

@@ -3,7 +3,7 @@
 //! with `Allow`; anything else a 404. Two plugins claiming the same method and path, or
 //! patterns that cannot coexist, fail the generation naming both files.
 
-use crate::plugins::{Plugin, method_names};
+use baton_loader::{Plugin, method_names};
 use baton_plugin::abi::method;
 use std::sync::Arc;
 

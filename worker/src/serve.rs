@@ -1,6 +1,6 @@
 //! Accept loops and the drain sequence of one worker.
 //!
-//! Owns the listeners and what every connection shares (settings, router, counters): it
+//! Owns the listeners and builds what every connection shares ([`crate::shared`]): it
 //! accepts connections and hands each to [`crate::connection`]. It never decides when to
 //! drain (a signal or the supervisor's death does); once the drain begins it stops
 //! accepting, waits for the connections to close (up to `drain_timeout`) and shuts the
@@ -11,20 +11,18 @@
 //! every connection now and exits.
 
 use crate::connection::{Socket, connection};
-use crate::drain::{Connections, Drain, DrainWatch, Phase};
+use crate::drain::{Drain, DrainWatch, Phase};
 use crate::inherit::{Listener, NamedListener};
 use crate::notify::Notifier;
 use crate::router::Router;
+use crate::shared::Shared;
 use baton_proto::{Stats, WorkerSettings};
-use hyper::server::conn::{http1, http2};
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 use std::future::Future;
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 use tokio::signal::unix::{SignalKind, signal};
-use tokio::sync::Semaphore;
 use tracing::Instrument;
 
 /// How often changed counters are reported to the supervisor.
@@ -33,139 +31,6 @@ const STATS_INTERVAL: Duration = Duration::from_secs(1);
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
 /// After `drain_timeout`, how long dropped connections get to release their guards.
 const FORCED_CLOSE_WAIT: Duration = Duration::from_millis(200);
-
-pub(crate) struct Shared {
-    pub(crate) generation: u64,
-    pub(crate) pid: u32,
-    pub(crate) settings: WorkerSettings,
-    pub(crate) requests: ShardedCounter,
-    pub(crate) connections: Arc<Connections>,
-    pub(crate) slots: Arc<Semaphore>,
-    pub(crate) http1: http1::Builder,
-    pub(crate) http2: http2::Builder<TokioExecutor>,
-    pub(crate) router: Router,
-    /// Per plugin (same index as `router.plugins`): the share of the blocking pool of a
-    /// plugin whose handlers may block, so that a saturated one cannot starve the others.
-    pub(crate) blocking: Vec<Option<Arc<Semaphore>>>,
-    /// Blocking plugin handler calls under way.
-    pub(crate) plugin_calls: Arc<AtomicUsize>,
-    /// The drain began: HTTP/1 responses carry `Connection: close`.
-    pub(crate) closing: AtomicBool,
-}
-
-/// A counter every runtime thread bumps on its own cache line, summed when read: one
-/// shared atomic bumped by every request on every thread showed up in profiles.
-#[derive(Debug, Default)]
-pub(crate) struct ShardedCounter {
-    shards: [PaddedCounter; COUNTER_SHARDS],
-}
-
-const COUNTER_SHARDS: usize = 16;
-
-#[derive(Debug, Default)]
-#[repr(align(128))]
-struct PaddedCounter(AtomicU64);
-
-impl ShardedCounter {
-    pub(crate) fn add_one(&self) {
-        static NEXT: AtomicUsize = AtomicUsize::new(0);
-        thread_local! {
-            static SHARD: usize = NEXT.fetch_add(1, Ordering::Relaxed) % COUNTER_SHARDS;
-        }
-        let shard = SHARD.with(|s| *s);
-        self.shards[shard].0.fetch_add(1, Ordering::Relaxed);
-    }
-
-    fn sum(&self) -> u64 {
-        self.shards
-            .iter()
-            .map(|s| s.0.load(Ordering::Relaxed))
-            .sum()
-    }
-}
-
-/// Counts one plugin handler call for as long as it runs.
-pub(crate) struct CallGuard(Arc<AtomicUsize>);
-
-impl CallGuard {
-    pub(crate) fn new(calls: &Arc<AtomicUsize>) -> Self {
-        calls.fetch_add(1, Ordering::AcqRel);
-        CallGuard(calls.clone())
-    }
-}
-
-impl Drop for CallGuard {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
-/// What every connection of a worker shares, for `router` and `settings`.
-fn shared_state(generation: u64, settings: WorkerSettings, router: Router) -> Shared {
-    let blocking_plugins = router.plugins.iter().filter(|p| !p.nonblocking).count();
-    let share = (settings.blocking_threads / blocking_plugins.max(1)).max(1);
-    let blocking = router
-        .plugins
-        .iter()
-        .map(|p| (!p.nonblocking).then(|| Arc::new(Semaphore::new(share))))
-        .collect();
-    Shared {
-        router,
-        blocking,
-        plugin_calls: Arc::new(AtomicUsize::new(0)),
-        closing: AtomicBool::new(false),
-        generation,
-        pid: std::process::id(),
-        http1: http1_builder(&settings),
-        http2: http2_builder(&settings),
-        slots: Arc::new(Semaphore::new(settings.http.max_connections.max(1))),
-        settings,
-        requests: ShardedCounter::default(),
-        connections: Arc::new(Connections::default()),
-    }
-}
-
-/// A worker's connection handling without listeners: each [`OneConnection::serve`] serves
-/// one connection the way an accepted one is served, until it ends. For fuzzing the HTTP
-/// edge. One difference: the client may half-close (shut down its writing side) and still
-/// get its answers, so that an exchange ends without waiting for a timeout.
-pub(crate) struct OneConnection {
-    shared: Arc<Shared>,
-    watch: DrainWatch,
-    _drain: Drain,
-}
-
-impl OneConnection {
-    pub(crate) fn new(settings: WorkerSettings, router: Router) -> Self {
-        let mut shared = shared_state(1, settings, router);
-        shared.http1.half_close(true);
-        let (drain, watch) = Drain::new();
-        Self {
-            shared: Arc::new(shared),
-            watch,
-            _drain: drain,
-        }
-    }
-
-    pub(crate) async fn serve<I: Socket>(&self, io: I) {
-        let permit = self
-            .shared
-            .slots
-            .clone()
-            .acquire_owned()
-            .await
-            .expect("semaphore never closes");
-        let guard = self.shared.connections.open();
-        connection(io, self.shared.clone(), self.watch.clone(), guard, permit).await;
-    }
-
-    /// Begins the drain, as a worker does when told to stop.
-    #[cfg(test)]
-    pub(crate) fn drain(&self) {
-        self.shared.closing.store(true, Ordering::Relaxed);
-        self._drain.advance(Phase::Closing);
-    }
-}
 
 /// Serves until SIGTERM, SIGINT or the supervisor's death, then drains and returns.
 pub async fn serve(
@@ -184,7 +49,7 @@ pub async fn serve(
         None => None,
     };
 
-    let shared = Arc::new(shared_state(generation, settings, router));
+    let shared = Arc::new(Shared::new(generation, settings, router));
     let (drain, watch) = Drain::new();
 
     let mut accepting = tokio::task::JoinSet::new();
@@ -259,41 +124,13 @@ pub async fn serve(
             "{open} connection(s) and {running} blocking handler(s) still running; skipping plugin shutdown"
         );
     }
-    notifier.send(&stats_of(&shared).to_line());
+    notifier.send(&shared.stats().to_line());
     tracing::info!(
         "drained in {:?} after {} request(s)",
         started.elapsed(),
         shared.requests.sum()
     );
     Ok(())
-}
-
-fn http1_builder(settings: &WorkerSettings) -> http1::Builder {
-    let mut builder = http1::Builder::new();
-    builder
-        .timer(TokioTimer::new())
-        // Off: hyper's timer runs from the end of one request to the next head as well, so
-        // idle keep-alive connections would close at header_read_timeout. `ConnClock`
-        // keeps both deadlines.
-        .header_read_timeout(None)
-        .max_buf_size(settings.http.max_header_bytes.max(8192));
-    // Hyper's default is the same limit with the parser's buffer inline; set, the buffer
-    // is sized per request (on the heap above 100), so only a different limit is set.
-    if settings.http.max_headers != HYPER_MAX_HEADERS {
-        builder.max_headers(settings.http.max_headers);
-    }
-    builder
-}
-
-/// Hyper's limit on HTTP/1 request header fields when none is set.
-const HYPER_MAX_HEADERS: usize = 100;
-
-fn http2_builder(settings: &WorkerSettings) -> http2::Builder<TokioExecutor> {
-    let mut builder = http2::Builder::new(TokioExecutor::new());
-    builder
-        .timer(TokioTimer::new())
-        .max_header_list_size(u32::try_from(settings.http.max_header_bytes).unwrap_or(u32::MAX));
-    builder
 }
 
 async fn lifeline_closed(lifeline: Option<tokio::net::unix::pipe::Receiver>) {
@@ -314,19 +151,12 @@ async fn lifeline_closed(lifeline: Option<tokio::net::unix::pipe::Receiver>) {
     }
 }
 
-fn stats_of(shared: &Shared) -> Stats {
-    Stats {
-        connections: shared.connections.count(),
-        requests: shared.requests.sum(),
-    }
-}
-
 async fn report_stats(shared: Arc<Shared>, notifier: Notifier) {
     let mut last = Stats::default();
     let mut tick = tokio::time::interval(STATS_INTERVAL);
     loop {
         tick.tick().await;
-        let now = stats_of(&shared);
+        let now = shared.stats();
         if now != last {
             notifier.send(&now.to_line());
             last = now;

@@ -241,6 +241,10 @@ fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
 /// `{name}` for one segment and `{*name}` for the rest of the path. `nonblocking: true`
 /// promises that no handler blocks (they then run inline on the worker's runtime);
 /// otherwise they run on a bounded pool of threads.
+///
+/// The `unsafe` the expansion needs is this crate's (the compiler does not lint code from
+/// another crate's macro), so a plugin crate may `#![forbid(unsafe_code)]`, as the
+/// examples do.
 #[macro_export]
 macro_rules! export_plugin {
     (
@@ -278,7 +282,6 @@ macro_rules! export_plugin {
                     shutdown: Some(__shutdown),
                 });
 
-            #[allow(unsafe_code)]
             unsafe extern "C" fn __init(
                 init: *const __abi::BatonInit,
                 state: *mut *mut ::std::ffi::c_void,
@@ -287,7 +290,6 @@ macro_rules! export_plugin {
                 unsafe { $crate::__private::init::<$ty>(init, state) }
             }
 
-            #[allow(unsafe_code)]
             unsafe extern "C" fn __handle(
                 state: *mut ::std::ffi::c_void,
                 request: *const __abi::BatonRequest,
@@ -298,13 +300,11 @@ macro_rules! export_plugin {
                 unsafe { $crate::__private::handle::<$ty>(&__HANDLERS, state, request, host, response) }
             }
 
-            #[allow(unsafe_code)]
             unsafe extern "C" fn __shutdown(state: *mut ::std::ffi::c_void) {
                 // SAFETY: called once by the host with the state `__init` made.
                 unsafe { $crate::__private::shutdown::<$ty>(state) }
             }
 
-            #[allow(unsafe_code)]
             #[unsafe(no_mangle)]
             pub extern "C" fn baton_plugin_v1() -> *const __abi::BatonPluginV1 {
                 &__DESCRIPTOR.0

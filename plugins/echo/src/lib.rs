@@ -1,5 +1,6 @@
 //! `echo`: `POST /echo` answers with every part of the request as JSON: method, path,
 //! query, headers, path parameters, body, and the generation and pid that served it.
+#![forbid(unsafe_code)]
 
 use baton_plugin::{InitContext, Plugin, Request, Response, export_plugin};
 use serde_json::{Map, Value, json};

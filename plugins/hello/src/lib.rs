@@ -1,6 +1,7 @@
 //! `hello`: `GET /hello` and `GET /hello/{name}` answer with a greeting from the plugin's
 //! settings (`[plugins.settings.hello] greeting = "…"`) and say which generation and
 //! worker served them.
+#![forbid(unsafe_code)]
 
 use baton_plugin::{InitContext, Plugin, Request, Response, export_plugin};
 

@@ -1,6 +1,7 @@
 //! `slow`: `GET /slow/{ms}` sleeps that many milliseconds (at most `max_ms`, default
 //! 60000) in a blocking handler, then answers. For drain tests and for seeing the
 //! blocking pool keep a slow plugin from starving the others.
+#![forbid(unsafe_code)]
 
 use baton_plugin::{InitContext, Plugin, Request, Response, export_plugin};
 use std::time::Duration;

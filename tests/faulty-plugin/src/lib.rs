@@ -1,6 +1,7 @@
 //! `faulty`: a plugin that misbehaves on purpose, for tests. `GET /faulty/panic` panics;
 //! `GET /faulty/error` returns an error; `GET /faulty/bad-header` sets an invalid header;
 //! with `[plugins.settings.faulty] panic_in_init = true`, `init` panics.
+#![forbid(unsafe_code)]
 
 use baton_plugin::{InitContext, Plugin, Request, Response, export_plugin};
 

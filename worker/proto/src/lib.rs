@@ -7,6 +7,7 @@
 //! the worker reports its counters in a `BATON_STATS=` notify field.
 //!
 //! This crate owns only data and parsing: it never touches a socket or a process.
+#![forbid(unsafe_code)]
 
 pub mod notify;
 pub mod settings;

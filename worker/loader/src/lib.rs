@@ -1,12 +1,16 @@
-//! Loads plugin libraries and calls into them through the v1 C ABI.
+//! `baton-loader`: the worker's plugin loader. Loads plugin libraries and calls into them
+//! through the v1 C ABI.
 //!
 //! Each plugin is the supervisor's content-addressed copy, `dlopen`ed once with
 //! `RTLD_NOW | RTLD_LOCAL` and never closed (unloading Rust code with thread-local
 //! destructors is unsound, and a worker lives for one generation anyway). The descriptor's
 //! fixed head (magic, ABI major/minor, struct size) is checked before anything else is
-//! read, and nothing past `struct_size` is ever read. This is the only module that calls
-//! plugin code; every call gets borrowed views and the host's function table, and nothing
-//! a plugin returns is freed by the host.
+//! read, and nothing past `struct_size` is ever read. This is the only code of the worker
+//! that calls plugin code; every call gets borrowed views and the host's function table,
+//! and nothing a plugin returns is freed by the host.
+//!
+//! It is a crate of its own so that `unsafe`, which calling through a C ABI needs, is
+//! allowed here and forbidden in the whole of `baton-worker`.
 #![allow(unsafe_code)]
 
 use baton_plugin::abi::{

@@ -1,0 +1,191 @@
+//! What a connection's task and the requests on it share: the connection's state
+//! ([`ConnState`], flipped by the request path and read by the connection's clock and
+//! socket), the worker's [`Shared`] state ([`ConnCtx`]), and the count of requests in
+//! flight ([`InFlight`]).
+//!
+//! It sits below [`crate::connection`] (which owns the socket and the clock) and
+//! [`crate::handle`] (which answers requests), so that neither imports the other's
+//! internals. It holds state and reads headers; it never touches a socket.
+
+use crate::shared::Shared;
+use http::{Version, header};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+
+/// What the handlers of one connection share.
+pub(crate) struct ConnCtx {
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) state: ConnState,
+}
+
+/// What a connection's handlers tell its task. Counters only: reading the clock on every
+/// request showed up in profiles.
+#[derive(Debug)]
+pub(crate) struct ConnState {
+    /// HTTP/2 with prior knowledge (known from the first read).
+    h2: AtomicBool,
+    /// The first HTTP/1 request asked to keep the connection open.
+    keep_alive: AtomicBool,
+    in_flight: AtomicUsize,
+    /// Requests started on this connection.
+    started: AtomicU64,
+    /// Bytes arrived while no request was in flight ([`InFlight`]) and none has started
+    /// since: the head of the next request is being read. True from the accept on, so
+    /// that the first request is held to `header_read_timeout` too.
+    head: AtomicBool,
+    /// The last write to the client could not complete (it is not reading): a response
+    /// is still going out, whatever bytes have arrived meanwhile.
+    write_blocked: AtomicBool,
+    /// A request was answered without reading its whole body: the client may still be
+    /// sending it.
+    body_left: AtomicBool,
+}
+
+impl ConnState {
+    pub(crate) fn new() -> Self {
+        Self {
+            h2: AtomicBool::new(false),
+            keep_alive: AtomicBool::new(false),
+            in_flight: AtomicUsize::new(0),
+            started: AtomicU64::new(0),
+            head: AtomicBool::new(true),
+            write_blocked: AtomicBool::new(false),
+            body_left: AtomicBool::new(false),
+        }
+    }
+
+    /// HTTP/2 with prior knowledge: known from the connection's first read.
+    pub(crate) fn h2(&self) -> bool {
+        self.h2.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn set_h2(&self) {
+        self.h2.store(true, Ordering::Relaxed);
+    }
+
+    /// A request is answered without its whole body being read.
+    pub(crate) fn body_left(&self) {
+        self.body_left.store(true, Ordering::Relaxed);
+    }
+
+    /// The client may still be sending when the connection ends: a head hyper answered
+    /// with an error (431, 400) or that arrived after the last request, or a body left
+    /// unread.
+    pub(crate) fn input_pending(&self) -> bool {
+        !self.h2.load(Ordering::Relaxed)
+            && (self.head.load(Ordering::Relaxed) || self.body_left.load(Ordering::Relaxed))
+    }
+
+    /// A request's head arrived whole.
+    pub(crate) fn request_started(&self, parts: &http::request::Parts) {
+        if self.started.fetch_add(1, Ordering::Relaxed) == 0 && keeps_alive(parts) {
+            self.keep_alive.store(true, Ordering::Relaxed);
+        }
+        self.head.store(false, Ordering::Relaxed);
+    }
+
+    /// The connection will carry more than one response.
+    pub(crate) fn stays_open(&self) -> bool {
+        self.keep_alive.load(Ordering::Relaxed) || self.h2.load(Ordering::Relaxed)
+    }
+
+    /// A mark that changes whenever a request starts.
+    pub(crate) fn activity(&self) -> u64 {
+        self.started.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn busy(&self) -> bool {
+        self.in_flight.load(Ordering::Acquire) > 0
+    }
+
+    /// A request is in flight, or a response still being written.
+    pub(crate) fn active(&self) -> bool {
+        self.busy() || self.write_blocked.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn write_polled<T>(&self, polled: &std::task::Poll<T>) {
+        let blocked = polled.is_pending();
+        if self.write_blocked.load(Ordering::Relaxed) != blocked {
+            self.write_blocked.store(blocked, Ordering::Relaxed);
+        }
+    }
+
+    /// The connection delivered bytes: with nothing in flight, they begin a request head.
+    pub(crate) fn bytes_arrived(&self) {
+        if !self.busy() && !self.head.load(Ordering::Relaxed) {
+            self.head.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// An HTTP/1 request head is incomplete (HTTP/2 frames between requests are not heads).
+    pub(crate) fn reading_head(&self) -> bool {
+        self.head.load(Ordering::Relaxed) && !self.h2.load(Ordering::Relaxed)
+    }
+}
+
+/// Whether an HTTP/1 request keeps its connection open: HTTP/1.1 unless it says
+/// `Connection: close`, HTTP/1.0 only if it says `Connection: keep-alive`.
+fn keeps_alive(parts: &http::request::Parts) -> bool {
+    match parts.version {
+        Version::HTTP_09 | Version::HTTP_10 => has_token(&parts.headers, "keep-alive"),
+        _ => !has_token(&parts.headers, "close"),
+    }
+}
+
+/// Whether a `Connection` header of `headers` holds `token` (ASCII case ignored).
+pub(crate) fn has_token(headers: &http::HeaderMap, token: &str) -> bool {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+/// A request whose answer is not ready when [`crate::handle::handle`] returns (its body is still to be
+/// read, or its handler runs on the blocking pool), from then until the answer is: taken
+/// before `handle` returns, since hyper may read the body from the socket before it first
+/// polls the answer, and those bytes are not the head of another request.
+pub(crate) struct InFlight(Arc<ConnCtx>);
+
+impl InFlight {
+    pub(crate) fn start(ctx: &Arc<ConnCtx>) -> Self {
+        ctx.state.in_flight.fetch_add(1, Ordering::AcqRel);
+        InFlight(ctx.clone())
+    }
+
+    pub(crate) fn ctx(&self) -> &ConnCtx {
+        &self.0
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.state.in_flight.fetch_sub(1, Ordering::Release);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::Request;
+
+    #[test]
+    fn keep_alive_follows_the_version_and_the_connection_header() {
+        let parts = |version, connection: Option<&str>| {
+            let mut b = Request::get("/").version(version);
+            if let Some(c) = connection {
+                b = b.header(header::CONNECTION, c);
+            }
+            b.body(()).unwrap().into_parts().0
+        };
+        assert!(keeps_alive(&parts(Version::HTTP_11, None)));
+        assert!(!keeps_alive(&parts(Version::HTTP_11, Some("close"))));
+        assert!(!keeps_alive(&parts(
+            Version::HTTP_11,
+            Some("Upgrade, Close")
+        )));
+        assert!(!keeps_alive(&parts(Version::HTTP_10, None)));
+        assert!(keeps_alive(&parts(Version::HTTP_10, Some("Keep-Alive"))));
+    }
+}

@@ -1,0 +1,144 @@
+//! What every connection of a worker shares: its settings, router, counters and limits
+//! ([`Shared`]), built once per worker, and the guard that counts plugin handler calls.
+//!
+//! It sits below every module that serves ([`crate::serve`], [`crate::connection`],
+//! [`crate::handle`]) and imports none of them. It holds state; it never accepts, reads a
+//! socket or answers a request.
+
+use crate::drain::Connections;
+use crate::router::Router;
+use baton_proto::{Stats, WorkerSettings};
+use hyper::server::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use tokio::sync::Semaphore;
+
+pub(crate) struct Shared {
+    pub(crate) generation: u64,
+    pub(crate) pid: u32,
+    pub(crate) settings: WorkerSettings,
+    pub(crate) requests: ShardedCounter,
+    pub(crate) connections: Arc<Connections>,
+    pub(crate) slots: Arc<Semaphore>,
+    pub(crate) http1: http1::Builder,
+    pub(crate) http2: http2::Builder<TokioExecutor>,
+    pub(crate) router: Router,
+    /// Per plugin (same index as `router.plugins`): the share of the blocking pool of a
+    /// plugin whose handlers may block, so that a saturated one cannot starve the others.
+    pub(crate) blocking: Vec<Option<Arc<Semaphore>>>,
+    /// Blocking plugin handler calls under way.
+    pub(crate) plugin_calls: Arc<AtomicUsize>,
+    /// The drain began: HTTP/1 responses carry `Connection: close`.
+    pub(crate) closing: AtomicBool,
+}
+
+impl Shared {
+    /// What every connection of a worker shares, for `router` and `settings`.
+    pub(crate) fn new(generation: u64, settings: WorkerSettings, router: Router) -> Self {
+        let blocking_plugins = router.plugins.iter().filter(|p| !p.nonblocking).count();
+        let share = (settings.blocking_threads / blocking_plugins.max(1)).max(1);
+        let blocking = router
+            .plugins
+            .iter()
+            .map(|p| (!p.nonblocking).then(|| Arc::new(Semaphore::new(share))))
+            .collect();
+        Shared {
+            router,
+            blocking,
+            plugin_calls: Arc::new(AtomicUsize::new(0)),
+            closing: AtomicBool::new(false),
+            generation,
+            pid: std::process::id(),
+            http1: http1_builder(&settings),
+            http2: http2_builder(&settings),
+            slots: Arc::new(Semaphore::new(settings.http.max_connections.max(1))),
+            settings,
+            requests: ShardedCounter::default(),
+            connections: Arc::new(Connections::default()),
+        }
+    }
+
+    /// The counters reported to the supervisor.
+    pub(crate) fn stats(&self) -> Stats {
+        Stats {
+            connections: self.connections.count(),
+            requests: self.requests.sum(),
+        }
+    }
+}
+
+fn http1_builder(settings: &WorkerSettings) -> http1::Builder {
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        // Off: hyper's timer runs from the end of one request to the next head as well, so
+        // idle keep-alive connections would close at header_read_timeout. `ConnClock`
+        // keeps both deadlines.
+        .header_read_timeout(None)
+        .max_buf_size(settings.http.max_header_bytes.max(8192));
+    // Hyper's default is the same limit with the parser's buffer inline; set, the buffer
+    // is sized per request (on the heap above 100), so only a different limit is set.
+    if settings.http.max_headers != HYPER_MAX_HEADERS {
+        builder.max_headers(settings.http.max_headers);
+    }
+    builder
+}
+
+/// Hyper's limit on HTTP/1 request header fields when none is set.
+const HYPER_MAX_HEADERS: usize = 100;
+
+fn http2_builder(settings: &WorkerSettings) -> http2::Builder<TokioExecutor> {
+    let mut builder = http2::Builder::new(TokioExecutor::new());
+    builder
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(settings.http.max_header_bytes).unwrap_or(u32::MAX));
+    builder
+}
+
+/// A counter every runtime thread bumps on its own cache line, summed when read: one
+/// shared atomic bumped by every request on every thread showed up in profiles.
+#[derive(Debug, Default)]
+pub(crate) struct ShardedCounter {
+    shards: [PaddedCounter; COUNTER_SHARDS],
+}
+
+const COUNTER_SHARDS: usize = 16;
+
+#[derive(Debug, Default)]
+#[repr(align(128))]
+struct PaddedCounter(AtomicU64);
+
+impl ShardedCounter {
+    pub(crate) fn add_one(&self) {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        thread_local! {
+            static SHARD: usize = NEXT.fetch_add(1, Ordering::Relaxed) % COUNTER_SHARDS;
+        }
+        let shard = SHARD.with(|s| *s);
+        self.shards[shard].0.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn sum(&self) -> u64 {
+        self.shards
+            .iter()
+            .map(|s| s.0.load(Ordering::Relaxed))
+            .sum()
+    }
+}
+
+/// Counts one plugin handler call for as long as it runs.
+pub(crate) struct CallGuard(Arc<AtomicUsize>);
+
+impl CallGuard {
+    pub(crate) fn new(calls: &Arc<AtomicUsize>) -> Self {
+        calls.fetch_add(1, Ordering::AcqRel);
+        CallGuard(calls.clone())
+    }
+}
+
+impl Drop for CallGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
