@@ -447,3 +447,54 @@ async fn a_rolled_back_listener_change_keeps_the_serving_sockets() {
     .await;
     assert!(released, "the rolled-back listener's port is still bound");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_generation_force_closed_for_room_exits_then_even_with_blocking_handlers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let plugins = baton_tests::plugin_dir(tmp.path(), "plugins", &["slow"]);
+    let baton = Baton::start(TestConfig {
+        processes: 1,
+        max_generations: 2,
+        drain_timeout: "60s",
+        drain_idle_grace: "500ms",
+        plugins_dir: Some(plugins),
+        extra: "[plugins.settings.slow]\nmax_ms = 50000\n".into(),
+        ..TestConfig::default()
+    })
+    .await;
+    // Two requests that block a handler thread for 50 s each, on generation 1.
+    let addr = baton.addr();
+    let slow: Vec<_> = (0..2)
+        .map(|_| tokio::spawn(baton_tests::get(addr, "/slow/50000")))
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let first = baton.worker_pids();
+    let out = baton.upgrade_wait().await;
+    assert_eq!(out.code, Some(0), "{}", out.text());
+    // Generation 1 drains, held by its blocking handlers; generation 2 serves. A second
+    // upgrade needs room: generation 1 is force-closed after drain_idle_grace, and its
+    // worker must really exit then, not at drain_timeout (60 s).
+    let started = Instant::now();
+    let out = baton.upgrade_wait().await;
+    let took = started.elapsed();
+    assert_eq!(out.code, Some(0), "{}", out.text());
+    assert!(
+        first.iter().all(|&p| !procfs::alive(p)),
+        "generation 1's worker is still alive:\n{}",
+        baton.log()
+    );
+    assert!(
+        took < Duration::from_secs(30),
+        "the upgrade waited {took:?}: the force-closed worker waited for its blocking handlers\n{}",
+        baton.log()
+    );
+    assert!(
+        baton.log().contains("force-closing draining generation 1"),
+        "{}",
+        baton.log()
+    );
+    eprintln!("second upgrade took {took:?} (drain_idle_grace 500ms)");
+    for request in slow {
+        request.abort();
+    }
+}

@@ -5,10 +5,11 @@
 
 use crate::config::{Config, ConfigError, PathContext, control_socket_lenient};
 use crate::control::{ControlSocket, Reply, Request};
+use crate::events::Event;
 use crate::listeners::{Activated, ListenerSet};
 use crate::notify::{Systemd, WorkerSocket};
 use crate::status::UpgradeResult;
-use crate::supervisor::{Event, Supervisor};
+use crate::supervisor::Supervisor;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use futures_util::StreamExt;

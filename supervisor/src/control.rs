@@ -5,8 +5,8 @@
 //! The server turns requests into [`Event`]s and never touches supervisor state itself.
 //! Peers are checked by their kernel-reported uid: root or the supervisor's own uid.
 
+use crate::events::Event;
 use crate::status::{StatusReport, UpgradeOutcome, UpgradeResult};
-use crate::supervisor::Event;
 use nix::sys::socket::{getsockopt, sockopt};
 use serde::{Deserialize, Serialize};
 use std::os::unix::fs::PermissionsExt;

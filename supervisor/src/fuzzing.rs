@@ -4,8 +4,8 @@
 
 use crate::config::{Config, PathContext};
 use crate::control::{Reply, answer};
+use crate::events::Event;
 use crate::status::{StatusReport, SupervisorInfo, UpgradeOutcome, UpgradeResult};
-use crate::supervisor::Event;
 use std::cell::RefCell;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -1,19 +1,18 @@
-//! A generation and its worker processes, as data.
+//! A generation's lifecycle states, what it runs ([`Artifacts`]), and its worker
+//! processes.
 //!
 //! [`GenerationState`] is the lifecycle: `Starting` → `Serving` → `Draining` → gone, or
-//! `Starting` → `Failed` → gone ("gone" = every worker reaped; the supervisor then drops
-//! the generation). This module owns the per-worker task that holds the child process,
-//! forwards its stderr and keeps the tail for failure reports; it never decides what a
-//! generation does next (the supervisor loop does).
+//! `Starting` → `Failed` → gone ("gone" = every worker reaped). This module owns the
+//! per-worker task that holds the child process, forwards its stderr and keeps the tail
+//! for failure reports; it never decides what a generation does next (`core` does).
 
 use crate::artifacts::WorkerBinary;
 use crate::config::Config;
-use crate::listeners::Listener;
-use baton_proto::Stats;
+use crate::core::Exit;
 use nix::sys::signal::Signal;
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::sync::mpsc;
 
@@ -49,52 +48,10 @@ impl GenerationState {
     }
 }
 
-/// One generation: one config, one worker binary, one listener set.
-#[derive(Debug)]
-pub struct Generation {
-    pub number: u64,
-    pub state: GenerationState,
-    pub started_at: SystemTime,
-    pub started: Instant,
-    pub config: Arc<Config>,
-    pub listeners: Vec<Arc<Listener>>,
-    pub settings_json: String,
-    pub plugins: Vec<crate::plugins::CachedPlugin>,
-    /// The cached worker binary the workers exec.
-    pub binary: WorkerBinary,
-    pub workers: Vec<WorkerSlot>,
-    pub restarts: u64,
-    /// Requests served by workers of this generation that have exited.
-    pub requests_of_exited: u64,
-    pub failure: Option<String>,
-    pub span: tracing::Span,
-    /// When it began serving.
-    pub promoted: Option<Instant>,
-    /// When it was told to drain.
-    pub draining_since: Option<Instant>,
-    /// Worker exits while serving, within `crash_loop_window` of `promoted`.
-    pub crashes_after_promotion: usize,
-    /// What to start again if this generation crash-loops after promotion: the
-    /// generation it replaced (never set for a generation that is itself a restore).
-    pub previous: Option<Arc<Artifacts>>,
-    /// This generation runs the exact artifacts of that generation, after a crash loop.
-    pub restored: Option<Restored>,
-}
-
-/// Why a generation runs an older generation's artifacts.
-#[derive(Debug, Clone)]
-pub struct Restored {
-    /// Whose artifacts.
-    pub from: u64,
-    /// The generation that crash-looped.
-    pub crashed: u64,
-    pub reason: String,
-}
-
-/// Everything a generation was started from: enough to start it again exactly.
+/// Everything a generation was started from: enough to start it again exactly. The
+/// checked cache files are held open for as long as this lives.
 #[derive(Debug)]
 pub struct Artifacts {
-    pub number: u64,
     pub config: Arc<Config>,
     pub binary: WorkerBinary,
     pub plugins: Vec<crate::plugins::CachedPlugin>,
@@ -103,32 +60,14 @@ pub struct Artifacts {
 impl Artifacts {
     /// The cached files.
     pub fn files(&self) -> impl Iterator<Item = &std::path::Path> {
-        cached_files(&self.binary, &self.plugins)
+        std::iter::once(self.binary.cached()).chain(self.plugins.iter().map(|p| p.artifact.path()))
     }
-}
-
-/// One worker position in a generation; a crashed worker is replaced in its slot.
-#[derive(Debug, Default)]
-pub struct WorkerSlot {
-    pub process: Option<WorkerProcess>,
-    pub ready: bool,
-    pub restarts: u64,
-    /// Crashes in a row without a stable run between them; drives the back-off.
-    pub crash_streak: u32,
-    /// The worker's last `STATUS=`, for failure reports.
-    pub status: Option<String>,
-    /// When a restart is due, while waiting out the back-off.
-    pub restart_at: Option<Instant>,
-    pub stats: Stats,
-    /// When the worker last reported `stats`.
-    pub stats_at: Option<Instant>,
 }
 
 /// A running worker process.
 #[derive(Debug)]
 pub struct WorkerProcess {
     pub pid: u32,
-    pub spawned: Instant,
     signals: mpsc::UnboundedSender<Signal>,
 }
 
@@ -137,90 +76,6 @@ impl WorkerProcess {
     /// while the child has not been reaped, so a recycled pid is never signalled.
     pub fn signal(&self, signal: Signal) {
         let _ = self.signals.send(signal);
-    }
-}
-
-/// The cache files of a worker binary and a plugin set.
-fn cached_files<'a>(
-    binary: &'a WorkerBinary,
-    plugins: &'a [crate::plugins::CachedPlugin],
-) -> impl Iterator<Item = &'a std::path::Path> {
-    std::iter::once(binary.cached()).chain(plugins.iter().map(|p| p.artifact.path()))
-}
-
-impl Generation {
-    /// The cache files this generation runs.
-    pub fn files(&self) -> impl Iterator<Item = &std::path::Path> {
-        cached_files(&self.binary, &self.plugins)
-    }
-
-    pub fn artifacts(&self) -> Artifacts {
-        Artifacts {
-            number: self.number,
-            config: self.config.clone(),
-            binary: self.binary.clone(),
-            plugins: self.plugins.clone(),
-        }
-    }
-
-    pub fn pids(&self) -> Vec<u32> {
-        self.workers
-            .iter()
-            .filter_map(|w| w.process.as_ref().map(|p| p.pid))
-            .collect()
-    }
-
-    pub fn all_ready(&self) -> bool {
-        self.workers.iter().all(|w| w.ready)
-    }
-
-    /// No worker process is left to reap.
-    pub fn is_empty(&self) -> bool {
-        self.workers.iter().all(|w| w.process.is_none())
-    }
-
-    pub fn signal_all(&self, signal: Signal) {
-        for p in self.workers.iter().filter_map(|w| w.process.as_ref()) {
-            p.signal(signal);
-        }
-    }
-
-    pub fn slot_of(&self, pid: u32) -> Option<usize> {
-        self.workers
-            .iter()
-            .position(|w| w.process.as_ref().is_some_and(|p| p.pid == pid))
-    }
-
-    pub fn connections(&self) -> u64 {
-        self.workers.iter().map(|w| w.stats.connections).sum()
-    }
-
-    pub fn requests(&self) -> u64 {
-        self.requests_of_exited + self.workers.iter().map(|w| w.stats.requests).sum::<u64>()
-    }
-}
-
-/// How a worker process ended.
-#[derive(Debug, Clone)]
-pub struct Exit {
-    pub pid: u32,
-    pub status: String,
-    pub stderr_tail: Vec<String>,
-}
-
-impl Exit {
-    /// "worker 12 exited (exit status: 3) WHEN", plus the stderr tail when there is one.
-    pub fn describe(&self, when: &str) -> String {
-        if self.stderr_tail.is_empty() {
-            format!("worker {} exited ({}) {when}", self.pid, self.status)
-        } else {
-            format!(
-                "worker {} exited ({}) {when}; stderr tail:\n{}",
-                self.pid,
-                self.status,
-                self.stderr_tail.join("\n")
-            )
-        }
     }
 }
 
@@ -260,11 +115,7 @@ pub fn watch(
         });
     };
     tokio::spawn(tracing::Instrument::instrument(task, span));
-    WorkerProcess {
-        pid,
-        spawned: Instant::now(),
-        signals: tx,
-    }
+    WorkerProcess { pid, signals: tx }
 }
 
 /// Copies the worker's stderr to ours line by line (so its log lines reach the same

@@ -77,7 +77,7 @@ fn read_plugin(path: &Path) -> Result<Scanned, String> {
         return Err(format!("plugin {}: is not a regular file", path.display()));
     }
     trust::check_owner_and_mode(path, &meta, "plugin")?;
-    if crate::sys::writers(file.as_fd()) == crate::sys::Writers::Some {
+    if baton_sys::lease::writers(file.as_fd()) == baton_sys::lease::Writers::Some {
         return Err(format!(
             "plugin {}: another process still has it open for writing; wait until it is \
              written whole (copy to a dotfile or *.tmp name, then rename it into place)",

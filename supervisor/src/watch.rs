@@ -7,8 +7,8 @@
 //! Dotfiles and names that are not `*.so` (such as `*.tmp`) are ignored. Whether the
 //! plugin set really changed is for the supervisor to decide, by hash.
 
+use crate::events::Event;
 use crate::plugins::is_plugin_name;
-use crate::supervisor::Event;
 use futures_util::StreamExt;
 use inotify::{Inotify, WatchMask};
 use std::path::{Path, PathBuf};
@@ -103,7 +103,8 @@ fn being_written(dir: &Path) -> Option<String> {
     names.sort();
     names.into_iter().find(|name| {
         std::fs::File::open(dir.join(name)).is_ok_and(|f| {
-            crate::sys::writers(std::os::fd::AsFd::as_fd(&f)) == crate::sys::Writers::Some
+            baton_sys::lease::writers(std::os::fd::AsFd::as_fd(&f))
+                == baton_sys::lease::Writers::Some
         })
     })
 }

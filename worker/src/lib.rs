@@ -82,7 +82,7 @@ fn run(env: env::WorkerEnv, notifier: &notify::Notifier) -> anyhow::Result<()> {
         .max_blocking_threads(settings.blocking_threads.max(1) + BLOCKING_SPARE)
         .enable_all()
         .build()?;
-    runtime.block_on(tracing::Instrument::instrument(
+    let served = runtime.block_on(tracing::Instrument::instrument(
         serve::serve(
             env.generation,
             settings,
@@ -92,7 +92,12 @@ fn run(env: env::WorkerEnv, notifier: &notify::Notifier) -> anyhow::Result<()> {
             notifier.clone(),
         ),
         span,
-    ))
+    ));
+    // Dropping the runtime would wait for every blocking handler still running (a forced
+    // close leaves them behind): the worker must exit now, so they are abandoned, and the
+    // process's exit ends their threads.
+    runtime.shutdown_background();
+    served
 }
 
 /// Blocking threads beyond the plugins' share, for the runtime's own blocking work.

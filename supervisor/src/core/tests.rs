@@ -1,0 +1,763 @@
+//! The core driven by input sequences, with a recording fake of the shell: every rule, the
+//! interleavings the end-to-end suites cannot reach, and property tests of the invariants.
+
+use super::*;
+use baton_proto::NotifyMessage;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+/// The artifact set a test generation runs: a label (generation 1's set is "a1", …).
+type Set = &'static str;
+
+fn limits(processes: usize, max_generations: usize) -> Limits {
+    Limits {
+        processes,
+        ready_timeout: Duration::from_secs(10),
+        drain_timeout: Duration::from_secs(30),
+        drain_idle_grace: Duration::from_secs(1),
+        crash_loop_window: Duration::from_secs(60),
+        crash_loop_exits: 3,
+        max_generations,
+    }
+}
+
+/// The shell, faked: it answers Prepare, Launch and Spawn at once (or as scripted), keeps
+/// the processes it started, and records everything else.
+struct Sim {
+    core: Core<Set>,
+    now: Instant,
+    limits: Limits,
+    /// What the next Prepare answers (default: a fresh set).
+    prepare: VecDeque<Result<Set, String>>,
+    launch_fails: bool,
+    spawn_fails: bool,
+    next_pid: u32,
+    /// Live worker processes: pid → generation.
+    alive: BTreeMap<u32, u64>,
+    /// Every signal sent: (pid, signal).
+    signals: Vec<(u32, Sig)>,
+    /// Answers per upgrade waiter.
+    answers: BTreeMap<WaiterId, Vec<UpgradeOutcome>>,
+    exits: Vec<(Vec<WaiterId>, Result<(), String>)>,
+    launched: Vec<(u64, Set)>,
+    systemd: Vec<Systemd>,
+    next_waiter: WaiterId,
+    sets: u32,
+}
+
+impl Sim {
+    fn new(processes: usize, max_generations: usize) -> Sim {
+        let now = Instant::now();
+        let mut sim = Sim {
+            core: Core::new(max_generations, now),
+            now,
+            limits: limits(processes, max_generations),
+            prepare: VecDeque::new(),
+            launch_fails: false,
+            spawn_fails: false,
+            next_pid: 100,
+            alive: BTreeMap::new(),
+            signals: Vec::new(),
+            answers: BTreeMap::new(),
+            exits: Vec::new(),
+            launched: Vec::new(),
+            systemd: Vec::new(),
+            next_waiter: 0,
+            sets: 0,
+        };
+        let first = sim.fresh_set();
+        sim.feed(Input::First(Ok((first, sim.limits.clone()))));
+        sim
+    }
+
+    /// Generation 1 serving.
+    fn serving(processes: usize, max_generations: usize) -> Sim {
+        let mut sim = Sim::new(processes, max_generations);
+        sim.ready(1);
+        assert_eq!(sim.state(1), Some(GenerationState::Serving));
+        sim
+    }
+
+    fn fresh_set(&mut self) -> Set {
+        self.sets += 1;
+        Box::leak(format!("a{}", self.sets).into_boxed_str())
+    }
+
+    fn feed(&mut self, input: Input<Set>) {
+        let mut inputs = VecDeque::from([input]);
+        while let Some(input) = inputs.pop_front() {
+            for effect in self.core.handle(self.now, input) {
+                if let Some(next) = self.perform(effect) {
+                    inputs.push_back(next);
+                }
+            }
+            self.check_invariants();
+        }
+    }
+
+    fn perform(&mut self, effect: Effect<Set>) -> Option<Input<Set>> {
+        match effect {
+            Effect::Prepare => {
+                let prepared = match self.prepare.pop_front() {
+                    Some(p) => p,
+                    None => Ok(self.fresh_set()),
+                };
+                Some(Input::Prepared(prepared.map(|a| (a, self.limits.clone()))))
+            }
+            Effect::Launch {
+                generation,
+                artifacts,
+            } => {
+                self.launched.push((generation, artifacts));
+                self.launch_fails.then(|| Input::LaunchFailed {
+                    generation,
+                    reason: "cannot listen".into(),
+                })
+            }
+            Effect::Spawn { generation, slot } => {
+                if !self.core.wants_spawn(generation, slot) {
+                    return None;
+                }
+                let result = if self.spawn_fails {
+                    Err("cannot execute".to_owned())
+                } else {
+                    self.next_pid += 1;
+                    self.alive.insert(self.next_pid, generation);
+                    Ok(self.next_pid)
+                };
+                Some(Input::Spawned {
+                    generation,
+                    slot,
+                    result,
+                })
+            }
+            Effect::Signal {
+                generation,
+                pid,
+                signal,
+            } => {
+                assert_eq!(
+                    self.alive.get(&pid),
+                    Some(&generation),
+                    "signal {signal:?} for pid {pid}, which is not a live worker of generation {generation}"
+                );
+                self.signals.push((pid, signal));
+                None
+            }
+            Effect::Answer { waiter, outcome } => {
+                self.answers.entry(waiter).or_default().push(outcome);
+                None
+            }
+            Effect::Exit { waiters, result } => {
+                self.exits.push((waiters, result));
+                None
+            }
+            Effect::Systemd(s) => {
+                self.systemd.push(s);
+                None
+            }
+            Effect::Forget { .. } | Effect::Prune | Effect::Watch { .. } => None,
+        }
+    }
+
+    fn check_invariants(&self) {
+        let states: Vec<GenerationState> = self.core.generations().map(|g| g.state).collect();
+        let count = |s| states.iter().filter(|&&x| x == s).count();
+        assert!(count(GenerationState::Serving) <= 1, "{states:?}");
+        assert!(count(GenerationState::Starting) <= 1, "{states:?}");
+        assert!(
+            states.len() <= self.limits.max_generations,
+            "{} generations alive, max {}",
+            states.len(),
+            self.limits.max_generations
+        );
+        for answers in self.answers.values() {
+            assert_eq!(answers.len(), 1, "a waiter answered twice: {answers:?}");
+        }
+        assert!(self.exits.len() <= 1, "exited twice");
+        // Every running slot is a live process of that generation.
+        for g in self.core.generations() {
+            for pid in g.pids() {
+                assert_eq!(self.alive.get(&pid), Some(&g.number), "pid {pid}");
+            }
+        }
+    }
+
+    fn upgrade(&mut self) -> WaiterId {
+        self.next_waiter += 1;
+        let waiter = self.next_waiter;
+        self.feed(Input::Upgrade {
+            source: "test",
+            waiter: Some(waiter),
+        });
+        waiter
+    }
+
+    fn stop(&mut self, fast: bool) -> WaiterId {
+        self.next_waiter += 1;
+        let waiter = self.next_waiter;
+        self.feed(Input::Stop {
+            fast,
+            source: "test",
+            waiter: Some(waiter),
+        });
+        waiter
+    }
+
+    fn ready(&mut self, generation: u64) {
+        for pid in self.pids(generation) {
+            self.feed(Input::Notify {
+                pid,
+                message: NotifyMessage {
+                    ready: true,
+                    ..NotifyMessage::default()
+                },
+            });
+        }
+    }
+
+    fn exit(&mut self, pid: u32) {
+        let generation = self.alive.remove(&pid).expect("a live pid");
+        self.feed(Input::WorkerExited {
+            generation,
+            exit: Exit {
+                pid,
+                status: "exit status: 1".into(),
+                stderr_tail: Vec::new(),
+            },
+        });
+    }
+
+    /// Every worker of `generation` exits (as after SIGTERM).
+    fn exit_all(&mut self, generation: u64) {
+        for pid in self.pids(generation) {
+            self.exit(pid);
+        }
+    }
+
+    fn advance(&mut self, by: Duration) {
+        self.now += by;
+        self.feed(Input::Tick);
+    }
+
+    fn pids(&self, generation: u64) -> Vec<u32> {
+        self.core
+            .generation(generation)
+            .map(|g| g.pids())
+            .unwrap_or_default()
+    }
+
+    fn state(&self, generation: u64) -> Option<GenerationState> {
+        self.core.generation(generation).map(|g| g.state)
+    }
+
+    fn answer(&self, waiter: WaiterId) -> &UpgradeOutcome {
+        let answers = &self.answers[&waiter];
+        assert_eq!(answers.len(), 1);
+        &answers[0]
+    }
+
+    fn signalled(&self, pid: u32, sig: Sig) -> bool {
+        self.signals.contains(&(pid, sig))
+    }
+
+    fn numbers(&self) -> Vec<u64> {
+        self.core.generations().map(|g| g.number).collect()
+    }
+}
+
+#[test]
+fn generation_1_serves_once_every_worker_is_ready() {
+    let mut sim = Sim::new(2, 4);
+    assert_eq!(sim.state(1), Some(GenerationState::Starting));
+    assert_eq!(sim.pids(1).len(), 2);
+    let first = sim.pids(1)[0];
+    sim.feed(Input::Notify {
+        pid: first,
+        message: NotifyMessage {
+            ready: true,
+            ..NotifyMessage::default()
+        },
+    });
+    assert_eq!(sim.state(1), Some(GenerationState::Starting));
+    sim.ready(1);
+    assert_eq!(sim.state(1), Some(GenerationState::Serving));
+    // READY=1 to systemd, no RELOADING for the first start, and no "last upgrade".
+    assert!(matches!(sim.systemd.as_slice(), [Systemd::Ready(_)]));
+    assert!(sim.core.last_upgrade().is_none());
+}
+
+#[test]
+fn an_upgrade_promotes_the_new_generation_and_drains_the_old_one() {
+    let mut sim = Sim::serving(2, 4);
+    let old = sim.pids(1);
+    let waiter = sim.upgrade();
+    assert!(matches!(sim.systemd.last(), Some(Systemd::Reloading(_))));
+    assert_eq!(sim.state(2), Some(GenerationState::Starting));
+    assert!(sim.answers.is_empty());
+    sim.ready(2);
+    assert_eq!(sim.answer(waiter).result, UpgradeResult::Succeeded);
+    assert_eq!(sim.state(1), Some(GenerationState::Draining));
+    assert!(old.iter().all(|&p| sim.signalled(p, Sig::Drain)));
+    assert_eq!(
+        sim.core
+            .generation(2)
+            .unwrap()
+            .previous
+            .as_ref()
+            .unwrap()
+            .number,
+        1
+    );
+    sim.exit_all(1);
+    assert_eq!(sim.numbers(), vec![2]);
+}
+
+#[test]
+fn upgrades_while_one_starts_are_coalesced_into_one_follow_up() {
+    let mut sim = Sim::serving(1, 4);
+    let first = sim.upgrade();
+    let (a, b) = (sim.upgrade(), sim.upgrade());
+    assert!(sim.core.upgrade_pending());
+    assert_eq!(sim.numbers(), vec![1, 2]);
+    sim.ready(2);
+    assert_eq!(sim.answer(first).result, UpgradeResult::Succeeded);
+    // The follow-up started generation 3 for both later requests.
+    assert_eq!(sim.state(3), Some(GenerationState::Starting));
+    assert!(!sim.answers.contains_key(&a));
+    sim.ready(3);
+    assert_eq!(sim.answer(a).generation, Some(3));
+    assert_eq!(sim.answer(b).generation, Some(3));
+    assert!(!sim.core.upgrade_pending());
+}
+
+#[test]
+fn a_failed_start_keeps_the_serving_generation_and_runs_the_follow_up() {
+    let mut sim = Sim::serving(1, 4);
+    let first = sim.upgrade();
+    let follow = sim.upgrade();
+    let pid = sim.pids(2)[0];
+    sim.exit(pid);
+    let answer = sim.answer(first);
+    assert_eq!(answer.result, UpgradeResult::RolledBack);
+    assert!(answer.reason.as_deref().unwrap().contains("before READY"));
+    assert_eq!(sim.state(1), Some(GenerationState::Serving));
+    assert_eq!(
+        sim.numbers(),
+        vec![1, 3],
+        "generation 2 reaped, the follow-up started"
+    );
+    sim.ready(3);
+    assert_eq!(sim.answer(follow).result, UpgradeResult::Succeeded);
+}
+
+#[test]
+fn a_refused_upgrade_uses_no_number_and_changes_nothing() {
+    let mut sim = Sim::serving(1, 4);
+    sim.prepare.push_back(Err("invalid config: line 3".into()));
+    let w = sim.upgrade();
+    assert_eq!(sim.answer(w).result, UpgradeResult::Refused);
+    assert!(
+        matches!(sim.systemd.last(), Some(Systemd::Ready(s)) if s.contains("refused: invalid config"))
+    );
+    sim.launch_fails = true;
+    let w = sim.upgrade();
+    assert_eq!(sim.answer(w).result, UpgradeResult::Refused);
+    assert_eq!(sim.numbers(), vec![1]);
+    sim.launch_fails = false;
+    sim.upgrade();
+    assert_eq!(sim.numbers(), vec![1, 2], "the number was not used up");
+}
+
+#[test]
+fn generation_1_failing_exits_with_the_reason() {
+    let mut sim = Sim::new(1, 4);
+    let pid = sim.pids(1)[0];
+    sim.exit(pid);
+    let (waiters, result) = &sim.exits[0];
+    assert!(waiters.is_empty());
+    assert!(
+        result
+            .as_ref()
+            .unwrap_err()
+            .contains("generation 1 failed to start")
+    );
+    // And a config that cannot be prepared at all.
+    let mut sim = Sim {
+        prepare: VecDeque::new(),
+        ..Sim::new(1, 4)
+    };
+    sim.core = Core::new(4, sim.now);
+    sim.exits.clear();
+    sim.feed(Input::First(Err("worker binary: not executable".into())));
+    assert!(
+        sim.exits[0]
+            .1
+            .as_ref()
+            .unwrap_err()
+            .contains("generation 1 could not start")
+    );
+}
+
+#[test]
+fn a_starting_generation_not_ready_in_time_is_rolled_back() {
+    let mut sim = Sim::serving(2, 4);
+    let w = sim.upgrade();
+    let pids = sim.pids(2);
+    sim.advance(Duration::from_secs(9));
+    assert!(!sim.answers.contains_key(&w));
+    sim.advance(Duration::from_secs(1));
+    let reason = sim.answer(w).reason.clone().unwrap();
+    assert!(
+        reason.contains("2 worker(s) not READY within ready_timeout (10s)"),
+        "{reason}"
+    );
+    assert!(pids.iter().all(|&p| sim.signalled(p, Sig::Kill)));
+    sim.exit_all(2);
+    assert_eq!(sim.numbers(), vec![1]);
+}
+
+#[test]
+fn max_generations_waits_for_room_then_force_closes_and_kills() {
+    let mut sim = Sim::serving(1, 2);
+    sim.upgrade();
+    sim.ready(2);
+    // Generation 1 drains with a long request: it stays.
+    let lingering = sim.pids(1)[0];
+    let w = sim.upgrade();
+    assert!(matches!(sim.core.mode(), Mode::WaitingForRoom { .. }));
+    assert_eq!(sim.numbers(), vec![1, 2]);
+    sim.advance(Duration::from_secs(1));
+    assert!(sim.signalled(lingering, Sig::ForceClose));
+    // A blocking handler keeps it alive: killed shortly after.
+    sim.advance(FORCE_CLOSE_KILL_AFTER);
+    assert!(sim.signalled(lingering, Sig::Kill));
+    sim.exit(lingering);
+    assert_eq!(sim.numbers(), vec![2, 3]);
+    sim.ready(3);
+    assert_eq!(sim.answer(w).generation, Some(3));
+}
+
+#[test]
+fn a_serving_worker_that_dies_is_replaced_after_a_growing_back_off() {
+    let mut sim = Sim::serving(1, 4);
+    let pid = sim.pids(1)[0];
+    sim.advance(STABLE_RUN);
+    sim.exit(pid);
+    let g = sim.core.generation(1).unwrap();
+    assert!(matches!(g.workers[0].state, SlotState::Backoff { .. }));
+    assert_eq!(g.restarts, 1);
+    sim.advance(RESTART_BACKOFF_FIRST);
+    let second = sim.pids(1)[0];
+    assert_ne!(second, pid);
+    // Not READY within ready_timeout: killed, and replaced again after a longer back-off.
+    sim.advance(Duration::from_secs(10));
+    assert!(sim.signalled(second, Sig::Kill));
+    sim.exit(second);
+    sim.advance(RESTART_BACKOFF_FIRST);
+    assert!(sim.pids(1).is_empty(), "the second back-off is longer");
+    sim.advance(RESTART_BACKOFF_FIRST);
+    assert_eq!(sim.pids(1).len(), 1);
+    assert_eq!(sim.core.generation(1).unwrap().workers[0].restarts, 2);
+}
+
+#[test]
+fn a_crash_loop_after_promotion_restores_the_previous_artifacts() {
+    let mut sim = Sim::serving(1, 4);
+    sim.upgrade();
+    sim.ready(2);
+    sim.exit_all(1);
+    for _ in 0..3 {
+        let pid = sim.pids(2)[0];
+        sim.exit(pid);
+        sim.advance(Duration::from_secs(1));
+        if sim.core.generation(2).is_some_and(|g| g.pids().is_empty()) {
+            sim.advance(RESTART_BACKOFF_MAX);
+        }
+    }
+    // Generation 3 runs generation 1's set ("a1"), not what is on disk now.
+    assert_eq!(sim.launched.last(), Some(&(3, "a1")));
+    let g3 = sim.core.generation(3).unwrap();
+    assert_eq!(g3.restored.as_ref().unwrap().from, 1);
+    sim.ready(3);
+    assert_eq!(sim.state(2), Some(GenerationState::Draining));
+    let last = sim.core.last_upgrade().unwrap();
+    assert_eq!(last.result, UpgradeResult::RolledBack);
+    assert!(
+        last.reason
+            .as_deref()
+            .unwrap()
+            .contains("generation 3 serves generation 1's artifacts")
+    );
+    // A restore has no rollback target of its own: no ping-pong.
+    assert!(sim.core.generation(3).unwrap().previous.is_none());
+}
+
+#[test]
+fn a_crash_loop_while_an_operator_upgrade_starts_is_not_rolled_back() {
+    let mut sim = Sim::serving(1, 4);
+    sim.upgrade();
+    sim.ready(2);
+    sim.exit_all(1);
+    let w = sim.upgrade();
+    for _ in 0..3 {
+        if let Some(&pid) = sim.pids(2).first() {
+            sim.exit(pid);
+        }
+        sim.advance(Duration::from_secs(1));
+    }
+    assert!(sim.core.generation(2).unwrap().crashes_after_promotion >= 3);
+    assert_eq!(
+        sim.launched.len(),
+        3,
+        "no restore launched: {:?}",
+        sim.launched
+    );
+    sim.ready(3);
+    assert_eq!(sim.answer(w).result, UpgradeResult::Succeeded);
+}
+
+#[test]
+fn a_follow_up_asked_during_a_deferred_restore_runs_after_it() {
+    let mut sim = Sim::serving(1, 2);
+    sim.upgrade();
+    sim.ready(2);
+    let lingering = sim.pids(1)[0]; // generation 1 still draining
+    for _ in 0..3 {
+        let pid = sim.pids(2)[0];
+        sim.exit(pid);
+        sim.advance(RESTART_BACKOFF_MAX);
+    }
+    // The restore of generation 1's artifacts waits for room (1 and 2 alive, max 2).
+    assert!(matches!(
+        sim.core.mode(),
+        Mode::WaitingForRoom {
+            start: Start::Restore(..),
+            ..
+        }
+    ));
+    let w = sim.upgrade();
+    assert!(!sim.answers.contains_key(&w));
+    sim.exit(lingering);
+    assert_eq!(sim.launched.last(), Some(&(3, "a1")));
+    sim.ready(3);
+    // Then the follow-up, with a fresh set, once the crashed generation is gone.
+    sim.exit_all(2);
+    assert_eq!(sim.state(4), Some(GenerationState::Starting));
+    assert_ne!(sim.launched.last().unwrap().1, "a1");
+    sim.ready(4);
+    assert_eq!(sim.answer(w).generation, Some(4));
+}
+
+#[test]
+fn a_stop_while_starting_refuses_the_waiters_and_drains_everything() {
+    let mut sim = Sim::serving(1, 4);
+    let starting = sim.upgrade();
+    let follow = sim.upgrade();
+    let stop = sim.stop(false);
+    assert_eq!(sim.answer(starting).result, UpgradeResult::Refused);
+    assert_eq!(sim.answer(follow).result, UpgradeResult::Refused);
+    assert!(
+        sim.pids(1)
+            .iter()
+            .chain(&sim.pids(2))
+            .all(|&p| sim.signalled(p, Sig::Drain))
+    );
+    // A worker of the starting generation says READY meanwhile: it is not promoted.
+    sim.ready(2);
+    assert_eq!(sim.state(2), Some(GenerationState::Draining));
+    let late = sim.upgrade();
+    assert_eq!(sim.answer(late).result, UpgradeResult::Refused);
+    sim.exit_all(1);
+    assert!(sim.exits.is_empty());
+    sim.exit_all(2);
+    assert_eq!(sim.exits, vec![(vec![stop], Ok(()))]);
+}
+
+#[test]
+fn a_fast_stop_kills_and_exits_even_with_workers_in_back_off() {
+    let mut sim = Sim::serving(2, 4);
+    let pids = sim.pids(1);
+    sim.exit(pids[0]);
+    let stop = sim.stop(true);
+    assert!(sim.signalled(pids[1], Sig::Kill));
+    sim.exit(pids[1]);
+    assert_eq!(sim.exits, vec![(vec![stop], Ok(()))]);
+}
+
+#[test]
+fn while_stopping_systemd_hears_the_stop_extended_until_the_drain_ends() {
+    let mut sim = Sim::serving(1, 4);
+    sim.stop(false);
+    assert!(matches!(sim.systemd.last(), Some(Systemd::Stopping(_, d)) if *d == EXTEND_STEP));
+    sim.advance(EXTEND_INTERVAL);
+    assert!(
+        matches!(sim.systemd.last(), Some(Systemd::ExtendTimeout(s, _)) if s.contains("generation 1 draining"))
+    );
+    sim.advance(Duration::from_secs(32));
+    assert!(
+        sim.signalled(sim.pids(1)[0], Sig::Kill),
+        "drain_timeout + margin"
+    );
+    sim.exit_all(1);
+    assert_eq!(sim.exits.len(), 1);
+}
+
+#[test]
+fn exits_in_every_state_and_timers_of_gone_generations_do_nothing() {
+    let mut sim = Sim::serving(1, 4);
+    // Failed: its ready timer is dropped with it.
+    sim.upgrade();
+    sim.feed(Input::Notify {
+        pid: sim.pids(2)[0],
+        message: NotifyMessage {
+            status: Some("failed: cannot load plugin".into()),
+            errno: Some(22),
+            ..NotifyMessage::default()
+        },
+    });
+    assert_eq!(sim.state(2), Some(GenerationState::Failed));
+    sim.exit_all(2);
+    assert_eq!(sim.numbers(), vec![1]);
+    let signals = sim.signals.len();
+    sim.advance(Duration::from_secs(60));
+    assert_eq!(sim.signals.len(), signals, "no timer of generation 2 acted");
+    // Draining: reaped when the last worker goes; its drain timer is dropped.
+    sim.upgrade();
+    sim.ready(3);
+    sim.exit_all(1);
+    assert_eq!(sim.numbers(), vec![3]);
+    assert!(sim.core.next_deadline().is_none_or(|d| d > sim.now));
+    // An exit of an unknown pid, or one reported twice, changes nothing.
+    sim.feed(Input::WorkerExited {
+        generation: 3,
+        exit: Exit {
+            pid: 1,
+            status: "?".into(),
+            stderr_tail: Vec::new(),
+        },
+    });
+    assert_eq!(sim.state(3), Some(GenerationState::Serving));
+}
+
+#[test]
+fn a_replacement_that_cannot_be_spawned_is_retried_with_back_off() {
+    let mut sim = Sim::serving(1, 4);
+    let pid = sim.pids(1)[0];
+    sim.exit(pid);
+    sim.spawn_fails = true;
+    sim.advance(RESTART_BACKOFF_FIRST);
+    let g = sim.core.generation(1).unwrap();
+    assert!(matches!(g.workers[0].state, SlotState::Backoff { .. }));
+    assert_eq!(g.workers[0].crash_streak, 2);
+    sim.spawn_fails = false;
+    sim.advance(RESTART_BACKOFF_MAX);
+    assert_eq!(sim.pids(1).len(), 1);
+}
+
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Upgrade,
+        Stop(bool),
+        Ready(u64),
+        ExitOne(usize),
+        ExitAll(u64),
+        Advance(u64),
+        Fail(usize),
+        PrepareFails,
+        SpawnFails(bool),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            4 => Just(Op::Upgrade),
+            1 => any::<bool>().prop_map(Op::Stop),
+            5 => (0u64..6).prop_map(Op::Ready),
+            3 => any::<usize>().prop_map(Op::ExitOne),
+            3 => (0u64..6).prop_map(Op::ExitAll),
+            4 => (0u64..40_000).prop_map(Op::Advance),
+            1 => any::<usize>().prop_map(Op::Fail),
+            1 => Just(Op::PrepareFails),
+            1 => any::<bool>().prop_map(Op::SpawnFails),
+        ]
+    }
+
+    fn apply(sim: &mut Sim, op: &Op) {
+        let newest = sim.numbers().last().copied().unwrap_or(0);
+        match *op {
+            Op::Upgrade => {
+                sim.upgrade();
+            }
+            Op::Stop(fast) => {
+                sim.stop(fast);
+            }
+            Op::Ready(back) => sim.ready(newest.saturating_sub(back)),
+            Op::ExitOne(i) => {
+                let pids: Vec<u32> = sim.alive.keys().copied().collect();
+                if !pids.is_empty() {
+                    sim.exit(pids[i % pids.len()]);
+                }
+            }
+            Op::ExitAll(back) => sim.exit_all(newest.saturating_sub(back)),
+            Op::Advance(ms) => sim.advance(Duration::from_millis(ms)),
+            Op::Fail(i) => {
+                let pids: Vec<u32> = sim.alive.keys().copied().collect();
+                if !pids.is_empty() {
+                    sim.feed(Input::Notify {
+                        pid: pids[i % pids.len()],
+                        message: NotifyMessage {
+                            status: Some("failed: boom".into()),
+                            ..NotifyMessage::default()
+                        },
+                    });
+                }
+            }
+            Op::PrepareFails => sim.prepare.push_back(Err("invalid config".into())),
+            Op::SpawnFails(fails) => sim.spawn_fails = fails,
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(400))]
+
+        /// Any sequence of events keeps the invariants (checked after every input by
+        /// `Sim::feed`), and once the supervisor is stopped and its workers are gone,
+        /// every waiter was answered exactly once and it exited once.
+        #[test]
+        fn random_event_sequences_keep_the_invariants(
+            ops in proptest::collection::vec(op(), 1..60),
+            max_generations in 2usize..5,
+            processes in 1usize..3,
+        ) {
+            let mut sim = Sim::new(processes, max_generations);
+            for op in &ops {
+                if !sim.exits.is_empty() {
+                    break; // the supervisor exited: nothing reaches it any more
+                }
+                apply(&mut sim, op);
+            }
+            sim.spawn_fails = false;
+            let stop = if sim.exits.is_empty() { Some(sim.stop(false)) } else { None };
+            for _ in 0..20 {
+                let pids: Vec<u32> = sim.alive.keys().copied().collect();
+                for pid in pids {
+                    sim.exit(pid);
+                }
+                sim.advance(Duration::from_secs(60));
+            }
+            prop_assert!(sim.alive.is_empty(), "workers left: {:?}", sim.alive);
+            prop_assert_eq!(sim.exits.len(), 1);
+            if let Some(stop) = stop {
+                prop_assert!(sim.exits[0].0.contains(&stop));
+            }
+            let waiters: BTreeSet<WaiterId> = (1..=sim.next_waiter).collect();
+            let stops: BTreeSet<WaiterId> = sim.exits[0].0.iter().copied().collect();
+            for w in waiters.difference(&stops) {
+                prop_assert_eq!(sim.answers.get(w).map(Vec::len), Some(1), "waiter {}", w);
+            }
+        }
+    }
+}
