@@ -188,6 +188,32 @@ async fn a_missing_worker_binary_fails_check() {
 }
 
 #[tokio::test]
+async fn an_unreadable_config_is_refused_saying_why_once() {
+    // A directory passes the owner and mode checks, then cannot be read.
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("baton.toml");
+    std::fs::create_dir(&config).unwrap();
+    for command in ["check", "run"] {
+        let out = tokio::time::timeout(WAIT, run_cli(&[command], &config))
+            .await
+            .expect("baton must exit");
+        assert_eq!(out.code, Some(1), "{command}: {}", out.text());
+        assert!(
+            out.stderr
+                .contains(&format!("cannot read {}: Is a directory", config.display())),
+            "{command}: {}",
+            out.text()
+        );
+        assert_eq!(
+            out.stderr.matches("Is a directory").count(),
+            1,
+            "{command}: {}",
+            out.text()
+        );
+    }
+}
+
+#[tokio::test]
 async fn clients_report_an_unreachable_supervisor_with_status_two() {
     let dir = tempfile::tempdir().unwrap();
     let config = write(dir.path(), &TestConfig::default().render());

@@ -23,14 +23,96 @@
 //! and every directory above it must pass [`crate::trust::check_dir`].
 
 use crate::config::Config;
-use crate::trust;
+use crate::trust::{self, TrustError};
 use nix::fcntl::{Flock, FlockArg};
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
+use std::io;
 use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use thiserror::Error;
+
+/// Why the artifact cache cannot give an artifact, or a held one may no longer be used.
+#[derive(Debug, Error)]
+pub enum CacheError {
+    /// The cache directory, or one above it, is not trusted.
+    #[error(transparent)]
+    Refused(#[from] TrustError),
+    #[error("artifact cache {}: cannot create: {error}", dir.display())]
+    CannotCreate { dir: PathBuf, error: io::Error },
+    #[error("artifact cache {}: cannot write {}: {error}", dir.display(), path.display())]
+    CannotWrite {
+        dir: PathBuf,
+        path: PathBuf,
+        error: io::Error,
+    },
+    #[error(
+        "artifact cache {}: cannot write {}: it keeps disappearing (another process prunes it)",
+        dir.display(),
+        path.display()
+    )]
+    KeepsDisappearing { dir: PathBuf, path: PathBuf },
+    /// A held artifact could not be looked at again.
+    #[error("{}: {error}", path.display())]
+    Unreadable { path: PathBuf, error: io::Error },
+    /// A held artifact was written in place since it was checked (see
+    /// [`Artifact::verify_unchanged`]).
+    #[error(
+        "{} was written over after it was checked: it hashes to {found} now",
+        path.display()
+    )]
+    WrittenOver { path: PathBuf, found: String },
+}
+
+/// Why `worker.path` cannot become a generation's worker binary.
+#[derive(Debug, Error)]
+pub enum WorkerBinaryError {
+    #[error("cannot execute worker {}: {error} (worker.path)", path.display())]
+    Unreadable { path: PathBuf, error: io::Error },
+    #[error("cannot execute worker {}: not a regular file (worker.path)", path.display())]
+    NotFile { path: PathBuf },
+    #[error(
+        "cannot execute worker {}: not executable (no x bit) (worker.path)",
+        path.display()
+    )]
+    NotExecutable { path: PathBuf },
+    /// It, or a directory above it, is not trusted.
+    #[error(transparent)]
+    Untrusted(#[from] TrustError),
+    /// Its copy could not be cached.
+    #[error(transparent)]
+    Cache(#[from] CacheError),
+    /// Its content changed while it was copied into the cache; this reaches the caller as
+    /// the [`CacheError::CannotWrite`] of that copy.
+    #[error("{} changed while it was being copied", path.display())]
+    ChangedWhileCopied { path: PathBuf },
+}
+
+/// Why a file found under an artifact's name in the cache is not used as it (it is
+/// written anew).
+#[derive(Debug, Error)]
+enum Untrusted {
+    #[error("it is a symlink")]
+    Symlink,
+    #[error("cannot open it: {0}")]
+    Open(io::Error),
+    #[error("it is not a regular file")]
+    NotFile,
+    #[error("owned by uid {uid}, not by the service's user (uid {me})")]
+    Owner { uid: u32, me: u32 },
+    #[error("mode {found:04o}, where the cache writes {mode:04o}")]
+    Mode { found: u32, mode: u32 },
+    #[error("{0}")]
+    Stat(io::Error),
+    #[error("{0}")]
+    Lock(nix::errno::Errno),
+    #[error("cannot read it: {0}")]
+    Read(io::Error),
+    #[error("its content hashes to {found}, not to its name")]
+    Hash { found: String },
+}
 
 /// A cache file, open read-only and checked on the open file: owned by Baton's user, not
 /// writable by anyone else, of the mode the cache gives it, and hashing to its name. A
@@ -63,11 +145,12 @@ impl Artifact {
     /// Fails if the open file was written since it was checked (only root or Baton's user
     /// can: `cp` over a cache file as root writes in place) and no longer hashes to its
     /// name. Cheap when it was not: one `fstat`.
-    pub fn verify_unchanged(&self) -> Result<(), String> {
-        let meta = self
-            .file
-            .metadata()
-            .map_err(|e| format!("{}: {e}", self.path.display()))?;
+    pub fn verify_unchanged(&self) -> Result<(), CacheError> {
+        let unreadable = |error| CacheError::Unreadable {
+            path: self.path.clone(),
+            error,
+        };
+        let meta = self.file.metadata().map_err(unreadable)?;
         if FileStamp::of(&meta) == self.stamp {
             return Ok(());
         }
@@ -75,15 +158,14 @@ impl Artifact {
             file: &self.file,
             at: 0,
         });
-        let (found, _) = trust::sha256_stream(&mut reader, &mut |_| Ok(()))
-            .map_err(|e| format!("{}: {e}", self.path.display()))?;
+        let (found, _) = trust::sha256_stream(&mut reader, &mut |_| Ok(())).map_err(unreadable)?;
         if found == self.hash {
             return Ok(());
         }
-        Err(format!(
-            "{} was written over after it was checked: it hashes to {found} now",
-            self.path.display()
-        ))
+        Err(CacheError::WrittenOver {
+            path: self.path.clone(),
+            found,
+        })
     }
 
     /// Whether its name in the cache still leads to it (nobody pruned or replaced it).
@@ -162,19 +244,20 @@ pub struct ArtifactCache {
 
 /// Checks that `path` can serve as the worker binary: an executable regular file, owned
 /// by root or this user, not writable by group or others, nor is any directory above it.
-pub fn check_worker_binary(path: &Path) -> Result<std::fs::Metadata, String> {
-    let cannot = |e: &dyn std::fmt::Display| {
-        format!(
-            "cannot execute worker {}: {e} (worker.path)",
-            path.display()
-        )
-    };
-    let meta = std::fs::metadata(path).map_err(|e| cannot(&e))?;
+pub fn check_worker_binary(path: &Path) -> Result<std::fs::Metadata, WorkerBinaryError> {
+    let meta = std::fs::metadata(path).map_err(|error| WorkerBinaryError::Unreadable {
+        path: path.to_owned(),
+        error,
+    })?;
     if !meta.is_file() {
-        return Err(cannot(&"not a regular file"));
+        return Err(WorkerBinaryError::NotFile {
+            path: path.to_owned(),
+        });
     }
     if meta.permissions().mode() & 0o111 == 0 {
-        return Err(cannot(&"not executable (no x bit)"));
+        return Err(WorkerBinaryError::NotExecutable {
+            path: path.to_owned(),
+        });
     }
     trust::check_owner_and_mode(path, &meta, "worker binary")?;
     trust::check_parents(path, "worker binary")?;
@@ -188,7 +271,7 @@ pub const BINARY_MODE: u32 = 0o555;
 
 impl ArtifactCache {
     /// Copies `worker.path` into the cache (if that content is not there yet) and holds it.
-    pub fn worker_binary(&mut self, config: &Config) -> Result<WorkerBinary, String> {
+    pub fn worker_binary(&mut self, config: &Config) -> Result<WorkerBinary, WorkerBinaryError> {
         let source = &config.worker.path;
         let dir = &config.plugins.cache_dir;
         let meta = check_worker_binary(source)?;
@@ -205,7 +288,10 @@ impl ArtifactCache {
         // Streamed, never read whole: a 40 MB buffer would stay in the supervisor's heap.
         let (hash, _) = File::open(source)
             .and_then(|mut f| trust::sha256_stream(&mut f, &mut |_| Ok(())))
-            .map_err(|e| format!("cannot execute worker {}: {e}", source.display()))?;
+            .map_err(|error| WorkerBinaryError::Unreadable {
+                path: source.to_owned(),
+                error,
+            })?;
         let artifact = self.acquire(
             dir,
             &format!("worker-{hash}"),
@@ -217,10 +303,11 @@ impl ArtifactCache {
                     trust::sha256_stream(&mut f, &mut |chunk| file.write_all(chunk))
                 })?;
                 if copied != hash {
-                    return Err(std::io::Error::other(format!(
-                        "{} changed while it was being copied",
-                        source.display()
-                    )));
+                    return Err(std::io::Error::other(
+                        WorkerBinaryError::ChangedWhileCopied {
+                            path: source.to_owned(),
+                        },
+                    ));
                 }
                 Ok(())
             },
@@ -242,7 +329,7 @@ impl ArtifactCache {
         hash: &str,
         bytes: &[u8],
         mode: u32,
-    ) -> Result<Arc<Artifact>, String> {
+    ) -> Result<Arc<Artifact>, CacheError> {
         use std::io::Write;
         self.acquire(dir, name, hash, mode, &mut |f| f.write_all(bytes))
     }
@@ -255,18 +342,13 @@ impl ArtifactCache {
         hash: &str,
         mode: u32,
         fill: &mut dyn FnMut(&mut File) -> std::io::Result<()>,
-    ) -> Result<Arc<Artifact>, String> {
+    ) -> Result<Arc<Artifact>, CacheError> {
         let dir = trust::absolute(dir);
         let path = dir.join(name);
-        let failed = |e: &dyn std::fmt::Display| {
-            format!(
-                "artifact cache {}: cannot write {}: {e}",
-                dir.display(),
-                path.display()
-            )
-        };
-        trust::create_dir(&dir)
-            .map_err(|e| format!("artifact cache {}: cannot create: {e}", dir.display()))?;
+        trust::create_dir(&dir).map_err(|error| CacheError::CannotCreate {
+            dir: dir.clone(),
+            error,
+        })?;
         trust::check_dir(
             &dir,
             "artifact cache",
@@ -294,7 +376,12 @@ impl ArtifactCache {
                     path.display()
                 ),
             }
-            let artifact = write_once(&path, hash, mode, fill).map_err(|e| failed(&e))?;
+            let artifact =
+                write_once(&path, hash, mode, fill).map_err(|error| CacheError::CannotWrite {
+                    dir: dir.clone(),
+                    path: path.clone(),
+                    error,
+                })?;
             // Checked like any other: a rename over it between write and lock shows here.
             if artifact.still_in_place() {
                 let artifact = Arc::new(artifact);
@@ -302,7 +389,7 @@ impl ArtifactCache {
                 return Ok(artifact);
             }
         }
-        Err(failed(&"it keeps disappearing (another process prunes it)"))
+        Err(CacheError::KeepsDisappearing { dir, path })
     }
 
     /// Whether this process holds `path`, and it is still in place.
@@ -352,7 +439,7 @@ impl ArtifactCache {
 /// symlink), owned by this user, of mode `mode` exactly, hashing to `hash`. `Ok(None)`
 /// when it is not there (or was pruned just now); `Err` says why an existing file is not
 /// trusted.
-fn adopt(path: &Path, hash: &str, mode: u32) -> Result<Option<Artifact>, String> {
+fn adopt(path: &Path, hash: &str, mode: u32) -> Result<Option<Artifact>, Untrusted> {
     let file = match std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
@@ -360,37 +447,34 @@ fn adopt(path: &Path, hash: &str, mode: u32) -> Result<Option<Artifact>, String>
     {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => return Err("it is a symlink".into()),
-        Err(e) => return Err(format!("cannot open it: {e}")),
+        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => return Err(Untrusted::Symlink),
+        Err(e) => return Err(Untrusted::Open(e)),
     };
-    let meta = file.metadata().map_err(|e| e.to_string())?;
+    let meta = file.metadata().map_err(Untrusted::Stat)?;
     if !meta.is_file() {
-        return Err("it is not a regular file".into());
+        return Err(Untrusted::NotFile);
     }
     if meta.uid() != trust::me() {
-        return Err(format!(
-            "owned by uid {}, not by the service's user (uid {})",
-            meta.uid(),
-            trust::me()
-        ));
+        return Err(Untrusted::Owner {
+            uid: meta.uid(),
+            me: trust::me(),
+        });
     }
     let found = meta.permissions().mode() & 0o7777;
     if found != mode {
-        return Err(format!(
-            "mode {found:04o}, where the cache writes {mode:04o}"
-        ));
+        return Err(Untrusted::Mode { found, mode });
     }
     // Waits if a pruner holds it exclusively: it does for a moment, while it removes it.
-    let lock = Flock::lock(file, FlockArg::LockShared).map_err(|(_, e)| e.to_string())?;
+    let lock = Flock::lock(file, FlockArg::LockShared).map_err(|(_, e)| Untrusted::Lock(e))?;
     // Locked, but pruned just before? Then it is gone from the directory.
-    if lock.metadata().map_err(|e| e.to_string())?.nlink() == 0 {
+    let meta = lock.metadata().map_err(Untrusted::Stat)?;
+    if meta.nlink() == 0 {
         return Ok(None);
     }
-    let stamp = FileStamp::of(&lock.metadata().map_err(|e| e.to_string())?);
-    let (found, _) = trust::sha256_stream(&mut &*lock, &mut |_| Ok(()))
-        .map_err(|e| format!("cannot read it: {e}"))?;
+    let stamp = FileStamp::of(&meta);
+    let (found, _) = trust::sha256_stream(&mut &*lock, &mut |_| Ok(())).map_err(Untrusted::Read)?;
     if found != hash {
-        return Err(format!("its content hashes to {found}, not to its name"));
+        return Err(Untrusted::Hash { found });
     }
     Ok(Some(Artifact {
         path: path.to_owned(),
@@ -588,7 +672,7 @@ mod tests {
         // A right file of the wrong mode (anyone could have written it).
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666)).unwrap();
         assert_eq!(
-            adopt(&path, &hash, PLUGIN_MODE).unwrap_err(),
+            adopt(&path, &hash, PLUGIN_MODE).unwrap_err().to_string(),
             "mode 0666, where the cache writes 0444"
         );
         let artifact = store(&mut ArtifactCache::default(), &dir, good);
@@ -610,11 +694,10 @@ mod tests {
         // Another user's file, as root can make one.
         if trust::me() == 0 {
             nix::unistd::chown(&path, Some(nix::unistd::Uid::from_raw(65534)), None).unwrap();
-            assert!(
-                adopt(&path, &hash, PLUGIN_MODE)
-                    .unwrap_err()
-                    .contains("uid 65534")
-            );
+            assert!(matches!(
+                adopt(&path, &hash, PLUGIN_MODE).unwrap_err(),
+                Untrusted::Owner { uid: 65534, .. }
+            ));
             let artifact = store(&mut ArtifactCache::default(), &dir, good);
             assert_eq!(std::fs::metadata(artifact.path()).unwrap().uid(), 0);
         }
@@ -646,7 +729,13 @@ mod tests {
         std::fs::write(artifact.path(), b"planted").unwrap();
         std::fs::set_permissions(artifact.path(), std::fs::Permissions::from_mode(0o444)).unwrap();
         let err = artifact.verify_unchanged().unwrap_err();
-        assert!(err.contains("written over after it was checked"), "{err}");
+        assert!(
+            matches!(&err, CacheError::WrittenOver { path, .. } if path == artifact.path())
+                && err
+                    .to_string()
+                    .contains("written over after it was checked"),
+            "{err}"
+        );
         let again = store(&mut cache, &dir, b"checked");
         assert_eq!(read_fd(&again), b"checked");
         assert_eq!(std::fs::read(again.path()).unwrap(), b"checked");
@@ -662,7 +751,12 @@ mod tests {
             .store(&base.join(".baton-cache"), "x.so", &hash, b"x", PLUGIN_MODE)
             .unwrap_err();
         assert!(
-            err.starts_with("artifact cache ") && err.contains("0777"),
+            matches!(
+                err,
+                CacheError::Refused(TrustError::UnsafeParent { ref dir, .. })
+                    if *dir == std::fs::canonicalize(&base).unwrap()
+            ) && err.to_string().starts_with("artifact cache ")
+                && err.to_string().contains("0777"),
             "{err}"
         );
         std::fs::remove_dir_all(&base).unwrap();

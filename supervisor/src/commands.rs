@@ -249,7 +249,7 @@ fn run(path: &Path, env: Env) -> anyhow::Result<ExitCode> {
     )?;
     baton_sys::inherit::cloexec_inherited();
     let ctx = env.path_context();
-    crate::trust::check_config(path).map_err(|e| anyhow::anyhow!(e))?;
+    crate::trust::check_config(path)?;
     let config = Config::load(path, &ctx)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -532,7 +532,7 @@ fn client(
         Ok(socket) => socket,
         Err(e) => {
             let e: &dyn std::fmt::Display = match &e {
-                ConfigError::Read { source, .. } => source,
+                ConfigError::Read { error, .. } => error,
                 other => other,
             };
             eprintln!(

@@ -36,10 +36,10 @@ pub struct PathContext {
 #[derive(Debug, Error)]
 pub enum ConfigError {
     /// The file could not be read.
-    #[error("cannot read {}: {source}", path.display())]
+    #[error("cannot read {}: {error}", path.display())]
     Read {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// The TOML did not parse, or a key is unknown or of the wrong type.
     #[error("{}:{line}: {message}", path.display())]
@@ -141,11 +141,7 @@ pub struct Config {
 impl Config {
     /// Reads and validates the file at `path`.
     pub fn load(path: &Path, ctx: &PathContext) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
-        Config::parse(&text, path, ctx)
+        Config::parse(&read(path)?, path, ctx)
     }
 
     /// Validates `text` as if read from `path`: the raw sections first (any TOML error,
@@ -180,14 +176,19 @@ impl Config {
     }
 }
 
+/// The text of the config file at `path`.
+fn read(path: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
+        path: path.to_owned(),
+        error,
+    })
+}
+
 /// Finds the control socket's path in a config that may not validate, so that `baton
 /// upgrade` can still reach the supervisor and let it report what is wrong. Fails only
 /// when the file cannot be read, or is not TOML at all.
 pub fn control_socket_lenient(path: &Path, ctx: &PathContext) -> Result<PathBuf, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-        path: path.to_owned(),
-        source,
-    })?;
+    let text = read(path)?;
     if let Ok(config) = Config::parse(&text, path, ctx) {
         return Ok(config.control_socket);
     }

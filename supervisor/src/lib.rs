@@ -3,6 +3,13 @@
 //! connection. The binary `baton` is a thin wrapper around [`commands::main`].
 //!
 //! No `unsafe` here: the system calls that need it are `baton_sys`'s.
+//!
+//! Errors: each concern returns its own `thiserror` enum (`config::ConfigError`,
+//! `listeners::ListenerError`, `trust::TrustError`, `artifacts::CacheError` and
+//! `WorkerBinaryError`, `plugins::PluginError`, `spawn::SpawnError`) whose variants carry
+//! the data and whose `#[error]` is the whole message a user reads, cause included. So a
+//! cause is kept as a field, never also as `source()`: `{:#}` prints it once. Only the
+//! commands use `anyhow`; the supervisor hands the core a message where it crosses into it.
 #![forbid(unsafe_code)]
 
 pub mod artifacts;

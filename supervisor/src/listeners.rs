@@ -10,10 +10,10 @@
 //! uses too.
 
 use crate::config::{Address, Config};
-use baton_sys::activation::{ActivationError, ListenFds, verify_listening};
+use baton_sys::activation::{ActivationError, ListenFds, NotListening, verify_listening};
 use socket2::{Domain, Socket, Type};
 use std::collections::HashMap;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::path::Path;
 use std::sync::{Arc, Weak};
 use thiserror::Error;
@@ -29,10 +29,45 @@ pub enum ListenerError {
         address: Address,
         error: std::io::Error,
     },
-    #[error("listener {name:?}: {message}")]
-    Unusable { name: String, message: String },
+    #[error("listener {name:?}: has no address and systemd passed no fd of that name")]
+    NoAddress { name: String },
+    /// A socket bound from the config is not one that can be served on.
+    #[error("listener {name:?}: {reason}")]
+    NotListening { name: String, reason: NotListening },
+    /// An fd systemd passed is not a listening stream socket.
+    #[error("listener {name:?}: fd {fd} from systemd: {reason}")]
+    Adopted {
+        name: String,
+        fd: RawFd,
+        reason: NotListening,
+    },
+    /// A listener taken over under a new name could not be duplicated.
+    #[error("listener {name:?}: dup: {error}")]
+    Dup { name: String, error: std::io::Error },
+    /// What `baton check` finds: `run` would refuse to start.
+    #[error(
+        "listener {name:?} (line {line}): {address} is in use by another process ({by}); \
+         baton run would refuse to start"
+    )]
+    InUse {
+        name: String,
+        line: usize,
+        address: Address,
+        by: Occupied,
+    },
     #[error("socket activation: {0}")]
-    Activation(String),
+    Activation(ActivationError),
+}
+
+/// What holds an address that [`probe`] found in use.
+#[derive(Debug, Error)]
+pub enum Occupied {
+    /// Binding it failed with `EADDRINUSE`.
+    #[error("{0}")]
+    Bound(std::io::Error),
+    /// A Unix socket that accepts a connection.
+    #[error("a process is accepting connections on it")]
+    Accepting,
 }
 
 /// Where a listener came from.
@@ -98,11 +133,10 @@ impl Activated {
         let fds = ListenFds::parse(count, listen_fdnames)
             .and_then(ListenFds::adopt)
             .map_err(|e| match e {
-                ActivationError::NotListening { name, fd, reason } => ListenerError::Unusable {
-                    name,
-                    message: format!("fd {fd} from systemd: {reason}"),
-                },
-                other => ListenerError::Activation(other.to_string()),
+                ActivationError::NotListening { name, fd, reason } => {
+                    ListenerError::Adopted { name, fd, reason }
+                }
+                other => ListenerError::Activation(other),
             })?;
         Ok(Self { fds })
     }
@@ -197,9 +231,9 @@ impl ListenerSet {
                         .iter()
                         .map(|fd| fd.try_clone())
                         .collect::<Result<_, _>>()
-                        .map_err(|e| ListenerError::Unusable {
+                        .map_err(|error| ListenerError::Dup {
                             name: l.name.clone(),
-                            message: format!("dup: {e}"),
+                            error,
                         })?,
                 }),
                 None => Arc::new(bind_listener(&l.name, l.address.as_ref())?),
@@ -235,9 +269,8 @@ impl ListenerSet {
 
 fn bind_listener(name: &str, address: Option<&Address>) -> Result<Listener, ListenerError> {
     let Some(address) = address else {
-        return Err(ListenerError::Unusable {
+        return Err(ListenerError::NoAddress {
             name: name.to_owned(),
-            message: "has no address and systemd passed no fd of that name".into(),
         });
     };
     let fd = bind(address).map_err(|error| ListenerError::Bind {
@@ -245,9 +278,9 @@ fn bind_listener(name: &str, address: Option<&Address>) -> Result<Listener, List
         address: address.clone(),
         error,
     })?;
-    verify_listening(fd.as_fd()).map_err(|e| ListenerError::Unusable {
+    verify_listening(fd.as_fd()).map_err(|reason| ListenerError::NotListening {
         name: name.to_owned(),
-        message: e.to_string(),
+        reason,
     })?;
     tracing::info!("listener {name:?}: bound {address} from the config");
     Ok(Listener {
@@ -268,7 +301,7 @@ pub fn probe(
     listener: &crate::config::ListenerConfig,
     activated: Option<&str>,
     under_systemd: bool,
-) -> Result<Option<String>, String> {
+) -> Result<Option<String>, ListenerError> {
     let name = &listener.name;
     if activated.is_some_and(|names| names.split(':').any(|n| n == name)) {
         return Ok(None);
@@ -278,41 +311,41 @@ pub fn probe(
             "listener {name:?} has no address: baton run takes it from systemd socket activation"
         )));
     };
-    let in_use = match address {
+    let by = match address {
         Address::Tcp(_) => match bind(address) {
             Ok(_) => return Ok(None),
-            Err(e) if e.raw_os_error() == Some(libc::EADDRINUSE) => e.to_string(),
+            Err(e) if e.raw_os_error() == Some(libc::EADDRINUSE) => Occupied::Bound(e),
             Err(e) if e.raw_os_error() == Some(libc::EACCES) => {
                 return Ok(Some(format!(
                     "listener {name:?}: binding {address} needs root or CAP_NET_BIND_SERVICE ({e}); \
                      the systemd unit grants it"
                 )));
             }
-            Err(e) => {
+            Err(error) => {
                 return Err(ListenerError::Bind {
                     name: name.clone(),
                     address: address.clone(),
-                    error: e,
-                }
-                .to_string());
+                    error,
+                });
             }
         },
         Address::Unix(path) => match std::os::unix::net::UnixStream::connect(path) {
-            Ok(_) => "a process is accepting connections on it".to_owned(),
+            Ok(_) => Occupied::Accepting,
             Err(_) => return Ok(None),
         },
     };
     if under_systemd {
         return Ok(Some(format!(
-            "listener {name:?}: {address} is in use ({in_use}); under systemd that is usually \
+            "listener {name:?}: {address} is in use ({by}); under systemd that is usually \
              the service's socket unit, which hands it to baton run"
         )));
     }
-    Err(format!(
-        "listener {name:?} (line {}): {address} is in use by another process ({in_use}); \
-         baton run would refuse to start",
-        listener.line
-    ))
+    Err(ListenerError::InUse {
+        name: name.clone(),
+        line: listener.line,
+        address: address.clone(),
+        by,
+    })
 }
 
 /// Binds and listens on `address`. The socket is close-on-exec; workers get a duplicate.

@@ -10,7 +10,7 @@
 //! runs in the child between `fork` and `exec` (placing the fds, clearing ambient
 //! capabilities) is `baton_sys::child`'s. It never forks bare.
 
-use crate::artifacts::WorkerBinary;
+use crate::artifacts::{CacheError, WorkerBinary};
 use crate::listeners::Listener;
 use crate::plugins::CachedPlugin;
 use baton_proto::{
@@ -18,9 +18,34 @@ use baton_proto::{
     LISTEN_FDS_START, PluginSpec,
 };
 use std::os::fd::{BorrowedFd, RawFd};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
+use thiserror::Error;
+
+/// Why a worker of a generation was not started.
+#[derive(Debug, Error)]
+pub enum SpawnError {
+    /// A checked file of its generation was written over since: it is not handed on.
+    #[error(transparent)]
+    Changed(#[from] CacheError),
+    #[error(
+        "cannot execute worker {} (cached as {}): {error}",
+        binary.display(),
+        cached.display()
+    )]
+    Exec {
+        binary: PathBuf,
+        cached: PathBuf,
+        error: std::io::Error,
+    },
+    /// The supervisor no longer has the generation (it ended meanwhile).
+    #[error("generation {generation} is gone")]
+    Gone { generation: u64 },
+    /// The generation's listeners and settings were never made (its launch failed).
+    #[error("generation {generation} was not launched")]
+    NotLaunched { generation: u64 },
+}
 
 /// Variables of systemd's that must not leak into a worker.
 const SYSTEMD_ONLY: &[&str] = &[
@@ -49,13 +74,22 @@ pub struct SpawnSpec<'a> {
 
 /// Forks and execs a worker. Its stderr is piped (the caller keeps a tail of it for
 /// failure reports); stdout is inherited; it runs in its own process group so that a
-/// terminal's Ctrl-C reaches only the supervisor, which then drains in order.
-pub fn spawn(spec: &SpawnSpec<'_>) -> std::io::Result<tokio::process::Child> {
+/// terminal's Ctrl-C reaches only the supervisor, which then drains in order. What was
+/// hashed is what runs: a binary or plugin written over since its check is not handed on.
+pub fn spawn(spec: &SpawnSpec<'_>) -> Result<tokio::process::Child, SpawnError> {
+    std::iter::once(&spec.binary.artifact)
+        .chain(spec.plugins.iter().map(|p| &p.artifact))
+        .try_for_each(|a| a.verify_unchanged())?;
+    let exec = |error| SpawnError::Exec {
+        binary: spec.binary.source.clone(),
+        cached: spec.binary.cached().to_owned(),
+        error,
+    };
     let n = spec.listeners.len() as RawFd;
     let names: Vec<&str> = spec.listeners.iter().map(|(name, _)| *name).collect();
     let mut fds: Vec<BorrowedFd<'_>> = spec.listeners.iter().map(|(_, fd)| *fd).collect();
     fds.push(spec.lifeline);
-    let mut cmd = worker_command(spec.binary, spec.plugins, fds)?;
+    let mut cmd = worker_command(spec.binary, spec.plugins, fds).map_err(exec)?;
     use std::os::unix::process::CommandExt;
     cmd.env("LISTEN_FDS", n.to_string())
         .env("LISTEN_FDNAMES", names.join(":"))
@@ -76,7 +110,7 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> std::io::Result<tokio::process::Child> {
     }
     let mut cmd = tokio::process::Command::from(cmd);
     cmd.kill_on_drop(false);
-    cmd.spawn()
+    cmd.spawn().map_err(exec)
 }
 
 /// The plugin specs a worker is told, each naming the fd its file will have: after the

@@ -10,14 +10,15 @@
 //! → `Input::Prepared` → `Effect::Launch` and `Effect::Spawn` per worker →
 //! [`Supervisor::spawn_worker`] → `spawn::spawn`.
 
-use crate::artifacts::ArtifactCache;
-use crate::config::{Config, PathContext};
+use crate::artifacts::{ArtifactCache, WorkerBinaryError};
+use crate::config::{Config, ConfigError, PathContext};
 use crate::core::{Core, Effect, Input, Limits, Sig, SlotState, Systemd as Say, WaiterId};
 use crate::events::Event;
 use crate::generation::{Artifacts, GenerationState, WorkerProcess};
 use crate::listeners::{Listener, ListenerSet};
 use crate::notify::{Systemd, WorkerSocket};
-use crate::spawn::{SpawnSpec, spawn};
+use crate::plugins::PluginError;
+use crate::spawn::{SpawnError, SpawnSpec, spawn};
 use crate::status::{
     GenerationInfo, ListenerInfo, STATUS_VERSION, StatusReport, SupervisorInfo, UpgradeOutcome,
     WorkerInfo, timestamp,
@@ -28,10 +29,23 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
+use thiserror::Error;
 use tokio::sync::{mpsc, oneshot};
 
 /// What the core holds for a generation: its artifacts, shared.
 type Set = Arc<Artifacts>;
+
+/// Why the next generation's artifacts could not be prepared. The core gets its message
+/// as the reason the upgrade (or generation 1) was refused.
+#[derive(Debug, Error)]
+enum PrepareError {
+    #[error("invalid config: {0}")]
+    Config(ConfigError),
+    #[error(transparent)]
+    WorkerBinary(#[from] WorkerBinaryError),
+    #[error(transparent)]
+    Plugins(#[from] PluginError),
+}
 
 /// A generation's resources, made when the core launches it.
 #[derive(Debug)]
@@ -103,7 +117,7 @@ impl Supervisor {
     ) -> Result<(), String> {
         self.sync_watcher(&config);
         let first = self.prepare_artifacts(Arc::new(config));
-        self.feed(Input::First(first));
+        self.feed(Input::First(first.map_err(|e| e.to_string())));
         loop {
             if let Some(result) = self.exit.take() {
                 return result;
@@ -187,7 +201,7 @@ impl Supervisor {
 
     fn perform(&mut self, effect: Effect<Set>) -> Option<Input<Set>> {
         match effect {
-            Effect::Prepare => Some(Input::Prepared(self.prepare())),
+            Effect::Prepare => Some(Input::Prepared(self.prepare().map_err(|e| e.to_string()))),
             Effect::Launch {
                 generation,
                 artifacts,
@@ -199,7 +213,9 @@ impl Supervisor {
                 Some(Input::Spawned {
                     generation,
                     slot,
-                    result: self.spawn_worker(generation, slot),
+                    result: self
+                        .spawn_worker(generation, slot)
+                        .map_err(|e| e.to_string()),
                 })
             }
             Effect::Signal {
@@ -261,14 +277,13 @@ impl Supervisor {
     }
 
     /// Reads the config again and prepares what the next generation runs.
-    fn prepare(&mut self) -> Result<(Set, Limits), String> {
-        let config = Config::load(&self.config_path, &self.ctx)
-            .map_err(|e| format!("invalid config: {e}"))?;
+    fn prepare(&mut self) -> Result<(Set, Limits), PrepareError> {
+        let config = Config::load(&self.config_path, &self.ctx).map_err(PrepareError::Config)?;
         self.prepare_artifacts(Arc::new(config))
     }
 
     /// Checks, hashes and caches the worker binary and the plugins of `config`.
-    fn prepare_artifacts(&mut self, config: Arc<Config>) -> Result<(Set, Limits), String> {
+    fn prepare_artifacts(&mut self, config: Arc<Config>) -> Result<(Set, Limits), PrepareError> {
         let binary = self.cache.worker_binary(&config)?;
         let plugins = crate::plugins::prepare(&config, &mut self.cache);
         baton_sys::memory::release_free_memory();
@@ -329,21 +344,17 @@ impl Supervisor {
     }
 
     /// Spawns the worker of `slot` in generation `number`.
-    fn spawn_worker(&mut self, number: u64, slot: usize) -> Result<u32, String> {
+    fn spawn_worker(&mut self, number: u64, slot: usize) -> Result<u32, SpawnError> {
         let g = self
             .core
             .generation(number)
-            .ok_or("the generation is gone")?;
+            .ok_or(SpawnError::Gone { generation: number })?;
         let artifacts = g.artifacts.clone();
         let span = g.span.clone();
         let launched = self
             .launched
             .get_mut(&number)
-            .ok_or("the generation was not launched")?;
-        // What was hashed is what runs: a file written over since is not handed on.
-        std::iter::once(&artifacts.binary.artifact)
-            .chain(artifacts.plugins.iter().map(|p| &p.artifact))
-            .try_for_each(|a| a.verify_unchanged())?;
+            .ok_or(SpawnError::NotLaunched { generation: number })?;
         let spec = SpawnSpec {
             binary: &artifacts.binary,
             plugins: &artifacts.plugins,
@@ -358,13 +369,7 @@ impl Supervisor {
             settings_json: &launched.settings_json,
             credentials: artifacts.config.worker.credentials.as_ref(),
         };
-        let child = spawn(&spec).map_err(|e| {
-            format!(
-                "cannot execute worker {} (cached as {}): {e}",
-                artifacts.binary.source.display(),
-                artifacts.binary.cached().display()
-            )
-        })?;
+        let child = spawn(&spec)?;
         let events = self.events.clone();
         let process = crate::generation::watch(child, span, move |exit| {
             let _ = events.send(Event::WorkerExited {

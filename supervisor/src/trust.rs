@@ -12,6 +12,7 @@
 use sha2::{Digest, Sha256};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use thiserror::Error;
 
 /// `bytes` in lowercase hex.
 pub fn hex(bytes: &[u8]) -> String {
@@ -57,27 +58,122 @@ pub fn me() -> u32 {
     nix::unistd::geteuid().as_raw()
 }
 
+/// Why a file or directory is not trusted. `what` names it in the message ("config",
+/// "plugin", "artifact cache", …) and `key` is the config key that sets it; each message
+/// says what was found and how to fix it.
+#[derive(Debug, Error)]
+pub enum TrustError {
+    #[error(
+        "{what} {}: owned by uid {uid}; it must belong to root or to the service's user (uid {me})",
+        path.display()
+    )]
+    Owner {
+        what: &'static str,
+        path: PathBuf,
+        uid: u32,
+        me: u32,
+    },
+    #[error(
+        "{what} {}: mode {mode:04o} is group- or world-writable; run chmod go-w on it",
+        path.display()
+    )]
+    Writable {
+        what: &'static str,
+        path: PathBuf,
+        mode: u32,
+    },
+    #[error(
+        "{what} {}: the directory above it, {}, {problem}, so another user could replace what \
+         is below it; run chown root {} and chmod go-w {} (or move {} to a directory only root \
+         or uid {me} can write)",
+        path.display(), dir.display(), dir.display(), dir.display(), path.display()
+    )]
+    UnsafeParent {
+        what: &'static str,
+        path: PathBuf,
+        dir: PathBuf,
+        problem: ParentProblem,
+        me: u32,
+    },
+    #[error("{what} {} is a symlink; point {key} at the real directory", path.display())]
+    Symlink {
+        what: &'static str,
+        path: PathBuf,
+        key: &'static str,
+    },
+    #[error(
+        "{what} {} is a symlink owned by uid {uid}; point {key} at the real directory",
+        path.display()
+    )]
+    ForeignSymlink {
+        what: &'static str,
+        path: PathBuf,
+        key: &'static str,
+        uid: u32,
+    },
+    #[error("{what} {} is not a directory ({key})", path.display())]
+    NotDirectory {
+        what: &'static str,
+        path: PathBuf,
+        key: &'static str,
+    },
+    /// `path` itself cannot be looked at.
+    #[error("{what} {}: {error}", path.display())]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        error: std::io::Error,
+    },
+    /// A trusted directory (set by `key`) cannot be looked at.
+    #[error("{what} {}: {error} ({key})", path.display())]
+    DirIo {
+        what: &'static str,
+        path: PathBuf,
+        key: &'static str,
+        error: std::io::Error,
+    },
+    /// A directory above `path` cannot be looked at.
+    #[error("{what} {}: directory {}: {error}", path.display(), dir.display())]
+    ParentIo {
+        what: &'static str,
+        path: PathBuf,
+        dir: PathBuf,
+        error: std::io::Error,
+    },
+}
+
+/// Why a directory above a trusted path is not safe.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
+pub enum ParentProblem {
+    #[error("is owned by uid {uid} (mode {mode:04o}), neither root nor the service's user")]
+    Stranger { uid: u32, mode: u32 },
+    #[error("has mode {mode:04o} (owner uid {uid}): writable by group or others and not sticky")]
+    Open { uid: u32, mode: u32 },
+}
+
 /// Fails unless `meta` (of `path`, a `what`) belongs to root or Baton's user and is not
 /// writable by group or others.
 pub fn check_owner_and_mode(
     path: &Path,
     meta: &std::fs::Metadata,
-    what: &str,
-) -> Result<(), String> {
+    what: &'static str,
+) -> Result<(), TrustError> {
     let me = me();
     if meta.uid() != 0 && meta.uid() != me {
-        return Err(format!(
-            "{what} {}: owned by uid {}; it must belong to root or to the service's user (uid {me})",
-            path.display(),
-            meta.uid()
-        ));
+        return Err(TrustError::Owner {
+            what,
+            path: path.to_owned(),
+            uid: meta.uid(),
+            me,
+        });
     }
     let mode = meta.permissions().mode() & 0o7777;
     if mode & 0o022 != 0 {
-        return Err(format!(
-            "{what} {}: mode {mode:04o} is group- or world-writable; run chmod go-w on it",
-            path.display()
-        ));
+        return Err(TrustError::Writable {
+            what,
+            path: path.to_owned(),
+            mode,
+        });
     }
     Ok(())
 }
@@ -85,58 +181,47 @@ pub fn check_owner_and_mode(
 /// Fails unless every directory above `path` up to `/` belongs to root or Baton's user
 /// and is not writable by group or others, or is sticky (`/tmp`). `what` names `path` in
 /// the message, which says which directory failed, what was found and the fix.
-pub fn check_parents(path: &Path, what: &str) -> Result<(), String> {
-    let absolute =
-        std::path::absolute(path).map_err(|e| format!("{what} {}: {e}", path.display()))?;
+pub fn check_parents(path: &Path, what: &'static str) -> Result<(), TrustError> {
+    let absolute = std::path::absolute(path).map_err(|error| TrustError::Io {
+        what,
+        path: path.to_owned(),
+        error,
+    })?;
     let Some(parent) = absolute.parent() else {
         return Ok(());
     };
+    let parent_io = |dir: &Path, error| TrustError::ParentIo {
+        what,
+        path: path.to_owned(),
+        dir: dir.to_owned(),
+        error,
+    };
     // Resolved, so a symlinked parent (/var/run → /run) is judged by what it points at.
-    let parent = std::fs::canonicalize(parent).map_err(|e| {
-        format!(
-            "{what} {}: directory {}: {e}",
-            path.display(),
-            parent.display()
-        )
-    })?;
+    let parent = std::fs::canonicalize(parent).map_err(|e| parent_io(parent, e))?;
     for dir in parent.ancestors() {
-        let meta = std::fs::metadata(dir).map_err(|e| {
-            format!(
-                "{what} {}: directory {}: {e}",
-                path.display(),
-                dir.display()
-            )
-        })?;
+        let meta = std::fs::metadata(dir).map_err(|e| parent_io(dir, e))?;
         if let Some(problem) = parent_problem(meta.uid(), meta.permissions().mode(), me()) {
-            return Err(format!(
-                "{what} {}: the directory above it, {}, {problem}, so another user could \
-                 replace what is below it; run chown root {} and chmod go-w {} (or move {} \
-                 to a directory only root or uid {} can write)",
-                path.display(),
-                dir.display(),
-                dir.display(),
-                dir.display(),
-                path.display(),
-                me()
-            ));
+            return Err(TrustError::UnsafeParent {
+                what,
+                path: path.to_owned(),
+                dir: dir.to_owned(),
+                problem,
+                me: me(),
+            });
         }
     }
     Ok(())
 }
 
 /// Why a directory above a trusted path is not safe, if it is not.
-fn parent_problem(uid: u32, mode: u32, me: u32) -> Option<String> {
+fn parent_problem(uid: u32, mode: u32, me: u32) -> Option<ParentProblem> {
     let mode = mode & 0o7777;
     if uid != 0 && uid != me {
-        return Some(format!(
-            "is owned by uid {uid} (mode {mode:04o}), neither root nor the service's user"
-        ));
+        return Some(ParentProblem::Stranger { uid, mode });
     }
     let sticky = mode & 0o1000 != 0;
     if mode & 0o022 != 0 && !sticky {
-        return Some(format!(
-            "has mode {mode:04o} (owner uid {uid}): writable by group or others and not sticky"
-        ));
+        return Some(ParentProblem::Open { uid, mode });
     }
     None
 }
@@ -155,33 +240,45 @@ pub enum Link {
 /// Checks a directory whose content Baton trusts (a `what`, set by the config key `key`):
 /// a directory owned by root or Baton's user, not writable by group or others, and every
 /// directory above it as [`check_parents`] says.
-pub fn check_dir(dir: &Path, what: &str, key: &str, link: Link) -> Result<(), String> {
-    let meta = std::fs::symlink_metadata(dir)
-        .map_err(|e| format!("{what} {}: {e} ({key})", dir.display()))?;
+pub fn check_dir(
+    dir: &Path,
+    what: &'static str,
+    key: &'static str,
+    link: Link,
+) -> Result<(), TrustError> {
+    let dir_io = |error| TrustError::DirIo {
+        what,
+        path: dir.to_owned(),
+        key,
+        error,
+    };
+    let meta = std::fs::symlink_metadata(dir).map_err(dir_io)?;
     if meta.file_type().is_symlink() {
         if link == Link::Refuse {
-            return Err(format!(
-                "{what} {} is a symlink; point {key} at the real directory",
-                dir.display()
-            ));
+            return Err(TrustError::Symlink {
+                what,
+                path: dir.to_owned(),
+                key,
+            });
         }
         if meta.uid() != 0 && meta.uid() != me() {
-            return Err(format!(
-                "{what} {} is a symlink owned by uid {}; point {key} at the real directory",
-                dir.display(),
-                meta.uid()
-            ));
+            return Err(TrustError::ForeignSymlink {
+                what,
+                path: dir.to_owned(),
+                key,
+                uid: meta.uid(),
+            });
         }
         check_parents(dir, what)?;
-        let real = std::fs::canonicalize(dir)
-            .map_err(|e| format!("{what} {}: {e} ({key})", dir.display()))?;
+        let real = std::fs::canonicalize(dir).map_err(dir_io)?;
         return check_dir(&real, what, key, Link::Refuse);
     }
     if !meta.is_dir() {
-        return Err(format!(
-            "{what} {} is not a directory ({key})",
-            dir.display()
-        ));
+        return Err(TrustError::NotDirectory {
+            what,
+            path: dir.to_owned(),
+            key,
+        });
     }
     check_owner_and_mode(dir, &meta, what)?;
     check_parents(dir, what)
@@ -189,8 +286,12 @@ pub fn check_dir(dir: &Path, what: &str, key: &str, link: Link) -> Result<(), St
 
 /// Checks the config file: it decides which binary runs and as whom, so it gets the rules
 /// of any trusted file, and so does every directory above it.
-pub fn check_config(path: &Path) -> Result<(), String> {
-    let meta = std::fs::metadata(path).map_err(|e| format!("config {}: {e}", path.display()))?;
+pub fn check_config(path: &Path) -> Result<(), TrustError> {
+    let meta = std::fs::metadata(path).map_err(|error| TrustError::Io {
+        what: "config",
+        path: path.to_owned(),
+        error,
+    })?;
     check_owner_and_mode(&absolute(path), &meta, "config")?;
     check_parents(path, "config")
 }
@@ -267,15 +368,31 @@ mod tests {
         assert_eq!(parent_problem(me, 0o40700, me), None);
         assert_eq!(parent_problem(0, 0o41777, me), None, "/tmp");
         let open = parent_problem(0, 0o40777, me).unwrap();
-        assert!(
-            open.contains("0777") && open.contains("not sticky"),
-            "{open}"
+        assert_eq!(
+            open,
+            ParentProblem::Open {
+                uid: 0,
+                mode: 0o777
+            }
+        );
+        assert_eq!(
+            open.to_string(),
+            "has mode 0777 (owner uid 0): writable by group or others and not sticky"
         );
         assert!(parent_problem(0, 0o40775, me).is_some(), "group-writable");
         let stranger = parent_problem(65534, 0o40755, me).unwrap();
-        assert!(stranger.contains("uid 65534"), "{stranger}");
+        assert_eq!(
+            stranger.to_string(),
+            "is owned by uid 65534 (mode 0755), neither root nor the service's user"
+        );
         // Sticky does not excuse a stranger's directory: its owner can still swap entries.
-        assert!(parent_problem(65534, 0o41777, me).is_some());
+        assert_eq!(
+            parent_problem(65534, 0o41777, me),
+            Some(ParentProblem::Stranger {
+                uid: 65534,
+                mode: 0o1777
+            })
+        );
     }
 
     #[test]
@@ -288,8 +405,9 @@ mod tests {
         std::fs::set_permissions(&base, std::fs::Permissions::from_mode(0o700)).unwrap();
         check_dir(&inner, "artifact cache", "plugins.cache_dir", Link::Follow).unwrap();
         std::fs::set_permissions(&base, std::fs::Permissions::from_mode(0o777)).unwrap();
-        let err =
-            check_dir(&inner, "artifact cache", "plugins.cache_dir", Link::Follow).unwrap_err();
+        let err = check_dir(&inner, "artifact cache", "plugins.cache_dir", Link::Follow)
+            .unwrap_err()
+            .to_string();
         assert!(
             err.contains(&format!("the directory above it, {}", base.display()))
                 && err.contains("0777")
@@ -298,8 +416,9 @@ mod tests {
         );
         std::fs::set_permissions(&base, std::fs::Permissions::from_mode(0o700)).unwrap();
         std::fs::set_permissions(&inner, std::fs::Permissions::from_mode(0o757)).unwrap();
-        let err =
-            check_dir(&inner, "artifact cache", "plugins.cache_dir", Link::Follow).unwrap_err();
+        let err = check_dir(&inner, "artifact cache", "plugins.cache_dir", Link::Follow)
+            .unwrap_err()
+            .to_string();
         assert!(
             err.contains("0757") && err.contains("world-writable"),
             "{err}"
