@@ -13,7 +13,7 @@ pub mod defaults;
 mod sections;
 mod values;
 
-use baton_proto::{HttpSettings, PluginSpec, WorkerSettings};
+use baton_proto::{HttpSettings, PluginSpec, WebSocketSettings, WorkerSettings};
 use sections::Raw;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -93,6 +93,8 @@ pub struct WorkerConfig {
     pub ready_timeout: Duration,
     pub drain_timeout: Duration,
     pub drain_idle_grace: Duration,
+    /// Long-lived connections of a draining generation close spread over this.
+    pub drain_spread: Duration,
     pub max_generations: usize,
     pub blocking_threads: usize,
     /// A generation whose workers exit `crash_loop_exits` times within `crash_loop_window`
@@ -135,6 +137,7 @@ pub struct Config {
     pub worker: WorkerConfig,
     pub plugins: PluginsConfig,
     pub http: HttpSettings,
+    pub websocket: WebSocketSettings,
     pub control_socket: PathBuf,
 }
 
@@ -157,6 +160,7 @@ impl Config {
             worker: raw.worker.validate(&v, ctx)?,
             plugins: raw.plugins.validate(&v, &base, ctx)?,
             http: raw.http.validate(&v)?,
+            websocket: raw.websocket.validate(&v)?,
             control_socket: raw.control.validate(&v, &base, ctx)?,
         })
     }
@@ -167,6 +171,8 @@ impl Config {
             threads: self.worker.threads,
             drain_timeout_ms: millis(self.worker.drain_timeout),
             drain_idle_grace_ms: millis(self.worker.drain_idle_grace),
+            drain_spread_ms: millis(self.worker.drain_spread.min(self.worker.drain_timeout)),
+            websocket: self.websocket.clone(),
             http: self.http.clone(),
             blocking_threads: self.worker.blocking_threads,
             plugins,

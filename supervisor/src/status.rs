@@ -52,6 +52,12 @@ pub struct GenerationInfo {
     pub connections: u64,
     /// Requests served by the generation's workers, including exited ones.
     pub requests: u64,
+    /// Open WebSocket connections, as last reported by the workers.
+    #[serde(default)]
+    pub websockets: u64,
+    /// Streamed (deferred) answers under way, as last reported by the workers.
+    #[serde(default)]
+    pub streams: u64,
     pub workers: Vec<WorkerInfo>,
     /// The plugin files the generation loaded, with their SHA-256.
     pub plugins: Vec<PluginInfo>,
@@ -167,7 +173,7 @@ impl StatusReport {
         for g in &self.generations {
             let _ = writeln!(
                 out,
-                "generation {:<4} {:<9} since {} ({}s)  pids {:?}  restarts {}  connections {}  requests {}",
+                "generation {:<4} {:<9} since {} ({}s)  pids {:?}  restarts {}  connections {}  requests {}{}",
                 g.number,
                 g.state,
                 g.started_at,
@@ -175,7 +181,12 @@ impl StatusReport {
                 g.pids,
                 g.restarts,
                 g.connections,
-                g.requests
+                g.requests,
+                if g.websockets + g.streams > 0 {
+                    format!("  websockets {}  streams {}", g.websockets, g.streams)
+                } else {
+                    String::new()
+                }
             );
             for w in &g.workers {
                 let backoff = w

@@ -499,6 +499,8 @@ impl Supervisor {
                     restarts: g.restarts,
                     connections: g.connections(),
                     requests: g.requests(),
+                    websockets: g.websockets(),
+                    streams: g.streams(),
                     failure: g.failure.clone(),
                     worker: Some(crate::status::BinaryInfo {
                         path: g.artifacts.binary.source.display().to_string(),

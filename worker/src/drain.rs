@@ -56,6 +56,19 @@ impl DrainWatch {
     }
 }
 
+/// When, within the drain's spread window, the long-lived connection `key` (a WebSocket,
+/// a streamed answer) is closed: spread evenly by a hash of the key, so that the clients
+/// of a draining generation reconnect over `window` rather than all at once.
+#[allow(dead_code)] // used by the WebSocket and stream drains being written
+pub fn spread_offset(key: u64, window: std::time::Duration) -> std::time::Duration {
+    // splitmix64: consecutive keys land far apart.
+    let mut z = key.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^= z >> 31;
+    window.mul_f64((z >> 11) as f64 / (1u64 << 53) as f64)
+}
+
 /// Counts open connections; the drain is over when the count reaches zero.
 #[derive(Debug, Default)]
 pub struct Connections {
@@ -100,6 +113,26 @@ impl Drop for ConnectionGuard {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn spread_offsets_cover_the_window_evenly() {
+        let window = std::time::Duration::from_secs(10);
+        let mut buckets = [0u32; 10];
+        for key in 0..10_000u64 {
+            let at = spread_offset(key, window);
+            assert!(at < window);
+            buckets[(at.as_secs_f64()) as usize] += 1;
+        }
+        // 1,000 expected per second of the window; none far off.
+        assert!(
+            buckets.iter().all(|&n| (800..1200).contains(&n)),
+            "{buckets:?}"
+        );
+        assert_eq!(
+            spread_offset(7, std::time::Duration::ZERO),
+            std::time::Duration::ZERO
+        );
+    }
 
     #[tokio::test]
     async fn phase_only_moves_forward() {

@@ -31,6 +31,10 @@ pub(crate) struct Shared {
     pub(crate) plugin_calls: Arc<AtomicUsize>,
     /// The drain began: HTTP/1 responses carry `Connection: close`.
     pub(crate) closing: AtomicBool,
+    /// WebSocket connections open right now.
+    pub(crate) websockets: AtomicU64,
+    /// Streamed (deferred) answers under way right now.
+    pub(crate) streams: AtomicU64,
 }
 
 impl Shared {
@@ -48,6 +52,8 @@ impl Shared {
             blocking,
             plugin_calls: Arc::new(AtomicUsize::new(0)),
             closing: AtomicBool::new(false),
+            websockets: AtomicU64::new(0),
+            streams: AtomicU64::new(0),
             generation,
             pid: std::process::id(),
             http1: http1_builder(&settings),
@@ -64,6 +70,8 @@ impl Shared {
         Stats {
             connections: self.connections.count(),
             requests: self.requests.sum(),
+            websockets: self.websockets.load(Ordering::Relaxed),
+            streams: self.streams.load(Ordering::Relaxed),
         }
     }
 }

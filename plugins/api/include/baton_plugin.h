@@ -1,5 +1,5 @@
 /*
- * baton_plugin.h - the Baton plugin ABI, version 1.0, for plugins written in C.
+ * baton_plugin.h - the Baton plugin ABI, version 1.1, for plugins written in C.
  *
  * Mirrors plugins/api/src/abi.rs field for field; a test compiles this header and checks
  * every size and offset against the Rust definitions.
@@ -15,6 +15,14 @@
  * All baton_str_t views passed to a callback are valid only during that call. Build the
  * response with the host's functions; never free memory the host gave you.
  * handle() may run on several threads at once.
+ *
+ * 1.1 appends (a 1.0 plugin sees none of it): deferred and streamed answers (host->defer
+ * and the stream_* functions), streamed request bodies (BATON_ROUTE_STREAM_BODY and the
+ * body_* functions), WebSocket routes (BATON_ROUTE_WEBSOCKET with ws_open, ws_message,
+ * ws_close, and host->ws_send / host->ws_close) and on_drain. Streams, bodies and
+ * WebSocket connections are baton_handle_t numbers that are never reused: a handle used
+ * after its stream or connection ended is harmless (the call returns BATON_E_CLOSED).
+ * See plugins/api/src/abi.rs for what each function does.
  */
 #ifndef BATON_PLUGIN_H
 #define BATON_PLUGIN_H
@@ -29,7 +37,7 @@ extern "C" {
 /* "BATONPL1" read as a little-endian 64-bit integer. */
 #define BATON_PLUGIN_MAGIC UINT64_C(0x314C504E4F544142)
 #define BATON_ABI_MAJOR 1u
-#define BATON_ABI_MINOR 0u
+#define BATON_ABI_MINOR 1u
 #define BATON_ENTRY_POINT "baton_plugin_v1"
 
 /* flags: handlers never block; run them inline (otherwise: on a bounded thread pool). */
@@ -43,6 +51,29 @@ extern "C" {
 #define BATON_DELETE  (1u << 4)
 #define BATON_PATCH   (1u << 5)
 #define BATON_OPTIONS (1u << 6)
+
+/* 1.1: streams, bodies and WebSocket connections; 0 is no handle. */
+typedef uint64_t baton_handle_t;
+
+/* 1.1 return codes of the stream, body and WebSocket functions. */
+#define BATON_OK             INT64_C(0)
+#define BATON_E_INVALID      INT64_C(-1)  /* arguments refused; a blocking call on a host thread */
+#define BATON_E_WOULD_BLOCK  INT64_C(-2)  /* no room / no data yet: wait for the callback */
+#define BATON_E_CLOSED       INT64_C(-3)  /* client gone, stream ended, unknown handle */
+#define BATON_E_TOO_LARGE    INT64_C(-4)  /* body past the route's limit */
+#define BATON_E_STATE        INT64_C(-5)  /* not in this state (header after the head, ...) */
+
+/* 1.1 flags for stream_write and body_read: wait for room or data (not on host threads). */
+#define BATON_WRITE_BLOCK 1u
+
+/* 1.1 route kinds and flags (baton_route_ext_t). */
+#define BATON_ROUTE_HTTP        0u
+#define BATON_ROUTE_WEBSOCKET   1u
+#define BATON_ROUTE_STREAM_BODY 1u
+
+/* 1.1 WebSocket message kinds. */
+#define BATON_WS_TEXT   1u
+#define BATON_WS_BINARY 2u
 
 /* A borrowed view of bytes; ptr may be NULL when len is 0. */
 typedef struct baton_str {
@@ -69,6 +100,13 @@ typedef struct baton_route {
     const char *path;
 } baton_route_t;
 
+/* 1.1: more about each route, an array parallel to the routes (or NULL). */
+typedef struct baton_route_ext {
+    uint32_t kind;                /* BATON_ROUTE_HTTP or BATON_ROUTE_WEBSOCKET */
+    uint32_t flags;               /* BATON_ROUTE_STREAM_BODY or 0 */
+    uint64_t max_body_bytes;      /* 0: the configured limit (body, or WebSocket message) */
+} baton_route_ext_t;
+
 /* A request, borrowed for one handle() call. */
 typedef struct baton_request {
     uint32_t struct_size;
@@ -84,10 +122,16 @@ typedef struct baton_request {
     uint64_t generation;          /* generation of the serving worker */
     uint32_t worker_pid;
     uint32_t reserved;
+    /* 1.1 */
+    baton_handle_t body_stream;   /* BATON_ROUTE_STREAM_BODY routes: the body as a stream */
 } baton_request_t;
 
 typedef struct baton_response baton_response_t; /* opaque, owned by the host */
 typedef struct baton_error baton_error_t;       /* opaque, owned by the host */
+
+/* 1.1: called once, on a host thread, when a stream has room / a body has data (or
+ * either ended). Must not block. */
+typedef void (*baton_notify_fn)(void *user, baton_handle_t handle);
 
 /* Host functions; each returns 0, or a negative number if the arguments were refused
  * (the request is then answered with 500). */
@@ -99,6 +143,20 @@ typedef struct baton_host_api {
     int32_t (*write_body)(baton_response_t *response, baton_str_t data);
     void (*fail)(baton_response_t *response, baton_str_t message);
     void (*set_error)(baton_error_t *error, baton_str_t message);
+    /* 1.1 */
+    baton_handle_t (*defer)(baton_response_t *response);  /* 0 if refused */
+    int64_t (*stream_set_status)(baton_handle_t stream, uint16_t status);
+    int64_t (*stream_add_header)(baton_handle_t stream, baton_str_t name, baton_str_t value);
+    int64_t (*stream_send_head)(baton_handle_t stream);
+    int64_t (*stream_write)(baton_handle_t stream, baton_str_t data, uint32_t flags);
+    int64_t (*stream_on_writable)(baton_handle_t stream, baton_notify_fn notify, void *user);
+    int64_t (*stream_finish)(baton_handle_t stream);
+    int64_t (*stream_fail)(baton_handle_t stream, baton_str_t message);
+    int32_t (*stream_is_open)(baton_handle_t stream);
+    int64_t (*body_read)(baton_handle_t body, uint8_t *buf, size_t cap, uint32_t flags);
+    int64_t (*body_on_readable)(baton_handle_t body, baton_notify_fn notify, void *user);
+    int64_t (*ws_send)(baton_handle_t ws, uint32_t kind, baton_str_t data);
+    int64_t (*ws_close)(baton_handle_t ws, uint16_t code, baton_str_t reason);
 } baton_host_api_t;
 
 /* What init() gets. */
@@ -119,8 +177,19 @@ typedef int32_t (*baton_init_fn)(const baton_init_t *init, void **state);
 typedef int32_t (*baton_handle_fn)(void *state, const baton_request_t *request,
                                    const baton_host_api_t *host, baton_response_t *response);
 typedef void (*baton_shutdown_fn)(void *state);
+/* 1.1 */
+typedef void (*baton_drain_fn)(void *state);
+/* Non-zero refuses the upgrade (403). May set *user and ws_send already. */
+typedef int32_t (*baton_ws_open_fn)(void *state, const baton_request_t *request,
+                                    const baton_host_api_t *host, baton_handle_t ws,
+                                    void **user);
+typedef void (*baton_ws_message_fn)(void *state, void *user, baton_handle_t ws, uint32_t kind,
+                                    baton_str_t data);
+/* Called once, last (code 1005: none given, 1006: cut off). Free user here. */
+typedef void (*baton_ws_close_fn)(void *state, void *user, baton_handle_t ws, uint16_t code,
+                                  baton_str_t reason);
 
-/* The descriptor, version 1.0. */
+/* The descriptor, version 1.1. */
 typedef struct baton_plugin_v1 {
     uint64_t magic;               /* BATON_PLUGIN_MAGIC */
     uint32_t abi_major;           /* BATON_ABI_MAJOR */
@@ -134,6 +203,12 @@ typedef struct baton_plugin_v1 {
     baton_init_fn init;           /* required */
     baton_handle_fn handle;       /* required */
     baton_shutdown_fn shutdown;   /* required */
+    /* 1.1 */
+    const baton_route_ext_t *route_ext; /* routes_len entries, or NULL */
+    baton_drain_fn on_drain;            /* optional */
+    baton_ws_open_fn ws_open;           /* required with a WebSocket route */
+    baton_ws_message_fn ws_message;     /* required with a WebSocket route */
+    baton_ws_close_fn ws_close;         /* required with a WebSocket route */
 } baton_plugin_v1_t;
 
 const baton_plugin_v1_t *baton_plugin_v1(void);
@@ -142,12 +217,17 @@ const baton_plugin_v1_t *baton_plugin_v1(void);
 #if defined(__STDC_VERSION__) && __STDC_VERSION__ >= 201112L
 _Static_assert(sizeof(baton_str_t) == 16, "baton_str_t layout");
 _Static_assert(sizeof(baton_route_t) == 16, "baton_route_t layout");
-_Static_assert(sizeof(baton_request_t) == 120, "baton_request_t layout");
+_Static_assert(sizeof(baton_request_t) == 128, "baton_request_t layout");
+_Static_assert(offsetof(baton_request_t, body_stream) == 120, "baton_request_t layout");
+_Static_assert(sizeof(baton_route_ext_t) == 16, "baton_route_ext_t layout");
 _Static_assert(offsetof(baton_request_t, generation) == 104, "baton_request_t layout");
-_Static_assert(sizeof(baton_host_api_t) == 48, "baton_host_api_t layout");
+_Static_assert(sizeof(baton_host_api_t) == 152, "baton_host_api_t layout");
+_Static_assert(offsetof(baton_host_api_t, defer) == 48, "baton_host_api_t layout");
+_Static_assert(offsetof(baton_host_api_t, ws_close) == 144, "baton_host_api_t layout");
 _Static_assert(sizeof(baton_init_t) == 56, "baton_init_t layout");
 _Static_assert(offsetof(baton_init_t, error) == 48, "baton_init_t layout");
-_Static_assert(sizeof(baton_plugin_v1_t) == 80, "baton_plugin_v1_t layout");
+_Static_assert(sizeof(baton_plugin_v1_t) == 120, "baton_plugin_v1_t layout");
+_Static_assert(offsetof(baton_plugin_v1_t, route_ext) == 80, "baton_plugin_v1_t layout");
 _Static_assert(offsetof(baton_plugin_v1_t, init) == 56, "baton_plugin_v1_t layout");
 #endif
 

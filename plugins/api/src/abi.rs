@@ -1,5 +1,21 @@
-//! The plugin ABI, version 1: `#[repr(C)]` types mirrored one to one by
+//! The plugin ABI, version 1.1: `#[repr(C)]` types mirrored one to one by
 //! `include/baton_plugin.h`.
+//!
+//! 1.1 appends, and a 1.0 plugin never sees any of it:
+//! - **deferred answers**: a handler may call [`BatonHostApi::defer`] and return; the
+//!   [`BatonHandle`] it gets is the response, usable from any thread until it is finished:
+//!   status and headers, the head, body chunks with backpressure
+//!   ([`BATON_E_WOULD_BLOCK`], `stream_on_writable`, or [`WRITE_BLOCK`] off the host's
+//!   threads), finish or fail, and [`BATON_E_CLOSED`] once the client is gone;
+//! - **streaming request bodies**: a route with [`ROUTE_STREAM_BODY`] gets its body as a
+//!   stream ([`BatonRequest::body_stream`], `body_read`, `body_on_readable`), and may set its
+//!   own body limit ([`BatonRouteExt::max_body_bytes`]);
+//! - **WebSocket** routes ([`ROUTE_WEBSOCKET`]): the host does the protocol; the plugin gets
+//!   `ws_open`, `ws_message` and `ws_close` and sends with `ws_send` and `ws_close`;
+//! - `on_drain`: the plugin's generation began to drain.
+//!
+//! Handles are numbers, never reused: a handle used after its stream or connection ended is
+//! harmless (the call answers [`BATON_E_CLOSED`]).
 //!
 //! Rules that keep it stable:
 //! - A plugin exports one symbol, [`ENTRY_POINT`], an [`EntryFn`] returning a pointer to a
@@ -23,13 +39,55 @@ pub const MAGIC: u64 = u64::from_le_bytes(*b"BATONPL1");
 /// The ABI major version; a plugin built for another major is refused.
 pub const ABI_MAJOR: u32 = 1;
 /// The ABI minor version; a plugin built for a newer minor is refused.
-pub const ABI_MINOR: u32 = 0;
+pub const ABI_MINOR: u32 = 1;
 /// The exported symbol's name, NUL-terminated.
 pub const ENTRY_POINT: &[u8] = b"baton_plugin_v1\0";
 
 /// `flags` bit: every handler of the plugin returns quickly without blocking, so the host
 /// runs it inline on its async runtime. Without it, handlers run on a bounded blocking pool.
 pub const FLAG_NONBLOCKING: u32 = 1;
+
+/// A stream, request body or WebSocket connection, named by a number that is never
+/// reused. 0 is no handle.
+pub type BatonHandle = u64;
+
+/// Success.
+pub const BATON_OK: i64 = 0;
+/// The arguments were refused (a bad status, header or handle kind; a blocking call on
+/// one of the host's own threads).
+pub const BATON_E_INVALID: i64 = -1;
+/// No room (or no data) right now: wait for the `on_writable` (`on_readable`) callback.
+pub const BATON_E_WOULD_BLOCK: i64 = -2;
+/// The client went away, the stream or connection ended, or the handle is unknown.
+pub const BATON_E_CLOSED: i64 = -3;
+/// The request body exceeds the route's limit (the host answers 413 if it still can).
+pub const BATON_E_TOO_LARGE: i64 = -4;
+/// Not in this state: a header after the head was sent, `defer` twice.
+pub const BATON_E_STATE: i64 = -5;
+
+/// `flags` bit for `stream_write` and `body_read`: wait (block the calling thread) until
+/// there is room or data. Refused with [`BATON_E_INVALID`] on the host's own threads
+/// (inline handlers, callbacks); fine on the blocking pool and the plugin's own threads.
+pub const WRITE_BLOCK: u32 = 1;
+
+/// [`BatonRouteExt::kind`]: an HTTP route (the default).
+pub const ROUTE_HTTP: u32 = 0;
+/// [`BatonRouteExt::kind`]: a WebSocket endpoint (RFC 6455); the host answers the upgrade.
+pub const ROUTE_WEBSOCKET: u32 = 1;
+/// [`BatonRouteExt::flags`] bit: the handler gets the body as a stream, not buffered.
+pub const ROUTE_STREAM_BODY: u32 = 1;
+
+/// WebSocket message kinds for `ws_message` and `ws_send`.
+pub mod ws {
+    /// A text message (UTF-8, checked by the host on receipt).
+    pub const TEXT: u32 = 1;
+    /// A binary message.
+    pub const BINARY: u32 = 2;
+}
+
+/// What the host calls back when a stream has room or a body has data (or either ended).
+/// Called once per registration, on a host thread: it must not block.
+pub type NotifyFn = unsafe extern "C" fn(user: *mut c_void, handle: BatonHandle);
 
 /// HTTP method bits for [`BatonRoute::methods`].
 pub mod method {
@@ -134,6 +192,20 @@ pub struct BatonRoute {
     pub path: *const c_char,
 }
 
+/// More about a route (1.1): an array of `routes_len` of these, parallel to the routes, or
+/// none (every route then has kind [`ROUTE_HTTP`], no flags, the configured limits).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct BatonRouteExt {
+    /// [`ROUTE_HTTP`] or [`ROUTE_WEBSOCKET`].
+    pub kind: u32,
+    /// [`ROUTE_STREAM_BODY`] or 0.
+    pub flags: u32,
+    /// The largest request body (HTTP) or message (WebSocket) this route takes; 0 means
+    /// the configured `http.max_body_bytes` or `websocket.max_message_bytes`.
+    pub max_body_bytes: u64,
+}
+
 /// A request, borrowed for the duration of one `handle` call.
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
@@ -164,6 +236,9 @@ pub struct BatonRequest {
     pub worker_pid: u32,
     /// Reserved, zero.
     pub reserved: u32,
+    /// 1.1: the body as a stream, for a route with [`ROUTE_STREAM_BODY`] (then `body` is
+    /// empty); 0 otherwise. Valid until the response is finished.
+    pub body_stream: BatonHandle,
 }
 
 /// Opaque: a response under construction, owned by the host.
@@ -200,6 +275,49 @@ pub struct BatonHostApi {
     pub fail: unsafe extern "C" fn(response: *mut BatonResponse, message: BatonStr),
     /// Reports why `init` failed (call before returning non-zero from `init`).
     pub set_error: unsafe extern "C" fn(error: *mut BatonError, message: BatonStr),
+    // --- 1.1 ---
+    /// During `handle`: keep the response and answer later. Returns the stream's handle
+    /// (what was set so far, status and headers, carries over), or 0 if refused (called
+    /// twice, or on a WebSocket route). `handle` then returns 0; the stream must be
+    /// finished or failed, from any thread. A stream never finished is ended by the host
+    /// when its connection ends.
+    pub defer: unsafe extern "C" fn(response: *mut BatonResponse) -> BatonHandle,
+    /// Sets the status of a stream whose head is not sent yet.
+    pub stream_set_status: unsafe extern "C" fn(stream: BatonHandle, status: u16) -> i64,
+    /// Appends a header to a stream whose head is not sent yet.
+    pub stream_add_header:
+        unsafe extern "C" fn(stream: BatonHandle, name: BatonStr, value: BatonStr) -> i64,
+    /// Sends the head now (a write or finish sends it too).
+    pub stream_send_head: unsafe extern "C" fn(stream: BatonHandle) -> i64,
+    /// Queues body bytes. Returns the number of bytes taken (all of them), or
+    /// [`BATON_E_WOULD_BLOCK`] when the stream's buffer is full (nothing taken), or
+    /// [`BATON_E_CLOSED`]. With [`WRITE_BLOCK`] it waits for room instead.
+    pub stream_write: unsafe extern "C" fn(stream: BatonHandle, data: BatonStr, flags: u32) -> i64,
+    /// Calls `notify(user, stream)` once, when the stream has room again or has ended.
+    pub stream_on_writable:
+        unsafe extern "C" fn(stream: BatonHandle, notify: NotifyFn, user: *mut c_void) -> i64,
+    /// Ends the body; the handle is invalid afterwards.
+    pub stream_finish: unsafe extern "C" fn(stream: BatonHandle) -> i64,
+    /// Fails the stream: a 500 if the head was not sent, otherwise the response is cut
+    /// off (the connection or HTTP/2 stream is reset); `message` is logged.
+    pub stream_fail: unsafe extern "C" fn(stream: BatonHandle, message: BatonStr) -> i64,
+    /// 1 while the client is there and the stream not ended, 0 afterwards (cancellation).
+    pub stream_is_open: unsafe extern "C" fn(stream: BatonHandle) -> i32,
+    /// Reads up to `cap` bytes of a streamed request body into `buf`: the number read,
+    /// 0 at its end, [`BATON_E_WOULD_BLOCK`] if nothing arrived yet (with [`WRITE_BLOCK`]:
+    /// waits), [`BATON_E_TOO_LARGE`] past the route's limit, [`BATON_E_CLOSED`].
+    pub body_read:
+        unsafe extern "C" fn(body: BatonHandle, buf: *mut u8, cap: usize, flags: u32) -> i64,
+    /// Calls `notify(user, body)` once, when data (or the end, or an error) is there.
+    pub body_on_readable:
+        unsafe extern "C" fn(body: BatonHandle, notify: NotifyFn, user: *mut c_void) -> i64,
+    /// Sends a WebSocket message ([`ws::TEXT`], valid UTF-8, or [`ws::BINARY`]). Queued,
+    /// from any thread; a client whose queue overflows is closed by the host (as
+    /// configured). [`BATON_E_CLOSED`] once the connection is closing or gone.
+    pub ws_send: unsafe extern "C" fn(ws: BatonHandle, kind: u32, data: BatonStr) -> i64,
+    /// Starts the close handshake with `code` (1000–4999) and `reason` (UTF-8, at most 123
+    /// bytes); `ws_close` follows when it is done.
+    pub ws_close: unsafe extern "C" fn(ws: BatonHandle, code: u16, reason: BatonStr) -> i64,
 }
 
 /// What `init` gets.
@@ -237,6 +355,37 @@ pub type HandleFn = unsafe extern "C" fn(
 ) -> i32;
 /// Called once when the worker has drained, before it exits.
 pub type ShutdownFn = unsafe extern "C" fn(state: *mut c_void);
+/// 1.1: the generation began to drain (its long-lived connections will be closed over
+/// `worker.drain_spread`); a chance to tell clients in the application's own protocol.
+pub type DrainFn = unsafe extern "C" fn(state: *mut c_void);
+/// 1.1: a WebSocket upgrade request for a [`ROUTE_WEBSOCKET`] route, which the plugin may
+/// refuse (non-zero: the host answers 403). It may set `*user` (passed to the other
+/// WebSocket callbacks) and may `ws_send` already. `ws` is valid until `ws_close` returns.
+pub type WsOpenFn = unsafe extern "C" fn(
+    state: *mut c_void,
+    request: *const BatonRequest,
+    host: *const BatonHostApi,
+    ws: BatonHandle,
+    user: *mut *mut c_void,
+) -> i32;
+/// 1.1: a whole message ([`ws::TEXT`] or [`ws::BINARY`]); `data` is valid for the call.
+/// Calls for one connection come one at a time, in order.
+pub type WsMessageFn = unsafe extern "C" fn(
+    state: *mut c_void,
+    user: *mut c_void,
+    ws: BatonHandle,
+    kind: u32,
+    data: BatonStr,
+);
+/// 1.1: the connection closed (`code` 1005 if none was given, 1006 if it was cut off);
+/// called once, last. Free `user` here.
+pub type WsCloseFn = unsafe extern "C" fn(
+    state: *mut c_void,
+    user: *mut c_void,
+    ws: BatonHandle,
+    code: u16,
+    reason: BatonStr,
+);
 
 /// The plugin descriptor, version 1.0.
 #[repr(C)]
@@ -266,7 +415,25 @@ pub struct BatonPluginV1 {
     pub handle: Option<HandleFn>,
     /// Required (may do nothing).
     pub shutdown: Option<ShutdownFn>,
+    // --- 1.1 ---
+    /// `routes_len` route extensions, or null.
+    pub route_ext: *const BatonRouteExt,
+    /// Optional.
+    pub on_drain: Option<DrainFn>,
+    /// Required if a route is a WebSocket route.
+    pub ws_open: Option<WsOpenFn>,
+    /// Required if a route is a WebSocket route.
+    pub ws_message: Option<WsMessageFn>,
+    /// Required if a route is a WebSocket route.
+    pub ws_close: Option<WsCloseFn>,
 }
+
+/// The size of a 1.0 descriptor: what a 1.0 plugin's `struct_size` says.
+pub const DESCRIPTOR_SIZE_1_0: usize = 80;
+/// The size of a 1.0 host function table.
+pub const HOST_API_SIZE_1_0: usize = 48;
+/// The size of a 1.0 request.
+pub const REQUEST_SIZE_1_0: usize = 120;
 
 /// The type of [`ENTRY_POINT`].
 pub type EntryFn = unsafe extern "C" fn() -> *const BatonPluginV1;
@@ -294,15 +461,22 @@ const _: () = {
     assert!(size_of::<BatonParam>() == 32);
     assert!(size_of::<BatonRoute>() == 16);
     assert!(offset_of!(BatonRoute, path) == 8);
-    assert!(size_of::<BatonRequest>() == 120);
+    assert!(size_of::<BatonRequest>() == 128);
+    assert!(offset_of!(BatonRequest, body_stream) == REQUEST_SIZE_1_0);
+    assert!(size_of::<BatonRouteExt>() == 16);
+    assert!(offset_of!(BatonRouteExt, max_body_bytes) == 8);
     assert!(offset_of!(BatonRequest, method) == 8);
     assert!(offset_of!(BatonRequest, headers) == 56);
     assert!(offset_of!(BatonRequest, params) == 72);
     assert!(offset_of!(BatonRequest, body) == 88);
     assert!(offset_of!(BatonRequest, generation) == 104);
     assert!(offset_of!(BatonRequest, worker_pid) == 112);
-    assert!(size_of::<BatonHostApi>() == 48);
+    assert!(size_of::<BatonHostApi>() == 152);
     assert!(offset_of!(BatonHostApi, set_error) == 40);
+    assert!(offset_of!(BatonHostApi, defer) == HOST_API_SIZE_1_0);
+    assert!(offset_of!(BatonHostApi, stream_write) == 80);
+    assert!(offset_of!(BatonHostApi, body_read) == 120);
+    assert!(offset_of!(BatonHostApi, ws_close) == 144);
     assert!(size_of::<BatonInit>() == 56);
     assert!(offset_of!(BatonInit, settings_json) == 16);
     assert!(offset_of!(BatonInit, error) == 48);
@@ -312,5 +486,8 @@ const _: () = {
     assert!(offset_of!(BatonPluginV1, routes_len) == 48);
     assert!(offset_of!(BatonPluginV1, init) == 56);
     assert!(offset_of!(BatonPluginV1, shutdown) == 72);
-    assert!(size_of::<BatonPluginV1>() == 80);
+    assert!(offset_of!(BatonPluginV1, route_ext) == DESCRIPTOR_SIZE_1_0);
+    assert!(offset_of!(BatonPluginV1, on_drain) == 88);
+    assert!(offset_of!(BatonPluginV1, ws_close) == 112);
+    assert!(size_of::<BatonPluginV1>() == 120);
 };

@@ -16,6 +16,8 @@ pub const READY_TIMEOUT: &str = "10s";
 pub const DRAIN_TIMEOUT: &str = "30s";
 /// `worker.drain_idle_grace`: how long an idle keep-alive connection stays open in a drain.
 pub const DRAIN_IDLE_GRACE: &str = "1s";
+/// `worker.drain_spread`: long-lived connections of a draining worker close over this.
+pub const DRAIN_SPREAD: &str = "5s";
 /// `worker.max_generations`: generations alive at once.
 pub const MAX_GENERATIONS: usize = 4;
 /// `worker.blocking_threads`: threads for plugins whose handlers may block.
@@ -50,6 +52,19 @@ pub const MAX_BODY_BYTES: u64 = 1_048_576;
 pub const MAX_CONNECTIONS: usize = 10_000;
 /// `http.health_path`: answered with the worker's generation and pid.
 pub const HEALTH_PATH: &str = "/_baton/health";
+/// `http.stream_buffer_bytes`: bytes one streamed answer or body buffers.
+pub const STREAM_BUFFER_BYTES: u64 = 65_536;
+
+/// `websocket.max_message_bytes`: larger messages close the connection (1009).
+pub const WS_MAX_MESSAGE_BYTES: u64 = 1_048_576;
+/// `websocket.send_queue_bytes`: a client letting more pile up is closed.
+pub const WS_SEND_QUEUE_BYTES: u64 = 1_048_576;
+/// `websocket.ping_interval`: an idle connection is pinged this often.
+pub const WS_PING_INTERVAL: &str = "30s";
+/// `websocket.ping_timeout`: an unanswered ping closes the connection after this.
+pub const WS_PING_TIMEOUT: &str = "10s";
+/// `websocket.slow_reader_close_code`: 1008 or 1011.
+pub const WS_SLOW_READER_CLOSE_CODE: u64 = 1008;
 
 /// `control.socket`: in `$RUNTIME_DIRECTORY`, else in [`RUNTIME_DIR`] next to the config.
 pub const CONTROL_SOCKET: &str = "baton.sock";
@@ -91,6 +106,7 @@ pub const KEYS: &[(&str, DefaultValue)] = {
         ("worker.ready_timeout", Str(READY_TIMEOUT)),
         ("worker.drain_timeout", Str(DRAIN_TIMEOUT)),
         ("worker.drain_idle_grace", Str(DRAIN_IDLE_GRACE)),
+        ("worker.drain_spread", Str(DRAIN_SPREAD)),
         ("worker.max_generations", Int(MAX_GENERATIONS as u64)),
         ("worker.user", Unset),
         ("worker.group", Unset),
@@ -116,6 +132,15 @@ pub const KEYS: &[(&str, DefaultValue)] = {
         ("http.max_body_bytes", Int(MAX_BODY_BYTES)),
         ("http.max_connections", Int(MAX_CONNECTIONS as u64)),
         ("http.health_path", Str(HEALTH_PATH)),
+        ("http.stream_buffer_bytes", Int(STREAM_BUFFER_BYTES)),
+        ("websocket.max_message_bytes", Int(WS_MAX_MESSAGE_BYTES)),
+        ("websocket.send_queue_bytes", Int(WS_SEND_QUEUE_BYTES)),
+        ("websocket.ping_interval", Str(WS_PING_INTERVAL)),
+        ("websocket.ping_timeout", Str(WS_PING_TIMEOUT)),
+        (
+            "websocket.slow_reader_close_code",
+            Int(WS_SLOW_READER_CLOSE_CODE),
+        ),
         ("control.socket", Str(CONTROL_SOCKET)),
     ]
 };

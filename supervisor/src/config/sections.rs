@@ -7,7 +7,7 @@
 use super::defaults;
 use super::values::{Validator, millis};
 use super::{ConfigError, ListenerConfig, PathContext, PluginsConfig, WorkerConfig, control_path};
-use baton_proto::HttpSettings;
+use baton_proto::{HttpSettings, WebSocketSettings};
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
 use toml::Spanned;
@@ -24,6 +24,8 @@ pub(super) struct Raw {
     pub plugins: RawPlugins,
     #[serde(default)]
     pub http: RawHttp,
+    #[serde(default)]
+    pub websocket: RawWebSocket,
     #[serde(default)]
     pub control: RawControl,
 }
@@ -94,6 +96,7 @@ pub(super) struct RawWorker {
     ready_timeout: Option<Spanned<String>>,
     drain_timeout: Option<Spanned<String>>,
     drain_idle_grace: Option<Spanned<String>>,
+    drain_spread: Option<Spanned<String>>,
     max_generations: Option<Spanned<i64>>,
     blocking_threads: Option<Spanned<i64>>,
     crash_loop_window: Option<Spanned<String>>,
@@ -129,6 +132,11 @@ impl RawWorker {
                 &self.drain_idle_grace,
                 "worker.drain_idle_grace",
                 defaults::DRAIN_IDLE_GRACE,
+            )?,
+            drain_spread: v.duration(
+                &self.drain_spread,
+                "worker.drain_spread",
+                defaults::DRAIN_SPREAD,
             )?,
             max_generations: v.int(
                 &self.max_generations,
@@ -230,6 +238,7 @@ pub(super) struct RawHttp {
     max_body_bytes: Option<Spanned<toml::Value>>,
     max_connections: Option<Spanned<i64>>,
     health_path: Option<Spanned<String>>,
+    stream_buffer_bytes: Option<Spanned<toml::Value>>,
 }
 
 impl RawHttp {
@@ -271,6 +280,12 @@ impl RawHttp {
                 1..=1 << 20,
             )?,
             health_path,
+            stream_buffer_bytes: v.bytes(
+                &self.stream_buffer_bytes,
+                "http.stream_buffer_bytes",
+                defaults::STREAM_BUFFER_BYTES,
+                1024..=64 << 20,
+            )? as usize,
         })
     }
 
@@ -287,6 +302,64 @@ impl RawHttp {
             ));
         }
         Ok(s.clone())
+    }
+}
+
+/// `[websocket]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawWebSocket {
+    max_message_bytes: Option<Spanned<toml::Value>>,
+    send_queue_bytes: Option<Spanned<toml::Value>>,
+    ping_interval: Option<Spanned<String>>,
+    ping_timeout: Option<Spanned<String>>,
+    slow_reader_close_code: Option<Spanned<i64>>,
+}
+
+impl RawWebSocket {
+    pub fn validate(&self, v: &Validator) -> Result<WebSocketSettings, ConfigError> {
+        let code = v.int(
+            &self.slow_reader_close_code,
+            "websocket.slow_reader_close_code",
+            defaults::WS_SLOW_READER_CLOSE_CODE as usize,
+            1008..=1011,
+        )? as u16;
+        if code != 1008 && code != 1011 {
+            let at = self
+                .slow_reader_close_code
+                .as_ref()
+                .expect("a default is valid");
+            return Err(v.invalid(
+                at,
+                "websocket.slow_reader_close_code",
+                "must be 1008 (policy violation) or 1011 (internal error)",
+            ));
+        }
+        Ok(WebSocketSettings {
+            max_message_bytes: v.bytes(
+                &self.max_message_bytes,
+                "websocket.max_message_bytes",
+                defaults::WS_MAX_MESSAGE_BYTES,
+                1..=1 << 30,
+            )?,
+            send_queue_bytes: v.bytes(
+                &self.send_queue_bytes,
+                "websocket.send_queue_bytes",
+                defaults::WS_SEND_QUEUE_BYTES,
+                1024..=1 << 30,
+            )? as usize,
+            ping_interval_ms: millis(v.duration(
+                &self.ping_interval,
+                "websocket.ping_interval",
+                defaults::WS_PING_INTERVAL,
+            )?),
+            ping_timeout_ms: millis(v.duration(
+                &self.ping_timeout,
+                "websocket.ping_timeout",
+                defaults::WS_PING_TIMEOUT,
+            )?),
+            slow_reader_close_code: code,
+        })
     }
 }
 
@@ -332,6 +405,7 @@ pub(super) fn field_names() -> Vec<(&'static str, Vec<&'static str>)> {
         ("worker", fields_of::<RawWorker>()),
         ("plugins", fields_of::<RawPlugins>()),
         ("http", fields_of::<RawHttp>()),
+        ("websocket", fields_of::<RawWebSocket>()),
         ("control", fields_of::<RawControl>()),
     ]
 }

@@ -400,6 +400,24 @@ impl<A> Generation<A> {
             .sum()
     }
 
+    /// Open WebSockets, as the running workers last reported.
+    pub fn websockets(&self) -> u64 {
+        self.workers
+            .iter()
+            .filter(|w| w.pid().is_some())
+            .map(|w| w.stats.websockets)
+            .sum()
+    }
+
+    /// Streamed answers under way, as the running workers last reported.
+    pub fn streams(&self) -> u64 {
+        self.workers
+            .iter()
+            .filter(|w| w.pid().is_some())
+            .map(|w| w.stats.streams)
+            .sum()
+    }
+
     pub fn requests(&self) -> u64 {
         self.requests_of_exited + self.workers.iter().map(|w| w.stats.requests).sum::<u64>()
     }

@@ -13,7 +13,7 @@ pub mod notify;
 pub mod settings;
 
 pub use notify::{NotifyMessage, Stats};
-pub use settings::{HttpSettings, PluginSpec, WorkerSettings};
+pub use settings::{HttpSettings, PluginSpec, WebSocketSettings, WorkerSettings};
 
 /// Environment variable: the generation number the worker belongs to (decimal).
 pub const ENV_GENERATION: &str = "BATON_GENERATION";

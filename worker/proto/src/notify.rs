@@ -6,19 +6,28 @@
 
 use thiserror::Error;
 
-/// Counters a worker reports in `BATON_STATS=<open connections> <requests served>`.
+/// Counters a worker reports in `BATON_STATS=<open connections> <requests served>
+/// <open WebSockets> <open streamed answers>` (the last two since ABI 1.1; a worker that
+/// sends two numbers has none).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Stats {
     /// Connections open right now.
     pub connections: u64,
     /// Requests answered since the worker started.
     pub requests: u64,
+    /// WebSocket connections open right now.
+    pub websockets: u64,
+    /// Streamed (deferred) answers under way right now.
+    pub streams: u64,
 }
 
 impl Stats {
     /// The `BATON_STATS=` line for these counters.
     pub fn to_line(self) -> String {
-        format!("BATON_STATS={} {}", self.connections, self.requests)
+        format!(
+            "BATON_STATS={} {} {} {}",
+            self.connections, self.requests, self.websockets, self.streams
+        )
     }
 }
 
@@ -128,16 +137,24 @@ fn parse_stats(value: &str) -> Result<Stats, ParseError> {
         key: "BATON_STATS",
         value: truncate(value),
     };
-    let mut parts = value.split(' ');
-    let connections = parts.next().and_then(|p| p.parse().ok()).ok_or_else(bad)?;
-    let requests = parts.next().and_then(|p| p.parse().ok()).ok_or_else(bad)?;
-    if parts.next().is_some() {
-        return Err(bad());
+    let numbers: Vec<u64> = value
+        .split(' ')
+        .map(|p| p.parse().map_err(|_| bad()))
+        .collect::<Result<_, _>>()?;
+    match numbers[..] {
+        [connections, requests] => Ok(Stats {
+            connections,
+            requests,
+            ..Stats::default()
+        }),
+        [connections, requests, websockets, streams] => Ok(Stats {
+            connections,
+            requests,
+            websockets,
+            streams,
+        }),
+        _ => Err(bad()),
     }
-    Ok(Stats {
-        connections,
-        requests,
-    })
 }
 
 fn truncate(s: &str) -> String {
@@ -157,10 +174,18 @@ mod tests {
             m.stats,
             Some(Stats {
                 connections: 3,
-                requests: 40
+                requests: 40,
+                ..Stats::default()
             })
         );
         assert_eq!(m.failure(), None);
+        // Since ABI 1.1, open WebSockets and streams follow.
+        let m = NotifyMessage::parse(b"BATON_STATS=3 40 2 1").unwrap();
+        assert_eq!(
+            (m.stats.unwrap().websockets, m.stats.unwrap().streams),
+            (2, 1)
+        );
+        assert!(NotifyMessage::parse(b"BATON_STATS=3 40 2").is_err());
     }
 
     #[test]
@@ -199,6 +224,8 @@ mod tests {
         let s = Stats {
             connections: 7,
             requests: 9,
+            websockets: 3,
+            streams: 2,
         };
         assert_eq!(
             NotifyMessage::parse(s.to_line().as_bytes()).unwrap().stats,

@@ -17,6 +17,14 @@ pub struct WorkerSettings {
     /// request the client is sending at that moment is still answered (with
     /// `Connection: close`), in milliseconds.
     pub drain_idle_grace_ms: u64,
+    /// Long-lived connections (WebSocket, streamed answers) of a draining worker are
+    /// closed spread over this window (at most `drain_timeout`), in milliseconds, so the
+    /// next generation meets no reconnect storm.
+    #[serde(default = "default_drain_spread_ms")]
+    pub drain_spread_ms: u64,
+    /// WebSocket behaviour.
+    #[serde(default)]
+    pub websocket: WebSocketSettings,
     /// HTTP limits and behaviour.
     pub http: HttpSettings,
     /// Threads for plugins whose handlers may block, shared out evenly between them.
@@ -62,6 +70,39 @@ pub struct HttpSettings {
     pub max_connections: usize,
     /// The path answered with the worker's generation and pid, for load balancers.
     pub health_path: String,
+    /// The most bytes one streamed answer (or streamed request body) buffers between the
+    /// plugin and the client; beyond it the writer is told to wait.
+    #[serde(default = "default_stream_buffer_bytes")]
+    pub stream_buffer_bytes: usize,
+}
+
+/// WebSocket behaviour of a worker.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebSocketSettings {
+    /// Largest message accepted (a route may set its own), in bytes; larger: close 1009.
+    pub max_message_bytes: u64,
+    /// The most bytes queued to one client; a client that lets more pile up is closed
+    /// with `slow_reader_close_code`.
+    pub send_queue_bytes: usize,
+    /// A connection idle this long is pinged, in milliseconds.
+    pub ping_interval_ms: u64,
+    /// A ping unanswered this long closes the connection, in milliseconds.
+    pub ping_timeout_ms: u64,
+    /// 1008 (policy violation) or 1011 (internal error).
+    pub slow_reader_close_code: u16,
+}
+
+impl Default for WebSocketSettings {
+    fn default() -> Self {
+        Self {
+            max_message_bytes: 1 << 20,
+            send_queue_bytes: 1 << 20,
+            ping_interval_ms: 30_000,
+            ping_timeout_ms: 10_000,
+            slow_reader_close_code: 1008,
+        }
+    }
 }
 
 impl Default for WorkerSettings {
@@ -70,6 +111,8 @@ impl Default for WorkerSettings {
             threads: 0,
             drain_timeout_ms: 30_000,
             drain_idle_grace_ms: 1_000,
+            drain_spread_ms: default_drain_spread_ms(),
+            websocket: WebSocketSettings::default(),
             http: HttpSettings::default(),
             blocking_threads: 64,
             plugins: Vec::new(),
@@ -88,8 +131,19 @@ impl Default for HttpSettings {
             max_body_bytes: 1_048_576,
             max_connections: 10_000,
             health_path: "/_baton/health".to_owned(),
+            stream_buffer_bytes: default_stream_buffer_bytes(),
         }
     }
+}
+
+/// `drain_spread_ms` when the settings lack it (a supervisor that predates the key).
+fn default_drain_spread_ms() -> u64 {
+    5_000
+}
+
+/// `stream_buffer_bytes` when the settings lack it.
+fn default_stream_buffer_bytes() -> usize {
+    64 * 1024
 }
 
 /// `max_headers` when the settings lack it: an upgrade may start a newer worker binary
