@@ -9,6 +9,7 @@
 use crate::artifacts::WorkerBinary;
 use crate::config::Config;
 use crate::core::Exit;
+pub use crate::core::GenerationState;
 use nix::sys::signal::Signal;
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
@@ -24,29 +25,6 @@ const STDERR_LINE_MAX: usize = 400;
 const STDERR_FORWARD_MAX: usize = 64 * 1024;
 /// After a worker exits, how long to wait for the rest of its stderr.
 const STDERR_EOF_WAIT: Duration = Duration::from_millis(500);
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum GenerationState {
-    /// Workers started, not all READY yet.
-    Starting,
-    /// The one generation taking new connections.
-    Serving,
-    /// Told to drain (SIGTERM); waiting for its workers to exit.
-    Draining,
-    /// Rolled back; its workers were killed and are being reaped.
-    Failed,
-}
-
-impl GenerationState {
-    pub fn name(self) -> &'static str {
-        match self {
-            GenerationState::Starting => "starting",
-            GenerationState::Serving => "serving",
-            GenerationState::Draining => "draining",
-            GenerationState::Failed => "failed",
-        }
-    }
-}
 
 /// Everything a generation was started from: enough to start it again exactly. The
 /// checked cache files are held open for as long as this lives.

@@ -38,7 +38,6 @@ mod stop;
 mod tests;
 mod upgrade;
 
-use crate::generation::GenerationState;
 use crate::status::{UpgradeOutcome, UpgradeResult, timestamp};
 use baton_proto::{NotifyMessage, Stats};
 use std::collections::BTreeMap;
@@ -61,6 +60,29 @@ pub const STABLE_RUN: Duration = Duration::from_secs(30);
 
 /// Identifies a client waiting for an answer (the shell keeps the channel).
 pub type WaiterId = u64;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum GenerationState {
+    /// Workers started, not all READY yet.
+    Starting,
+    /// The one generation taking new connections.
+    Serving,
+    /// Told to drain (SIGTERM); waiting for its workers to exit.
+    Draining,
+    /// Rolled back; its workers were killed and are being reaped.
+    Failed,
+}
+
+impl GenerationState {
+    pub fn name(self) -> &'static str {
+        match self {
+            GenerationState::Starting => "starting",
+            GenerationState::Serving => "serving",
+            GenerationState::Draining => "draining",
+            GenerationState::Failed => "failed",
+        }
+    }
+}
 
 /// What the core needs to know of a generation's config.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -4,8 +4,8 @@
 //! may be a crash loop, see `crash_loop.rs`); one of a draining or failed generation is
 //! just gone, and the generation with it once it was the last.
 
+use super::GenerationState;
 use super::{Core, Effect, Exit, STABLE_RUN, Sig, SlotState, Systemd, Timer, backoff};
-use crate::generation::GenerationState;
 use baton_proto::NotifyMessage;
 
 impl<A: Clone + std::fmt::Debug> Core<A> {

@@ -5,11 +5,11 @@
 //! coalesced into one follow-up, run when this one ends. Also the drain of a generation
 //! and its force-close.
 
+use super::GenerationState;
 use super::{
     Core, Effect, FORCE_CLOSE_KILL_AFTER, Generation, Limits, Mode, Restored, Sig, Slot, Start,
     Systemd, Target, Timer, WaiterId, outcome,
 };
-use crate::generation::GenerationState;
 use crate::status::{UpgradeOutcome, UpgradeResult};
 use std::time::SystemTime;
 
