@@ -246,13 +246,13 @@ async fn every_bad_plugin_is_rolled_back_under_load_and_named_by_check() {
             name: "wrong major",
             setup: c(&["BAD_MAJOR"]),
             expect: vec![
-                "bad.so: built for plugin ABI 2.0; this Baton speaks major version 1".into(),
+                "bad.so: built for plugin ABI 2.1; this Baton speaks major version 1".into(),
             ],
         },
         BadCase {
             name: "newer minor",
             setup: c(&["NEWER_MINOR"]),
-            expect: vec!["bad.so: built for plugin ABI 1.1, newer than this Baton's 1.0".into()],
+            expect: vec!["bad.so: built for plugin ABI 1.2, newer than this Baton's 1.1".into()],
         },
         BadCase {
             name: "struct_size too small",

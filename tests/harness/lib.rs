@@ -52,6 +52,9 @@ pub fn bins() -> &'static Bins {
             "baton-hello",
             "baton-echo",
             "baton-slow",
+            "baton-ticker",
+            "baton-chat",
+            "baton-files",
             "baton-faulty",
         ] {
             cmd.args(["-p", package]);
@@ -487,13 +490,24 @@ where
 /// Compiles a C plugin with `cc` against the checked-in header; `defines` are `-D` flags
 /// without the `-D`.
 pub fn compile_c_plugin(source: &Path, out: &Path, defines: &[&str]) -> PathBuf {
+    compile_c_plugin_with(Path::new("plugins/api/include"), source, out, defines)
+}
+
+/// Compiles a C plugin against the `baton_plugin.h` in `include` (relative to the
+/// repository, like `source`): the frozen 1.0 header is `tests/harness/abi-1.0`.
+pub fn compile_c_plugin_with(
+    include: &Path,
+    source: &Path,
+    out: &Path,
+    defines: &[&str],
+) -> PathBuf {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
     let mut cmd = std::process::Command::new(&cc);
     cmd.args([
         "-std=c11", "-O1", "-fPIC", "-shared", "-Wall", "-Werror", "-I",
     ])
-    .arg(root.join("plugins/api/include"));
+    .arg(root.join(include));
     for d in defines {
         cmd.arg(format!("-D{d}"));
     }

@@ -1,0 +1,487 @@
+//! The ABI 1.1 examples end to end, with real clients: server-sent events from `ticker`
+//! (deferred answers, cancellation, the drain), WebSocket rooms from `chat` and the C
+//! WebSocket echo (tokio-tungstenite clients), and `files`' streamed download and upload
+//! of 1 GiB each, hashed byte for byte while the worker's memory stays flat.
+#![forbid(unsafe_code)]
+
+use baton_tests::{Baton, TestConfig, WAIT, compile_c_plugin, get, heavy, plugin_dir};
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use http_body_util::BodyExt;
+use sha2::{Digest, Sha256};
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+
+/// Starts Baton with one worker serving the named example plugins.
+async fn start(plugins: &[&str]) -> (tempfile::TempDir, Baton) {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = plugin_dir(tmp.path(), "plugins", plugins);
+    let baton = Baton::start(TestConfig {
+        plugins_dir: Some(dir),
+        processes: 1,
+        ..TestConfig::default()
+    })
+    .await;
+    (tmp, baton)
+}
+
+/// Opens a GET on a fresh connection and returns the response head and its body, to be
+/// read frame by frame.
+async fn open(
+    addr: std::net::SocketAddr,
+    path: &str,
+) -> (http::response::Parts, hyper::body::Incoming) {
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let request = http::Request::get(path)
+        .header(http::header::HOST, "localhost")
+        .body(http_body_util::Empty::<Bytes>::new())
+        .unwrap();
+    let response = tokio::time::timeout(WAIT, sender.send_request(request))
+        .await
+        .expect("no answer within WAIT")
+        .unwrap();
+    response.into_parts()
+}
+
+/// The next data frame of a body: `Some(bytes)`, `None` at its (clean) end; panics on an
+/// error or after WAIT.
+async fn next_data(body: &mut hyper::body::Incoming) -> Option<Bytes> {
+    loop {
+        let frame = tokio::time::timeout(WAIT, body.frame())
+            .await
+            .expect("no frame within WAIT")?
+            .expect("the body ended with an error");
+        if let Ok(data) = frame.into_data() {
+            return Some(data);
+        }
+    }
+}
+
+/// Reads server-sent events until `n` complete ones arrived (or the body ended).
+async fn read_events(body: &mut hyper::body::Incoming, buf: &mut String, n: usize) -> bool {
+    while buf.matches("\n\n").count() < n {
+        match next_data(body).await {
+            Some(data) => buf.push_str(std::str::from_utf8(&data).unwrap()),
+            None => return false,
+        }
+    }
+    true
+}
+
+fn events(n: std::ops::Range<u64>) -> String {
+    n.map(|i| format!("data: {i}\n\n")).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sse_events_arrive_one_by_one_and_the_stream_ends_after_its_count() {
+    let (_tmp, baton) = start(&["ticker"]).await;
+    let (head, mut body) = open(baton.addr(), "/ticker?count=5").await;
+    assert_eq!(head.status, 200, "log:\n{}", baton.log());
+    assert_eq!(head.headers["content-type"], "text/event-stream");
+    assert_eq!(head.headers["cache-control"], "no-cache");
+
+    let mut text = String::new();
+    assert!(read_events(&mut body, &mut text, 1).await);
+    let first = Instant::now();
+    assert_eq!(text, events(0..1), "the first event came alone");
+    while let Some(data) = next_data(&mut body).await {
+        text.push_str(std::str::from_utf8(&data).unwrap());
+    }
+    // Four more ticks of 100 ms each came after the first event: it was streamed, not
+    // buffered until the end.
+    assert!(
+        first.elapsed() >= Duration::from_millis(300),
+        "the stream ended {:?} after its first event",
+        first.elapsed()
+    );
+    assert_eq!(text, events(0..5));
+}
+
+/// Open file descriptors of `pid`.
+fn fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+async fn ticker_clients(baton: &Baton) -> String {
+    let (code, body) = get(baton.addr(), "/ticker/clients").await.unwrap();
+    assert_eq!(code, 200);
+    body
+}
+
+/// Waits until the ticker holds `n` streams.
+async fn wait_clients(baton: &Baton, n: usize) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let now = ticker_clients(baton).await;
+        if now == format!("{n}\n") {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the ticker still holds {now:?} streams, not {n}; log:\n{}",
+            baton.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sse_clients_that_go_away_are_seen_by_the_plugin_and_nothing_is_left() {
+    let (_tmp, baton) = start(&["ticker"]).await;
+    let (_, pids) = baton.serving().await.unwrap();
+    wait_clients(&baton, 0).await;
+    let fds_before = fds(pids[0]);
+
+    let mut open_streams = Vec::new();
+    for _ in 0..20 {
+        let (head, mut body) = open(baton.addr(), "/ticker").await;
+        assert_eq!(head.status, 200);
+        let mut text = String::new();
+        assert!(read_events(&mut body, &mut text, 2).await);
+        assert!(text.starts_with(&events(0..2)), "{text:?}");
+        open_streams.push(body);
+    }
+    wait_clients(&baton, 20).await;
+    drop(open_streams);
+    // The next write to each fails with Closed (the cancellation): the plugin drops them.
+    wait_clients(&baton, 0).await;
+
+    for _ in 0..200 {
+        let (_, mut body) = open(baton.addr(), "/ticker").await;
+        let mut text = String::new();
+        assert!(read_events(&mut body, &mut text, 1).await);
+    }
+    wait_clients(&baton, 0).await;
+    let settled = baton_tests::eventually(WAIT, || fds(pids[0]) <= fds_before).await;
+    assert!(
+        settled,
+        "the worker holds {} fds, {fds_before} before 220 streams came and went",
+        fds(pids[0])
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sse_streams_end_cleanly_when_their_generation_drains() {
+    let (_tmp, baton) = start(&["ticker"]).await;
+    let (_, mut body) = open(baton.addr(), "/ticker").await;
+    let mut text = String::new();
+    assert!(read_events(&mut body, &mut text, 2).await);
+
+    let out = baton.upgrade_wait().await;
+    assert_eq!(out.code, Some(0), "{}", out.text());
+    // The body ends (`next_data` panics on an error: a reset is not a clean end).
+    while let Some(data) = next_data(&mut body).await {
+        text.push_str(std::str::from_utf8(&data).unwrap());
+    }
+    assert!(
+        text.ends_with("\n\n"),
+        "cut in the middle of an event: {text:?}"
+    );
+    let data: Vec<&str> = text
+        .split("\n\n")
+        .filter_map(|e| e.strip_prefix("data: "))
+        .filter(|d| *d != "draining")
+        .collect();
+    let expected: Vec<String> = (0..data.len()).map(|i| i.to_string()).collect();
+    assert_eq!(data, expected, "events were lost or repeated: {text:?}");
+
+    // The new generation serves the ticker.
+    let (head, mut body) = open(baton.addr(), "/ticker?count=2").await;
+    assert_eq!(head.status, 200);
+    let mut text = String::new();
+    while let Some(data) = next_data(&mut body).await {
+        text.push_str(std::str::from_utf8(&data).unwrap());
+    }
+    assert_eq!(text, events(0..2));
+    assert_eq!(baton.serving().await.map(|s| s.0), Some(2));
+}
+
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+async fn ws_connect(baton: &Baton, path: &str) -> Ws {
+    let url = format!("ws://{}{path}", baton.addr());
+    let (ws, response) = tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(url))
+        .await
+        .expect("no handshake within WAIT")
+        .unwrap_or_else(|e| panic!("connecting to {path}: {e}; log:\n{}", baton.log()));
+    assert_eq!(response.status(), 101);
+    ws
+}
+
+/// The next text or binary message (pings and pongs are skipped).
+async fn ws_next(ws: &mut Ws) -> Message {
+    loop {
+        let message = tokio::time::timeout(WAIT, ws.next())
+            .await
+            .expect("no message within WAIT")
+            .expect("the connection ended")
+            .expect("a WebSocket error");
+        if !matches!(message, Message::Ping(_) | Message::Pong(_)) {
+            return message;
+        }
+    }
+}
+
+async fn ws_text(ws: &mut Ws) -> String {
+    match ws_next(ws).await {
+        Message::Text(text) => text.to_string(),
+        other => panic!("expected a text message, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chat_broadcasts_to_everyone_in_the_room_and_no_one_else() {
+    let (_tmp, baton) = start(&["chat"]).await;
+    let mut alice = ws_connect(&baton, "/chat/lobby?name=alice").await;
+    assert_eq!(ws_text(&mut alice).await, "* alice joined");
+    let mut bob = ws_connect(&baton, "/chat/lobby?name=bob").await;
+    assert_eq!(ws_text(&mut bob).await, "* bob joined");
+    assert_eq!(ws_text(&mut alice).await, "* bob joined");
+    let mut carol = ws_connect(&baton, "/chat/attic?name=carol").await;
+    assert_eq!(ws_text(&mut carol).await, "* carol joined");
+
+    alice.send(Message::text("hello, lobby")).await.unwrap();
+    assert_eq!(ws_text(&mut alice).await, "alice: hello, lobby");
+    assert_eq!(ws_text(&mut bob).await, "alice: hello, lobby");
+    for i in 0..50 {
+        bob.send(Message::text(format!("message {i}")))
+            .await
+            .unwrap();
+    }
+    for i in 0..50 {
+        let expected = format!("bob: message {i}");
+        assert_eq!(ws_text(&mut alice).await, expected);
+        assert_eq!(ws_text(&mut bob).await, expected);
+    }
+    // Carol, in another room, heard none of it: her own message is the next she gets.
+    carol.send(Message::text("anyone?")).await.unwrap();
+    assert_eq!(ws_text(&mut carol).await, "carol: anyone?");
+
+    // Binary is refused with 1003; the room hears that carol left.
+    let mut dave = ws_connect(&baton, "/chat/attic?name=dave").await;
+    assert_eq!(ws_text(&mut dave).await, "* dave joined");
+    assert_eq!(ws_text(&mut carol).await, "* dave joined");
+    carol.send(Message::binary(vec![1, 2, 3])).await.unwrap();
+    match ws_next(&mut carol).await {
+        Message::Close(Some(frame)) => assert_eq!(frame.code, CloseCode::Unsupported),
+        other => panic!("expected a close frame, got {other:?}"),
+    }
+    assert_eq!(ws_text(&mut dave).await, "* carol left");
+
+    // A normal close: the room is told.
+    bob.close(None).await.unwrap();
+    assert_eq!(ws_text(&mut alice).await, "* bob left");
+
+    // A bad name is refused at the upgrade.
+    let url = format!("ws://{}/chat/lobby?name=no%20spaces", baton.addr());
+    match tokio_tungstenite::connect_async(url).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            assert_eq!(response.status(), 403)
+        }
+        other => panic!("expected a 403, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draining_chat_tells_its_rooms_then_they_reconnect_to_the_new_generation() {
+    let (_tmp, baton) = start(&["chat"]).await;
+    let mut alice = ws_connect(&baton, "/chat/lobby?name=alice").await;
+    assert_eq!(ws_text(&mut alice).await, "* alice joined");
+
+    let out = baton.upgrade_wait().await;
+    assert_eq!(out.code, Some(0), "{}", out.text());
+    // The plugin's drain callback speaks first, then the host closes with 1012.
+    assert_eq!(ws_text(&mut alice).await, "* server restarting");
+    match ws_next(&mut alice).await {
+        Message::Close(Some(frame)) => assert_eq!(frame.code, CloseCode::Restart),
+        other => panic!("expected a close frame 1012, got {other:?}"),
+    }
+
+    let mut alice = ws_connect(&baton, "/chat/lobby?name=alice").await;
+    assert_eq!(ws_text(&mut alice).await, "* alice joined");
+    alice.send(Message::text("back")).await.unwrap();
+    assert_eq!(ws_text(&mut alice).await, "alice: back");
+    assert_eq!(baton.serving().await.map(|s| s.0), Some(2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_c_websocket_echo_built_from_the_header_alone_echoes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = plugin_dir(tmp.path(), "plugins", &[]);
+    compile_c_plugin(
+        Path::new("plugins/c-ws-echo/echo.c"),
+        &dir.join("c_ws_echo.so"),
+        &[],
+    );
+    let baton = Baton::start(TestConfig {
+        plugins_dir: Some(dir),
+        processes: 1,
+        ..TestConfig::default()
+    })
+    .await;
+    let mut ws = ws_connect(&baton, "/c/ws-echo").await;
+    ws.send(Message::text("héllo from a client")).await.unwrap();
+    assert_eq!(ws_text(&mut ws).await, "héllo from a client");
+    let binary: Vec<u8> = (0..=255).cycle().take(100_000).collect();
+    ws.send(Message::binary(binary.clone())).await.unwrap();
+    match ws_next(&mut ws).await {
+        Message::Binary(data) => assert_eq!(&data[..], &binary[..]),
+        other => panic!("expected a binary message, got {other:?}"),
+    }
+    ws.send(Message::text("")).await.unwrap();
+    assert_eq!(ws_text(&mut ws).await, "");
+    ws.close(None).await.unwrap();
+    match ws_next(&mut ws).await {
+        Message::Close(frame) => {
+            assert!(
+                frame.as_ref().is_none_or(|f| f.code == CloseCode::Normal),
+                "{frame:?}"
+            )
+        }
+        other => panic!("expected the close frame, got {other:?}"),
+    }
+}
+
+/// `files`' pattern: byte `i` is `i % 251`.
+fn pattern_chunk(offset: u64, len: usize) -> Bytes {
+    static PATTERN: std::sync::LazyLock<Vec<u8>> =
+        std::sync::LazyLock::new(|| (0..CHUNK + 251).map(|i| (i % 251) as u8).collect());
+    let start = (offset % 251) as usize;
+    Bytes::from_static(&PATTERN[start..start + len])
+}
+
+const CHUNK: usize = 64 * 1024;
+/// How much each way: 1 GiB.
+const SIZE: u64 = 1 << 30;
+/// The worker's resident memory stays below this while it moves `SIZE` each way.
+const RSS_BOUND_KIB: u64 = 32 * 1024;
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// Samples a process's VmRSS every 20 ms until dropped; `peak()` is the largest seen.
+struct RssWatch {
+    peak: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+}
+
+impl RssWatch {
+    fn start(pid: u32) -> RssWatch {
+        let peak = Arc::new(AtomicU64::new(rss_kib(pid)));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (p, s) = (peak.clone(), stop.clone());
+        tokio::spawn(async move {
+            while !s.load(Ordering::Relaxed) {
+                p.fetch_max(rss_kib(pid), Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        });
+        RssWatch { peak, stop }
+    }
+
+    fn peak(&self) -> u64 {
+        self.peak.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for RssWatch {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+fn expected_sha256(size: u64) -> String {
+    let mut hasher = Sha256::new();
+    let mut at = 0;
+    while at < size {
+        let n = (size - at).min(CHUNK as u64) as usize;
+        hasher.update(pattern_chunk(at, n));
+        at += n as u64;
+    }
+    hex(&hasher.finalize())
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_1_gib_download_and_upload_arrive_byte_for_byte_with_flat_worker_memory() {
+    let _heavy = heavy().await;
+    let (_tmp, baton) = start(&["files"]).await;
+    let (_, pids) = baton.serving().await.unwrap();
+    let before = rss_kib(pids[0]);
+    let watch = RssWatch::start(pids[0]);
+    let expected = expected_sha256(SIZE);
+
+    // Download: hashed as it arrives.
+    let (head, mut body) = open(baton.addr(), &format!("/files/pattern/{SIZE}")).await;
+    assert_eq!(head.status, 200, "log:\n{}", baton.log());
+    assert_eq!(head.headers["content-length"], SIZE.to_string().as_str());
+    let mut hasher = Sha256::new();
+    let mut got = 0u64;
+    while let Some(data) = next_data(&mut body).await {
+        got += data.len() as u64;
+        hasher.update(&data);
+    }
+    assert_eq!(got, SIZE);
+    assert_eq!(hex(&hasher.finalize()), expected, "the download differs");
+    let after_download = watch.peak();
+
+    // Upload: generated as it is sent, with a Content-Length.
+    let stream = tokio::net::TcpStream::connect(baton.addr()).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let chunks = futures_util::stream::iter((0..SIZE).step_by(CHUNK).map(|at| {
+        let n = (SIZE - at).min(CHUNK as u64) as usize;
+        Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(pattern_chunk(at, n)))
+    }));
+    let request = http::Request::put("/files/sha256")
+        .header(http::header::HOST, "localhost")
+        .header(http::header::CONTENT_LENGTH, SIZE)
+        .body(http_body_util::StreamBody::new(chunks))
+        .unwrap();
+    let response = tokio::time::timeout(Duration::from_secs(120), sender.send_request(request))
+        .await
+        .expect("no answer to the upload")
+        .unwrap();
+    let status = response.status();
+    let answer = response.into_body().collect().await.unwrap().to_bytes();
+    let answer = String::from_utf8_lossy(&answer);
+    assert_eq!(status, 200, "{answer}\nlog:\n{}", baton.log());
+    assert_eq!(answer, format!("{expected} {SIZE}\n"), "the upload differs");
+
+    let peak = watch.peak();
+    eprintln!(
+        "worker VmRSS: {before} KiB before, peak {after_download} KiB during the download, \
+         {peak} KiB at the end (bound {RSS_BOUND_KIB} KiB)"
+    );
+    assert!(
+        peak < RSS_BOUND_KIB,
+        "the worker's VmRSS reached {peak} KiB moving {SIZE} bytes each way (bound \
+         {RSS_BOUND_KIB} KiB, {before} KiB before)"
+    );
+}
