@@ -270,7 +270,12 @@ impl Drop for Stream {
     fn drop(&mut self) {
         if !self.ended {
             self.ended = true;
-            let _ = self.fail_inner("the plugin dropped its stream without finishing it");
+            let message = if std::thread::panicking() {
+                "the plugin panicked while it held its unfinished stream"
+            } else {
+                "the plugin dropped its stream without finishing it"
+            };
+            let _ = self.fail_inner(message);
         }
     }
 }
