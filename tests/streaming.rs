@@ -13,6 +13,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
@@ -483,5 +484,106 @@ async fn a_1_gib_download_and_upload_arrive_byte_for_byte_with_flat_worker_memor
         peak < RSS_BOUND_KIB,
         "the worker's VmRSS reached {peak} KiB moving {SIZE} bytes each way (bound \
          {RSS_BOUND_KIB} KiB, {before} KiB before)"
+    );
+}
+
+async fn files_stats(baton: &Baton) -> String {
+    let (code, body) = get(baton.addr(), "/files/stats").await.unwrap();
+    assert_eq!(code, 200);
+    body
+}
+
+/// Waits until `files` counts exactly these transfers in progress.
+async fn wait_transfers(baton: &Baton, downloads: usize, uploads: usize) {
+    let want = format!("downloads {downloads}\nuploads {uploads}\n");
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let now = files_stats(baton).await;
+        if now == want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "files says {now:?}, not {want:?}; log:\n{}",
+            baton.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_readers_hold_downloads_back_and_clients_that_go_away_leave_nothing() {
+    let _heavy = heavy().await;
+    let (_tmp, baton) = start(&["files"]).await;
+    let (_, pids) = baton.serving().await.unwrap();
+    let worker = pids[0];
+    wait_transfers(&baton, 0, 0).await;
+    let fds_before = fds(worker);
+    let watch = RssWatch::start(worker);
+
+    // 20 clients ask for 1 GiB each, take the first 64 KiB and then stop reading: each
+    // download waits on its writable callback with a full buffer instead of buffering.
+    let mut readers = Vec::new();
+    for _ in 0..20 {
+        let mut socket = tokio::net::TcpStream::connect(baton.addr()).await.unwrap();
+        socket
+            .write_all(format!("GET /files/zero/{SIZE} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let mut first = vec![0; CHUNK];
+        socket.read_exact(&mut first).await.unwrap();
+        readers.push(socket);
+    }
+    // 10 uploads of a declared 1 GiB send 1 MiB and stop.
+    let mut writers = Vec::new();
+    for _ in 0..10 {
+        let mut socket = tokio::net::TcpStream::connect(baton.addr()).await.unwrap();
+        socket
+            .write_all(
+                format!("PUT /files/sha256 HTTP/1.1\r\nHost: x\r\nContent-Length: {SIZE}\r\n\r\n")
+                    .as_bytes(),
+            )
+            .await
+            .unwrap();
+        for at in (0..1 << 20).step_by(CHUNK) {
+            socket.write_all(&pattern_chunk(at, CHUNK)).await.unwrap();
+        }
+        writers.push(socket);
+    }
+    wait_transfers(&baton, 20, 10).await;
+    // However long they stall, the worker holds no more than their buffers.
+    for _ in 0..10 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(watch.peak() < RSS_BOUND_KIB, "VmRSS {} KiB", watch.peak());
+    }
+    wait_transfers(&baton, 20, 10).await;
+
+    // They all go away: the plugin hears it (the parked downloads' callbacks run, the
+    // uploads' reads say Closed) and lets go of everything.
+    drop(readers);
+    drop(writers);
+    wait_transfers(&baton, 0, 0).await;
+
+    // And again, 200 times: a download cut off after its first bytes.
+    for _ in 0..200 {
+        let mut socket = tokio::net::TcpStream::connect(baton.addr()).await.unwrap();
+        socket
+            .write_all(format!("GET /files/zero/{SIZE} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let mut first = vec![0; 1024];
+        socket.read_exact(&mut first).await.unwrap();
+    }
+    wait_transfers(&baton, 0, 0).await;
+    let settled = baton_tests::eventually(WAIT, || fds(worker) <= fds_before).await;
+    assert!(
+        settled,
+        "the worker holds {} fds, {fds_before} before",
+        fds(worker)
+    );
+    assert!(
+        watch.peak() < RSS_BOUND_KIB,
+        "the worker's VmRSS reached {} KiB (bound {RSS_BOUND_KIB} KiB)",
+        watch.peak()
     );
 }

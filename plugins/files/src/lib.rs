@@ -7,6 +7,9 @@
 //! - `PUT /files/sha256` takes a body of any size up to the route's limit (16 GiB) as a
 //!   stream, on a thread of its own that reads it with blocking reads, and answers with
 //!   its SHA-256 in hex and its length: `<hex> <bytes>\n`.
+//! - `GET /files/stats` says how many downloads and uploads are in progress
+//!   (`downloads N\nuploads M\n`): a client that goes away stops being counted once the
+//!   plugin hears of it, so nothing it had is left behind.
 #![forbid(unsafe_code)]
 
 use baton_plugin::{
@@ -14,6 +17,7 @@ use baton_plugin::{
 };
 use sha2::{Digest, Sha256};
 use std::sync::LazyLock;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// How much one write or read moves.
 const CHUNK: usize = 64 * 1024;
@@ -28,6 +32,26 @@ static PATTERN: LazyLock<Vec<u8>> =
 #[derive(Debug)]
 pub struct Files;
 
+static DOWNLOADS: AtomicUsize = AtomicUsize::new(0);
+static UPLOADS: AtomicUsize = AtomicUsize::new(0);
+
+/// Counts one transfer in progress while it lives.
+#[derive(Debug)]
+struct Live(&'static AtomicUsize);
+
+impl Live {
+    fn new(counter: &'static AtomicUsize) -> Live {
+        counter.fetch_add(1, Ordering::Relaxed);
+        Live(counter)
+    }
+}
+
+impl Drop for Live {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 impl Plugin for Files {
     fn init(_: &InitContext) -> Result<Self, String> {
         Ok(Files)
@@ -41,6 +65,7 @@ struct Download {
     sent: u64,
     total: u64,
     pattern: bool,
+    live: Live,
 }
 
 impl Download {
@@ -65,14 +90,18 @@ impl Download {
                         sent,
                         total,
                         pattern,
+                        live,
                     } = self;
-                    // If the host refuses, the stream is dropped (and so failed).
+                    // Called once room is back or the client went away (then the next
+                    // write says Closed). If the host refuses, the stream is dropped (and
+                    // so failed).
                     let _ = stream.when_writable(move |stream| {
                         Download {
                             stream,
                             sent,
                             total,
                             pattern,
+                            live,
                         }
                         .run()
                     });
@@ -92,6 +121,7 @@ impl Download {
 
 /// Reads a whole body and answers with its SHA-256 (on a thread of the plugin).
 fn hash_upload(mut body: Body, mut stream: Stream) {
+    let _live = Live::new(&UPLOADS);
     let mut hasher = Sha256::new();
     let mut total = 0u64;
     let mut buf = vec![0; CHUNK];
@@ -143,6 +173,7 @@ impl Files {
             sent: 0,
             total,
             pattern: req.path().starts_with("/files/pattern/"),
+            live: Live::new(&DOWNLOADS),
         }
         .run();
         Ok(())
@@ -158,6 +189,19 @@ impl Files {
             .map_err(|e| format!("cannot start a thread: {e}"))?;
         Ok(())
     }
+
+    fn stats(&self, _: &Request, resp: &mut Response) -> Result<(), String> {
+        resp.header("content-type", "text/plain; charset=utf-8");
+        resp.write(
+            format!(
+                "downloads {}\nuploads {}\n",
+                DOWNLOADS.load(Ordering::Relaxed),
+                UPLOADS.load(Ordering::Relaxed)
+            )
+            .as_bytes(),
+        );
+        Ok(())
+    }
 }
 
 export_plugin! {
@@ -169,5 +213,6 @@ export_plugin! {
         GET "/files/zero/{bytes}" => download,
         GET "/files/pattern/{bytes}" => download,
         PUT "/files/sha256" => sha256 { stream_body: true, max_body_bytes: 16 << 30 },
+        GET "/files/stats" => stats,
     ],
 }
