@@ -7,6 +7,7 @@
 //! [`crate::handle`] (which answers requests), so that neither imports the other's
 //! internals. It holds state and reads headers; it never touches a socket.
 
+use crate::drain::DrainWatch;
 use crate::shared::Shared;
 use http::{Version, header};
 use std::sync::Arc;
@@ -16,6 +17,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 pub(crate) struct ConnCtx {
     pub(crate) shared: Arc<Shared>,
     pub(crate) state: ConnState,
+    /// The drain's phase, for what outlives a request on this connection (a WebSocket).
+    pub(crate) drain: DrainWatch,
 }
 
 /// What a connection's handlers tell its task. Counters only: reading the clock on every

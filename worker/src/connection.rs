@@ -106,6 +106,7 @@ pub(crate) async fn connection<I: Socket>(
     let ctx = Arc::new(ConnCtx {
         shared,
         state: ConnState::new(),
+        drain: watch.clone(),
     });
     let (shared, state) = (&ctx.shared, &ctx.state);
     let clock = ConnClock::new(
@@ -155,7 +156,8 @@ pub(crate) async fn connection<I: Socket>(
         let conn = shared.http2.serve_connection(io, service);
         drive(conn, |c| c.graceful_shutdown(), side, &mut watch).await;
     } else {
-        let conn = shared.http1.serve_connection(io, service);
+        // With upgrades: a WebSocket route takes the connection over after its 101.
+        let conn = shared.http1.serve_connection(io, service).with_upgrades();
         drive(conn, |c| c.graceful_shutdown(), side, &mut watch).await;
     }
 }

@@ -55,6 +55,10 @@ pub(crate) fn handle(req: Request<Incoming>, ctx: &Arc<ConnCtx>) -> Handled {
         let response = finish(refused, version, &ctx.shared);
         return Handled::Now(std::future::ready(Ok(response)));
     }
+    // A WebSocket route: the upgrade (or its refusal) is `websocket`'s.
+    if let Some(target) = crate::websocket::route(&parts, ctx) {
+        return Handled::Later(crate::websocket::upgrade(parts, target, no_body, ctx));
+    }
     // Without a body, the route is known now: most requests end here.
     let blocking = if no_body {
         match route(&parts, &Bytes::new(), &ctx.shared) {

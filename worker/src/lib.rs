@@ -8,7 +8,8 @@
 //! No `unsafe` here: the plugin loader is `baton-loader`, the system calls are `baton-sys`.
 //!
 //! Modules, each importing only those below it: `serve` (accept loops, the drain) →
-//! `connection` (one connection) → `handle` (one request) → `conn_state` (what a
+//! `connection` (one connection) → `handle` (one request) → `websocket` (a WebSocket
+//! route's upgrade and connection) → `conn_state` (what a
 //! connection and its requests share) → `shared` (what every connection shares) →
 //! `router`, `drain`; beside them `inherit`, `env`, `notify` and `lazy_select`.
 #![forbid(unsafe_code)]
@@ -25,6 +26,7 @@ mod notify;
 mod router;
 mod serve;
 mod shared;
+mod websocket;
 
 use std::process::ExitCode;
 

@@ -1,0 +1,776 @@
+//! WebSocket (RFC 6455) connections on the routes a plugin declares `ROUTE_WEBSOCKET`:
+//! the opening handshake (only a proper HTTP/1.1 upgrade; anything else on such a route
+//! is a 426), then one task per connection that runs the protocol with
+//! `tokio-tungstenite` (framing, masking, fragments reassembled into whole messages up to
+//! the route's or `websocket.max_message_bytes`, UTF-8 checks, the close handshake) and
+//! between it and the plugin: messages in, the plugin's send queue out ([`Outbox`]),
+//! pings after `ping_interval` of silence, a close when a ping goes unanswered for
+//! `ping_timeout`.
+//!
+//! The drain: once it begins, each connection is closed with 1012 (service restart) at
+//! its own offset within `worker.drain_spread`, so that its clients reconnect to the next
+//! generation spread out; at the forced phase every connection still open is closed at
+//! once (and counted in the log). A connection counts as an open connection of the
+//! worker ([`ConnectionGuard`]) until its plugin's `ws_close` returned.
+//!
+//! It never parses frames itself and never calls plugin code but through
+//! `baton_loader::ws`.
+
+use crate::conn_state::{ConnCtx, InFlight, has_token};
+use crate::drain::{ConnectionGuard, DrainWatch, Phase, spread_offset};
+use crate::router::Lookup;
+use crate::shared::{CallGuard, Shared};
+use baton_loader::ws::{self as plugin_ws, Kind, Next, Outbox, Outgoing, Session};
+use baton_loader::{Call, Plugin, RouteKind};
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use http::request::Parts;
+use http::{HeaderValue, Method, Response, StatusCode, Version, header};
+use http_body_util::Full;
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::TokioIo;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+use tokio::io::AsyncWriteExt;
+use tokio::sync::Semaphore;
+use tokio::time::Instant;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError, ProtocolError};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
+use tokio_tungstenite::tungstenite::{Message, handshake::derive_accept_key};
+
+/// The answer to an upgrade request: a 101 (the connection's task is spawned and takes
+/// the connection over once hyper hands it on), or a refusal.
+pub(crate) type Upgrade = Pin<Box<dyn Future<Output = Response<Full<Bytes>>> + Send>>;
+
+/// How long the peer has to answer our close frame before the connection is dropped.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+/// The same, in the forced phase of the drain (the worker exits shortly after).
+const FORCED_CLOSE_TIMEOUT: Duration = Duration::from_millis(100);
+/// The same for a client that does not read (the close frame may never get out).
+const SLOW_CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long the closing `shutdown` may take (a lingering close, see `connection`).
+const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(3);
+/// tungstenite's read buffer per connection: most of an idle connection's memory.
+const READ_BUFFER: usize = 8 * 1024;
+/// Frames are written out once this much is buffered (or at every flush).
+const WRITE_BUFFER: usize = 16 * 1024;
+/// A code the plugin is told when the connection ended without a close frame.
+const ABNORMAL: u16 = 1006;
+/// A close frame without a code.
+const NO_STATUS: u16 = 1005;
+/// The code every connection gets when its generation drains.
+const SERVICE_RESTART: u16 = 1012;
+
+/// A WebSocket route a request is routed to.
+pub(crate) struct Target {
+    index: usize,
+    plugin: Arc<Plugin>,
+    route: u32,
+    params: Vec<(String, String)>,
+    /// The route's message limit.
+    limit: u64,
+}
+
+/// For [`crate::handle`]: the WebSocket route `parts` is routed to, if it is one. Cheap
+/// when no plugin has WebSocket routes.
+pub(crate) fn route(parts: &Parts, ctx: &ConnCtx) -> Option<Target> {
+    let shared = &ctx.shared;
+    if !shared
+        .router
+        .plugins
+        .iter()
+        .any(|p| p.ws_callbacks().is_some())
+    {
+        return None;
+    }
+    match shared
+        .router
+        .lookup(parts.method.as_str(), parts.uri.path())
+    {
+        Lookup::Found {
+            index,
+            plugin,
+            route,
+            params,
+        } if plugin.routes[route as usize].kind == RouteKind::WebSocket => Some(Target {
+            index,
+            plugin: plugin.clone(),
+            route,
+            params,
+            limit: plugin.routes[route as usize]
+                .max_body_bytes
+                .unwrap_or(shared.settings.websocket.max_message_bytes),
+        }),
+        _ => None,
+    }
+}
+
+/// For [`crate::handle`]: the answer to a request for a WebSocket route: the 101 (after
+/// the plugin's `ws_open` accepted it) or a refusal.
+pub(crate) fn upgrade(parts: Parts, target: Target, no_body: bool, ctx: &Arc<ConnCtx>) -> Upgrade {
+    let shared = &ctx.shared;
+    let Target {
+        index,
+        plugin,
+        route,
+        params,
+        limit,
+    } = target;
+    shared.requests.add_one();
+    let refused = |r| -> Upgrade { Box::pin(std::future::ready(r)) };
+    let accept = match handshake(&parts, no_body) {
+        Ok(accept) => accept,
+        Err(refusal) => return refused(*refusal),
+    };
+    if shared.closing.load(Ordering::Relaxed) {
+        // Draining: the client reconnects to the next generation.
+        let mut r = text(StatusCode::SERVICE_UNAVAILABLE, "draining\n");
+        r.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        return refused(r);
+    }
+    let mut parts = parts;
+    let Some(on_upgrade) = parts.extensions.remove::<OnUpgrade>() else {
+        return refused(upgrade_required(parts.version));
+    };
+    let in_flight = InFlight::start(ctx);
+    let drain = ctx.drain.clone();
+    Box::pin(async move {
+        let ctx = in_flight.ctx();
+        let shared = ctx.shared.clone();
+        let outbox = Outbox::register(shared.settings.websocket.send_queue_bytes);
+        // Taken before the 101, so the drain never sees this connection as closed.
+        let guard = shared.connections.open();
+        let share = shared.blocking[index].clone();
+        let opened = {
+            let plugin = plugin.clone();
+            let (generation, worker_pid) = (shared.generation, shared.pid);
+            run_callback(&share, &shared, move || {
+                let call = Call {
+                    route,
+                    method: &parts.method,
+                    path: parts.uri.path(),
+                    query: parts.uri.query().unwrap_or(""),
+                    headers: &parts.headers,
+                    params: &params,
+                    body: &[],
+                    generation,
+                    worker_pid,
+                };
+                let opened = plugin_ws::open(&plugin, &call, &outbox);
+                (opened, outbox)
+            })
+            .await
+        };
+        let (session, outbox) = match opened {
+            Some((Ok(session), outbox)) => (session, outbox),
+            Some((Err(rc), _)) => {
+                tracing::debug!("plugin {} refused a WebSocket ({rc})", plugin.name);
+                return text(StatusCode::FORBIDDEN, "forbidden\n");
+            }
+            None => return text(StatusCode::INTERNAL_SERVER_ERROR, "internal server error\n"),
+        };
+        let conn = Conn {
+            plugin,
+            share,
+            shared,
+            session,
+            outbox,
+            drain,
+            limit: usize::try_from(limit).unwrap_or(usize::MAX),
+            _guard: guard,
+        };
+        tokio::spawn(tracing::Instrument::in_current_span(serve(
+            on_upgrade, conn,
+        )));
+        let mut r = Response::new(Full::new(Bytes::new()));
+        *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+        let h = r.headers_mut();
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+        h.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
+        r
+    })
+}
+
+/// Checks an upgrade request (RFC 6455 §4.2.1): the `Sec-WebSocket-Accept` value, or the
+/// answer refusing it.
+fn handshake(parts: &Parts, no_body: bool) -> Result<HeaderValue, Box<Response<Full<Bytes>>>> {
+    let headers = &parts.headers;
+    let asks_websocket = headers
+        .get_all(header::UPGRADE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("websocket"));
+    if parts.version != Version::HTTP_11
+        || parts.method != Method::GET
+        || !asks_websocket
+        || !has_token(headers, "upgrade")
+    {
+        return Err(Box::new(upgrade_required(parts.version)));
+    }
+    if headers
+        .get(header::SEC_WEBSOCKET_VERSION)
+        .is_none_or(|v| v.as_bytes() != b"13")
+    {
+        let mut r = upgrade_required(parts.version);
+        r.headers_mut().insert(
+            header::SEC_WEBSOCKET_VERSION,
+            HeaderValue::from_static("13"),
+        );
+        return Err(Box::new(r));
+    }
+    let key = headers.get(header::SEC_WEBSOCKET_KEY).map(|k| k.as_bytes());
+    let Some(key) = key.filter(|k| is_key(k)) else {
+        return Err(Box::new(text(
+            StatusCode::BAD_REQUEST,
+            "bad request: Sec-WebSocket-Key is not 16 bytes in base64\n",
+        )));
+    };
+    if !no_body {
+        return Err(Box::new(text(
+            StatusCode::BAD_REQUEST,
+            "bad request: a WebSocket upgrade has no body\n",
+        )));
+    }
+    Ok(HeaderValue::from_str(&derive_accept_key(key)).expect("base64 is a header value"))
+}
+
+/// 16 bytes in base64: 22 characters of the alphabet and `==`.
+fn is_key(key: &[u8]) -> bool {
+    key.len() == 24
+        && key.ends_with(b"==")
+        && key[..22]
+            .iter()
+            .all(|&c| c.is_ascii_alphanumeric() || c == b'+' || c == b'/')
+}
+
+/// 426: a WebSocket route answers only an upgrade to WebSocket.
+fn upgrade_required(version: Version) -> Response<Full<Bytes>> {
+    let mut r = text(
+        StatusCode::UPGRADE_REQUIRED,
+        "this is a WebSocket endpoint: upgrade required\n",
+    );
+    // Connection-specific headers do not exist in HTTP/2 (and there is no RFC 8441 here).
+    if version < Version::HTTP_2 {
+        let h = r.headers_mut();
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+    }
+    r
+}
+
+fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+/// Runs one callback of a plugin: inline for a non-blocking plugin, otherwise on the
+/// blocking pool within the plugin's share of it (`share`). `None` if its thread failed.
+async fn run_callback<R: Send + 'static>(
+    share: &Option<Arc<Semaphore>>,
+    shared: &Shared,
+    f: impl FnOnce() -> R + Send + 'static,
+) -> Option<R> {
+    match share {
+        None => {
+            let _counted = CallGuard::new(&shared.plugin_calls);
+            Some(f())
+        }
+        Some(share) => {
+            let _permit = share.acquire().await.ok()?;
+            // Counted until the callback returns, even if this task is dropped meanwhile.
+            let counted = CallGuard::new(&shared.plugin_calls);
+            tokio::task::spawn_blocking(move || {
+                let r = f();
+                drop(counted);
+                r
+            })
+            .await
+            .ok()
+        }
+    }
+}
+
+/// One open connection: what its task needs.
+struct Conn {
+    plugin: Arc<Plugin>,
+    /// The plugin's share of the blocking pool; `None` for a non-blocking plugin.
+    share: Option<Arc<Semaphore>>,
+    shared: Arc<Shared>,
+    session: Session,
+    outbox: Outbox,
+    drain: DrainWatch,
+    /// The largest message taken.
+    limit: usize,
+    _guard: ConnectionGuard,
+}
+
+/// The connection's task: waits for hyper to hand the connection over, runs it, then
+/// calls the plugin's `ws_close` (last) and unregisters the handle.
+async fn serve(on_upgrade: OnUpgrade, conn: Conn) {
+    conn.shared.websockets.fetch_add(1, Ordering::Relaxed);
+    let (code, reason) = match on_upgrade.await {
+        Ok(upgraded) => run(TokioIo::new(upgraded), &conn).await,
+        Err(e) => {
+            tracing::debug!("WebSocket upgrade failed: {e}");
+            (ABNORMAL, String::new())
+        }
+    };
+    let Conn {
+        plugin,
+        share,
+        shared,
+        session,
+        outbox,
+        ..
+    } = conn;
+    outbox.shut();
+    {
+        let plugin = plugin.clone();
+        run_callback(&share, &shared, move || {
+            session.closed(&plugin, code, &reason)
+        })
+        .await;
+    }
+    drop(outbox);
+    shared.websockets.fetch_sub(1, Ordering::Relaxed);
+}
+
+/// Why the host closes a connection, and so how long the peer gets to answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Urgency {
+    /// The close handshake as usual.
+    Normal,
+    /// The peer does not read or does not answer: a short wait.
+    Slow,
+    /// The drain's forced phase: a very short wait.
+    Forced,
+}
+
+/// The protocol side of one connection, as data the loop updates.
+struct Link {
+    /// A ping to hand to the sink before anything else.
+    ping: bool,
+    /// A frame to hand to the sink next (it was not ready yet).
+    out: Option<Message>,
+    /// Frames handed to the sink since the last flush.
+    unflushed: bool,
+    /// Our close frame is queued or sent; the peer has until then to answer.
+    closing: Option<Instant>,
+    /// What the plugin is told in `ws_close`, once known.
+    told: Option<(u16, String)>,
+    last_heard: Instant,
+    ping_sent: Option<Instant>,
+}
+
+impl Link {
+    /// Starts the close handshake with `code` unless it began already.
+    fn close(&mut self, outbox: &Outbox, code: u16, reason: &str, urgency: Urgency) {
+        if self.closing.is_some() {
+            if urgency == Urgency::Forced {
+                self.closing = Some(Instant::now() + FORCED_CLOSE_TIMEOUT);
+            }
+            return;
+        }
+        outbox.shut();
+        self.out = Some(Message::Close(Some(CloseFrame {
+            code: CloseCode::from(code),
+            reason: reason.into(),
+        })));
+        let wait = match urgency {
+            Urgency::Normal => CLOSE_TIMEOUT,
+            Urgency::Slow => SLOW_CLOSE_TIMEOUT,
+            Urgency::Forced => FORCED_CLOSE_TIMEOUT,
+        };
+        self.closing = Some(Instant::now() + wait);
+        self.told.get_or_insert_with(|| (code, reason.to_owned()));
+    }
+}
+
+/// Runs the protocol until the connection ends; returns what the plugin is told.
+async fn run(io: TokioIo<hyper::upgrade::Upgraded>, conn: &Conn) -> (u16, String) {
+    let settings = &conn.shared.settings.websocket;
+    let config = WebSocketConfig::default()
+        .read_buffer_size(READ_BUFFER)
+        .write_buffer_size(WRITE_BUFFER)
+        .max_write_buffer_size(WRITE_BUFFER + conn.limit.max(settings.send_queue_bytes) + 64)
+        .max_message_size(Some(conn.limit))
+        .max_frame_size(Some(conn.limit));
+    let ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await;
+    let (mut sink, mut stream) = ws.split();
+    let ping_interval = Duration::from_millis(settings.ping_interval_ms.max(1));
+    let ping_timeout = Duration::from_millis(settings.ping_timeout_ms.max(1));
+    let window = Duration::from_millis(
+        conn.shared
+            .settings
+            .drain_spread_ms
+            .min(conn.shared.settings.drain_timeout_ms),
+    );
+    let offset = spread_offset(conn.session.handle(), window);
+    let (mut spread_watch, mut forced_watch) = (conn.drain.clone(), conn.drain.clone());
+    let spread = async move {
+        spread_watch.reached(Phase::Closing).await;
+        tokio::time::sleep(offset).await;
+    };
+    let forced = async move { forced_watch.reached(Phase::Forced).await };
+    let (mut spread, mut forced) = (std::pin::pin!(spread), std::pin::pin!(forced));
+    let (mut spread_done, mut forced_done) = (false, false);
+    let mut link = Link {
+        ping: false,
+        out: None,
+        unflushed: false,
+        closing: None,
+        told: None,
+        last_heard: Instant::now(),
+        ping_sent: None,
+    };
+    // A `ws_message` of a blocking plugin under way; reading waits for it (in order, one
+    // at a time), writing goes on.
+    let mut pending: Option<Pin<Box<dyn Future<Output = ()> + Send>>> = None;
+    let mut stream_done = false;
+    let timer = tokio::time::sleep_until(link.last_heard + ping_interval);
+    let mut timer = std::pin::pin!(timer);
+
+    loop {
+        if stream_done && link.out.is_none() && !link.ping && !link.unflushed {
+            // The close handshake is over, or the peer is gone.
+            break;
+        }
+        // What to write next: control frames and the close first, then the plugin's queue.
+        if link.closing.is_none() {
+            if link.out.is_none() {
+                match conn.outbox.take() {
+                    Next::Send(Outgoing::Text(t)) => link.out = Some(Message::text(t)),
+                    Next::Send(Outgoing::Binary(b)) => link.out = Some(Message::binary(b)),
+                    Next::Idle | Next::Shut => {}
+                    Next::Close(code, reason) => {
+                        link.close(&conn.outbox, code, &reason, Urgency::Normal)
+                    }
+                    Next::Overflowed => slow_reader(&mut link, conn),
+                }
+            } else if conn.outbox.overflowed() {
+                slow_reader(&mut link, conn);
+            }
+        }
+        let deadline = match (link.closing, link.ping_sent) {
+            (Some(at), _) => at,
+            // Not reading while a callback runs: no pong can be seen meanwhile.
+            (None, _) if pending.is_some() => Instant::now() + ping_interval,
+            (None, Some(sent)) => sent + ping_timeout,
+            (None, None) => link.last_heard + ping_interval,
+        };
+        if timer.deadline() != deadline {
+            timer.as_mut().reset(deadline);
+        }
+        let reading = pending.is_none() && !stream_done;
+        tokio::select! {
+            biased;
+            () = &mut forced, if !forced_done => {
+                forced_done = true;
+                log_forced(&conn.shared);
+                link.close(&conn.outbox, SERVICE_RESTART, "service restart", Urgency::Forced);
+            }
+            () = async { pending.as_mut().expect("guarded").await }, if pending.is_some() => {
+                pending = None;
+                // Pongs waited unread meanwhile: the timeout starts again.
+                if link.ping_sent.is_some() {
+                    link.ping_sent = Some(Instant::now());
+                }
+            }
+            wrote = futures_util::future::poll_fn(|cx| write_step(&mut sink, &mut link, cx)),
+                if link.ping || link.out.is_some() || link.unflushed =>
+            {
+                if let Err(e) = wrote {
+                    tracing::debug!("WebSocket write failed: {e}");
+                    link.told.get_or_insert_with(|| (ABNORMAL, String::new()));
+                    break;
+                }
+            }
+            incoming = stream.next(), if reading => {
+                let Some(incoming) = incoming else {
+                    // The handshake is over (or the peer is gone): what is left to write
+                    // gets a moment, then the loop ends.
+                    stream_done = true;
+                    link.told.get_or_insert_with(|| (ABNORMAL, String::new()));
+                    link.closing.get_or_insert_with(|| Instant::now() + FORCED_CLOSE_TIMEOUT);
+                    continue;
+                };
+                link.last_heard = Instant::now();
+                match incoming {
+                    Ok(Message::Text(t)) => {
+                        pending = deliver(conn, Kind::Text, Bytes::from(t));
+                    }
+                    Ok(Message::Binary(b)) => pending = deliver(conn, Kind::Binary, b),
+                    Ok(Message::Ping(_)) => link.unflushed = true,
+                    Ok(Message::Pong(_)) => link.ping_sent = None,
+                    Ok(Message::Close(frame)) => {
+                        // tungstenite answers it; the stream ends after the reply is out.
+                        link.told.get_or_insert_with(|| match frame {
+                            Some(f) => (u16::from(f.code), f.reason.as_str().to_owned()),
+                            None => (NO_STATUS, String::new()),
+                        });
+                        conn.outbox.shut();
+                        link.out = None;
+                        link.ping = false;
+                        link.unflushed = true;
+                        link.closing.get_or_insert_with(|| Instant::now() + CLOSE_TIMEOUT);
+                    }
+                    Ok(Message::Frame(_)) => {}
+                    Err(e) => {
+                        // The stream ends after an error: close with the reason and go.
+                        stream_done = true;
+                        match failure(&e) {
+                            Some((code, reason)) => {
+                                tracing::debug!("WebSocket closed with {code}: {e}");
+                                link.close(&conn.outbox, code, reason, Urgency::Slow);
+                            }
+                            None => {
+                                link.told.get_or_insert_with(|| (ABNORMAL, String::new()));
+                                break;
+                            }
+                        }
+                    }
+                }
+            }
+            () = conn.outbox.ready(), if link.closing.is_none() => {}
+            () = &mut spread, if !spread_done => {
+                spread_done = true;
+                // After what the plugin queued, like its own close.
+                conn.outbox.close_after_queue(SERVICE_RESTART, "service restart");
+            }
+            () = &mut timer => {
+                let now = Instant::now();
+                if link.closing.is_some_and(|at| at <= now) {
+                    break;
+                } else if link.ping_sent.is_some_and(|sent| sent + ping_timeout <= now) {
+                    if pending.is_none() {
+                        tracing::debug!("WebSocket peer did not answer a ping: closing");
+                        link.told = Some((ABNORMAL, "ping timeout".into()));
+                        link.close(&conn.outbox, 1011, "ping timeout", Urgency::Slow);
+                    }
+                } else if link.ping_sent.is_none()
+                    && link.last_heard + ping_interval <= now
+                    && link.closing.is_none()
+                {
+                    link.ping_sent = Some(now);
+                    link.ping = true;
+                }
+            }
+        }
+    }
+    if let Some(pending) = pending {
+        // A callback still running: wait for it, so that `ws_close` comes after it.
+        pending.await;
+    }
+    if let Ok(mut ws) = sink.reunite(stream) {
+        // A lingering close (see `connection`): no reset destroys the close frame.
+        let _ = tokio::time::timeout(SHUTDOWN_TIMEOUT, ws.get_mut().shutdown()).await;
+    }
+    link.told.unwrap_or((ABNORMAL, String::new()))
+}
+
+/// One step of writing: hands the next frame (a ping first) to the sink once it has
+/// room, or flushes what it holds when there is no next frame.
+fn write_step<S>(
+    sink: &mut S,
+    link: &mut Link,
+    cx: &mut std::task::Context<'_>,
+) -> std::task::Poll<Result<(), WsError>>
+where
+    S: futures_util::Sink<Message, Error = WsError> + Unpin,
+{
+    if link.ping || link.out.is_some() {
+        std::task::ready!(sink.poll_ready_unpin(cx))?;
+        let frame = if std::mem::take(&mut link.ping) {
+            Message::Ping(Bytes::new())
+        } else {
+            link.out.take().expect("checked above")
+        };
+        let sent = sink.start_send_unpin(frame);
+        link.unflushed = true;
+        // Once closing, a refused frame (the peer closed meanwhile) is no failure.
+        if link.closing.is_none() {
+            sent?;
+        }
+        std::task::Poll::Ready(Ok(()))
+    } else {
+        let flushed = std::task::ready!(sink.poll_flush_unpin(cx));
+        link.unflushed = false;
+        std::task::Poll::Ready(flushed)
+    }
+}
+
+/// The client let its send queue overflow: close it with the configured code.
+fn slow_reader(link: &mut Link, conn: &Conn) {
+    tracing::debug!(
+        "WebSocket client does not read: closing it ({} bytes queued at most)",
+        conn.shared.settings.websocket.send_queue_bytes
+    );
+    // What waits for the socket is dropped: it would not get out anyway.
+    link.out = None;
+    link.ping = false;
+    link.close(
+        &conn.outbox,
+        conn.shared.settings.websocket.slow_reader_close_code,
+        "client too slow",
+        Urgency::Slow,
+    );
+}
+
+/// Calls `ws_message`: inline for a non-blocking plugin (`None` then), else the future of
+/// the call on the blocking pool.
+fn deliver(
+    conn: &Conn,
+    kind: Kind,
+    data: Bytes,
+) -> Option<Pin<Box<dyn Future<Output = ()> + Send>>> {
+    let (plugin, session) = (conn.plugin.clone(), conn.session);
+    match &conn.share {
+        None => {
+            let _counted = CallGuard::new(&conn.shared.plugin_calls);
+            session.message(&plugin, kind, &data);
+            None
+        }
+        Some(_) => {
+            let (share, shared) = (conn.share.clone(), conn.shared.clone());
+            Some(Box::pin(async move {
+                run_callback(&share, &shared, move || {
+                    session.message(&plugin, kind, &data)
+                })
+                .await;
+            }))
+        }
+    }
+}
+
+/// The close code for an error reading from the peer, or `None` when the connection is
+/// gone (nothing can be sent).
+fn failure(e: &WsError) -> Option<(u16, &'static str)> {
+    match e {
+        WsError::Capacity(CapacityError::MessageTooLong { .. }) => Some((1009, "message too big")),
+        WsError::Capacity(_) => Some((1009, "too big")),
+        WsError::Utf8(_) => Some((1007, "invalid UTF-8")),
+        WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) => None,
+        WsError::Protocol(_) => Some((1002, "protocol error")),
+        _ => None,
+    }
+}
+
+/// Logs, once per worker (a worker drains once), how many connections the forced phase
+/// of the drain closes: the first connection to see the phase counts them all.
+fn log_forced(shared: &Shared) {
+    static LOGGED: AtomicBool = AtomicBool::new(false);
+    if !LOGGED.swap(true, Ordering::Relaxed) {
+        tracing::warn!(
+            "drain forced: closing {} WebSocket connection(s) still open with 1012",
+            shared.websockets.load(Ordering::Relaxed)
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parts(version: Version, headers: &[(&str, &str)]) -> Parts {
+        let mut b = http::Request::get("/ws").version(version);
+        for (n, v) in headers {
+            b = b.header(*n, *v);
+        }
+        b.body(()).unwrap().into_parts().0
+    }
+
+    const UPGRADE: [(&str, &str); 4] = [
+        ("connection", "keep-alive, Upgrade"),
+        ("upgrade", "WebSocket"),
+        ("sec-websocket-version", "13"),
+        ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
+    ];
+
+    #[test]
+    fn a_proper_upgrade_gets_the_accept_key_of_rfc_6455() {
+        let accept = handshake(&parts(Version::HTTP_11, &UPGRADE), true).unwrap();
+        // RFC 6455 §1.3's example.
+        assert_eq!(accept, "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=");
+    }
+
+    #[test]
+    fn anything_else_is_refused() {
+        let status = |version, headers: &[(&str, &str)], no_body| {
+            handshake(&parts(version, headers), no_body)
+                .map(|_| StatusCode::SWITCHING_PROTOCOLS)
+                .unwrap_or_else(|r| r.status())
+        };
+        // A plain GET: 426, saying what to upgrade to.
+        let plain = handshake(&parts(Version::HTTP_11, &[]), true).unwrap_err();
+        assert_eq!(plain.status(), StatusCode::UPGRADE_REQUIRED);
+        assert_eq!(plain.headers()[header::UPGRADE], "websocket");
+        assert_eq!(
+            status(Version::HTTP_10, &UPGRADE, true),
+            StatusCode::UPGRADE_REQUIRED
+        );
+        assert_eq!(
+            status(Version::HTTP_2, &UPGRADE, true),
+            StatusCode::UPGRADE_REQUIRED
+        );
+        let without = |name: &str| -> Vec<(&str, &str)> {
+            UPGRADE
+                .iter()
+                .copied()
+                .filter(|(n, _)| *n != name)
+                .collect()
+        };
+        assert_eq!(
+            status(Version::HTTP_11, &without("connection"), true),
+            StatusCode::UPGRADE_REQUIRED
+        );
+        let old = handshake(
+            &parts(Version::HTTP_11, &without("sec-websocket-version")),
+            true,
+        )
+        .unwrap_err();
+        assert_eq!(old.status(), StatusCode::UPGRADE_REQUIRED);
+        assert_eq!(old.headers()[header::SEC_WEBSOCKET_VERSION], "13");
+        assert_eq!(
+            status(Version::HTTP_11, &without("sec-websocket-key"), true),
+            StatusCode::BAD_REQUEST
+        );
+        let mut short_key = without("sec-websocket-key");
+        short_key.push(("sec-websocket-key", "c2hvcnQ="));
+        assert_eq!(
+            status(Version::HTTP_11, &short_key, true),
+            StatusCode::BAD_REQUEST
+        );
+        assert_eq!(
+            status(Version::HTTP_11, &UPGRADE, false),
+            StatusCode::BAD_REQUEST
+        );
+    }
+
+    #[test]
+    fn read_errors_map_to_rfc_6455_close_codes() {
+        let too_long = WsError::Capacity(CapacityError::MessageTooLong {
+            size: 2,
+            max_size: 1,
+        });
+        assert_eq!(failure(&too_long).map(|f| f.0), Some(1009));
+        let bad_utf8 = WsError::Utf8("x".into());
+        assert_eq!(failure(&bad_utf8).map(|f| f.0), Some(1007));
+        let protocol = WsError::Protocol(ProtocolError::FragmentedControlFrame);
+        assert_eq!(failure(&protocol).map(|f| f.0), Some(1002));
+        let reset = WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake);
+        assert_eq!(failure(&reset), None);
+    }
+}
