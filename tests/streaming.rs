@@ -107,6 +107,40 @@ async fn sse_events_arrive_one_by_one_and_the_stream_ends_after_its_count() {
     assert_eq!(text, events(0..5));
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sse_streams_work_over_http2_as_over_http1() {
+    let (_tmp, baton) = start(&["ticker"]).await;
+    let stream = tokio::net::TcpStream::connect(baton.addr()).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    // Two streams at once on one connection.
+    let mut bodies = Vec::new();
+    for count in [3, 5] {
+        let request = http::Request::get(format!("http://localhost/ticker?count={count}"))
+            .body(http_body_util::Empty::<Bytes>::new())
+            .unwrap();
+        let response = tokio::time::timeout(WAIT, sender.send_request(request))
+            .await
+            .expect("no answer within WAIT")
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        assert_eq!(response.version(), http::Version::HTTP_2);
+        bodies.push((count, response.into_body()));
+    }
+    for (count, mut body) in bodies {
+        let mut text = String::new();
+        while let Some(data) = next_data(&mut body).await {
+            text.push_str(std::str::from_utf8(&data).unwrap());
+        }
+        assert_eq!(text, events(0..count));
+    }
+}
+
 /// Open file descriptors of `pid`.
 fn fds(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd"))
@@ -296,6 +330,41 @@ async fn chat_broadcasts_to_everyone_in_the_room_and_no_one_else() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chat_room_of_100_delivers_every_message_to_everyone() {
+    const N: usize = 100;
+    let (_tmp, baton) = start(&["chat"]).await;
+    let mut clients = Vec::new();
+    for i in 0..N {
+        clients.push(ws_connect(&baton, &format!("/chat/big?name=c{i}")).await);
+    }
+    // Everyone has heard the last one join.
+    let last = format!("* c{} joined", N - 1);
+    for ws in &mut clients {
+        while ws_text(ws).await != last {}
+    }
+    for (i, ws) in clients.iter_mut().enumerate() {
+        ws.send(Message::text(format!("m{i}"))).await.unwrap();
+    }
+    let expected: std::collections::BTreeSet<String> =
+        (0..N).map(|i| format!("c{i}: m{i}")).collect();
+    let tasks: Vec<_> = clients
+        .into_iter()
+        .map(|mut ws| {
+            tokio::spawn(async move {
+                let mut got = std::collections::BTreeSet::new();
+                for _ in 0..N {
+                    got.insert(ws_text(&mut ws).await);
+                }
+                got
+            })
+        })
+        .collect();
+    for task in tasks {
+        assert_eq!(task.await.unwrap(), expected);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_draining_chat_tells_its_rooms_then_they_reconnect_to_the_new_generation() {
     let (_tmp, baton) = start(&["chat"]).await;
     let mut alice = ws_connect(&baton, "/chat/lobby?name=alice").await;
@@ -315,6 +384,43 @@ async fn a_draining_chat_tells_its_rooms_then_they_reconnect_to_the_new_generati
     alice.send(Message::text("back")).await.unwrap();
     assert_eq!(ws_text(&mut alice).await, "alice: back");
     assert_eq!(baton.serving().await.map(|s| s.0), Some(2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn panics_after_defer_and_in_websocket_callbacks_stay_inside_the_plugin() {
+    let (_tmp, baton) = start(&["faulty"]).await;
+    let (_, pids) = baton.serving().await.unwrap();
+
+    // A handler that deferred and then panicked: its stream is failed, a 500.
+    let (code, _) = get(baton.addr(), "/faulty/defer-panic").await.unwrap();
+    assert_eq!(code, 500);
+
+    // A panic in an open method refuses the upgrade.
+    let url = format!("ws://{}/faulty/ws?panic", baton.addr());
+    match tokio_tungstenite::connect_async(url).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            assert_eq!(response.status(), 403)
+        }
+        other => panic!("expected a refused upgrade, got {other:?}"),
+    }
+
+    // A panic in a message callback closes that connection with 1011, not the others.
+    let mut doomed = ws_connect(&baton, "/faulty/ws").await;
+    let mut bystander = ws_connect(&baton, "/faulty/ws").await;
+    doomed.send(Message::text("hello")).await.unwrap();
+    assert_eq!(ws_text(&mut doomed).await, "hello");
+    doomed.send(Message::text("panic")).await.unwrap();
+    match ws_next(&mut doomed).await {
+        Message::Close(Some(frame)) => assert_eq!(frame.code, CloseCode::Error),
+        other => panic!("expected a close frame 1011, got {other:?}"),
+    }
+    bystander.send(Message::text("still here")).await.unwrap();
+    assert_eq!(ws_text(&mut bystander).await, "still here");
+    assert_eq!(
+        baton.serving().await.unwrap().1,
+        pids,
+        "the worker was replaced"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

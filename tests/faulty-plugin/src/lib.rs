@@ -1,9 +1,14 @@
 //! `faulty`: a plugin that misbehaves on purpose, for tests. `GET /faulty/panic` panics;
 //! `GET /faulty/error` returns an error; `GET /faulty/bad-header` sets an invalid header;
 //! with `[plugins.settings.faulty] panic_in_init = true`, `init` panics.
+//! ABI 1.1: `GET /faulty/defer-panic` defers its answer and then panics; the WebSocket
+//! route `/faulty/ws` echoes, panics in its open method with `?panic`, and panics in its
+//! message callback on the text `panic`.
 #![forbid(unsafe_code)]
 
-use baton_plugin::{InitContext, Plugin, Request, Response, export_plugin};
+use baton_plugin::{
+    InitContext, Message, Plugin, Refused, Request, Response, WebSocket, WsHandle, export_plugin,
+};
 
 #[derive(Debug)]
 pub struct Faulty;
@@ -35,6 +40,34 @@ impl Faulty {
         resp.header("bad header name", "x").write(b"never sent\n");
         Ok(())
     }
+
+    fn defer_panic(&self, _: &Request, resp: &mut Response) -> Result<(), String> {
+        let _stream = resp.defer().ok_or("the host refused to defer")?;
+        panic!("faulty: told to panic after deferring");
+    }
+
+    fn ws_open(&self, req: &Request, _: WsHandle) -> Result<(), Refused> {
+        if req.query() == "panic" {
+            panic!("faulty: told to panic in a WebSocket open");
+        }
+        Ok(())
+    }
+}
+
+impl WebSocket for Faulty {
+    type Conn = ();
+
+    fn message(&self, _: &mut (), ws: &WsHandle, message: Message<'_>) {
+        match message {
+            Message::Text("panic") => panic!("faulty: told to panic in a WebSocket message"),
+            Message::Text(text) => {
+                let _ = ws.send_text(text);
+            }
+            Message::Binary(data) => {
+                let _ = ws.send_binary(data);
+            }
+        }
+    }
 }
 
 export_plugin! {
@@ -46,5 +79,7 @@ export_plugin! {
         GET "/faulty/panic" => panic,
         GET "/faulty/error" => error,
         GET "/faulty/bad-header" => bad_header,
+        GET "/faulty/defer-panic" => defer_panic,
+        WS "/faulty/ws" => ws_open,
     ],
 }
