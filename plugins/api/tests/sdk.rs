@@ -611,3 +611,26 @@ fn kept_ws(id: u64) -> WsHandle {
     let kept = KEPT_WS.lock().unwrap();
     kept.iter().find(|h| h.id() == id).cloned().expect("kept")
 }
+
+#[test]
+fn streams_bodies_and_handles_cross_threads() {
+    fn send<T: Send + 'static>() {}
+    fn shared<T: Send + Sync + Clone + 'static>() {}
+    send::<Stream>();
+    send::<baton_plugin::Body>();
+    shared::<WsHandle>();
+    // A stream moved to another thread and finished there.
+    let id = 0x7000;
+    assert_eq!(handle(0, id), 0);
+    let mut stream = take_kept(id);
+    std::thread::spawn(move || {
+        stream.write_blocking(b"from a thread").unwrap();
+        stream.finish().unwrap();
+    })
+    .join()
+    .unwrap();
+    assert_eq!(
+        calls(id),
+        [Call::Write(b"from a thread".to_vec()), Call::Finish]
+    );
+}
