@@ -160,6 +160,10 @@ impl InFlight {
     pub(crate) fn ctx(&self) -> &ConnCtx {
         &self.0
     }
+
+    pub(crate) fn arc(&self) -> &Arc<ConnCtx> {
+        &self.0
+    }
 }
 
 impl Drop for InFlight {

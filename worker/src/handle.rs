@@ -1,13 +1,17 @@
 //! One request, from its head to its response: the checks of its head (`Host`, the
-//! header count over HTTP/2, a `Content-Length` past the body limit), the health path,
-//! 404 and 405, plugin handlers (non-blocking ones inline, the others on the blocking pool
-//! within their plugin's share), the body limit, and `Connection: close` once the drain
-//! began. It never touches the connection's socket.
+//! header count over HTTP/2, a `Content-Length` past the route's body limit), the health
+//! path, 404 and 405, plugin handlers (non-blocking ones inline, the others on the
+//! blocking pool within their plugin's share), the body limit (the route's own, or
+//! `http.max_body_bytes`), deferred answers and streamed request bodies (ABI 1.1, through
+//! [`crate::stream`]), and `Connection: close` once the drain began. It never touches the
+//! connection's socket.
 
 use crate::conn_state::{ConnCtx, InFlight, has_token};
 use crate::router::Lookup;
 use crate::shared::{CallGuard, Shared};
-use baton_loader::{Answer, Call, Plugin};
+use crate::stream::{self, Body};
+use baton_loader::stream::{BodyStream, StreamReceiver};
+use baton_loader::{Answer, Call, CallOpts, Plugin};
 use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, StatusCode, Version, header};
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
@@ -21,21 +25,23 @@ use std::task::{Context, Poll};
 
 /// The future hyper keeps for one request. Most requests are answered before [`handle`]
 /// returns (no body to read, a non-blocking plugin or none): then it is just the response.
-/// The others (a body to collect, a handler on the blocking pool) are boxed. A future
-/// holding the whole request path inline was copied into hyper for every request, and
-/// showed up in profiles.
+/// The others (a body to collect, a handler on the blocking pool, a deferred answer's
+/// head, a WebSocket upgrade) are boxed. A future holding the whole request path inline
+/// was copied into hyper for every request, and showed up in profiles.
 pub(crate) enum Handled {
-    Now(std::future::Ready<Result<Response<Full<Bytes>>, Infallible>>),
-    Later(Pin<Box<dyn Future<Output = Response<Full<Bytes>>> + Send>>),
+    Now(std::future::Ready<Result<Response<Body>, Infallible>>),
+    Later(Pin<Box<dyn Future<Output = Response<Body>> + Send>>),
+    Upgrade(crate::websocket::Upgrade),
 }
 
 impl Future for Handled {
-    type Output = Result<Response<Full<Bytes>>, Infallible>;
+    type Output = Result<Response<Body>, Infallible>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.get_mut() {
             Handled::Now(ready) => Pin::new(ready).poll(cx),
             Handled::Later(future) => future.as_mut().poll(cx).map(Ok),
+            Handled::Upgrade(future) => future.as_mut().poll(cx).map(|r| Ok(r.map(Body::from))),
         }
     }
 }
@@ -45,7 +51,18 @@ pub(crate) fn handle(req: Request<Incoming>, ctx: &Arc<ConnCtx>) -> Handled {
     let (parts, body) = req.into_parts();
     ctx.state.request_started(&parts);
     let no_body = hyper::body::Body::is_end_stream(&body);
-    if let Some(refused) = refuse_head(&parts, &body, &ctx.shared) {
+    let mut body = Some(body);
+    let refused = refuse_head(&parts, &ctx.shared).or_else(|| {
+        // The route's body limit, known before the body is read.
+        (!no_body)
+            .then(|| body_limit(&parts, &ctx.shared))
+            .filter(|limit| {
+                body.as_ref()
+                    .is_some_and(|b| hyper::body::Body::size_hint(b).lower() > limit.bytes)
+            })
+            .map(|limit| body_too_large(limit.bytes))
+    });
+    if let Some(refused) = refused {
         // Answered before the body is polled: an `Expect: 100-continue` client is not
         // invited to send it. Hyper closes the connection if a body is left unread.
         if !no_body {
@@ -57,40 +74,92 @@ pub(crate) fn handle(req: Request<Incoming>, ctx: &Arc<ConnCtx>) -> Handled {
     }
     // A WebSocket route: the upgrade (or its refusal) is `websocket`'s.
     if let Some(target) = crate::websocket::route(&parts, ctx) {
-        return Handled::Later(crate::websocket::upgrade(parts, target, no_body, ctx));
+        return Handled::Upgrade(crate::websocket::upgrade(parts, target, no_body, ctx));
     }
     // Without a body, the route is known now: most requests end here.
-    let blocking = if no_body {
-        match route(&parts, &Bytes::new(), &ctx.shared) {
-            Routed::Done(response) => {
+    let routed = if no_body {
+        match route(&parts, Input::Whole(&Bytes::new()), ctx) {
+            Routed::Reply(Reply::Done(response)) => {
                 let response = finish(response, version, &ctx.shared);
                 return Handled::Now(std::future::ready(Ok(response)));
             }
-            Routed::Blocking(call) => Some(call),
+            other => Some(other),
         }
     } else {
-        None
+        let limit = body_limit(&parts, &ctx.shared);
+        let body = &mut body;
+        limit.stream.then(|| {
+            // A route that takes its body as a stream is called now, the body fed to it
+            // as it arrives.
+            let (feed, reader) = baton_loader::stream::body_stream(
+                limit.bytes,
+                ctx.shared.settings.http.stream_buffer_bytes,
+            );
+            if let Some(body) = body.take() {
+                tokio::spawn(stream::feed_body(body, feed, InFlight::start(ctx)));
+            }
+            route(&parts, Input::Stream(reader), ctx)
+        })
     };
     let in_flight = InFlight::start(ctx);
     Handled::Later(Box::pin(async move {
-        let shared = &in_flight.ctx().shared;
-        let response = match blocking {
-            Some(call) => call.run(parts, Bytes::new(), shared).await,
-            None => with_body(parts, body, in_flight.ctx()).await,
+        let reply = match routed {
+            Some(Routed::Reply(reply)) => reply,
+            Some(Routed::Blocking(call)) => call.run(parts, Bytes::new(), in_flight.ctx()).await,
+            None => match body {
+                Some(body) => with_body(parts, body, in_flight.ctx()).await,
+                None => unreachable!("the body is taken only for a streamed route"),
+            },
         };
-        finish(response, version, shared)
+        let shared = in_flight.ctx().shared.clone();
+        let response = match reply {
+            Reply::Done(response) => response,
+            Reply::Deferred(rx, plugin) => match stream::deferred(rx, in_flight).await {
+                stream::Deferred::Answer(response) => response,
+                stream::Deferred::Failed(message) => {
+                    tracing::error!(
+                        "plugin {} ({}) failed its stream: {message}",
+                        plugin.name,
+                        plugin.spec.file
+                    );
+                    internal_error()
+                }
+            },
+        };
+        finish(response, version, &shared)
     }))
 }
 
+/// A route's body limit and whether it takes its body as a stream.
+struct BodyLimit {
+    bytes: u64,
+    stream: bool,
+}
+
+/// The body limit of the route a request goes to: its own (ABI 1.1) or the configured one.
+fn body_limit(parts: &http::request::Parts, shared: &Shared) -> BodyLimit {
+    let configured = shared.settings.http.max_body_bytes;
+    let path = parts.uri.path();
+    match shared.router.lookup(parts.method.as_str(), path) {
+        Lookup::Found { plugin, route, .. } if path != shared.settings.http.health_path => {
+            let def = &plugin.routes[route as usize];
+            BodyLimit {
+                bytes: def.max_body_bytes.unwrap_or(configured),
+                stream: def.stream_body,
+            }
+        }
+        _ => BodyLimit {
+            bytes: configured,
+            stream: false,
+        },
+    }
+}
+
 /// Answers a request whose head alone is enough to refuse it: HTTP/1.1 without exactly
-/// one `Host` (RFC 9112 §3.2; HTTP/1.0 may leave it out), more header fields than
-/// `max_headers` over HTTP/2 (hyper counts them for HTTP/1), or a `Content-Length` past
-/// `max_body_bytes`.
-fn refuse_head(
-    parts: &http::request::Parts,
-    body: &Incoming,
-    shared: &Shared,
-) -> Option<Response<Full<Bytes>>> {
+/// one `Host` (RFC 9112 §3.2; HTTP/1.0 may leave it out) or more header fields than
+/// `max_headers` over HTTP/2 (hyper counts them for HTTP/1). (A `Content-Length` past the
+/// route's body limit is refused by [`handle`].)
+fn refuse_head(parts: &http::request::Parts, shared: &Shared) -> Option<Response<Body>> {
     let http = &shared.settings.http;
     if parts.version < Version::HTTP_2 {
         let mut hosts = parts.headers.get_all(header::HOST).iter();
@@ -112,57 +181,44 @@ fn refuse_head(
             format!("more than {} request header fields\n", http.max_headers),
         ));
     }
-    // Exact when the request has a `Content-Length`; 0 when chunked.
-    if hyper::body::Body::size_hint(body).lower() > http.max_body_bytes {
-        return Some(body_too_large(http.max_body_bytes));
-    }
     None
 }
 
-fn body_too_large(limit: u64) -> Response<Full<Bytes>> {
+fn body_too_large(limit: u64) -> Response<Body> {
     text(
         StatusCode::PAYLOAD_TOO_LARGE,
         format!("request body exceeds {limit} bytes\n"),
     )
 }
 
-/// Collects the request body (413 past `max_body_bytes`), then routes the request.
-async fn with_body(
-    parts: http::request::Parts,
-    body: Incoming,
-    ctx: &ConnCtx,
-) -> Response<Full<Bytes>> {
-    let shared = &ctx.shared;
-    let limit = shared.settings.http.max_body_bytes;
+/// Collects the request body (413 past the route's limit), then routes the request.
+async fn with_body(parts: http::request::Parts, body: Incoming, ctx: &ConnCtx) -> Reply {
+    let limit = body_limit(&parts, &ctx.shared).bytes;
     match Limited::new(body, usize::try_from(limit).unwrap_or(usize::MAX))
         .collect()
         .await
     {
         Ok(collected) => {
             let body = collected.to_bytes();
-            match route(&parts, &body, shared) {
-                Routed::Done(response) => response,
-                Routed::Blocking(call) => call.run(parts, body, shared).await,
+            match route(&parts, Input::Whole(&body), ctx) {
+                Routed::Reply(reply) => reply,
+                Routed::Blocking(call) => call.run(parts, body, ctx).await,
             }
         }
         Err(e) => {
             // The client may still be sending the rest.
             ctx.state.body_left();
-            if e.downcast_ref::<LengthLimitError>().is_some() {
+            Reply::Done(if e.downcast_ref::<LengthLimitError>().is_some() {
                 body_too_large(limit)
             } else {
                 text(StatusCode::BAD_REQUEST, format!("bad request body: {e}\n"))
-            }
+            })
         }
     }
 }
 
 /// Counts the answered request; during the drain, HTTP/1 responses close the connection.
-fn finish(
-    mut response: Response<Full<Bytes>>,
-    version: Version,
-    shared: &Shared,
-) -> Response<Full<Bytes>> {
+fn finish(mut response: Response<Body>, version: Version, shared: &Shared) -> Response<Body> {
     shared.requests.add_one();
     if shared.closing.load(Ordering::Relaxed) && version < Version::HTTP_2 {
         response
@@ -182,10 +238,25 @@ fn finish(
 
 /// Where a request went.
 enum Routed {
-    /// Answered: the health path, a 404 or 405, or a non-blocking plugin's handler.
-    Done(Response<Full<Bytes>>),
+    /// Answered or deferred: the health path, a 404 or 405, or a non-blocking plugin's
+    /// handler.
+    Reply(Reply),
     /// A handler of a plugin that may block: it runs on the blocking pool.
     Blocking(BlockingCall),
+}
+
+/// What a handler answered.
+enum Reply {
+    Done(Response<Body>),
+    /// A deferred answer (ABI 1.1), by this plugin: its head is still to come.
+    Deferred(StreamReceiver, Arc<Plugin>),
+}
+
+/// The request body a handler gets.
+enum Input<'a> {
+    Whole(&'a Bytes),
+    /// A route that streams its body (ABI 1.1).
+    Stream(BodyStream),
 }
 
 struct BlockingCall {
@@ -193,16 +264,21 @@ struct BlockingCall {
     plugin: Arc<Plugin>,
     route: u32,
     params: Vec<(String, String)>,
+    body: Option<BodyStream>,
 }
 
 /// Answers the health path and unknown routes, and calls non-blocking handlers inline.
-fn route(parts: &http::request::Parts, body: &Bytes, shared: &Shared) -> Routed {
+fn route(parts: &http::request::Parts, input: Input<'_>, ctx: &ConnCtx) -> Routed {
+    let shared = &ctx.shared;
     let path = parts.uri.path();
     if path == shared.settings.http.health_path {
-        return Routed::Done(health(&parts.method, shared));
+        return Routed::Reply(Reply::Done(health(&parts.method, shared)));
     }
     match shared.router.lookup(parts.method.as_str(), path) {
-        Lookup::NotFound => Routed::Done(text(StatusCode::NOT_FOUND, "not found\n".into())),
+        Lookup::NotFound => Routed::Reply(Reply::Done(text(
+            StatusCode::NOT_FOUND,
+            "not found\n".into(),
+        ))),
         Lookup::MethodNotAllowed(allow) => {
             let mut r = text(
                 StatusCode::METHOD_NOT_ALLOWED,
@@ -211,7 +287,7 @@ fn route(parts: &http::request::Parts, body: &Bytes, shared: &Shared) -> Routed 
             if let Ok(v) = HeaderValue::from_str(&allow) {
                 r.headers_mut().insert(header::ALLOW, v);
             }
-            Routed::Done(r)
+            Routed::Reply(Reply::Done(r))
         }
         Lookup::Found {
             index,
@@ -219,41 +295,50 @@ fn route(parts: &http::request::Parts, body: &Bytes, shared: &Shared) -> Routed 
             route,
             params,
         } => {
+            let (body, stream_body) = match input {
+                Input::Whole(bytes) => (&bytes[..], None),
+                Input::Stream(reader) => (&[][..], Some(reader)),
+            };
+            let stream_body = stream_body.or_else(|| {
+                // A streaming route without a body gets one that has ended.
+                plugin.routes[route as usize].stream_body.then(|| {
+                    let (mut feed, reader) = baton_loader::stream::body_stream(0, 1);
+                    feed.finish();
+                    reader
+                })
+            });
             if shared.blocking[index].is_some() {
                 return Routed::Blocking(BlockingCall {
                     index,
                     plugin: plugin.clone(),
                     route,
                     params,
+                    body: stream_body,
                 });
             }
             let _counted = CallGuard::new(&shared.plugin_calls);
-            let answer = plugin.call(&call_of(
-                route,
-                parts,
-                &params,
-                body,
-                shared.generation,
-                shared.pid,
-            ));
-            Routed::Done(respond(answer, plugin, parts))
+            let answer = plugin.call_with(
+                &call_of(route, parts, &params, body, shared.generation, shared.pid),
+                CallOpts {
+                    stream_buffer_bytes: shared.settings.http.stream_buffer_bytes,
+                    body: stream_body,
+                },
+            );
+            Routed::Reply(respond(answer, plugin, parts))
         }
     }
 }
 
 impl BlockingCall {
     /// Calls the handler on the blocking pool, within its plugin's share of it.
-    async fn run(
-        self,
-        parts: http::request::Parts,
-        body: Bytes,
-        shared: &Shared,
-    ) -> Response<Full<Bytes>> {
+    async fn run(self, parts: http::request::Parts, body: Bytes, ctx: &ConnCtx) -> Reply {
+        let shared = &ctx.shared;
         let BlockingCall {
             index,
             plugin,
             route,
             params,
+            body: stream_body,
         } = self;
         let share = shared.blocking[index]
             .as_ref()
@@ -263,12 +348,17 @@ impl BlockingCall {
         // meanwhile (a forced close): the blocking thread keeps running.
         let counted = CallGuard::new(&shared.plugin_calls);
         let (generation, worker_pid) = (shared.generation, shared.pid);
+        let stream_buffer_bytes = shared.settings.http.stream_buffer_bytes;
         let handler = plugin.clone();
         let request = parts.clone();
         let answer = tokio::task::spawn_blocking(move || {
-            let answer = handler.call(&call_of(
-                route, &request, &params, &body, generation, worker_pid,
-            ));
+            let answer = handler.call_with(
+                &call_of(route, &request, &params, &body, generation, worker_pid),
+                CallOpts {
+                    stream_buffer_bytes,
+                    body: stream_body,
+                },
+            );
             drop(counted);
             answer
         })
@@ -279,18 +369,19 @@ impl BlockingCall {
 }
 
 /// The response for what a plugin answered; a failure is logged and becomes a 500.
-fn respond(answer: Answer, plugin: &Plugin, parts: &http::request::Parts) -> Response<Full<Bytes>> {
-    match answer {
+fn respond(answer: Answer, plugin: &Arc<Plugin>, parts: &http::request::Parts) -> Reply {
+    Reply::Done(match answer {
         Answer::Response {
             status,
             headers,
             body,
         } => {
-            let mut r = Response::new(Full::new(Bytes::from(body)));
+            let mut r = Response::new(Body::Full(Full::new(Bytes::from(body))));
             *r.status_mut() = status;
             *r.headers_mut() = headers;
             r
         }
+        Answer::Deferred(rx) => return Reply::Deferred(rx, plugin.clone()),
         Answer::Failed(message) => {
             tracing::error!(
                 "plugin {} ({}) failed on {} {}: {message}",
@@ -299,12 +390,16 @@ fn respond(answer: Answer, plugin: &Plugin, parts: &http::request::Parts) -> Res
                 parts.method,
                 parts.uri.path()
             );
-            text(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "internal server error\n".into(),
-            )
+            internal_error()
         }
-    }
+    })
+}
+
+fn internal_error() -> Response<Body> {
+    text(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "internal server error\n".into(),
+    )
 }
 
 fn call_of<'a>(
@@ -328,7 +423,7 @@ fn call_of<'a>(
     }
 }
 
-fn health(method: &Method, shared: &Shared) -> Response<Full<Bytes>> {
+fn health(method: &Method, shared: &Shared) -> Response<Body> {
     if method != Method::GET && method != Method::HEAD {
         let mut r = text(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -342,7 +437,7 @@ fn health(method: &Method, shared: &Shared) -> Response<Full<Bytes>> {
         "{{\"status\":\"ok\",\"generation\":{},\"pid\":{}}}\n",
         shared.generation, shared.pid
     );
-    let mut r = Response::new(Full::new(Bytes::from(body)));
+    let mut r = Response::new(Body::Full(Full::new(Bytes::from(body))));
     r.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
@@ -350,8 +445,8 @@ fn health(method: &Method, shared: &Shared) -> Response<Full<Bytes>> {
     r
 }
 
-fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
-    let mut r = Response::new(Full::new(Bytes::from(body)));
+fn text(status: StatusCode, body: String) -> Response<Body> {
+    let mut r = Response::new(Body::Full(Full::new(Bytes::from(body))));
     *r.status_mut() = status;
     r.headers_mut().insert(
         header::CONTENT_TYPE,

@@ -26,6 +26,7 @@ mod notify;
 mod router;
 mod serve;
 mod shared;
+mod stream;
 mod websocket;
 
 use std::process::ExitCode;

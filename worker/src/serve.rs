@@ -9,9 +9,14 @@
 //! Signals: `SIGTERM`/`SIGINT` or the end of the lifeline start the drain; `SIGQUIT` (the
 //! supervisor force-closing a generation to make room under `max_generations`) closes
 //! every connection now and exits.
+//!
+//! When the drain begins, every plugin is told (its `on_drain`), and streamed answers
+//! still open are ended cleanly (what was written, the last chunk, then the connection
+//! closes), each at its own place in the `drain_spread` window so that their clients do
+//! not all reconnect at once; in the forced phase, at once.
 
 use crate::connection::{Socket, connection};
-use crate::drain::{Drain, DrainWatch, Phase};
+use crate::drain::{self, Drain, DrainWatch, Phase};
 use crate::inherit::{Listener, NamedListener};
 use crate::notify::Notifier;
 use crate::router::Router;
@@ -31,6 +36,8 @@ const STATS_INTERVAL: Duration = Duration::from_secs(1);
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
 /// After `drain_timeout`, how long dropped connections get to release their guards.
 const FORCED_CLOSE_WAIT: Duration = Duration::from_millis(200);
+/// How often a drain looks for streamed answers whose time in the spread window came.
+const STREAM_END_TICK: Duration = Duration::from_millis(20);
 
 /// Serves until SIGTERM, SIGINT or the supervisor's death, then drains and returns.
 pub async fn serve(
@@ -92,6 +99,11 @@ pub async fn serve(
     if reason == "SIGQUIT" {
         drain.advance(Phase::Forced);
     }
+    for plugin in &shared.router.plugins {
+        plugin.drain();
+    }
+    let spread = Duration::from_millis(shared.settings.drain_spread_ms);
+    let ending = tokio::spawn(end_streams(spread, watch.clone()));
     while accepting.join_next().await.is_some() {}
 
     let drain_timeout = Duration::from_millis(shared.settings.drain_timeout_ms);
@@ -104,11 +116,16 @@ pub async fn serve(
         }
     };
     if let Some(why) = forced {
-        tracing::warn!("{why} {} connection(s)", shared.connections.count());
+        tracing::warn!(
+            "{why} {} connection(s), {} of them streaming an answer",
+            shared.connections.count(),
+            crate::stream::open(&shared)
+        );
         drain.advance(Phase::Forced);
         let _ = tokio::time::timeout(FORCED_CLOSE_WAIT, shared.connections.all_closed()).await;
     }
     stats.abort();
+    ending.abort();
     // Inline handlers run inside connection tasks: with every connection closed none is
     // running. Blocking ones may outlive their connection, so they are counted.
     let running = shared.plugin_calls.load(Ordering::Acquire);
@@ -131,6 +148,25 @@ pub async fn serve(
         shared.requests.sum()
     );
     Ok(())
+}
+
+/// Ends the streamed answers still open, each `drain::spread_offset` after the drain
+/// began (all at once from the forced phase on), including those deferred during the
+/// drain. Runs until the worker stops it.
+async fn end_streams(spread: Duration, mut watch: DrainWatch) {
+    let began = Instant::now();
+    let mut forced = false;
+    loop {
+        for handle in baton_loader::stream::open_streams() {
+            if forced || began.elapsed() >= drain::spread_offset(handle, spread) {
+                baton_loader::stream::end(handle);
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(STREAM_END_TICK) => {}
+            _ = watch.reached(Phase::Forced), if !forced => forced = true,
+        }
+    }
 }
 
 async fn lifeline_closed(lifeline: Option<tokio::net::unix::pipe::Receiver>) {

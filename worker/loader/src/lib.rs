@@ -13,6 +13,9 @@
 //! allowed here and forbidden in the whole of `baton-worker`.
 #![allow(unsafe_code)]
 
+pub mod stream;
+pub mod ws;
+
 use baton_plugin::abi::{
     self, BatonError, BatonHeader, BatonHostApi, BatonInit, BatonParam, BatonPluginHead,
     BatonPluginV1, BatonRequest, BatonResponse, BatonStr, EntryFn, HandleFn, ShutdownFn,
@@ -37,6 +40,27 @@ pub struct PluginError {
 pub struct RouteDef {
     pub methods: u32,
     pub pattern: String,
+    /// What kind of route (1.1; a 1.0 plugin's routes are all HTTP routes).
+    pub kind: RouteKind,
+    /// The route takes its body as a stream (1.1, [`abi::ROUTE_STREAM_BODY`]).
+    pub stream_body: bool,
+    /// The route's own body (or WebSocket message) limit; `None`: the configured one.
+    pub max_body_bytes: Option<u64>,
+}
+
+/// What a route serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RouteKind {
+    Http,
+    WebSocket,
+}
+
+/// The 1.1 WebSocket callbacks of a plugin that has WebSocket routes.
+#[derive(Debug, Clone, Copy)]
+pub struct WsCallbacks {
+    pub open: abi::WsOpenFn,
+    pub message: abi::WsMessageFn,
+    pub close: abi::WsCloseFn,
 }
 
 /// The plugin's state pointer, shared by every handler call (the ABI requires `handle`
@@ -57,9 +81,13 @@ pub struct Plugin {
     pub version: String,
     pub nonblocking: bool,
     pub routes: Vec<RouteDef>,
+    /// The ABI minor version the plugin was built for.
+    pub abi_minor: u32,
     init: abi::InitFn,
     handle: HandleFn,
     shutdown: ShutdownFn,
+    on_drain: Option<abi::DrainFn>,
+    ws: Option<WsCallbacks>,
     /// Set once `init` succeeded.
     state: std::sync::OnceLock<State>,
 }
@@ -89,6 +117,19 @@ pub enum Answer {
     /// The handler failed (returned non-zero, called `fail`, panicked, or used the host
     /// functions wrongly): answer 500 and log this.
     Failed(String),
+    /// The handler called `defer` (1.1): the answer comes later through the stream, whose
+    /// receiver carries the head begun so far (status, headers) and then the body.
+    Deferred(stream::StreamReceiver),
+}
+
+/// What the host adds to a call (1.1).
+#[derive(Debug, Default)]
+pub struct CallOpts {
+    /// `http.stream_buffer_bytes`: the buffer of a stream the handler defers to.
+    pub stream_buffer_bytes: usize,
+    /// The request body as a stream, for a route with [`abi::ROUTE_STREAM_BODY`]. Closed
+    /// when the answer is done: when the call returns, or when its deferred stream ends.
+    pub body: Option<stream::BodyStream>,
 }
 
 fn fail(spec: &PluginSpec, reason: impl Into<String>) -> PluginError {
@@ -166,7 +207,7 @@ impl Plugin {
                 ),
             ));
         }
-        let needed = std::mem::size_of::<BatonPluginV1>();
+        let needed = abi::DESCRIPTOR_SIZE_1_0;
         if (head.struct_size as usize) < needed {
             return Err(fail(
                 spec,
@@ -176,8 +217,7 @@ impl Plugin {
                 ),
             ));
         }
-        // SAFETY: struct_size says at least `needed` bytes are there.
-        let d = unsafe { descriptor.read_unaligned() };
+        let d = read_descriptor(descriptor, head.struct_size as usize);
         let name = c_text(d.name).ok_or_else(|| fail(spec, "name is NULL or not UTF-8"))?;
         if name.is_empty()
             || !name
@@ -219,6 +259,12 @@ impl Plugin {
         for i in 0..d.routes_len {
             // SAFETY: the descriptor says `routes_len` routes are at `routes`.
             let r = unsafe { d.routes.add(i).read_unaligned() };
+            let ext = if d.route_ext.is_null() {
+                abi::BatonRouteExt::default()
+            } else {
+                // SAFETY: a non-null `route_ext` has `routes_len` entries (ABI 1.1).
+                unsafe { d.route_ext.add(i).read_unaligned() }
+            };
             let pattern = c_text(r.path)
                 .ok_or_else(|| fail(spec, format!("route {i}: path is NULL or not UTF-8")))?;
             if !pattern.starts_with('/') {
@@ -233,20 +279,65 @@ impl Plugin {
                     format!("route {i} ({pattern}): bad method bits {:#x}", r.methods),
                 ));
             }
+            let kind = match ext.kind {
+                abi::ROUTE_HTTP => RouteKind::Http,
+                abi::ROUTE_WEBSOCKET => RouteKind::WebSocket,
+                other => {
+                    return Err(fail(
+                        spec,
+                        format!("route {i} ({pattern}): unknown route kind {other}"),
+                    ));
+                }
+            };
+            if ext.flags & !abi::ROUTE_STREAM_BODY != 0 {
+                return Err(fail(
+                    spec,
+                    format!(
+                        "route {i} ({pattern}): unknown route flags {:#x}",
+                        ext.flags
+                    ),
+                ));
+            }
+            if kind == RouteKind::WebSocket && r.methods != abi::method::GET {
+                return Err(fail(
+                    spec,
+                    format!("route {i} ({pattern}): a WebSocket route takes GET only"),
+                ));
+            }
             routes.push(RouteDef {
                 methods: r.methods,
                 pattern,
+                kind,
+                stream_body: ext.flags & abi::ROUTE_STREAM_BODY != 0,
+                max_body_bytes: (ext.max_body_bytes != 0).then_some(ext.max_body_bytes),
             });
         }
+        let ws = match (d.ws_open, d.ws_message, d.ws_close) {
+            (Some(open), Some(message), Some(close)) => Some(WsCallbacks {
+                open,
+                message,
+                close,
+            }),
+            _ if routes.iter().any(|r| r.kind == RouteKind::WebSocket) => {
+                return Err(fail(
+                    spec,
+                    "has WebSocket routes but not all of ws_open, ws_message and ws_close",
+                ));
+            }
+            _ => None,
+        };
         Ok(Plugin {
             spec: spec.clone(),
             name,
             version,
             nonblocking: d.flags & abi::FLAG_NONBLOCKING != 0,
             routes,
+            abi_minor: head.abi_minor,
             init,
             handle,
             shutdown,
+            on_drain: d.on_drain,
+            ws,
             state: std::sync::OnceLock::new(),
         })
     }
@@ -282,14 +373,25 @@ impl Plugin {
 
     /// Calls the handler of `call.route`.
     pub fn call(&self, call: &Call<'_>) -> Answer {
+        self.call_with(call, CallOpts::default())
+    }
+
+    /// Calls the handler of `call.route` with what 1.1 adds: the stream buffer a deferred
+    /// answer gets and the streamed request body. A non-blocking plugin's handler is
+    /// called as on the host's own thread (it must not block: `WRITE_BLOCK` is refused).
+    pub fn call_with(&self, call: &Call<'_>, opts: CallOpts) -> Answer {
         let Some(state) = self.state.get().copied() else {
             return Answer::Failed("plugin called before init".into());
         };
+        let body_stream = opts.body.as_ref().map_or(0, stream::BodyStream::handle);
         let mut builder = Builder {
             status: StatusCode::OK,
             headers: HeaderMap::new(),
             body: Vec::new(),
             error: None,
+            stream_buffer_bytes: opts.stream_buffer_bytes,
+            request_body: opts.body,
+            deferred: None,
         };
         let rc = with_views(call, |headers, params| {
             let request = BatonRequest {
@@ -306,28 +408,49 @@ impl Plugin {
                 generation: call.generation,
                 worker_pid: call.worker_pid,
                 reserved: 0,
+                body_stream,
             };
+            let response = (&mut builder as *mut Builder).cast::<BatonResponse>();
             // SAFETY: every view points into `call`, which outlives the call, or into
             // `headers` and `params`, which are not touched until it returns; `builder`
             // is only reached through the host functions below.
-            unsafe {
-                (self.handle)(
-                    state.0,
-                    &request,
-                    &HOST_API,
-                    (&mut builder as *mut Builder).cast::<BatonResponse>(),
-                )
+            let run = || unsafe { (self.handle)(state.0, &request, &HOST_API, response) };
+            if self.nonblocking {
+                stream::on_host_thread(run)
+            } else {
+                run()
             }
         });
-        match (rc, builder.error) {
-            (_, Some(message)) => Answer::Failed(message),
-            (0, None) => Answer::Response {
+        // A failed handler's stream, if any, is dropped here: the plugin sees it closed.
+        match (rc, builder.error, builder.deferred) {
+            (_, Some(message), _) => Answer::Failed(message),
+            (0, None, Some(receiver)) => Answer::Deferred(receiver),
+            (0, None, None) => Answer::Response {
                 status: builder.status,
                 headers: builder.headers,
                 body: builder.body,
             },
-            (rc, None) => Answer::Failed(format!("handler returned {rc}")),
+            (rc, None, _) => Answer::Failed(format!("handler returned {rc}")),
         }
+    }
+
+    /// Tells the plugin its generation began to drain (its 1.1 `on_drain`, if it has one
+    /// and `init` ran).
+    pub fn drain(&self) {
+        if let (Some(on_drain), Some(state)) = (self.on_drain, self.state.get()) {
+            // SAFETY: the state `init` made; `on_drain` may run on any thread (ABI 1.1).
+            stream::on_host_thread(|| unsafe { on_drain(state.0) });
+        }
+    }
+
+    /// The 1.1 WebSocket callbacks, for a plugin with WebSocket routes.
+    pub fn ws_callbacks(&self) -> Option<WsCallbacks> {
+        self.ws
+    }
+
+    /// The state `init` made, as the WebSocket and stream code passes it back.
+    pub fn state_ptr(&self) -> Option<*mut c_void> {
+        self.state.get().map(|s| s.0)
     }
 
     /// Runs the plugin's `shutdown`, if `init` ran.
@@ -336,6 +459,21 @@ impl Plugin {
             // SAFETY: called once, after the last handler call, with the state `init` made.
             unsafe { (self.shutdown)(state.0) };
         }
+    }
+}
+
+/// Reads the descriptor at `ptr`: the first `size` bytes of it (the plugin's
+/// `struct_size`), the rest left as zeros (null pointers, no callbacks), so that nothing
+/// past what the plugin declared is ever read.
+fn read_descriptor(ptr: *const BatonPluginV1, size: usize) -> BatonPluginV1 {
+    let mut d = std::mem::MaybeUninit::<BatonPluginV1>::zeroed();
+    let n = size.min(std::mem::size_of::<BatonPluginV1>());
+    // SAFETY: the plugin declares `size` readable bytes at `ptr` (checked to be at least
+    // the 1.0 size); at most the host's struct size is copied into a zeroed value, and an
+    // all-zero BatonPluginV1 is valid (null pointers, `None` functions, zero numbers).
+    unsafe {
+        std::ptr::copy_nonoverlapping(ptr.cast::<u8>(), d.as_mut_ptr().cast::<u8>(), n);
+        d.assume_init()
     }
 }
 
@@ -395,11 +533,37 @@ fn dl_reason(e: &libloading::Error) -> String {
 }
 
 /// A response under construction; the host functions reach it through `BatonResponse`.
-struct Builder {
+pub(crate) struct Builder {
     status: StatusCode,
     headers: HeaderMap,
     body: Vec<u8>,
     error: Option<String>,
+    /// 1.1: the buffer of a deferred stream.
+    stream_buffer_bytes: usize,
+    /// 1.1: the streamed request body, handed to the stream on `defer`.
+    request_body: Option<stream::BodyStream>,
+    /// 1.1: `defer` was called: the answer is this stream.
+    deferred: Option<stream::StreamReceiver>,
+}
+
+impl Builder {
+    /// `defer`: the answer so far (status, headers, body) becomes a stream's beginning.
+    /// 0 (refused) if called twice.
+    pub(crate) fn defer(&mut self) -> abi::BatonHandle {
+        if self.deferred.is_some() {
+            return 0;
+        }
+        let receiver = stream::new_stream(
+            self.stream_buffer_bytes,
+            self.status,
+            std::mem::take(&mut self.headers),
+            std::mem::take(&mut self.body),
+            self.request_body.take(),
+        );
+        let handle = receiver.handle();
+        self.deferred = Some(receiver);
+        handle
+    }
 }
 
 struct ErrorSink(Option<String>);
@@ -414,6 +578,9 @@ unsafe fn view<'a>(s: BatonStr) -> &'a [u8] {
 unsafe extern "C" fn host_set_status(response: *mut BatonResponse, status: u16) -> i32 {
     // SAFETY: `response` is the Builder the host passed to `handle`.
     let b = unsafe { &mut *response.cast::<Builder>() };
+    if b.deferred.is_some() {
+        return abi::BATON_E_STATE as i32;
+    }
     match StatusCode::from_u16(status) {
         Ok(s) => {
             b.status = s;
@@ -434,6 +601,9 @@ unsafe extern "C" fn host_add_header(
 ) -> i32 {
     // SAFETY: as above; the views are valid for this call.
     let (b, name, value) = unsafe { (&mut *response.cast::<Builder>(), view(name), view(value)) };
+    if b.deferred.is_some() {
+        return abi::BATON_E_STATE as i32;
+    }
     match (HeaderName::from_bytes(name), HeaderValue::from_bytes(value)) {
         (Ok(n), Ok(v)) => {
             b.headers.append(n, v);
@@ -455,6 +625,9 @@ unsafe extern "C" fn host_add_header(
 unsafe extern "C" fn host_write_body(response: *mut BatonResponse, data: BatonStr) -> i32 {
     // SAFETY: as above.
     let (b, data) = unsafe { (&mut *response.cast::<Builder>(), view(data)) };
+    if b.deferred.is_some() {
+        return abi::BATON_E_STATE as i32;
+    }
     b.body.extend_from_slice(data);
     0
 }
@@ -480,6 +653,19 @@ static HOST_API: BatonHostApi = BatonHostApi {
     write_body: host_write_body,
     fail: host_fail,
     set_error: host_set_error,
+    defer: stream::host_defer,
+    stream_set_status: stream::host_set_status,
+    stream_add_header: stream::host_add_header,
+    stream_send_head: stream::host_send_head,
+    stream_write: stream::host_write,
+    stream_on_writable: stream::host_on_writable,
+    stream_finish: stream::host_finish,
+    stream_fail: stream::host_fail,
+    stream_is_open: stream::host_is_open,
+    body_read: stream::host_body_read,
+    body_on_readable: stream::host_body_on_readable,
+    ws_send: ws::host_ws_send,
+    ws_close: ws::host_ws_close,
 };
 
 /// The method bits of a route, as text: `GET|HEAD`.

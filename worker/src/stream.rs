@@ -1,0 +1,165 @@
+//! The worker's side of ABI 1.1 streams: a response [`Body`] that is either whole (the
+//! common case, no allocation beyond the bytes) or a plugin's deferred stream, the
+//! deferred answer's head, and the task that feeds a streamed request body to a plugin.
+//!
+//! Backpressure and cancellation live in `baton_loader::stream` (bounded buffers, the
+//! plugin's callbacks); here a stream is polled by hyper as it can write (so a slow client
+//! leaves the plugin's writes waiting), and dropped with its connection (so the plugin
+//! sees the client go). A stream counts in [`Shared::streams`] and keeps its request in
+//! flight (the connection is not idle) until it ends.
+
+use crate::conn_state::{ConnCtx, InFlight};
+use crate::shared::Shared;
+use baton_loader::stream::{BodyFeed, Head, Room, StreamError, StreamReceiver};
+use bytes::Bytes;
+use http::Response;
+use http_body_util::Full;
+use hyper::body::{Body as _, Frame, Incoming, SizeHint};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::task::{Context, Poll};
+
+/// A response body: whole, or streamed by a plugin.
+pub(crate) enum Body {
+    Full(Full<Bytes>),
+    Stream(StreamBody),
+}
+
+impl From<Full<Bytes>> for Body {
+    fn from(full: Full<Bytes>) -> Self {
+        Body::Full(full)
+    }
+}
+
+impl hyper::body::Body for Body {
+    type Data = Bytes;
+    type Error = StreamError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, StreamError>>> {
+        match self.get_mut() {
+            Body::Full(full) => Pin::new(full)
+                .poll_frame(cx)
+                .map(|f| f.map(|f| f.map_err(|never| match never {}))),
+            Body::Stream(s) => s.rx.poll_chunk(cx).map(|c| c.map(|c| c.map(Frame::data))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Body::Full(full) => full.is_end_stream(),
+            Body::Stream(s) => s.rx.is_end(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Body::Full(full) => full.size_hint(),
+            Body::Stream(_) => SizeHint::default(),
+        }
+    }
+}
+
+/// A plugin's stream as a response body. Dropping it (the response is done, or the
+/// connection ended) ends the stream.
+pub(crate) struct StreamBody {
+    rx: StreamReceiver,
+    _counted: Counted,
+    _in_flight: InFlight,
+}
+
+/// Counts a stream in [`Shared::streams`] while it lives.
+struct Counted(Arc<ConnCtx>);
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0.shared.streams.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// What a deferred answer's head is, once the plugin sent it.
+pub(crate) enum Deferred {
+    Answer(Response<Body>),
+    /// The plugin failed the stream before its head (log this, answer 500).
+    Failed(String),
+}
+
+/// Waits for a deferred answer's head, then answers with the stream as the body; the
+/// request stays in flight (`in_flight`) until the stream ends.
+pub(crate) async fn deferred(mut rx: StreamReceiver, in_flight: InFlight) -> Deferred {
+    match std::future::poll_fn(|cx| rx.poll_head(cx)).await {
+        Head::Failed(message) => Deferred::Failed(message),
+        Head::Send { status, headers } => {
+            let ctx = in_flight.arc().clone();
+            ctx.shared.streams.fetch_add(1, Ordering::Relaxed);
+            let body = StreamBody {
+                rx,
+                _counted: Counted(ctx),
+                _in_flight: in_flight,
+            };
+            let mut response = Response::new(Body::Stream(body));
+            *response.status_mut() = status;
+            *response.headers_mut() = headers;
+            Deferred::Answer(response)
+        }
+    }
+}
+
+/// Feeds a streamed request body to the plugin as it arrives, only while its buffer has
+/// room, and calls the plugin's `on_readable` callbacks; ends when the answer is done.
+/// The request counts as in flight meanwhile, so that body bytes are not taken for the
+/// head of a next request.
+pub(crate) async fn feed_body(mut body: Incoming, mut feed: BodyFeed, in_flight: InFlight) {
+    enum Step {
+        Closed,
+        Frame(Option<Result<Frame<Bytes>, hyper::Error>>),
+    }
+    let mut reading = true;
+    loop {
+        let step = std::future::poll_fn(|cx| {
+            match feed.poll_room(cx) {
+                Poll::Ready(Room::Closed) => return Poll::Ready(Step::Closed),
+                Poll::Ready(Room::Free) if reading => {}
+                _ => return Poll::Pending,
+            }
+            Pin::new(&mut body).poll_frame(cx).map(Step::Frame)
+        })
+        .await;
+        match step {
+            Step::Closed => break,
+            Step::Frame(Some(Ok(frame))) => {
+                if let Ok(data) = frame.into_data()
+                    && feed.push(data).is_err()
+                {
+                    reading = false;
+                }
+            }
+            Step::Frame(Some(Err(e))) => {
+                feed.error(e.to_string());
+                reading = false;
+            }
+            Step::Frame(None) => {
+                feed.finish();
+                reading = false;
+                // Read whole: nothing of it is left on the connection.
+                continue;
+            }
+        }
+        if !reading {
+            // Past the limit or failed: the rest is not read.
+            in_flight.arc().state.body_left();
+        }
+    }
+    if reading {
+        // The answer was done before the body was read whole.
+        in_flight.arc().state.body_left();
+    }
+}
+
+/// The number of streams a worker has open (for the drain's log).
+pub(crate) fn open(shared: &Shared) -> u64 {
+    shared.streams.load(Ordering::Relaxed)
+}
