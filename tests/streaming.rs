@@ -593,6 +593,87 @@ async fn a_1_gib_download_and_upload_arrive_byte_for_byte_with_flat_worker_memor
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_1_gib_download_and_upload_complete_byte_for_byte_across_an_upgrade() {
+    let _heavy = heavy().await;
+    let (_tmp, baton) = start(&["files"]).await;
+    let expected = expected_sha256(SIZE);
+
+    // Both begin on generation 1...
+    let (head, mut download) = open(baton.addr(), &format!("/files/pattern/{SIZE}")).await;
+    assert_eq!(head.status, 200);
+    let stream = tokio::net::TcpStream::connect(baton.addr()).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let (tx, rx) = tokio::sync::mpsc::channel::<u64>(1);
+    // The upload sends a chunk each time the test says so, so that it spans the upgrade.
+    let chunks = futures_util::stream::unfold(rx, |mut rx| async move {
+        let at = rx.recv().await?;
+        let n = (SIZE - at).min(CHUNK as u64) as usize;
+        let frame = hyper::body::Frame::data(pattern_chunk(at, n));
+        Some((Ok::<_, std::convert::Infallible>(frame), rx))
+    });
+    let request = http::Request::put("/files/sha256")
+        .header(http::header::HOST, "localhost")
+        .header(http::header::CONTENT_LENGTH, SIZE)
+        .body(http_body_util::StreamBody::new(chunks))
+        .unwrap();
+    let upload = tokio::spawn(async move {
+        let response = sender.send_request(request).await?;
+        let status = response.status();
+        let body = response.into_body().collect().await?.to_bytes();
+        anyhow::Ok((status, String::from_utf8_lossy(&body).into_owned()))
+    });
+
+    // ...a quarter of each is moved, then the upgrade starts, then the rest follows.
+    let mut hasher = Sha256::new();
+    let mut got = 0u64;
+    let mut sent = 0u64;
+    let mut upgrade = None;
+    while got < SIZE || sent < SIZE {
+        if upgrade.is_none() && got >= SIZE / 4 && sent >= SIZE / 4 {
+            let config = baton.config_path.clone();
+            upgrade = Some(tokio::spawn(async move {
+                baton_tests::run_cli(&["upgrade", "--wait", "--timeout", "60s"], &config).await
+            }));
+        }
+        if sent < SIZE {
+            if tx.send(sent).await.is_err() {
+                let result = upload.await.unwrap();
+                panic!(
+                    "the upload ended after {sent} bytes, {got} downloaded: {result:?}\nlog:\n{}",
+                    baton.log()
+                );
+            }
+            sent = (sent + CHUNK as u64).min(SIZE);
+        }
+        if got < SIZE {
+            let data = next_data(&mut download)
+                .await
+                .expect("the download ended early");
+            got += data.len() as u64;
+            hasher.update(&data);
+        }
+    }
+    assert!(next_data(&mut download).await.is_none());
+    assert_eq!(got, SIZE);
+    assert_eq!(hex(&hasher.finalize()), expected, "the download differs");
+    let (status, answer) = tokio::time::timeout(Duration::from_secs(60), upload)
+        .await
+        .expect("no answer to the upload")
+        .unwrap()
+        .unwrap();
+    assert_eq!(status, 200, "{answer}\nlog:\n{}", baton.log());
+    assert_eq!(answer, format!("{expected} {SIZE}\n"), "the upload differs");
+
+    let out = upgrade.expect("the upgrade started").await.unwrap();
+    assert_eq!(out.code, Some(0), "{}", out.text());
+    assert_eq!(baton.serving().await.map(|s| s.0), Some(2));
+}
+
 async fn files_stats(baton: &Baton) -> String {
     let (code, body) = get(baton.addr(), "/files/stats").await.unwrap();
     assert_eq!(code, 200);
