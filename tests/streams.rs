@@ -205,7 +205,7 @@ async fn clients_that_disconnect_mid_stream_are_seen_and_nothing_leaks() {
     let _heavy = heavy().await;
     let s = start("").await;
     let addr = s.baton.addr();
-    const CLIENTS: usize = 1_000;
+    const CLIENTS: usize = 10_000;
     let mut tasks = tokio::task::JoinSet::new();
     let gate = std::sync::Arc::new(tokio::sync::Semaphore::new(25));
     for i in 0..CLIENTS {
@@ -241,6 +241,15 @@ async fn clients_that_disconnect_mid_stream_are_seen_and_nothing_leaks() {
     }
     assert!(status_eventually_zero(&s.baton).await);
     assert!(rss(s.pid) < RSS_BOUND, "rss {}", rss(s.pid));
+    // The worker's own count, when it stops: nothing is left in its registry.
+    let mut baton = s.baton;
+    baton.signal(nix::sys::signal::Signal::SIGTERM);
+    assert_eq!(baton.wait_exit(WAIT).await, Some(0));
+    let log = baton.log();
+    assert!(
+        log.contains("request(s); 0 stream or body handle(s) left"),
+        "{log}"
+    );
 }
 
 /// FNV-1a 64, as the plugin hashes.
@@ -363,6 +372,55 @@ async fn a_buffered_body_is_held_to_its_routes_own_limit() {
     )
     .await;
     assert!(out.starts_with("HTTP/1.1 413"), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_whose_client_reads_nothing_is_closed_at_drain_timeout_and_counted() {
+    let _heavy = heavy().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = baton_tests::plugin_dir(tmp.path(), "plugins", &[]);
+    compile_c_plugin(
+        Path::new("tests/harness/stream_plugin.c"),
+        &dir.join("streamtest.so"),
+        &[],
+    );
+    let baton = Baton::start(TestConfig {
+        processes: 1,
+        drain_timeout: "2s",
+        plugins_dir: Some(dir),
+        extra: "drain_spread = \"500ms\"\n".into(),
+        ..TestConfig::default()
+    })
+    .await;
+    let addr = baton.addr();
+    // Ended on time by the drain, but what was written never leaves: the client does not
+    // read.
+    let mut client = TcpStream::connect(addr).await.unwrap();
+    client
+        .write_all(b"GET /st/slow?bytes=1073741824 HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut head = [0u8; 64];
+    let n = client.read(&mut head).await.unwrap();
+    assert!(head[..n].starts_with(b"HTTP/1.1 200"));
+    let deadline = Instant::now() + WAIT;
+    while status_streams(&baton).await < 1 {
+        assert!(Instant::now() < deadline, "the stream is not counted");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let out = baton.upgrade_wait().await;
+    assert_eq!(out.code, Some(0), "{}", out.text());
+    assert!(
+        eventually(WAIT, || baton.log().contains("drained in")).await,
+        "{}",
+        baton.log()
+    );
+    let log = baton.log();
+    assert!(
+        log.contains("drain_timeout (2s) reached: closing 1 connection(s), 1 of them streaming"),
+        "{log}"
+    );
+    drop(client);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

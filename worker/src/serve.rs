@@ -143,9 +143,10 @@ pub async fn serve(
     }
     notifier.send(&shared.stats().to_line());
     tracing::info!(
-        "drained in {:?} after {} request(s)",
+        "drained in {:?} after {} request(s); {} stream or body handle(s) left",
         started.elapsed(),
-        shared.requests.sum()
+        shared.requests.sum(),
+        baton_loader::stream::live()
     );
     Ok(())
 }
