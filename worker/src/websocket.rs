@@ -140,9 +140,64 @@ pub(crate) fn upgrade(parts: Parts, target: Target, no_body: bool, ctx: &Arc<Con
     };
     let in_flight = InFlight::start(ctx);
     let drain = ctx.drain.clone();
+    let opening = Opening {
+        shared: shared.clone(),
+        plugin,
+        index,
+        route,
+        params,
+        parts,
+        limit,
+        drain,
+        accept,
+    };
     Box::pin(async move {
-        let ctx = in_flight.ctx();
-        let shared = ctx.shared.clone();
+        let (answer, answered) = tokio::sync::oneshot::channel();
+        // Opened and served by a task of its own: a client that goes away while a blocking
+        // `ws_open` runs still gets its `ws_close` (1006).
+        tokio::spawn(tracing::Instrument::in_current_span(
+            opening.open_and_serve(on_upgrade, answer),
+        ));
+        let response = answered
+            .await
+            .unwrap_or_else(|_| text(StatusCode::INTERNAL_SERVER_ERROR, "internal server error\n"));
+        drop(in_flight);
+        response
+    })
+}
+
+/// What opening a connection needs, from the upgrade request.
+struct Opening {
+    shared: Arc<Shared>,
+    plugin: Arc<Plugin>,
+    index: usize,
+    route: u32,
+    params: Vec<(String, String)>,
+    parts: Parts,
+    limit: u64,
+    drain: DrainWatch,
+    accept: HeaderValue,
+}
+
+impl Opening {
+    /// Calls the plugin's `ws_open`, answers the upgrade request (`answer`: 101 or 403),
+    /// then serves the connection.
+    async fn open_and_serve(
+        self,
+        on_upgrade: OnUpgrade,
+        answer: tokio::sync::oneshot::Sender<Response<Full<Bytes>>>,
+    ) {
+        let Opening {
+            shared,
+            plugin,
+            index,
+            route,
+            params,
+            parts,
+            limit,
+            drain,
+            accept,
+        } = self;
         let outbox = Outbox::register(shared.settings.websocket.send_queue_bytes);
         // Taken before the 101, so the drain never sees this connection as closed.
         let guard = shared.connections.open();
@@ -171,9 +226,16 @@ pub(crate) fn upgrade(parts: Parts, target: Target, no_body: bool, ctx: &Arc<Con
             Some((Ok(session), outbox)) => (session, outbox),
             Some((Err(rc), _)) => {
                 tracing::debug!("plugin {} refused a WebSocket ({rc})", plugin.name);
-                return text(StatusCode::FORBIDDEN, "forbidden\n");
+                let _ = answer.send(text(StatusCode::FORBIDDEN, "forbidden\n"));
+                return;
             }
-            None => return text(StatusCode::INTERNAL_SERVER_ERROR, "internal server error\n"),
+            None => {
+                let _ = answer.send(text(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal server error\n",
+                ));
+                return;
+            }
         };
         let conn = Conn {
             plugin,
@@ -185,17 +247,16 @@ pub(crate) fn upgrade(parts: Parts, target: Target, no_body: bool, ctx: &Arc<Con
             limit: usize::try_from(limit).unwrap_or(usize::MAX),
             _guard: guard,
         };
-        tokio::spawn(tracing::Instrument::in_current_span(serve(
-            on_upgrade, conn,
-        )));
         let mut r = Response::new(Full::new(Bytes::new()));
         *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
         let h = r.headers_mut();
         h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
         h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
         h.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
-        r
-    })
+        // If the client is gone, the upgrade fails and `serve` closes with 1006.
+        let _ = answer.send(r);
+        serve(on_upgrade, conn).await;
+    }
 }
 
 /// Checks an upgrade request (RFC 6455 §4.2.1): the `Sec-WebSocket-Accept` value, or the
