@@ -514,3 +514,74 @@ async fn a_generation_force_closed_for_room_closes_its_websockets_at_once() {
         baton.log()
     );
 }
+
+/// Connects `n` clients to the echo route, each asking which generation serves it.
+async fn connect_many(baton: &Baton, n: usize, generation: u64) -> Vec<Client> {
+    let mut clients = Vec::with_capacity(n);
+    for _ in 0..n {
+        let mut ws = connect(baton, "/ws/echo").await;
+        ws.send(Message::text("whoami")).await.unwrap();
+        assert_eq!(
+            next(&mut ws).await,
+            Message::text(format!("gen={generation}"))
+        );
+        clients.push(ws);
+    }
+    clients
+}
+
+#[tokio::test]
+async fn a_thousand_clients_across_five_upgrades_each_see_1012_and_reconnect() {
+    let _heavy = heavy().await;
+    const CLIENTS: usize = 1000;
+    const SPREAD: Duration = Duration::from_secs(2);
+    let tmp = tempfile::tempdir().unwrap();
+    let baton = start(tmp.path(), &[], "drain_spread = \"2s\"\n", 2).await;
+    let (_, pids) = baton.serving().await.unwrap();
+    let before: u64 = pids.iter().map(|&p| rss(p)).sum();
+    let mut clients = connect_many(&baton, CLIENTS, 1).await;
+    let after: u64 = pids.iter().map(|&p| rss(p)).sum();
+    eprintln!(
+        "{CLIENTS} idle WebSockets: worker RSS {} -> {} KiB, {} bytes per connection",
+        before >> 10,
+        after >> 10,
+        after.saturating_sub(before) / CLIENTS as u64
+    );
+    for generation in 2..=6u64 {
+        let upgraded = Instant::now();
+        let tasks: Vec<_> = clients
+            .into_iter()
+            .map(|mut ws| {
+                let addr = baton.addr();
+                tokio::spawn(async move {
+                    let code = close_code(&mut ws).await;
+                    let after = upgraded.elapsed();
+                    let url = format!("ws://{addr}/ws/echo");
+                    let mut ws = connect_async(url.as_str()).await.expect("reconnect").0;
+                    ws.send(Message::text("whoami")).await.unwrap();
+                    let answer = next(&mut ws).await;
+                    (code, after, answer, ws)
+                })
+            })
+            .collect();
+        let out = baton.upgrade_wait().await;
+        assert_eq!(out.code, Some(0), "{}", out.text());
+        clients = Vec::with_capacity(CLIENTS);
+        let mut last = Duration::ZERO;
+        for task in tasks {
+            let (code, after, answer, ws) = task.await.expect("client task");
+            // A reset or an abnormal close fails in `close_code`.
+            assert_eq!(code, 1012);
+            assert_eq!(answer, Message::text(format!("gen={generation}")));
+            last = last.max(after);
+            clients.push(ws);
+        }
+        assert!(
+            last < SPREAD + Duration::from_secs(10),
+            "last close after {last:?}"
+        );
+        eprintln!("upgrade to generation {generation}: last 1012 after {last:?}");
+    }
+    wait_websockets(&baton, 6, CLIENTS as u64).await;
+    assert!(!baton.log().contains("drain forced"), "{}", baton.log());
+}
