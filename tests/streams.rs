@@ -331,6 +331,21 @@ async fn a_200_mb_upload_streams_through_a_route_with_its_own_limit_in_flat_memo
     let out = String::from_utf8_lossy(&out);
     assert!(out.starts_with("HTTP/1.1 413"), "{out}");
     assert!(out.contains("too large"), "{out}");
+    // A handler that fails over it: the host answers 413 for it.
+    let mut c = TcpStream::connect(addr).await.unwrap();
+    c.write_all(
+        b"POST /st/small?fail=1 HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\
+          Connection: close\r\n\r\n7d0\r\n",
+    )
+    .await
+    .unwrap();
+    c.write_all(&[b'x'; 2000]).await.unwrap();
+    c.write_all(b"\r\n0\r\n\r\n").await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(WAIT, c.read_to_end(&mut out)).await;
+    let out = String::from_utf8_lossy(&out);
+    assert!(out.starts_with("HTTP/1.1 413"), "{out}");
+    assert!(out.contains("request body exceeds 1000 bytes"), "{out}");
     // Within it, the body arrives whole.
     let out = raw(
         addr,

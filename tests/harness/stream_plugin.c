@@ -10,7 +10,8 @@
  *   GET  /st/ticker           "tick" every 20 ms ("draining" once the drain began)
  *   GET  /st/inline-block     a blocking write on the host's thread: refused
  *   POST /st/upload           streamed body (limit 512 MiB): "bytes=N fnv=H" (FNV-1a 64)
- *   POST /st/small            the same with a limit of 1000 bytes (413 past it)
+ *   POST /st/small?fail=F     the same with a limit of 1000 bytes: past it, answers 413
+ *                             itself, or with fail=1 fails the stream (the host answers 413)
  *   GET  /st/stats            the counters
  *   POST /st/buffered         a buffered body with the route's own limit (4 MiB): "len=N"
  */
@@ -199,6 +200,10 @@ static void *upload(void *arg) {
             atomic_fetch_add(&finished, 1);
             break;
         }
+        if (n == BATON_E_TOO_LARGE && job->n) {
+            host->stream_fail(job->stream, str("too large"));
+            break;
+        }
         if (n == BATON_E_TOO_LARGE) {
             host->stream_set_status(job->stream, 413);
             host->stream_write(job->stream, str("too large\n"), BATON_WRITE_BLOCK);
@@ -255,7 +260,7 @@ static int32_t st_handle(void *state, const baton_request_t *req, const baton_ho
     }
     case 5: /* /st/upload */
     case 6: /* /st/small */
-        return start(upload, h->defer(resp), req->body_stream, 0);
+        return start(upload, h->defer(resp), req->body_stream, query_num(req, "fail", 0));
     case 7: { /* /st/stats */
         int len = snprintf(text, sizeof text,
                            "open=%ld cancelled=%ld finished=%ld written=%ld drained=%ld "

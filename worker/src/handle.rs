@@ -10,7 +10,7 @@ use crate::conn_state::{ConnCtx, InFlight, has_token};
 use crate::router::Lookup;
 use crate::shared::{CallGuard, Shared};
 use crate::stream::{self, Body};
-use baton_loader::stream::{BodyStream, StreamReceiver};
+use baton_loader::stream::{BodyStream, BodyWatch, StreamReceiver};
 use baton_loader::{Answer, Call, CallOpts, Plugin};
 use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, StatusCode, Version, header};
@@ -76,6 +76,8 @@ pub(crate) fn handle(req: Request<Incoming>, ctx: &Arc<ConnCtx>) -> Handled {
     if let Some(target) = crate::websocket::route(&parts, ctx) {
         return Handled::Upgrade(crate::websocket::upgrade(parts, target, no_body, ctx));
     }
+    // A streamed body past its limit, and the limit.
+    let mut too_large: Option<(BodyWatch, u64)> = None;
     // Without a body, the route is known now: most requests end here.
     let routed = if no_body {
         match route(&parts, Input::Whole(&Bytes::new()), ctx) {
@@ -88,6 +90,7 @@ pub(crate) fn handle(req: Request<Incoming>, ctx: &Arc<ConnCtx>) -> Handled {
     } else {
         let limit = body_limit(&parts, &ctx.shared);
         let body = &mut body;
+        let too_large = &mut too_large;
         limit.stream.then(|| {
             // A route that takes its body as a stream is called now, the body fed to it
             // as it arrives.
@@ -95,6 +98,7 @@ pub(crate) fn handle(req: Request<Incoming>, ctx: &Arc<ConnCtx>) -> Handled {
                 limit.bytes,
                 ctx.shared.settings.http.stream_buffer_bytes,
             );
+            *too_large = Some((feed.watch(), limit.bytes));
             if let Some(body) = body.take() {
                 tokio::spawn(stream::feed_body(body, feed, InFlight::start(ctx)));
             }
@@ -125,6 +129,16 @@ pub(crate) fn handle(req: Request<Incoming>, ctx: &Arc<ConnCtx>) -> Handled {
                     internal_error()
                 }
             },
+        };
+        // A handler that failed over a streamed body past its limit: the host answers
+        // 413 (what `BATON_E_TOO_LARGE` promises, when the head is still unsent).
+        let response = match too_large {
+            Some((watch, limit))
+                if response.status() == StatusCode::INTERNAL_SERVER_ERROR && watch.too_large() =>
+            {
+                body_too_large(limit)
+            }
+            _ => response,
         };
         finish(response, version, &shared)
     }))

@@ -677,10 +677,38 @@ pub enum Room {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TooLarge;
 
+/// Tells whether a streamed body went past its limit, for the worker to answer 413 when
+/// a handler fails because of it.
+pub struct BodyWatch {
+    body: Arc<Body>,
+}
+
+impl std::fmt::Debug for BodyWatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BodyWatch")
+            .field("handle", &self.body.handle)
+            .finish()
+    }
+}
+
+impl BodyWatch {
+    /// The body went past its limit (the plugin was told `BATON_E_TOO_LARGE`).
+    pub fn too_large(&self) -> bool {
+        lock(&self.body.state).end == Some(BodyEnd::TooLarge)
+    }
+}
+
 impl BodyFeed {
     /// The body's handle.
     pub fn handle(&self) -> BatonHandle {
         self.body.handle
+    }
+
+    /// A watch on whether the body went past its limit.
+    pub fn watch(&self) -> BodyWatch {
+        BodyWatch {
+            body: self.body.clone(),
+        }
     }
 
     /// Calls a due `on_readable` callback, then says whether there is room for more (or
@@ -1097,7 +1125,10 @@ mod tests {
     fn a_body_past_its_limit_is_too_large() {
         let (mut feed, reader) = body_stream(10, 64);
         feed.push(Bytes::from_static(b"0123456")).unwrap();
+        let watch = feed.watch();
+        assert!(!watch.too_large());
         assert_eq!(feed.push(Bytes::from_static(b"789ab")), Err(TooLarge));
+        assert!(watch.too_large());
         assert_eq!(read(reader.handle(), 100, 0).0, BATON_E_TOO_LARGE);
     }
 
