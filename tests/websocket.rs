@@ -585,3 +585,31 @@ async fn a_thousand_clients_across_five_upgrades_each_see_1012_and_reconnect() {
     wait_websockets(&baton, 6, CLIENTS as u64).await;
     assert!(!baton.log().contains("drain forced"), "{}", baton.log());
 }
+
+#[tokio::test]
+async fn websockets_count_under_max_connections() {
+    let tmp = tempfile::tempdir().unwrap();
+    let baton = start(tmp.path(), &[], "[http]\nmax_connections = 2\n", 1).await;
+    let first = connect(&baton, "/ws/echo").await;
+    let mut second = connect(&baton, "/ws/echo").await;
+    // A third waits in the backlog while both are open...
+    let url = format!("ws://{}/ws/echo", baton.addr());
+    let mut third = tokio::spawn(async move { connect_async(url.as_str()).await.map(|c| c.0) });
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), &mut third)
+            .await
+            .is_err(),
+        "a connection above max_connections was served"
+    );
+    // ...and is served once one of them closes.
+    drop(first);
+    let mut third = tokio::time::timeout(WAIT, third)
+        .await
+        .expect("served after a close")
+        .unwrap()
+        .expect("connected");
+    third.send(Message::text("hi")).await.unwrap();
+    assert_eq!(next(&mut third).await, Message::text("hi"));
+    second.send(Message::text("still")).await.unwrap();
+    assert_eq!(next(&mut second).await, Message::text("still"));
+}

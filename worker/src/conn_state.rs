@@ -12,6 +12,7 @@ use crate::shared::Shared;
 use http::{Version, header};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use tokio::sync::OwnedSemaphorePermit;
 
 /// What the handlers of one connection share.
 pub(crate) struct ConnCtx {
@@ -19,6 +20,9 @@ pub(crate) struct ConnCtx {
     pub(crate) state: ConnState,
     /// The drain's phase, for what outlives a request on this connection (a WebSocket).
     pub(crate) drain: DrainWatch,
+    /// The connection's place under `max_connections`, held as long as anything of the
+    /// connection lives: a WebSocket it was upgraded to keeps it (its socket holds this).
+    pub(crate) _slot: OwnedSemaphorePermit,
 }
 
 /// What a connection's handlers tell its task. Counters only: reading the clock on every

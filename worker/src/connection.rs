@@ -101,12 +101,13 @@ pub(crate) async fn connection<I: Socket>(
     shared: Arc<Shared>,
     mut watch: DrainWatch,
     _guard: ConnectionGuard,
-    _permit: OwnedSemaphorePermit,
+    permit: OwnedSemaphorePermit,
 ) {
     let ctx = Arc::new(ConnCtx {
         shared,
         state: ConnState::new(),
         drain: watch.clone(),
+        _slot: permit,
     });
     let (shared, state) = (&ctx.shared, &ctx.state);
     let clock = ConnClock::new(
