@@ -426,6 +426,8 @@ struct Link {
     ping: bool,
     /// A frame to hand to the sink next (it was not ready yet).
     out: Option<Message>,
+    /// Our close frame, handed to the sink after `out`.
+    close_frame: Option<Message>,
     /// Frames handed to the sink since the last flush.
     unflushed: bool,
     /// Our close frame is queued or sent; the peer has until then to answer.
@@ -437,6 +439,11 @@ struct Link {
 }
 
 impl Link {
+    /// Something is to be handed to the sink or flushed.
+    fn writing(&self) -> bool {
+        self.ping || self.out.is_some() || self.close_frame.is_some() || self.unflushed
+    }
+
     /// Starts the close handshake with `code` unless it began already.
     fn close(&mut self, outbox: &Outbox, code: u16, reason: &str, urgency: Urgency) {
         if self.closing.is_some() {
@@ -446,7 +453,7 @@ impl Link {
             return;
         }
         outbox.shut();
-        self.out = Some(Message::Close(Some(CloseFrame {
+        self.close_frame = Some(Message::Close(Some(CloseFrame {
             code: CloseCode::from(code),
             reason: reason.into(),
         })));
@@ -491,6 +498,7 @@ async fn run(io: TokioIo<hyper::upgrade::Upgraded>, conn: &Conn) -> (u16, String
     let mut link = Link {
         ping: false,
         out: None,
+        close_frame: None,
         unflushed: false,
         closing: None,
         told: None,
@@ -505,10 +513,6 @@ async fn run(io: TokioIo<hyper::upgrade::Upgraded>, conn: &Conn) -> (u16, String
     let mut timer = std::pin::pin!(timer);
 
     loop {
-        if stream_done && link.out.is_none() && !link.ping && !link.unflushed {
-            // The close handshake is over, or the peer is gone.
-            break;
-        }
         // What to write next: control frames and the close first, then the plugin's queue.
         if link.closing.is_none() {
             if link.out.is_none() {
@@ -525,6 +529,10 @@ async fn run(io: TokioIo<hyper::upgrade::Upgraded>, conn: &Conn) -> (u16, String
                 slow_reader(&mut link, conn);
             }
         }
+        if stream_done && !link.writing() {
+            // The close handshake is over, or the peer is gone.
+            break;
+        }
         let deadline = match (link.closing, link.ping_sent) {
             (Some(at), _) => at,
             // Not reading while a callback runs: no pong can be seen meanwhile.
@@ -536,8 +544,9 @@ async fn run(io: TokioIo<hyper::upgrade::Upgraded>, conn: &Conn) -> (u16, String
             timer.as_mut().reset(deadline);
         }
         let reading = pending.is_none() && !stream_done;
+        // Unbiased: a plugin that keeps the queue full must not starve reading (and so the
+        // client's close or pong), nor a client that keeps sending starve writing.
         tokio::select! {
-            biased;
             () = &mut forced, if !forced_done => {
                 forced_done = true;
                 log_forced(&conn.shared);
@@ -551,7 +560,7 @@ async fn run(io: TokioIo<hyper::upgrade::Upgraded>, conn: &Conn) -> (u16, String
                 }
             }
             wrote = futures_util::future::poll_fn(|cx| write_step(&mut sink, &mut link, cx)),
-                if link.ping || link.out.is_some() || link.unflushed =>
+                if link.writing() =>
             {
                 if let Err(e) = wrote {
                     tracing::debug!("WebSocket write failed: {e}");
@@ -584,6 +593,7 @@ async fn run(io: TokioIo<hyper::upgrade::Upgraded>, conn: &Conn) -> (u16, String
                         });
                         conn.outbox.shut();
                         link.out = None;
+                        link.close_frame = None;
                         link.ping = false;
                         link.unflushed = true;
                         link.closing.get_or_insert_with(|| Instant::now() + CLOSE_TIMEOUT);
@@ -595,7 +605,12 @@ async fn run(io: TokioIo<hyper::upgrade::Upgraded>, conn: &Conn) -> (u16, String
                         match failure(&e) {
                             Some((code, reason)) => {
                                 tracing::debug!("WebSocket closed with {code}: {e}");
-                                link.close(&conn.outbox, code, reason, Urgency::Slow);
+                                // After the answers to what came before (as Autobahn's
+                                // strict cases expect).
+                                link.told = Some((code, reason.to_owned()));
+                                if !conn.outbox.close_after_queue(code, reason) {
+                                    link.close(&conn.outbox, code, reason, Urgency::Slow);
+                                }
                             }
                             None => {
                                 link.told.get_or_insert_with(|| (ABNORMAL, String::new()));
@@ -652,12 +667,14 @@ fn write_step<S>(
 where
     S: futures_util::Sink<Message, Error = WsError> + Unpin,
 {
-    if link.ping || link.out.is_some() {
+    if link.ping || link.out.is_some() || link.close_frame.is_some() {
         std::task::ready!(sink.poll_ready_unpin(cx))?;
         let frame = if std::mem::take(&mut link.ping) {
             Message::Ping(Bytes::new())
+        } else if let Some(out) = link.out.take() {
+            out
         } else {
-            link.out.take().expect("checked above")
+            link.close_frame.take().expect("checked above")
         };
         let sent = sink.start_send_unpin(frame);
         link.unflushed = true;

@@ -208,9 +208,9 @@ impl Outbox {
     }
 
     /// Closes the connection with `code` once what is queued is sent, as the plugin's
-    /// `ws_close` does; nothing if it is closing already.
-    pub fn close_after_queue(&self, code: u16, reason: &str) {
-        self.entry.close(code, reason.to_owned());
+    /// `ws_close` does; `false` (and nothing done) if it is closing already.
+    pub fn close_after_queue(&self, code: u16, reason: &str) -> bool {
+        self.entry.close(code, reason.to_owned()) == BATON_OK
     }
 
     /// Bytes queued right now.
