@@ -439,6 +439,68 @@ async fn a_stream_whose_client_reads_nothing_is_closed_at_drain_timeout_and_coun
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_ends_a_feed_early_but_lets_a_sized_download_and_an_upload_finish() {
+    let _heavy = heavy().await;
+    let s = start("drain_spread = \"200ms\"\n").await;
+    let addr = s.baton.addr();
+    const SIZE: usize = 64 << 20;
+    let mut download = TcpStream::connect(addr).await.unwrap();
+    download
+        .write_all(
+            format!("GET /st/slow?bytes={SIZE}&sized=1 HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
+    let mut upload = TcpStream::connect(addr).await.unwrap();
+    upload
+        .write_all(
+            format!("POST /st/upload HTTP/1.1\r\nHost: x\r\nContent-Length: {SIZE}\r\n\r\n")
+                .as_bytes(),
+        )
+        .await
+        .unwrap();
+    let feed = tokio::spawn(async move {
+        let (code, body) = get(addr, "/st/ticker").await.unwrap();
+        assert_eq!(code, 200);
+        body
+    });
+    let deadline = Instant::now() + WAIT;
+    while status_streams(&s.baton).await < 2 {
+        assert!(Instant::now() < deadline, "not streaming");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let out = s.baton.upgrade_wait().await;
+    assert_eq!(out.code, Some(0), "{}", out.text());
+    // The feed ends within the spread window...
+    let body = tokio::time::timeout(Duration::from_secs(5), feed)
+        .await
+        .expect("the feed ended")
+        .unwrap();
+    assert!(body.starts_with("tick\n"), "{body}");
+    // ...while the transfers, slowed down, go on to their end.
+    let chunk = vec![7u8; 1 << 20];
+    let mut hash = 0xcbf29ce484222325u64;
+    for _ in 0..SIZE / chunk.len() {
+        upload.write_all(&chunk).await.unwrap();
+        fnv(&mut hash, &chunk);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let mut answer = Vec::new();
+    upload.read_to_end(&mut answer).await.unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(
+        answer.contains(&format!("bytes={SIZE} fnv={hash:016x}")),
+        "{answer}"
+    );
+    let mut got = Vec::new();
+    download.read_to_end(&mut got).await.unwrap();
+    let head_end = got.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    let head = String::from_utf8_lossy(&got[..head_end]).to_ascii_lowercase();
+    assert!(head.contains(&format!("content-length: {SIZE}")), "{head}");
+    assert_eq!(got.len() - head_end, SIZE);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streams_end_cleanly_spread_over_the_window_when_their_generation_drains() {
     let _heavy = heavy().await;
     let s = start("drain_spread = \"1500ms\"\n").await;

@@ -5,7 +5,8 @@
  *
  *   GET  /st/thread?n=N       N lines "chunk I", from a thread; status and a header set
  *                             before defer carry over
- *   GET  /st/slow?bytes=B     B bytes in 64 KiB writes with WRITE_BLOCK
+ *   GET  /st/slow?bytes=B     B bytes in 64 KiB writes with WRITE_BLOCK (&sized=1: with
+ *                             a Content-Length)
  *   GET  /st/forever          64 KiB writes until the client goes, with on_writable
  *   GET  /st/ticker           "tick" every 20 ms ("draining" once the drain began)
  *   GET  /st/inline-block     a blocking write on the host's thread: refused
@@ -245,8 +246,15 @@ static int32_t st_handle(void *state, const baton_request_t *req, const baton_ho
         }
         return start(lines, s, 0, query_num(req, "n", 10));
     }
-    case 1: /* /st/slow */
-        return start(slow, h->defer(resp), 0, query_num(req, "bytes", 1 << 20));
+    case 1: { /* /st/slow */
+        long long n = query_num(req, "bytes", 1 << 20);
+        baton_handle_t s = h->defer(resp);
+        if (query_num(req, "sized", 0)) {
+            int len = snprintf(text, sizeof text, "%lld", n);
+            h->stream_add_header(s, str("content-length"), bytes(text, (size_t)len));
+        }
+        return start(slow, s, 0, n);
+    }
     case 2: /* /st/forever */
         return start(forever, h->defer(resp), 0, 0);
     case 3: /* /st/ticker */

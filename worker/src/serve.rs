@@ -10,10 +10,13 @@
 //! supervisor force-closing a generation to make room under `max_generations`) closes
 //! every connection now and exits.
 //!
-//! When the drain begins, every plugin is told (its `on_drain`), and streamed answers
-//! still open are ended cleanly (what was written, the last chunk, then the connection
+//! When the drain begins, every plugin is told (its `on_drain`), and open-ended streamed
+//! answers (server-sent events, feeds: a head without `Content-Length`, no upload still
+//! arriving) are ended cleanly (what was written, the last chunk, then the connection
 //! closes), each at its own place in the `drain_spread` window so that their clients do
-//! not all reconnect at once; in the forced phase, at once.
+//! not all reconnect at once; in the forced phase, at once. Transfers (a sized download,
+//! an upload, an answer not begun) finish like any request in flight, within
+//! `drain_timeout`.
 
 use crate::connection::{Socket, connection};
 use crate::drain::{self, Drain, DrainWatch, Phase};
@@ -151,9 +154,10 @@ pub async fn serve(
     Ok(())
 }
 
-/// Ends the streamed answers still open, each `drain::spread_offset` after the drain
-/// began (all at once from the forced phase on), including those deferred during the
-/// drain. Runs until the worker stops it.
+/// Ends the open-ended streamed answers ([`baton_loader::stream::open_streams`]), each
+/// `drain::spread_offset` after the drain began (all at once from the forced phase on),
+/// including those that become open-ended during the drain. Runs until the worker stops
+/// it.
 async fn end_streams(spread: Duration, mut watch: DrainWatch) {
     let began = Instant::now();
     let mut forced = false;

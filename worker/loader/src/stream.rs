@@ -40,9 +40,11 @@ use std::task::{Context, Poll, Waker};
 /// The next handle; never reused within the process.
 static NEXT: AtomicU64 = AtomicU64::new(1);
 
-/// Live streams and bodies by handle.
-static REGISTRY: LazyLock<Mutex<HashMap<BatonHandle, Entry>>> =
-    LazyLock::new(|| Mutex::new(HashMap::new()));
+/// Live streams and bodies by handle, in shards by handle so that the writers of
+/// different streams (on different threads) rarely meet on one lock.
+static REGISTRY: LazyLock<[Mutex<HashMap<BatonHandle, Entry>>; SHARDS]> =
+    LazyLock::new(|| std::array::from_fn(|_| Mutex::new(HashMap::new())));
+const SHARDS: usize = 16;
 
 #[derive(Clone)]
 enum Entry {
@@ -50,8 +52,9 @@ enum Entry {
     Body(Arc<Body>),
 }
 
-fn registry() -> MutexGuard<'static, HashMap<BatonHandle, Entry>> {
-    REGISTRY.lock().unwrap_or_else(PoisonError::into_inner)
+/// The shard that holds `handle`.
+fn registry(handle: BatonHandle) -> MutexGuard<'static, HashMap<BatonHandle, Entry>> {
+    lock(&REGISTRY[(handle % SHARDS as u64) as usize])
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -59,14 +62,14 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 fn stream(handle: BatonHandle) -> Option<Arc<Stream>> {
-    match registry().get(&handle) {
+    match registry(handle).get(&handle) {
         Some(Entry::Stream(s)) => Some(s.clone()),
         _ => None,
     }
 }
 
 fn body(handle: BatonHandle) -> Option<Arc<Body>> {
-    match registry().get(&handle) {
+    match registry(handle).get(&handle) {
         Some(Entry::Body(b)) => Some(b.clone()),
         _ => None,
     }
@@ -74,16 +77,23 @@ fn body(handle: BatonHandle) -> Option<Arc<Body>> {
 
 /// Streams and bodies in the registry now (for tests and leak checks).
 pub fn live() -> usize {
-    registry().len()
+    REGISTRY.iter().map(|shard| lock(shard).len()).sum()
 }
 
-/// The handles of the streams open now: what a drain must end.
+/// The handles of the open-ended streams open now: what a drain ends early. A stream
+/// is open-ended once its head is out without a `Content-Length` (server-sent events, a
+/// feed) and no request body is still arriving for it. The others are transfers, which
+/// ending would cut short (a sized body, an upload, an answer not begun): like any
+/// request in flight they get until `drain_timeout`.
 pub fn open_streams() -> Vec<BatonHandle> {
-    registry()
-        .iter()
-        .filter(|(_, e)| matches!(e, Entry::Stream(_)))
-        .map(|(h, _)| *h)
-        .collect()
+    let mut open = Vec::new();
+    for shard in REGISTRY.iter() {
+        open.extend(lock(shard).iter().filter_map(|(h, e)| match e {
+            Entry::Stream(s) if s.state().open_ended() => Some(*h),
+            _ => None,
+        }));
+    }
+    open
 }
 
 /// Ends a stream cleanly on the host's behalf (the drain): what the plugin wrote is sent,
@@ -100,7 +110,7 @@ pub fn end(handle: BatonHandle) -> bool {
 
 fn unregister(handle: BatonHandle) {
     // Dropped outside the registry's lock: a stream's body closes on drop.
-    let removed = registry().remove(&handle);
+    let removed = registry(handle).remove(&handle);
     drop(removed);
 }
 
@@ -177,6 +187,8 @@ struct StreamState {
     headers: HeaderMap,
     /// The plugin sent the head (or wrote, or finished).
     head_sent: bool,
+    /// The receiver took the head; with a `Content-Length` in it.
+    head_out: Option<Length>,
     chunks: VecDeque<Bytes>,
     buffered: usize,
     end: Option<End>,
@@ -187,7 +199,21 @@ struct StreamState {
     body: Option<BodyStream>,
 }
 
+/// Whether a head that went out declared the body's length.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Length {
+    Declared,
+    Open,
+}
+
 impl StreamState {
+    /// See [`open_streams`].
+    fn open_ended(&self) -> bool {
+        self.end.is_none()
+            && self.head_out == Some(Length::Open)
+            && !self.body.as_ref().is_some_and(BodyStream::arriving)
+    }
+
     fn fits(&self, len: usize, capacity: usize) -> bool {
         self.buffered == 0 || self.buffered + len <= capacity
     }
@@ -267,10 +293,17 @@ impl StreamReceiver {
             let due = take_writable(&mut st, self.stream.capacity);
             let out = match (&st.end, st.head_sent) {
                 (Some(End::Failed(message)), false) => Poll::Ready(Head::Failed(message.clone())),
-                (Some(_), _) | (None, true) => Poll::Ready(Head::Send {
-                    status: st.status,
-                    headers: std::mem::take(&mut st.headers),
-                }),
+                (Some(_), _) | (None, true) => {
+                    st.head_out = Some(if st.headers.contains_key(http::header::CONTENT_LENGTH) {
+                        Length::Declared
+                    } else {
+                        Length::Open
+                    });
+                    Poll::Ready(Head::Send {
+                        status: st.status,
+                        headers: std::mem::take(&mut st.headers),
+                    })
+                }
                 (None, false) => {
                     store_waker(&mut st.waker, cx);
                     Poll::Pending
@@ -378,6 +411,7 @@ pub(crate) fn new_stream(
             status,
             headers,
             head_sent: false,
+            head_out: None,
             chunks,
             buffered,
             end: None,
@@ -387,7 +421,7 @@ pub(crate) fn new_stream(
         }),
         room: Condvar::new(),
     });
-    registry().insert(handle, Entry::Stream(stream.clone()));
+    registry(handle).insert(handle, Entry::Stream(stream.clone()));
     StreamReceiver { stream }
 }
 
@@ -637,7 +671,7 @@ pub fn body_stream(limit: u64, capacity: usize) -> (BodyFeed, BodyStream) {
         }),
         data: Condvar::new(),
     });
-    registry().insert(handle, Entry::Body(body.clone()));
+    registry(handle).insert(handle, Entry::Body(body.clone()));
     (BodyFeed { body: body.clone() }, BodyStream { body })
 }
 
@@ -645,6 +679,12 @@ impl BodyStream {
     /// The handle the plugin reads with (`request.body_stream`).
     pub fn handle(&self) -> BatonHandle {
         self.body.handle
+    }
+
+    /// The body is still arriving.
+    fn arriving(&self) -> bool {
+        let st = lock(&self.body.state);
+        st.end.is_none() && !st.closed
     }
 }
 
@@ -1040,6 +1080,40 @@ mod tests {
         assert!(!open_streams().contains(&h));
         assert!(matches!(poll_chunk(&mut rx), Poll::Ready(Some(Ok(c))) if &c[..] == b"last"));
         assert!(matches!(poll_chunk(&mut rx), Poll::Ready(None)));
+    }
+
+    #[test]
+    fn a_drain_ends_open_ended_streams_early_and_leaves_transfers() {
+        let waker = Waker::from(Arc::new(Count::default()));
+        let mut cx = Context::from_waker(&waker);
+        let mut head_out = |headers: HeaderMap, body: Option<BodyStream>| {
+            let mut rx = new_stream(64, StatusCode::OK, headers, Vec::new(), body);
+            // SAFETY: a plain handle.
+            assert_eq!(unsafe { host_send_head(rx.handle()) }, BATON_OK);
+            assert!(matches!(
+                rx.poll_head(&mut cx),
+                Poll::Ready(Head::Send { .. })
+            ));
+            rx
+        };
+        // Not begun: a request in flight.
+        let unsent = receiver(64);
+        // A feed: open-ended.
+        let feed = head_out(HeaderMap::new(), None);
+        // A sized download.
+        let mut sized = HeaderMap::new();
+        sized.insert(http::header::CONTENT_LENGTH, HeaderValue::from_static("10"));
+        let download = head_out(sized, None);
+        // An upload still arriving, then whole.
+        let (mut upload_feed, upload_body) = body_stream(1 << 20, 64);
+        let upload = head_out(HeaderMap::new(), Some(upload_body));
+        let open = open_streams();
+        assert!(open.contains(&feed.handle()));
+        for transfer in [&unsent, &download, &upload] {
+            assert!(!open.contains(&transfer.handle()));
+        }
+        upload_feed.finish();
+        assert!(open_streams().contains(&upload.handle()));
     }
 
     #[test]
