@@ -118,11 +118,14 @@ pub(crate) async fn feed_body(mut body: Incoming, mut feed: BodyFeed, in_flight:
         Frame(Option<Result<Frame<Bytes>, hyper::Error>>),
     }
     let mut reading = true;
+    // The client may still be sending: the connection closes lingering.
+    let body_left = || in_flight.arc().state.body_left();
     loop {
         let step = std::future::poll_fn(|cx| {
             match feed.poll_room(cx) {
                 Poll::Ready(Room::Closed) => return Poll::Ready(Step::Closed),
                 Poll::Ready(Room::Free) if reading => {}
+                // Full, or no longer reading: wait for room, a callback or the close.
                 _ => return Poll::Pending,
             }
             Pin::new(&mut body).poll_frame(cx).map(Step::Frame)
@@ -134,28 +137,25 @@ pub(crate) async fn feed_body(mut body: Incoming, mut feed: BodyFeed, in_flight:
                 if let Ok(data) = frame.into_data()
                     && feed.push(data).is_err()
                 {
+                    // Past the limit: the rest is not read.
                     reading = false;
+                    body_left();
                 }
             }
             Step::Frame(Some(Err(e))) => {
                 feed.error(e.to_string());
                 reading = false;
+                body_left();
             }
             Step::Frame(None) => {
                 feed.finish();
                 reading = false;
-                // Read whole: nothing of it is left on the connection.
-                continue;
             }
-        }
-        if !reading {
-            // Past the limit or failed: the rest is not read.
-            in_flight.arc().state.body_left();
         }
     }
     if reading {
         // The answer was done before the body was read whole.
-        in_flight.arc().state.body_left();
+        body_left();
     }
 }
 
