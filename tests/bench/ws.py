@@ -1,0 +1,211 @@
+#!/usr/bin/env python3
+"""WebSocket echo: Baton (the C test plugin's echo route) against a bare tokio-tungstenite
+server on the same crate (the ceiling) and Go's gorilla/websocket, side by side.
+
+    python3 tests/bench/ws.py [--quick] [--connections N] [--json PATH]
+
+For each server, in turns: the worker's memory per idle WebSocket (RSS with N idle
+clients minus RSS with none, over N), then N clients each echoing 32-byte text messages
+one at a time for the run's seconds: messages per second and the latency p50/p99/max
+that `baton-ws-bench` measured. Installs golang-go and golang-github-gorilla-websocket-dev
+from Debian's packages if `go` is missing; builds Baton in release mode. Loopback only,
+every step bounded in time.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+RELEASE = os.path.join(ROOT, "target", "release")
+
+
+def log(msg):
+    print(f"[ws-bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port, within=20.0):
+    deadline = time.time() + within
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on {port} after {within}s")
+
+
+def rss_kib(pids):
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1])
+        except OSError:
+            pass
+    return total
+
+
+def children(pid):
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True)
+    return [int(p) for p in out.stdout.split()]
+
+
+def build(tmp):
+    log("building Baton (release), the bare server and the load generator")
+    subprocess.run(["cargo", "build", "--release", "--quiet", "-p", "baton", "-p", "baton-worker",
+                    "-p", "baton-tests", "--bins"], cwd=ROOT, check=True, timeout=1800)
+    plugins = os.path.join(tmp, "plugins")
+    os.makedirs(plugins, mode=0o755)
+    os.chmod(tmp, 0o755)
+    os.chmod(plugins, 0o755)
+    subprocess.run(["cc", "-std=c11", "-O2", "-fPIC", "-shared", "-I",
+                    os.path.join(ROOT, "plugins/api/include"),
+                    os.path.join(ROOT, "tests/harness/ws_plugin.c"),
+                    "-o", os.path.join(plugins, "ws_test.so")], check=True, timeout=120)
+    if shutil.which("go") is None:
+        log("installing golang-go and golang-github-gorilla-websocket-dev")
+        subprocess.run(["apt-get", "install", "-y", "-q", "golang-go",
+                        "golang-github-gorilla-websocket-dev"], check=True, timeout=600,
+                       stdout=subprocess.DEVNULL)
+    go = os.path.join(tmp, "ws-echo-go")
+    env = dict(os.environ, GO111MODULE="off", GOPATH="/usr/share/gocode",
+               GOCACHE=os.path.join(tmp, "gocache"))
+    subprocess.run(["go", "build", "-o", go, os.path.join(ROOT, "tests/bench/ws_echo.go")],
+                   check=True, timeout=600, env=env)
+    return plugins, go
+
+
+class Server:
+    def __init__(self, name, argv, url, serving_pids, cwd=None):
+        self.name, self.argv, self.url, self.serving_pids, self.cwd = (
+            name, argv, url, serving_pids, cwd)
+        self.proc = None
+
+    def __enter__(self):
+        self.proc = subprocess.Popen(self.argv, cwd=self.cwd, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)
+        wait_port(int(self.url.split(":")[2].split("/")[0]))
+        time.sleep(0.5)
+        return self
+
+    def pids(self):
+        return self.serving_pids(self.proc.pid)
+
+    def __exit__(self, *exc):
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def idle_memory(server, connections):
+    before = rss_kib(server.pids())
+    hold = subprocess.Popen([os.path.join(RELEASE, "baton-ws-bench"), server.url,
+                             str(connections), "hold"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        line = hold.stdout.readline().split()
+        if not line or line[0] != "ready" or int(line[1]) != connections:
+            raise RuntimeError(f"{server.name}: holding {connections} clients failed: {line}")
+        time.sleep(1.0)
+        after = rss_kib(server.pids())
+    finally:
+        hold.stdin.close()
+        hold.wait(timeout=60)
+    return before, after
+
+
+def echo(server, connections, seconds):
+    out = subprocess.run([os.path.join(RELEASE, "baton-ws-bench"), server.url, str(connections),
+                          str(seconds), "32"], capture_output=True, text=True,
+                         timeout=seconds + 120, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--connections", type=int, default=1000)
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    seconds = 3 if args.quick else 10
+    turns = 1 if args.quick else 3
+    tmp = tempfile.mkdtemp(prefix="baton-ws-bench.")
+    plugins, go = build(tmp)
+
+    port = free_port()
+    config = os.path.join(tmp, "baton.toml")
+    with open(config, "w") as f:
+        f.write(f"""[[listener]]
+name = "http"
+address = "127.0.0.1:{port}"
+
+[http]
+max_connections = {args.connections + 100}
+
+[worker]
+path = "{RELEASE}/baton-worker"
+processes = 1
+
+[plugins]
+dir = "{plugins}"
+cache_dir = "{tmp}/cache"
+""")
+    servers = [
+        ("baton", lambda p: Server("baton", [os.path.join(RELEASE, "baton"), "run", "-c", config],
+                                   f"ws://127.0.0.1:{port}/ws/echo", children, tmp)),
+        ("bare tungstenite", lambda p: Server(
+            "bare tungstenite", [os.path.join(RELEASE, "baton-bare-ws"), f"127.0.0.1:{p}", "2"],
+            f"ws://127.0.0.1:{p}/", lambda pid: [pid])),
+        ("go gorilla", lambda p: Server("go gorilla", [go, f"127.0.0.1:{p}"],
+                                        f"ws://127.0.0.1:{p}/", lambda pid: [pid])),
+    ]
+    results = {name: {"runs": []} for name, _ in servers}
+    for turn in range(turns):
+        for name, make in servers:
+            with make(free_port()) as server:
+                if turn == 0:
+                    before, after = idle_memory(server, args.connections)
+                    results[name]["idle_rss_kib"] = [before, after]
+                    results[name]["bytes_per_idle_ws"] = (after - before) * 1024 // args.connections
+                    log(f"{name}: idle {args.connections} WebSockets: RSS {before} -> {after} KiB")
+                r = echo(server, args.connections, seconds)
+                log(f"{name}: turn {turn + 1}: {r}")
+                results[name]["runs"].append(r)
+    print(f"\nWebSocket echo, {args.connections} connections, 32-byte messages, "
+          f"{turns} turn(s) of {seconds} s per server")
+    print(f"{'server':<18}{'msg/s':>10}{'p50 us':>9}{'p99 us':>9}{'max us':>9}{'errors':>8}"
+          f"{'B/idle WS':>11}")
+    for name, r in results.items():
+        runs = r["runs"]
+        best = max(runs, key=lambda x: x["per_second"])
+        rate = sum(x["per_second"] for x in runs) / len(runs)
+        p99 = sorted(x["p99_us"] for x in runs)[len(runs) // 2]
+        print(f"{name:<18}{rate:>10.0f}{best['p50_us']:>9}{p99:>9}"
+              f"{max(x['max_us'] for x in runs):>9}{sum(x['errors'] for x in runs):>8}"
+              f"{r['bytes_per_idle_ws']:>11}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
