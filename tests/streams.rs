@@ -31,6 +31,11 @@ async fn start(extra: &str) -> Setup {
         &dir.join("streamtest.so"),
         &[],
     );
+    compile_c_plugin(
+        Path::new("tests/harness/stream_plugin.c"),
+        &dir.join("streamblock.so"),
+        &["BLOCKING"],
+    );
     let baton = Baton::start(TestConfig {
         processes: 1,
         threads: 2,
@@ -130,9 +135,33 @@ async fn a_deferred_answer_comes_from_a_thread_over_http1_and_http2() {
         assert_eq!(String::from_utf8_lossy(&body), expected);
     }
 
-    // A blocking write on the host's own thread is refused, not a stalled runtime.
+    // A blocking write on the host's own thread is refused, not a stalled runtime...
     let (code, body) = get(addr, "/st/inline-block").await.unwrap();
     assert_eq!((code, body.as_str()), (200, "refused\n"));
+    let (code, body) = get(addr, "/st/in-handler?n=3").await.unwrap();
+    assert_eq!((code, body.as_str()), (200, "refused\n"));
+    // ...while a handler on the blocking pool may write its stream, far past the buffer,
+    // before it returns: the stream is sent meanwhile.
+    let lines: String = (0..100_000).map(|i| format!("line {i}\n")).collect();
+    for version in [http::Version::HTTP_11, http::Version::HTTP_2] {
+        let body = if version == http::Version::HTTP_2 {
+            let stream = TcpStream::connect(addr).await.unwrap();
+            let (mut sender, conn) =
+                hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+                    .await
+                    .unwrap();
+            tokio::spawn(conn);
+            let request = http::Request::get(format!("http://{addr}/sb/in-handler?n=100000"))
+                .body(Empty::<Bytes>::new())
+                .unwrap();
+            let response = sender.send_request(request).await.unwrap();
+            let body = response.into_body().collect().await.unwrap().to_bytes();
+            String::from_utf8_lossy(&body).into_owned()
+        } else {
+            get(addr, "/sb/in-handler?n=100000").await.unwrap().1
+        };
+        assert!(body == lines, "{version:?}: {} bytes", body.len());
+    }
 
     let st = stats(addr).await;
     assert_eq!(st["finished"], 5, "{st:?}");

@@ -15,6 +15,11 @@
  *                             itself, or with fail=1 fails the stream (the host answers 413)
  *   GET  /st/stats            the counters
  *   POST /st/buffered         a buffered body with the route's own limit (4 MiB): "len=N"
+ *   GET  /st/in-handler?n=N   N lines written with WRITE_BLOCK by the handler itself,
+ *                             before it returns ("refused" where that is a host thread)
+ *
+ * Built with -DBLOCKING it is "streamblock", a plugin whose handlers run on the blocking
+ * pool, with the same routes under /sb/.
  */
 #define _POSIX_C_SOURCE 200809L
 #include <pthread.h>
@@ -26,6 +31,16 @@
 #include <time.h>
 
 #include "baton_plugin.h"
+
+#ifdef BLOCKING
+#define P "/sb"
+#define NAME "streamblock"
+#define FLAGS 0u
+#else
+#define P "/st"
+#define NAME "streamtest"
+#define FLAGS BATON_FLAG_NONBLOCKING
+#endif
 
 static const baton_host_api_t *host;
 static atomic_long open_producers, cancelled, finished, written, drained, saw_closed;
@@ -278,6 +293,24 @@ static int32_t st_handle(void *state, const baton_request_t *req, const baton_ho
                            atomic_load(&drained), atomic_load(&saw_closed));
         return h->write_body(resp, bytes(text, (size_t)len));
     }
+    case 9: { /* /st/in-handler */
+        baton_handle_t s = h->defer(resp);
+        long long n = query_num(req, "n", 10);
+        for (long long i = 0; i < n; i++) {
+            int len = snprintf(text, sizeof text, "line %lld\n", i);
+            int64_t rc = h->stream_write(s, bytes(text, (size_t)len), BATON_WRITE_BLOCK);
+            if (rc == BATON_E_INVALID) {
+                h->stream_write(s, str("refused\n"), 0);
+                break;
+            }
+            if (rc < 0) {
+                gone(s);
+                return 0;
+            }
+        }
+        h->stream_finish(s);
+        return 0;
+    }
     case 8: { /* /st/buffered */
         int len = snprintf(text, sizeof text, "len=%zu\n", req->body.len);
         return h->write_body(resp, bytes(text, (size_t)len));
@@ -298,11 +331,11 @@ static void st_shutdown(void *state) {
 }
 
 static const baton_route_t routes[] = {
-    { BATON_GET, 0, "/st/thread" },  { BATON_GET, 0, "/st/slow" },
-    { BATON_GET, 0, "/st/forever" }, { BATON_GET, 0, "/st/ticker" },
-    { BATON_GET, 0, "/st/inline-block" }, { BATON_POST, 0, "/st/upload" },
-    { BATON_POST, 0, "/st/small" },  { BATON_GET, 0, "/st/stats" },
-    { BATON_POST, 0, "/st/buffered" },
+    { BATON_GET, 0, P "/thread" },  { BATON_GET, 0, P "/slow" },
+    { BATON_GET, 0, P "/forever" }, { BATON_GET, 0, P "/ticker" },
+    { BATON_GET, 0, P "/inline-block" }, { BATON_POST, 0, P "/upload" },
+    { BATON_POST, 0, P "/small" },  { BATON_GET, 0, P "/stats" },
+    { BATON_POST, 0, P "/buffered" }, { BATON_GET, 0, P "/in-handler" },
 };
 
 static const baton_route_ext_t route_ext[] = {
@@ -312,6 +345,7 @@ static const baton_route_ext_t route_ext[] = {
     { BATON_ROUTE_HTTP, BATON_ROUTE_STREAM_BODY, 1000 },
     { BATON_ROUTE_HTTP, 0, 0 },
     { BATON_ROUTE_HTTP, 0, UINT64_C(4) << 20 },
+    { BATON_ROUTE_HTTP, 0, 0 },
 };
 
 static const baton_plugin_v1_t descriptor = {
@@ -319,8 +353,8 @@ static const baton_plugin_v1_t descriptor = {
     .abi_major = BATON_ABI_MAJOR,
     .abi_minor = BATON_ABI_MINOR,
     .struct_size = sizeof(baton_plugin_v1_t),
-    .flags = BATON_FLAG_NONBLOCKING,
-    .name = "streamtest",
+    .flags = FLAGS,
+    .name = NAME,
     .version = "1.1.0",
     .routes = routes,
     .routes_len = sizeof routes / sizeof routes[0],

@@ -11,7 +11,7 @@ use crate::router::Lookup;
 use crate::shared::{CallGuard, Shared};
 use crate::stream::{self, Body};
 use baton_loader::stream::{BodyStream, BodyWatch, StreamReceiver};
-use baton_loader::{Answer, Call, CallOpts, Plugin};
+use baton_loader::{Answer, Call, CallOpts, Handoff, Plugin};
 use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, StatusCode, Version, header};
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
@@ -336,6 +336,8 @@ fn route(parts: &http::request::Parts, input: Input<'_>, ctx: &ConnCtx) -> Route
                 CallOpts {
                     stream_buffer_bytes: shared.settings.http.stream_buffer_bytes,
                     body: stream_body,
+                    // Inline: the handler cannot block on its stream anyway.
+                    handoff: None,
                 },
             );
             Routed::Reply(respond(answer, plugin, parts))
@@ -344,7 +346,9 @@ fn route(parts: &http::request::Parts, input: Input<'_>, ctx: &ConnCtx) -> Route
 }
 
 impl BlockingCall {
-    /// Calls the handler on the blocking pool, within its plugin's share of it.
+    /// Calls the handler on the blocking pool, within its plugin's share of it. A stream it
+    /// defers comes back at `defer` time, so that the handler may go on writing it (with
+    /// `WRITE_BLOCK`) while its body is sent; its share is held until it returns.
     async fn run(self, parts: http::request::Parts, body: Bytes, ctx: &ConnCtx) -> Reply {
         let shared = &ctx.shared;
         let BlockingCall {
@@ -357,7 +361,11 @@ impl BlockingCall {
         let share = shared.blocking[index]
             .as_ref()
             .expect("routed to the blocking pool");
-        let _permit = share.acquire().await.expect("semaphore never closes");
+        let permit = share
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("semaphore never closes");
         // Counted until the handler returns, even if this request's task is dropped
         // meanwhile (a forced close): the blocking thread keeps running.
         let counted = CallGuard::new(&shared.plugin_calls);
@@ -365,19 +373,28 @@ impl BlockingCall {
         let stream_buffer_bytes = shared.settings.http.stream_buffer_bytes;
         let handler = plugin.clone();
         let request = parts.clone();
-        let answer = tokio::task::spawn_blocking(move || {
+        let (handoff, deferred) = tokio::sync::oneshot::channel();
+        let call = tokio::task::spawn_blocking(move || {
             let answer = handler.call_with(
                 &call_of(route, &request, &params, &body, generation, worker_pid),
                 CallOpts {
                     stream_buffer_bytes,
                     body: stream_body,
+                    handoff: Some(Handoff::new(move |rx| {
+                        let _ = handoff.send(rx);
+                    })),
                 },
             );
-            drop(counted);
+            drop((counted, permit));
             answer
-        })
-        .await
-        .unwrap_or_else(|e| Answer::Failed(format!("handler thread failed: {e}")));
+        });
+        // A deferred stream (then the handler may still run), or else the answer.
+        if let Ok(rx) = deferred.await {
+            return Reply::Deferred(rx, plugin);
+        }
+        let answer = call
+            .await
+            .unwrap_or_else(|e| Answer::Failed(format!("handler thread failed: {e}")));
         respond(answer, &plugin, &parts)
     }
 }
@@ -396,6 +413,8 @@ fn respond(answer: Answer, plugin: &Arc<Plugin>, parts: &http::request::Parts) -
             r
         }
         Answer::Deferred(rx) => return Reply::Deferred(rx, plugin.clone()),
+        // Only with a handoff, which takes the stream first.
+        Answer::HandedOff => internal_error(),
         Answer::Failed(message) => {
             tracing::error!(
                 "plugin {} ({}) failed on {} {}: {message}",

@@ -120,6 +120,8 @@ pub enum Answer {
     /// The handler called `defer` (1.1): the answer comes later through the stream, whose
     /// receiver carries the head begun so far (status, headers) and then the body.
     Deferred(stream::StreamReceiver),
+    /// The handler called `defer` and its stream went to [`CallOpts::handoff`] then.
+    HandedOff,
 }
 
 /// What the host adds to a call (1.1).
@@ -130,6 +132,26 @@ pub struct CallOpts {
     /// The request body as a stream, for a route with [`abi::ROUTE_STREAM_BODY`]. Closed
     /// when the answer is done: when the call returns, or when its deferred stream ends.
     pub body: Option<stream::BodyStream>,
+    /// Where a deferred stream goes at `defer` time rather than when the handler returns,
+    /// so that a handler on the blocking pool may write it with `WRITE_BLOCK` before it
+    /// returns (the worker sends its body meanwhile). A handler that then fails fails
+    /// the stream.
+    pub handoff: Option<Handoff>,
+}
+
+/// Takes a deferred stream at `defer` time (see [`CallOpts::handoff`]).
+pub struct Handoff(Box<dyn FnOnce(stream::StreamReceiver) + Send>);
+
+impl Handoff {
+    pub fn new(f: impl FnOnce(stream::StreamReceiver) + Send + 'static) -> Self {
+        Handoff(Box::new(f))
+    }
+}
+
+impl std::fmt::Debug for Handoff {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Handoff")
+    }
 }
 
 fn fail(spec: &PluginSpec, reason: impl Into<String>) -> PluginError {
@@ -392,6 +414,8 @@ impl Plugin {
             stream_buffer_bytes: opts.stream_buffer_bytes,
             request_body: opts.body,
             deferred: None,
+            handoff: opts.handoff,
+            handed_off: None,
         };
         let rc = with_views(call, |headers, params| {
             let request = BatonRequest {
@@ -421,6 +445,16 @@ impl Plugin {
                 run()
             }
         });
+        if let Some(handle) = builder.handed_off {
+            return match (rc, builder.error) {
+                (0, None) => Answer::HandedOff,
+                (rc, error) => {
+                    let message = error.unwrap_or_else(|| format!("handler returned {rc}"));
+                    stream::fail(handle, &message);
+                    Answer::Failed(message)
+                }
+            };
+        }
         // A failed handler's stream, if any, is dropped here: the plugin sees it closed.
         match (rc, builder.error, builder.deferred) {
             (_, Some(message), _) => Answer::Failed(message),
@@ -544,13 +578,17 @@ pub(crate) struct Builder {
     request_body: Option<stream::BodyStream>,
     /// 1.1: `defer` was called: the answer is this stream.
     deferred: Option<stream::StreamReceiver>,
+    /// 1.1: where the stream goes at `defer` time, if anywhere.
+    handoff: Option<Handoff>,
+    /// 1.1: `defer` was called and the stream went to the handoff.
+    handed_off: Option<abi::BatonHandle>,
 }
 
 impl Builder {
     /// `defer`: the answer so far (status, headers, body) becomes a stream's beginning.
     /// 0 (refused) if called twice.
     pub(crate) fn defer(&mut self) -> abi::BatonHandle {
-        if self.deferred.is_some() {
+        if self.is_deferred() {
             return 0;
         }
         let receiver = stream::new_stream(
@@ -561,8 +599,18 @@ impl Builder {
             self.request_body.take(),
         );
         let handle = receiver.handle();
-        self.deferred = Some(receiver);
+        match self.handoff.take() {
+            Some(Handoff(handoff)) => {
+                handoff(receiver);
+                self.handed_off = Some(handle);
+            }
+            None => self.deferred = Some(receiver),
+        }
         handle
+    }
+
+    fn is_deferred(&self) -> bool {
+        self.deferred.is_some() || self.handed_off.is_some()
     }
 }
 
@@ -578,7 +626,7 @@ unsafe fn view<'a>(s: BatonStr) -> &'a [u8] {
 unsafe extern "C" fn host_set_status(response: *mut BatonResponse, status: u16) -> i32 {
     // SAFETY: `response` is the Builder the host passed to `handle`.
     let b = unsafe { &mut *response.cast::<Builder>() };
-    if b.deferred.is_some() {
+    if b.is_deferred() {
         return abi::BATON_E_STATE as i32;
     }
     match StatusCode::from_u16(status) {
@@ -601,7 +649,7 @@ unsafe extern "C" fn host_add_header(
 ) -> i32 {
     // SAFETY: as above; the views are valid for this call.
     let (b, name, value) = unsafe { (&mut *response.cast::<Builder>(), view(name), view(value)) };
-    if b.deferred.is_some() {
+    if b.is_deferred() {
         return abi::BATON_E_STATE as i32;
     }
     match (HeaderName::from_bytes(name), HeaderValue::from_bytes(value)) {
@@ -625,7 +673,7 @@ unsafe extern "C" fn host_add_header(
 unsafe extern "C" fn host_write_body(response: *mut BatonResponse, data: BatonStr) -> i32 {
     // SAFETY: as above.
     let (b, data) = unsafe { (&mut *response.cast::<Builder>(), view(data)) };
-    if b.deferred.is_some() {
+    if b.is_deferred() {
         return abi::BATON_E_STATE as i32;
     }
     b.body.extend_from_slice(data);

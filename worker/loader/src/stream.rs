@@ -108,6 +108,14 @@ pub fn end(handle: BatonHandle) -> bool {
     ended
 }
 
+/// Fails a stream on the host's behalf (its handler failed after handing it off).
+pub(crate) fn fail(handle: BatonHandle, message: &str) {
+    if let Some(s) = stream(handle) {
+        s.end_with(End::Failed(message.to_owned()));
+        unregister(handle);
+    }
+}
+
 fn unregister(handle: BatonHandle) {
     // Dropped outside the registry's lock: a stream's body closes on drop.
     let removed = registry(handle).remove(&handle);
