@@ -9,9 +9,10 @@
 //!
 //! Modules, each importing only those below it: `serve` (accept loops, the drain) →
 //! `connection` (one connection) → `handle` (one request) → `websocket` (a WebSocket
-//! route's upgrade and connection) → `conn_state` (what a
-//! connection and its requests share) → `shared` (what every connection shares) →
-//! `router`, `drain`; beside them `inherit`, `env`, `notify` and `lazy_select`.
+//! route's upgrade and connection) and `stream` (a deferred answer's body, a streamed
+//! request body) → `conn_state` (what a connection and its requests share) → `shared`
+//! (what every connection shares) → `router`, `drain`; beside them `inherit`, `env`,
+//! `notify` and `lazy_select`.
 #![forbid(unsafe_code)]
 
 mod conn_state;
