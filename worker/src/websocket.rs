@@ -517,8 +517,7 @@ async fn run(io: TokioIo<hyper::upgrade::Upgraded>, conn: &Conn) -> (u16, String
         if link.closing.is_none() {
             if link.out.is_none() {
                 match conn.outbox.take() {
-                    Next::Send(Outgoing::Text(t)) => link.out = Some(Message::text(t)),
-                    Next::Send(Outgoing::Binary(b)) => link.out = Some(Message::binary(b)),
+                    Next::Send(message) => link.out = Some(frame_of(message)),
                     Next::Idle | Next::Shut => {}
                     Next::Close(code, reason) => {
                         link.close(&conn.outbox, code, &reason, Urgency::Normal)
@@ -540,7 +539,9 @@ async fn run(io: TokioIo<hyper::upgrade::Upgraded>, conn: &Conn) -> (u16, String
             (None, Some(sent)) => sent + ping_timeout,
             (None, None) => link.last_heard + ping_interval,
         };
-        if timer.deadline() != deadline {
+        // Reset only when due earlier, or once it fired: `last_heard` moves with every
+        // message, and re-arming the timer for each showed in the echo benchmark.
+        if deadline < timer.deadline() || timer.is_elapsed() {
             timer.as_mut().reset(deadline);
         }
         let reading = pending.is_none() && !stream_done;
@@ -559,7 +560,9 @@ async fn run(io: TokioIo<hyper::upgrade::Upgraded>, conn: &Conn) -> (u16, String
                     link.ping_sent = Some(Instant::now());
                 }
             }
-            wrote = futures_util::future::poll_fn(|cx| write_step(&mut sink, &mut link, cx)),
+            wrote = futures_util::future::poll_fn(|cx| {
+                write_step(&mut sink, &mut link, &conn.outbox, cx)
+            }),
                 if link.writing() =>
             {
                 if let Err(e) = wrote {
@@ -657,36 +660,66 @@ async fn run(io: TokioIo<hyper::upgrade::Upgraded>, conn: &Conn) -> (u16, String
     link.told.unwrap_or((ABNORMAL, String::new()))
 }
 
-/// One step of writing: hands the next frame (a ping first) to the sink once it has
-/// room, or flushes what it holds when there is no next frame.
+/// Frames handed to the sink in one turn of the loop, before it flushes or reads again.
+const WRITE_BATCH: usize = 64;
+
+/// A plugin's message as a frame.
+fn frame_of(message: Outgoing) -> Message {
+    match message {
+        Outgoing::Text(t) => Message::text(t),
+        Outgoing::Binary(b) => Message::binary(b),
+    }
+}
+
+/// One turn of writing: hands the next frames (a ping first, the close last) to the sink
+/// while it has room, taking more of the plugin's queue (up to [`WRITE_BATCH`]), then
+/// flushes.
 fn write_step<S>(
     sink: &mut S,
     link: &mut Link,
+    outbox: &Outbox,
     cx: &mut std::task::Context<'_>,
 ) -> std::task::Poll<Result<(), WsError>>
 where
     S: futures_util::Sink<Message, Error = WsError> + Unpin,
 {
-    if link.ping || link.out.is_some() || link.close_frame.is_some() {
-        std::task::ready!(sink.poll_ready_unpin(cx))?;
-        let frame = if std::mem::take(&mut link.ping) {
-            Message::Ping(Bytes::new())
-        } else if let Some(out) = link.out.take() {
-            out
-        } else {
-            link.close_frame.take().expect("checked above")
-        };
-        let sent = sink.start_send_unpin(frame);
-        link.unflushed = true;
-        // Once closing, a refused frame (the peer closed meanwhile) is no failure.
-        if link.closing.is_none() {
-            sent?;
+    use std::task::Poll;
+    let mut handed = 0;
+    loop {
+        if link.out.is_none() && link.closing.is_none() && handed < WRITE_BATCH {
+            link.out = outbox.take_message().map(frame_of);
         }
-        std::task::Poll::Ready(Ok(()))
-    } else {
+        if link.ping || link.out.is_some() || link.close_frame.is_some() {
+            if handed == WRITE_BATCH {
+                return Poll::Ready(Ok(()));
+            }
+            match sink.poll_ready_unpin(cx) {
+                Poll::Pending if handed > 0 => return Poll::Ready(Ok(())),
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(ready) => ready?,
+            }
+            let frame = if std::mem::take(&mut link.ping) {
+                Message::Ping(Bytes::new())
+            } else if let Some(out) = link.out.take() {
+                out
+            } else {
+                link.close_frame.take().expect("checked above")
+            };
+            let sent = sink.start_send_unpin(frame);
+            link.unflushed = true;
+            handed += 1;
+            // Once closing, a refused frame (the peer closed meanwhile) is no failure.
+            if link.closing.is_none() {
+                sent?;
+            }
+            continue;
+        }
+        if !link.unflushed {
+            return Poll::Ready(Ok(()));
+        }
         let flushed = std::task::ready!(sink.poll_flush_unpin(cx));
         link.unflushed = false;
-        std::task::Poll::Ready(flushed)
+        return Poll::Ready(flushed);
     }
 }
 

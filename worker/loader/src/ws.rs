@@ -187,6 +187,14 @@ impl Outbox {
         }
     }
 
+    /// The next queued message, if any (the state is left for [`Outbox::take`]).
+    pub fn take_message(&self) -> Option<Outgoing> {
+        let mut q = self.entry.lock();
+        let message = q.items.pop_front()?;
+        q.bytes -= message.len();
+        Some(message)
+    }
+
     /// Resolves when something was queued or the state changed since the last time it
     /// resolved (a wake-up that came before the wait is not lost).
     pub async fn ready(&self) {
