@@ -513,6 +513,18 @@ async fn a_generation_force_closed_for_room_closes_its_websockets_at_once() {
         "{}",
         baton.log()
     );
+    // Every connection ended (its `ws_close` called) before the worker exited: the plugin
+    // was shut down, not skipped.
+    assert!(
+        baton_tests::eventually(WAIT, || baton.log().contains("generation gone")).await,
+        "{}",
+        baton.log()
+    );
+    assert!(
+        !baton.log().contains("skipping plugin shutdown"),
+        "{}",
+        baton.log()
+    );
 }
 
 /// Connects `n` clients to the echo route, each asking which generation serves it.

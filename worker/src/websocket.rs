@@ -655,7 +655,13 @@ async fn run(io: TokioIo<hyper::upgrade::Upgraded>, conn: &Conn) -> (u16, String
     }
     if let Ok(mut ws) = sink.reunite(stream) {
         // A lingering close (see `connection`): no reset destroys the close frame.
-        let _ = tokio::time::timeout(SHUTDOWN_TIMEOUT, ws.get_mut().shutdown()).await;
+        // In the forced phase the worker exits within moments: `ws_close` must come first.
+        let wait = if forced_done {
+            FORCED_CLOSE_TIMEOUT
+        } else {
+            SHUTDOWN_TIMEOUT
+        };
+        let _ = tokio::time::timeout(wait, ws.get_mut().shutdown()).await;
     }
     link.told.unwrap_or((ABNORMAL, String::new()))
 }
