@@ -367,6 +367,27 @@ async fn a_blocking_plugin_gets_its_messages_in_order() {
     assert_eq!(close_code(&mut ws).await, 1000);
 }
 
+#[tokio::test]
+async fn a_client_gone_while_a_blocking_open_runs_still_gets_its_close_callback() {
+    let tmp = tempfile::tempdir().unwrap();
+    let baton = start(tmp.path(), &["BLOCKING"], "", 1).await;
+    // The handshake, then gone before the plugin's 300 ms `ws_open` returns.
+    let mut s = tokio::net::TcpStream::connect(baton.addr()).await.unwrap();
+    s.write_all(
+        b"GET /ws/slowopen HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+          Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    drop(s);
+    // The plugin accepted it, so it is told it closed (cut off: 1006), once.
+    let s = wait_stats(&baton, |s| stat(s, "closes") == 1).await;
+    assert_eq!(stat(&s, "opens"), 1, "{s}");
+    assert_eq!(stat(&s, "last_close"), 1006, "{s}");
+    wait_websockets(&baton, 1, 0).await;
+}
+
 /// The `websockets` count of generation `number` in `baton status --json`.
 async fn websockets_of(baton: &Baton, number: u64) -> Option<u64> {
     let status = baton.status().await;

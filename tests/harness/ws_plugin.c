@@ -7,6 +7,7 @@
  *   GET /ws/small   echoes, with its own message limit of 1024 bytes
  *   GET /ws/flood   a thread sends 64 KiB binary messages, one per millisecond (64 MB/s),
  *                   until ws_send says closed
+ *   GET /ws/slowopen  echoes, after an open that takes 300 ms
  *   GET /ws/stats   (HTTP) opens=N closes=N flood_bytes=N flood_done=N last_close=CODE
  *
  * Without -DBLOCKING it declares BATON_FLAG_NONBLOCKING (callbacks run inline); with it,
@@ -79,6 +80,10 @@ static int32_t ws_open(void *state, const baton_request_t *req, const baton_host
     if (req->route == 1) {
         return 1;
     }
+    if (req->route == 5) {
+        struct timespec delay = { 0, 300000000L };
+        nanosleep(&delay, NULL);
+    }
     conn_t *c = malloc(sizeof *c);
     if (c == NULL) {
         return 1;
@@ -132,6 +137,7 @@ static const baton_route_t routes[] = {
     { BATON_GET, 0, "/ws/small" },
     { BATON_GET, 0, "/ws/flood" },
     { BATON_GET, 0, "/ws/stats" },
+    { BATON_GET, 0, "/ws/slowopen" },
 };
 
 static const baton_route_ext_t route_ext[] = {
@@ -140,6 +146,7 @@ static const baton_route_ext_t route_ext[] = {
     { BATON_ROUTE_WEBSOCKET, 0, 1024 },
     { BATON_ROUTE_WEBSOCKET, 0, 0 },
     { BATON_ROUTE_HTTP, 0, 0 },
+    { BATON_ROUTE_WEBSOCKET, 0, 0 },
 };
 
 static const baton_plugin_v1_t descriptor = {

@@ -425,7 +425,8 @@ mod tests {
         assert_eq!(send(ws, 7, b"x"), BATON_E_INVALID);
         assert_eq!(outbox.queued_bytes(), 5);
         assert_eq!(outbox.take(), Next::Send(Outgoing::Text("one".into())));
-        assert_eq!(outbox.take(), Next::Send(Outgoing::Binary(vec![0xff, 0])));
+        assert_eq!(outbox.take_message(), Some(Outgoing::Binary(vec![0xff, 0])));
+        assert_eq!(outbox.take_message(), None);
         assert_eq!(outbox.take(), Next::Idle);
         assert_eq!(outbox.queued_bytes(), 0);
     }
