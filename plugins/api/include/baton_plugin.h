@@ -179,7 +179,8 @@ typedef int32_t (*baton_handle_fn)(void *state, const baton_request_t *request,
 typedef void (*baton_shutdown_fn)(void *state);
 /* 1.1 */
 typedef void (*baton_drain_fn)(void *state);
-/* Non-zero refuses the upgrade (403). May set *user and ws_send already. */
+/* Non-zero refuses the upgrade (403) and no other callback follows for ws. Accepted, it
+ * may set *user and ws_send already; ws_close then comes exactly once, last. */
 typedef int32_t (*baton_ws_open_fn)(void *state, const baton_request_t *request,
                                     const baton_host_api_t *host, baton_handle_t ws,
                                     void **user);

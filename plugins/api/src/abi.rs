@@ -359,8 +359,10 @@ pub type ShutdownFn = unsafe extern "C" fn(state: *mut c_void);
 /// `worker.drain_spread`); a chance to tell clients in the application's own protocol.
 pub type DrainFn = unsafe extern "C" fn(state: *mut c_void);
 /// 1.1: a WebSocket upgrade request for a [`ROUTE_WEBSOCKET`] route, which the plugin may
-/// refuse (non-zero: the host answers 403). It may set `*user` (passed to the other
-/// WebSocket callbacks) and may `ws_send` already. `ws` is valid until `ws_close` returns.
+/// refuse (non-zero: the host answers 403, and no other callback follows for `ws`: free
+/// anything set in `*user` before returning). Accepted (0), it may set `*user` (passed to
+/// the other WebSocket callbacks) and may `ws_send` already; `ws` is valid until `ws_close`
+/// returns, which is called exactly once.
 pub type WsOpenFn = unsafe extern "C" fn(
     state: *mut c_void,
     request: *const BatonRequest,
