@@ -774,3 +774,205 @@ async fn slow_readers_hold_downloads_back_and_clients_that_go_away_leave_nothing
         watch.peak()
     );
 }
+
+/// What one long-lived client saw across the upgrades.
+#[derive(Debug, Default)]
+struct Seen {
+    /// Ends that were clean: an SSE body that ended, a WebSocket close 1012.
+    clean: u64,
+    /// Anything else: a reset, an error, another close code.
+    abnormal: Vec<String>,
+    /// Chat: own messages that came back through the room after a (re)connect.
+    delivered: u64,
+}
+
+/// An SSE client: reads `/ticker` until its body ends (cleanly or not), then reconnects,
+/// until `stop`.
+async fn sse_client(addr: std::net::SocketAddr, stop: Arc<AtomicBool>) -> Seen {
+    let mut seen = Seen::default();
+    while !stop.load(Ordering::Relaxed) {
+        let Ok(stream) = tokio::net::TcpStream::connect(addr).await else {
+            seen.abnormal.push("connect refused".into());
+            continue;
+        };
+        let Ok((mut sender, conn)) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await
+        else {
+            seen.abnormal.push("handshake".into());
+            continue;
+        };
+        tokio::spawn(conn);
+        let request = http::Request::get("/ticker")
+            .header(http::header::HOST, "localhost")
+            .body(http_body_util::Empty::<Bytes>::new())
+            .unwrap();
+        let mut body = match sender.send_request(request).await {
+            Ok(r) if r.status() == 200 => r.into_body(),
+            Ok(r) => {
+                seen.abnormal.push(format!("status {}", r.status()));
+                continue;
+            }
+            Err(e) => {
+                seen.abnormal.push(format!("request: {e}"));
+                continue;
+            }
+        };
+        loop {
+            tokio::select! {
+                frame = body.frame() => match frame {
+                    None => {
+                        seen.clean += 1;
+                        break;
+                    }
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) => {
+                        seen.abnormal.push(format!("body: {e}"));
+                        break;
+                    }
+                },
+                () = tokio::time::sleep(Duration::from_millis(100)) => {
+                    if stop.load(Ordering::Relaxed) {
+                        return seen;
+                    }
+                }
+            }
+        }
+    }
+    seen
+}
+
+/// A chat client: after every (re)connect it says something and waits for it to come back
+/// through the room; a close 1012 makes it reconnect; until `stop`.
+async fn chat_client(addr: std::net::SocketAddr, me: usize, stop: Arc<AtomicBool>) -> Seen {
+    let mut seen = Seen::default();
+    let mut round = 0;
+    while !stop.load(Ordering::Relaxed) {
+        let url = format!("ws://{addr}/chat/upgrades?name=c{me}");
+        let mut ws = match tokio_tungstenite::connect_async(url).await {
+            Ok((ws, _)) => ws,
+            Err(e) => {
+                seen.abnormal.push(format!("connect: {e}"));
+                continue;
+            }
+        };
+        round += 1;
+        // The room hears it as "NAME: text".
+        let said = format!("c{me}: round {round}");
+        if ws
+            .send(Message::text(format!("round {round}")))
+            .await
+            .is_err()
+        {
+            seen.abnormal.push("send".into());
+            continue;
+        }
+        loop {
+            let next = tokio::select! {
+                next = ws.next() => next,
+                () = tokio::time::sleep(Duration::from_millis(100)) => {
+                    if stop.load(Ordering::Relaxed) {
+                        return seen;
+                    }
+                    continue;
+                }
+            };
+            match next {
+                Some(Ok(Message::Text(text))) if text.as_str() == said => seen.delivered += 1,
+                Some(Ok(Message::Close(Some(frame)))) if frame.code == CloseCode::Restart => {
+                    seen.clean += 1;
+                    break;
+                }
+                Some(Ok(Message::Close(frame))) => {
+                    seen.abnormal.push(format!("close {frame:?}"));
+                    break;
+                }
+                Some(Ok(_)) => {}
+                Some(Err(e)) => {
+                    seen.abnormal.push(format!("error: {e}"));
+                    break;
+                }
+                None => {
+                    seen.abnormal.push("ended without a close frame".into());
+                    break;
+                }
+            }
+        }
+    }
+    seen
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_upgrades_under_http_sse_and_websocket_load_lose_nothing() {
+    let _heavy = heavy().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = plugin_dir(tmp.path(), "plugins", &["hello", "ticker", "chat"]);
+    let baton = Baton::start(TestConfig {
+        plugins_dir: Some(dir),
+        processes: 1,
+        extra: "drain_spread = \"1s\"\n".into(),
+        ..TestConfig::default()
+    })
+    .await;
+    let addr = baton.addr();
+    let load = baton_tests::Load::start(
+        addr,
+        baton_tests::LoadSpec {
+            keepalive: 4,
+            keepalive_10: 2,
+            per_request: 1,
+            h2: 1,
+            path: "/hello".into(),
+            ..baton_tests::LoadSpec::default()
+        },
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    let sse: Vec<_> = (0..10)
+        .map(|_| tokio::spawn(sse_client(addr, stop.clone())))
+        .collect();
+    let chat: Vec<_> = (0..10)
+        .map(|i| tokio::spawn(chat_client(addr, i, stop.clone())))
+        .collect();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for _ in 0..5 {
+        let out = baton.upgrade_wait().await;
+        assert_eq!(out.code, Some(0), "{}", out.text());
+        // Past the spread window: every long-lived client was closed and reconnected.
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let counts = load.stop().await;
+    let mut sse_seen = Vec::new();
+    for task in sse {
+        sse_seen.push(task.await.unwrap());
+    }
+    let mut chat_seen = Vec::new();
+    for task in chat {
+        chat_seen.push(task.await.unwrap());
+    }
+    eprintln!(
+        "5 upgrades: {} HTTP requests ok, {} failed; SSE clean ends {:?}; chat 1012s {:?}, delivered {:?}",
+        counts.ok(),
+        counts.failed,
+        sse_seen.iter().map(|s| s.clean).collect::<Vec<_>>(),
+        chat_seen.iter().map(|s| s.clean).collect::<Vec<_>>(),
+        chat_seen.iter().map(|s| s.delivered).collect::<Vec<_>>(),
+    );
+    assert_eq!(counts.failed, 0, "{:#?}", counts.failures);
+    for (i, s) in sse_seen.iter().chain(&chat_seen).enumerate() {
+        assert!(
+            s.abnormal.is_empty(),
+            "client {i}: {:?}\n{}",
+            s.abnormal,
+            baton.log()
+        );
+        assert_eq!(
+            s.clean, 5,
+            "client {i} was not closed once per upgrade: {s:?}"
+        );
+    }
+    for (i, s) in chat_seen.iter().enumerate() {
+        // Its message came back after the first connect and after each of 5 reconnects.
+        assert_eq!(s.delivered, 6, "chat client {i}: {s:?}");
+    }
+    assert_eq!(baton.serving().await.map(|s| s.0), Some(6));
+}
