@@ -97,13 +97,15 @@ pub async fn serve(
         shared.connections.count()
     );
     notifier.send("STOPPING=1\nSTATUS=draining");
+    // Plugins hear of the drain before any long-lived connection is closed, so that what
+    // they send their clients from `on_drain` is queued ahead of the close frame.
+    for plugin in &shared.router.plugins {
+        plugin.drain();
+    }
     shared.closing.store(true, Ordering::Relaxed);
     drain.advance(Phase::Closing);
     if reason == "SIGQUIT" {
         drain.advance(Phase::Forced);
-    }
-    for plugin in &shared.router.plugins {
-        plugin.drain();
     }
     let spread = Duration::from_millis(shared.settings.drain_spread_ms);
     let ending = tokio::spawn(end_streams(spread, watch.clone()));
