@@ -847,7 +847,8 @@ async fn chat_client(addr: std::net::SocketAddr, me: usize, stop: Arc<AtomicBool
     let mut seen = Seen::default();
     let mut round = 0;
     while !stop.load(Ordering::Relaxed) {
-        let url = format!("ws://{addr}/chat/upgrades?name=c{me}");
+        // Rooms of ten: everyone in a room hears everyone else's messages too.
+        let url = format!("ws://{addr}/chat/room{}?name=c{me}", me / 10);
         let mut ws = match tokio_tungstenite::connect_async(url).await {
             Ok((ws, _)) => ws,
             Err(e) => {
@@ -902,7 +903,7 @@ async fn chat_client(addr: std::net::SocketAddr, me: usize, stop: Arc<AtomicBool
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn five_upgrades_under_http_sse_and_websocket_load_lose_nothing() {
+async fn five_upgrades_under_http_sse_and_1000_chat_clients_lose_nothing() {
     let _heavy = heavy().await;
     let tmp = tempfile::tempdir().unwrap();
     let dir = plugin_dir(tmp.path(), "plugins", &["hello", "ticker", "chat"]);
@@ -929,7 +930,7 @@ async fn five_upgrades_under_http_sse_and_websocket_load_lose_nothing() {
     let sse: Vec<_> = (0..10)
         .map(|_| tokio::spawn(sse_client(addr, stop.clone())))
         .collect();
-    let chat: Vec<_> = (0..10)
+    let chat: Vec<_> = (0..1000)
         .map(|i| tokio::spawn(chat_client(addr, i, stop.clone())))
         .collect();
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -950,12 +951,13 @@ async fn five_upgrades_under_http_sse_and_websocket_load_lose_nothing() {
         chat_seen.push(task.await.unwrap());
     }
     eprintln!(
-        "5 upgrades: {} HTTP requests ok, {} failed; SSE clean ends {:?}; chat 1012s {:?}, delivered {:?}",
+        "5 upgrades: {} HTTP requests ok, {} failed; SSE clean ends {:?}; chat: {} clients, {} closes 1012, {} own messages delivered",
         counts.ok(),
         counts.failed,
         sse_seen.iter().map(|s| s.clean).collect::<Vec<_>>(),
-        chat_seen.iter().map(|s| s.clean).collect::<Vec<_>>(),
-        chat_seen.iter().map(|s| s.delivered).collect::<Vec<_>>(),
+        chat_seen.len(),
+        chat_seen.iter().map(|s| s.clean).sum::<u64>(),
+        chat_seen.iter().map(|s| s.delivered).sum::<u64>(),
     );
     assert_eq!(counts.failed, 0, "{:#?}", counts.failures);
     for (i, s) in sse_seen.iter().chain(&chat_seen).enumerate() {

@@ -97,7 +97,7 @@ class Server:
         self.proc = None
 
     def __enter__(self):
-        self.proc = subprocess.Popen(self.argv, cwd=self.cwd, stdout=subprocess.DEVNULL,
+        self.proc = subprocess.Popen(PIN_SERVER + self.argv, cwd=self.cwd, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL)
         wait_port(int(self.url.split(":")[2].split("/")[0]))
         time.sleep(0.5)
@@ -132,8 +132,14 @@ def idle_memory(server, connections):
     return before, after
 
 
+# With --pin, servers run on CPU 0 and the load generator on CPU 1, so that the client's
+# own work does not compete with the server it measures (each server gets the same core).
+PIN_SERVER = []
+PIN_CLIENT = []
+
+
 def echo(server, connections, seconds):
-    out = subprocess.run([os.path.join(RELEASE, "baton-ws-bench"), server.url, str(connections),
+    out = subprocess.run(PIN_CLIENT + [os.path.join(RELEASE, "baton-ws-bench"), server.url, str(connections),
                           str(seconds), "32"], capture_output=True, text=True,
                          timeout=seconds + 120, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -144,7 +150,12 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--connections", type=int, default=1000)
     ap.add_argument("--json")
+    ap.add_argument("--pin", action="store_true",
+                    help="servers on CPU 0, the load generator on CPU 1 (taskset)")
     args = ap.parse_args()
+    if args.pin:
+        PIN_SERVER[:] = ["taskset", "-c", "0"]
+        PIN_CLIENT[:] = ["taskset", "-c", "1"]
     seconds = 3 if args.quick else 10
     turns = 1 if args.quick else 3
     tmp = tempfile.mkdtemp(prefix="baton-ws-bench.")
