@@ -393,7 +393,7 @@ fn check(path: &Path, env: &Env) -> anyhow::Result<ExitCode> {
         ));
     } else {
         if let Err(e) = crate::control::check_private_dir(&config.control_socket) {
-            return failed(&format!("{e:#}"));
+            return failed(&e);
         }
         for l in &config.listeners {
             match crate::listeners::probe(l, env.listen_fdnames.as_deref(), env.invocation) {

@@ -56,25 +56,60 @@ pub struct ControlSocket {
     path: PathBuf,
 }
 
+/// Why the control socket cannot be set up; each message is written once, here.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error(
+        "control socket {} is in use: another baton supervisor is running with this config",
+        .path.display()
+    )]
+    InUse { path: PathBuf },
+    #[error("control socket directory {}: {error}", .dir.display())]
+    Dir { dir: PathBuf, error: std::io::Error },
+    #[error("control socket directory {} is not a directory (control.socket)", .dir.display())]
+    NotDir { dir: PathBuf },
+    #[error(
+        "control socket directory {} belongs to uid {uid}, not to uid {me} that baton runs as; \
+         give it to uid {me} or point control.socket elsewhere",
+        .dir.display()
+    )]
+    Owner { dir: PathBuf, uid: u32, me: u32 },
+    #[error(
+        "control socket directory {} has mode {mode:04o}: other users could reach the \
+         control socket; chmod 700 it, or point control.socket at a directory only baton's \
+         user can enter",
+        .dir.display()
+    )]
+    Open { dir: PathBuf, mode: u32 },
+    #[error("control socket {}: cannot {what}: {error}", .path.display())]
+    Socket {
+        path: PathBuf,
+        what: &'static str,
+        error: std::io::Error,
+    },
+}
+
 impl ControlSocket {
     /// Binds at `path` with mode 0600. A live socket there means another supervisor runs
     /// with this config: that is an error, never a takeover.
-    pub fn bind(path: &Path) -> anyhow::Result<Self> {
-        use anyhow::Context;
+    pub fn bind(path: &Path) -> Result<Self, ControlError> {
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            anyhow::bail!(
-                "control socket {} is in use: another baton supervisor is running with this config",
-                path.display()
-            );
+            return Err(ControlError::InUse {
+                path: path.to_owned(),
+            });
         }
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             private_dir(dir)?;
         }
         let _ = std::fs::remove_file(path);
-        let listener = UnixListener::bind(path)
-            .with_context(|| format!("bind control socket {}", path.display()))?;
+        let socket = |what, error| ControlError::Socket {
+            path: path.to_owned(),
+            what,
+            error,
+        };
+        let listener = UnixListener::bind(path).map_err(|e| socket("bind", e))?;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-            .with_context(|| format!("chmod 0600 {}", path.display()))?;
+            .map_err(|e| socket("chmod 0600", e))?;
         Ok(Self {
             listener,
             path: path.to_owned(),
@@ -117,63 +152,57 @@ impl ControlSocket {
 /// missing; refused if it exists with any access for group or others, or belongs to
 /// someone else. Mode 0600 on the socket alone would not be enough: the directory is what
 /// keeps other users from even reaching it.
-fn private_dir(dir: &Path) -> anyhow::Result<()> {
+fn private_dir(dir: &Path) -> Result<(), ControlError> {
     use std::os::unix::fs::DirBuilderExt;
+    let failed = |dir: &Path| {
+        let dir = dir.to_owned();
+        move |error| ControlError::Dir { dir, error }
+    };
     if let Some(parent) = dir.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(parent)
-            .map_err(|e| anyhow::anyhow!("control socket directory {}: {e}", parent.display()))?;
+        std::fs::create_dir_all(parent).map_err(failed(parent))?;
     }
     match std::fs::DirBuilder::new().mode(0o700).create(dir) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-        Err(e) => anyhow::bail!(
-            "control socket directory {}: cannot create: {e}",
-            dir.display()
-        ),
+        Err(e) => return Err(failed(dir)(e)),
     }
-    let meta = std::fs::symlink_metadata(dir)
-        .map_err(|e| anyhow::anyhow!("control socket directory {}: {e}", dir.display()))?;
+    let meta = std::fs::symlink_metadata(dir).map_err(failed(dir))?;
     judge_private_dir(dir, &meta)
 }
 
 /// What [`ControlSocket::bind`] would say of the directory of the control socket `path`,
 /// without creating anything (`baton check`): a missing directory is fine, it is created.
-pub fn check_private_dir(path: &Path) -> anyhow::Result<()> {
+pub fn check_private_dir(path: &Path) -> Result<(), ControlError> {
     let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) else {
         return Ok(());
     };
     match std::fs::symlink_metadata(dir) {
         Ok(meta) => judge_private_dir(dir, &meta),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => anyhow::bail!("control socket directory {}: {e}", dir.display()),
+        Err(error) => Err(ControlError::Dir {
+            dir: dir.to_owned(),
+            error,
+        }),
     }
 }
 
-fn judge_private_dir(dir: &Path, meta: &std::fs::Metadata) -> anyhow::Result<()> {
+fn judge_private_dir(dir: &Path, meta: &std::fs::Metadata) -> Result<(), ControlError> {
     use std::os::unix::fs::MetadataExt;
     let me = nix::unistd::geteuid().as_raw();
     let mode = meta.mode() & 0o7777;
+    let dir = dir.to_owned();
     if !meta.is_dir() {
-        anyhow::bail!(
-            "control socket directory {} is not a directory (control.socket)",
-            dir.display()
-        );
+        return Err(ControlError::NotDir { dir });
     }
     if meta.uid() != me {
-        anyhow::bail!(
-            "control socket directory {} belongs to uid {}, not to uid {me} that baton runs as; \
-             give it to uid {me} or point control.socket elsewhere",
-            dir.display(),
-            meta.uid()
-        );
+        return Err(ControlError::Owner {
+            dir,
+            uid: meta.uid(),
+            me,
+        });
     }
     if mode & 0o077 != 0 {
-        anyhow::bail!(
-            "control socket directory {} has mode {mode:04o}: other users could reach the \
-             control socket; chmod 700 it, or point control.socket at a directory only baton's \
-             user can enter",
-            dir.display()
-        );
+        return Err(ControlError::Open { dir, mode });
     }
     Ok(())
 }
