@@ -220,6 +220,27 @@ async fn handle(stream: UnixStream, allowed: bool, events: mpsc::UnboundedSender
     answer(read, write, allowed, events).await;
 }
 
+/// Reads and discards what a client still sends, for at most [`LINGER_TIME`] or
+/// [`LINGER_BYTES`], so that closing does not reset the connection under an answer.
+async fn linger(mut read: impl tokio::io::AsyncRead + Unpin) {
+    let mut buf = [0u8; 8192];
+    let mut left = LINGER_BYTES;
+    let _ = tokio::time::timeout(LINGER_TIME, async {
+        while left > 0 {
+            match read.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => left = left.saturating_sub(n),
+            }
+        }
+    })
+    .await;
+}
+
+/// How long [`linger`] waits for a client to finish sending.
+const LINGER_TIME: std::time::Duration = std::time::Duration::from_secs(1);
+/// The most [`linger`] reads and discards.
+const LINGER_BYTES: usize = 1 << 20;
+
 /// Reads one request from `read` and answers on `write` (the connection of
 /// [`handle`], or any byte stream: the fuzz targets drive it directly).
 pub async fn answer<R, W>(
@@ -254,6 +275,12 @@ pub async fn answer<R, W>(
         Err(message) => {
             tracing::warn!("control: {message}");
             let _ = write_reply(&mut write, &Reply::Error { message }).await;
+            // The client may still be sending (an oversized request): closing with its
+            // bytes unread would reset the connection and could destroy the answer before
+            // it is read. Say we are done, then read and discard what still comes, within
+            // bounds, before closing.
+            let _ = write.shutdown().await;
+            linger(reader.into_inner()).await;
             return;
         }
     };
