@@ -29,37 +29,18 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 
-ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
-RELEASE = os.path.join(ROOT, "target", "release")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from wscommon import RELEASE, ROOT, free_port, wait_port, logger
+
+log = logger("ws-upgrade")
+
 TABLEFLIP_SRC = "/usr/share/gocode/src/github.com/cloudflare/tableflip"
 GORILLA_SRC = "/usr/share/gocode/src/github.com/gorilla/websocket"
-
-
-def log(msg):
-    print(f"[ws-upgrade {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_port(port, within=20.0):
-    deadline = time.time() + within
-    while time.time() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"nothing listens on {port} after {within}s")
 
 
 def build(tmp):
