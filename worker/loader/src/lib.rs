@@ -418,22 +418,7 @@ impl Plugin {
             handed_off: None,
         };
         let rc = with_views(call, |headers, params| {
-            let request = BatonRequest {
-                struct_size: std::mem::size_of::<BatonRequest>() as u32,
-                route: call.route,
-                method: BatonStr::new(call.method.as_str().as_bytes()),
-                path: BatonStr::new(call.path.as_bytes()),
-                query: BatonStr::new(call.query.as_bytes()),
-                headers: headers.as_ptr(),
-                headers_len: headers.len(),
-                params: params.as_ptr(),
-                params_len: params.len(),
-                body: BatonStr::new(call.body),
-                generation: call.generation,
-                worker_pid: call.worker_pid,
-                reserved: 0,
-                body_stream,
-            };
+            let request = request_view(call, headers, params, body_stream);
             let response = (&mut builder as *mut Builder).cast::<BatonResponse>();
             // SAFETY: every view points into `call`, which outlives the call, or into
             // `headers` and `params`, which are not touched until it returns; `builder`
@@ -517,6 +502,32 @@ thread_local! {
     /// last one points into that call's request, and is never read.
     static VIEWS: RefCell<(Vec<BatonHeader>, Vec<BatonParam>)> =
         const { RefCell::new((Vec::new(), Vec::new())) };
+}
+
+/// `call` as the ABI's request: views into `call`, `headers` and `params`, valid as long
+/// as they are.
+pub(crate) fn request_view(
+    call: &Call<'_>,
+    headers: &[BatonHeader],
+    params: &[BatonParam],
+    body_stream: abi::BatonHandle,
+) -> BatonRequest {
+    BatonRequest {
+        struct_size: std::mem::size_of::<BatonRequest>() as u32,
+        route: call.route,
+        method: BatonStr::new(call.method.as_str().as_bytes()),
+        path: BatonStr::new(call.path.as_bytes()),
+        query: BatonStr::new(call.query.as_bytes()),
+        headers: headers.as_ptr(),
+        headers_len: headers.len(),
+        params: params.as_ptr(),
+        params_len: params.len(),
+        body: BatonStr::new(call.body),
+        generation: call.generation,
+        worker_pid: call.worker_pid,
+        reserved: 0,
+        body_stream,
+    }
 }
 
 /// Runs `f` with `call`'s headers and path parameters as ABI views.

@@ -19,9 +19,7 @@
 //! dropped and the handle is dead.
 
 use crate::{Call, Plugin, with_views};
-use baton_plugin::abi::{
-    self, BATON_E_CLOSED, BATON_E_INVALID, BATON_OK, BatonHandle, BatonRequest, BatonStr,
-};
+use baton_plugin::abi::{self, BATON_E_CLOSED, BATON_E_INVALID, BATON_OK, BatonHandle, BatonStr};
 use std::collections::{HashMap, VecDeque};
 use std::ffi::c_void;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -275,22 +273,8 @@ pub fn open(plugin: &Plugin, call: &Call<'_>, outbox: &Outbox) -> Result<Session
     };
     let mut user: *mut c_void = std::ptr::null_mut();
     let rc = with_views(call, |headers, params| {
-        let request = BatonRequest {
-            struct_size: std::mem::size_of::<BatonRequest>() as u32,
-            route: call.route,
-            method: BatonStr::new(call.method.as_str().as_bytes()),
-            path: BatonStr::new(call.path.as_bytes()),
-            query: BatonStr::new(call.query.as_bytes()),
-            headers: headers.as_ptr(),
-            headers_len: headers.len(),
-            params: params.as_ptr(),
-            params_len: params.len(),
-            body: BatonStr::new(&[]),
-            generation: call.generation,
-            worker_pid: call.worker_pid,
-            reserved: 0,
-            body_stream: 0,
-        };
+        // A WebSocket upgrade carries no body.
+        let request = crate::request_view(call, headers, params, 0);
         // SAFETY: every view points into `call`, `headers` or `params`, all of which
         // outlive the call; `user` is a valid place for the plugin to write a pointer;
         // `state` is what `init` made.
