@@ -28,7 +28,7 @@ use nix::fcntl::{Flock, FlockArg};
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsFd, BorrowedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -66,18 +66,32 @@ pub enum CacheError {
     WrittenOver { path: PathBuf, found: String },
 }
 
-/// Why `worker.path` cannot become a generation's worker binary.
+/// Why `worker.path` cannot become a generation's worker binary (or the baton binary on
+/// disk the supervisor's own image: `what` and `key` say which).
 #[derive(Debug, Error)]
 pub enum WorkerBinaryError {
-    #[error("cannot execute worker {}: {error} (worker.path)", path.display())]
-    Unreadable { path: PathBuf, error: io::Error },
-    #[error("cannot execute worker {}: not a regular file (worker.path)", path.display())]
-    NotFile { path: PathBuf },
+    #[error("cannot execute {what} {}: {error} ({key})", path.display())]
+    Unreadable {
+        what: &'static str,
+        key: &'static str,
+        path: PathBuf,
+        error: io::Error,
+    },
+    #[error("cannot execute {what} {}: not a regular file ({key})", path.display())]
+    NotFile {
+        what: &'static str,
+        key: &'static str,
+        path: PathBuf,
+    },
     #[error(
-        "cannot execute worker {}: not executable (no x bit) (worker.path)",
+        "cannot execute {what} {}: not executable (no x bit) ({key})",
         path.display()
     )]
-    NotExecutable { path: PathBuf },
+    NotExecutable {
+        what: &'static str,
+        key: &'static str,
+        path: PathBuf,
+    },
     /// It, or a directory above it, is not trusted.
     #[error(transparent)]
     Untrusted(#[from] TrustError),
@@ -168,6 +182,38 @@ impl Artifact {
         })
     }
 
+    /// Takes over an artifact a previous supervisor image held (fd `file`, inherited
+    /// across `exec`, still locked): checked again on the open file (owner and read-only
+    /// mode) and by `ctime` from now on; its content was hashed by the image that held it.
+    pub fn inherited(path: PathBuf, hash: String, file: OwnedFd) -> Result<Self, CacheError> {
+        let unreadable = |error| CacheError::Unreadable {
+            path: path.clone(),
+            error,
+        };
+        let file = File::from(file);
+        let meta = file.metadata().map_err(unreadable)?;
+        if meta.uid() != trust::me() || meta.permissions().mode() & 0o222 != 0 {
+            return Err(CacheError::Unreadable {
+                path: path.clone(),
+                error: io::Error::other(format!(
+                    "owned by uid {} with mode {:04o}: not a cache file of this user",
+                    meta.uid(),
+                    meta.permissions().mode() & 0o7777
+                )),
+            });
+        }
+        // The image before held the shared lock on this very open file description;
+        // taking it again keeps it.
+        let file = Flock::lock(file, FlockArg::LockSharedNonblock)
+            .map_err(|(_, e)| unreadable(io::Error::from(e)))?;
+        Ok(Self {
+            path,
+            hash,
+            stamp: FileStamp::of(&meta),
+            file,
+        })
+    }
+
     /// Whether its name in the cache still leads to it (nobody pruned or replaced it).
     fn still_in_place(&self) -> bool {
         let Ok(mine) = self.file.metadata() else {
@@ -245,22 +291,46 @@ pub struct ArtifactCache {
 /// Checks that `path` can serve as the worker binary: an executable regular file, owned
 /// by root or this user, not writable by group or others, nor is any directory above it.
 pub fn check_worker_binary(path: &Path) -> Result<std::fs::Metadata, WorkerBinaryError> {
+    check_binary(path, "worker binary", "worker.path")
+}
+
+/// "worker binary" → "worker" (as the messages have always said).
+fn short(what: &'static str) -> &'static str {
+    match what {
+        "worker binary" => "worker",
+        other => other,
+    }
+}
+
+/// [`check_worker_binary`] for any binary: `what` names it in trust errors, `key` says
+/// where its path comes from.
+fn check_binary(
+    path: &Path,
+    what: &'static str,
+    key: &'static str,
+) -> Result<std::fs::Metadata, WorkerBinaryError> {
     let meta = std::fs::metadata(path).map_err(|error| WorkerBinaryError::Unreadable {
+        what: short(what),
+        key,
         path: path.to_owned(),
         error,
     })?;
     if !meta.is_file() {
         return Err(WorkerBinaryError::NotFile {
+            what: short(what),
+            key,
             path: path.to_owned(),
         });
     }
     if meta.permissions().mode() & 0o111 == 0 {
         return Err(WorkerBinaryError::NotExecutable {
+            what: short(what),
+            key,
             path: path.to_owned(),
         });
     }
-    trust::check_owner_and_mode(path, &meta, "worker binary")?;
-    trust::check_parents(path, "worker binary")?;
+    trust::check_owner_and_mode(path, &meta, what)?;
+    trust::check_parents(path, what)?;
     Ok(meta)
 }
 
@@ -289,6 +359,8 @@ impl ArtifactCache {
         let (hash, _) = File::open(source)
             .and_then(|mut f| trust::sha256_stream(&mut f, &mut |_| Ok(())))
             .map_err(|error| WorkerBinaryError::Unreadable {
+                what: "worker",
+                key: "worker.path",
                 path: source.to_owned(),
                 error,
             })?;
@@ -390,6 +462,68 @@ impl ArtifactCache {
             }
         }
         Err(CacheError::KeepsDisappearing { dir, path })
+    }
+
+    /// Holds `artifact` (inherited from a previous supervisor image) as if checked here.
+    pub fn hold(&mut self, artifact: Arc<Artifact>) {
+        self.held.insert(artifact.path.clone(), artifact);
+    }
+
+    /// Copies the supervisor binary at `source` into the cache (`baton-<sha256>`), with
+    /// the worker binary's checks (an executable regular file owned by root or this user,
+    /// not writable by others, nor any directory above it), and holds it.
+    pub fn supervisor_binary(
+        &mut self,
+        source: &Path,
+        dir: &Path,
+    ) -> Result<Arc<Artifact>, WorkerBinaryError> {
+        let meta = check_binary(source, "supervisor binary", "the baton binary")?;
+        let _ = meta;
+        self.copy_binary(source, dir, "baton-")
+    }
+
+    /// Copies the binary this process runs (`/proc/self/exe`, whatever its path shows
+    /// now) into the cache, so that a failed self-upgrade can return to exactly it.
+    pub fn running_binary(&mut self, dir: &Path) -> Result<Arc<Artifact>, WorkerBinaryError> {
+        self.copy_binary(Path::new("/proc/self/exe"), dir, "baton-")
+    }
+
+    fn copy_binary(
+        &mut self,
+        source: &Path,
+        dir: &Path,
+        prefix: &str,
+    ) -> Result<Arc<Artifact>, WorkerBinaryError> {
+        let unreadable = |error| WorkerBinaryError::Unreadable {
+            what: "supervisor binary",
+            key: "the baton binary",
+            path: source.to_owned(),
+            error,
+        };
+        let (hash, _) = File::open(source)
+            .and_then(|mut f| trust::sha256_stream(&mut f, &mut |_| Ok(())))
+            .map_err(unreadable)?;
+        let artifact = self.acquire(
+            dir,
+            &format!("{prefix}{hash}"),
+            &hash,
+            BINARY_MODE,
+            &mut |file| {
+                use std::io::Write;
+                let (copied, _) = File::open(source).and_then(|mut f| {
+                    trust::sha256_stream(&mut f, &mut |chunk| file.write_all(chunk))
+                })?;
+                if copied != hash {
+                    return Err(std::io::Error::other(
+                        WorkerBinaryError::ChangedWhileCopied {
+                            path: source.to_owned(),
+                        },
+                    ));
+                }
+                Ok(())
+            },
+        )?;
+        Ok(artifact)
     }
 
     /// Whether this process holds `path`, and it is still in place.
@@ -555,10 +689,13 @@ fn artifact_kind(name: &str) -> Option<Kind> {
     let named = |s: &str| {
         s.strip_suffix(".so")
             .or_else(|| s.strip_prefix("worker-"))
+            .or_else(|| s.strip_prefix("baton-"))
             .is_some_and(is_hash)
     };
     if let Some((stem, pid)) = name.split_once(".tmp.") {
-        let stem_ok = is_hash(stem) || stem.strip_prefix("worker-").is_some_and(is_hash);
+        let stem_ok = is_hash(stem)
+            || stem.strip_prefix("worker-").is_some_and(is_hash)
+            || stem.strip_prefix("baton-").is_some_and(is_hash);
         return match pid.parse() {
             Ok(pid) if stem_ok => Some(Kind::Partial(pid)),
             _ => None,

@@ -51,13 +51,18 @@ enum Command {
     Run(ConfigArg),
     /// Validate the config without serving; exit 1 and say what is wrong where.
     Check(ConfigArg),
-    /// Start the next generation from what is on disk now.
+    /// Start the next generation from what is on disk now; the supervisor first re-execs
+    /// itself in place (same pid) when the baton binary on disk is not the one running.
     Upgrade {
         #[command(flatten)]
         config: ConfigArg,
         /// Wait until the new generation serves (exit 0) or was rolled back (exit 1).
         #[arg(long)]
         wait: bool,
+        /// Only upgrade the supervisor: re-exec the baton binary on disk in place (same
+        /// pid, same sockets); the workers keep serving untouched.
+        #[arg(long)]
+        supervisor: bool,
         /// With --wait, give up after this long (exit 3), e.g. "90s".
         #[arg(long, value_parser = humantime::parse_duration, requires = "wait")]
         timeout: Option<Duration>,
@@ -82,6 +87,13 @@ enum Command {
     Completions {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
+    },
+    /// Read a supervisor's handover state from fd N and say which release this is (run by
+    /// a supervisor upgrading itself, before it executes this binary).
+    #[command(hide = true)]
+    HandoverCheck {
+        #[arg(long)]
+        fd: i32,
     },
     /// Print the man page baton(1) in roff, or write it and one page per command into DIR.
     Manpage {
@@ -116,6 +128,12 @@ pub struct Env {
     journal: bool,
     /// Started by systemd as part of a unit (`INVOCATION_ID`).
     invocation: bool,
+    /// A previous supervisor image's state (`BATON_HANDOVER_FD`): this is a re-exec.
+    handover_fd: Option<i32>,
+    /// The previous image's binary, to return to (`BATON_HANDOVER_FALLBACK_FD`).
+    fallback_fd: Option<i32>,
+    /// Why the image this state was handed to refused it (`BATON_HANDOVER_REJECTED`).
+    rejected: Option<String>,
 }
 
 impl Env {
@@ -140,6 +158,9 @@ impl Env {
                 .filter(|d| !d.as_os_str().is_empty()),
             journal: std::env::var_os("JOURNAL_STREAM").is_some(),
             invocation: std::env::var_os("INVOCATION_ID").is_some(),
+            handover_fd: var(crate::handover::ENV_FD).and_then(|v| v.parse().ok()),
+            fallback_fd: var(crate::handover::ENV_FALLBACK_FD).and_then(|v| v.parse().ok()),
+            rejected: var(crate::handover::ENV_REJECTED),
         }
     }
 
@@ -167,11 +188,12 @@ pub fn main(cli: Cli, env: Env) -> ExitCode {
         Command::Upgrade {
             config,
             wait,
+            supervisor,
             timeout,
         } => client(
             &absolute(config),
             &env,
-            Request::Upgrade { wait },
+            Request::Upgrade { wait, supervisor },
             timeout,
             false,
         ),
@@ -187,6 +209,16 @@ pub fn main(cli: Cli, env: Env) -> ExitCode {
             Ok(ExitCode::SUCCESS)
         }
         Command::Manpage { dir } => manpages(dir.as_deref()),
+        Command::HandoverCheck { fd } => match crate::supervisor::handover_check(fd) {
+            Ok(build) => {
+                println!("{}", serde_json::to_string(&build).expect("serialises"));
+                Ok(ExitCode::SUCCESS)
+            }
+            Err(e) => {
+                eprintln!("baton handover-check: {e}");
+                Ok(ExitCode::from(1))
+            }
+        },
     };
     match result {
         Ok(code) => code,
@@ -241,6 +273,9 @@ fn init_tracing(journal: bool) {
 }
 
 fn run(path: &Path, env: Env) -> anyhow::Result<ExitCode> {
+    if let Some(fd) = env.handover_fd {
+        return resume(fd, env);
+    }
     // Socket-activation fds are taken before anything else opens an fd.
     let activated = Activated::from_env(
         env.listen_pid.as_deref(),
@@ -251,65 +286,123 @@ fn run(path: &Path, env: Env) -> anyhow::Result<ExitCode> {
     let ctx = env.path_context();
     crate::trust::check_config(path)?;
     let config = Config::load(path, &ctx)?;
+    let image = crate::supervisor::Image::first(
+        std::env::current_exe().unwrap_or_else(|_| PathBuf::from("/proc/self/exe")),
+    );
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     runtime.block_on(async move {
         let (events_tx, events_rx) = tokio::sync::mpsc::unbounded_channel();
         // Signals first: from here on SIGTERM drains instead of killing us.
-        let signals = signal_hook_tokio::Signals::new([
-            libc::SIGUSR2,
-            libc::SIGHUP,
-            libc::SIGTERM,
-            libc::SIGINT,
-            libc::SIGQUIT,
-        ])
-        .context("install signal handlers")?;
+        let signals = install_signals()?;
         let control = ControlSocket::bind(&config.control_socket)?;
         let listeners = ListenerSet::open(&config, activated)?;
         let notify =
             Arc::new(WorkerSocket::bind_abstract().context("bind the worker notify socket")?);
-        let (lifeline_read, lifeline_write) =
+        let lifeline =
             nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).context("create the lifeline pipe")?;
-
-        tokio::spawn(pump_signals(signals, events_tx.clone()));
-        tokio::spawn(pump_notify(notify.clone(), events_tx.clone()));
         let systemd = Systemd::from_env(env.notify_socket, env.watchdog);
-        if let Some(every) = systemd.watchdog_interval() {
-            let events = events_tx.clone();
-            tokio::spawn(async move {
-                let mut tick = tokio::time::interval(every);
-                loop {
-                    tick.tick().await;
-                    if events.send(Event::WatchdogTick).is_err() {
-                        return;
-                    }
-                }
-            });
-        }
-        let control_task = tokio::spawn(control.serve(events_tx.clone()));
+        let control_dup = control.handover().context("control socket")?;
+        start_tasks(signals, &notify, &systemd, control, &events_tx);
         let supervisor = Supervisor::new(
             &config,
             path.to_owned(),
             ctx,
             listeners,
-            lifeline_read,
+            lifeline,
+            control_dup,
+            image,
             notify,
             systemd,
             events_tx,
         );
-        let result = supervisor.run(config, events_rx).await;
-        control_task.abort();
-        let _ = control_task.await;
-        drop(lifeline_write);
-        match result {
-            Ok(()) => {
-                tracing::info!("stopped");
-                Ok(ExitCode::SUCCESS)
-            }
-            Err(reason) => Err(anyhow::anyhow!(reason)),
-        }
+        finish(supervisor.run(config, events_rx).await)
     })
+}
+
+/// `run` in an image a supervisor re-exec started: the state comes from the previous
+/// image, every socket and worker is inherited.
+fn resume(fd: i32, env: Env) -> anyhow::Result<ExitCode> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        let (events_tx, events_rx) = tokio::sync::mpsc::unbounded_channel();
+        let signals = install_signals()?;
+        let systemd = Systemd::from_env(env.notify_socket, env.watchdog);
+        let resumed = crate::supervisor::resume(
+            fd,
+            env.fallback_fd,
+            env.rejected.clone(),
+            systemd.clone(),
+            events_tx.clone(),
+        )
+        .map_err(|e| anyhow::anyhow!("cannot take over from the previous supervisor image: {e}"))?;
+        baton_sys::inherit::cloexec_inherited();
+        start_tasks(
+            signals,
+            &resumed.notify,
+            &systemd,
+            resumed.control,
+            &events_tx,
+        );
+        // Signals that came during the exec were held back; they arrive now, handled.
+        crate::supervisor::release_held_signals();
+        finish(
+            resumed
+                .supervisor
+                .run_resumed(resumed.input, events_rx)
+                .await,
+        )
+    })
+}
+
+fn install_signals() -> anyhow::Result<signal_hook_tokio::Signals> {
+    signal_hook_tokio::Signals::new([
+        libc::SIGUSR2,
+        libc::SIGHUP,
+        libc::SIGTERM,
+        libc::SIGINT,
+        libc::SIGQUIT,
+    ])
+    .context("install signal handlers")
+}
+
+/// The tasks that turn signals, worker datagrams, the watchdog and the control socket
+/// into events.
+fn start_tasks(
+    signals: signal_hook_tokio::Signals,
+    notify: &Arc<WorkerSocket>,
+    systemd: &Systemd,
+    control: ControlSocket,
+    events: &tokio::sync::mpsc::UnboundedSender<Event>,
+) {
+    tokio::spawn(pump_signals(signals, events.clone()));
+    tokio::spawn(pump_notify(notify.clone(), events.clone()));
+    if let Some(every) = systemd.watchdog_interval() {
+        let events = events.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tick.tick().await;
+                if events.send(Event::WatchdogTick).is_err() {
+                    return;
+                }
+            }
+        });
+    }
+    tokio::spawn(control.serve(events.clone()));
+}
+
+fn finish(result: Result<(), String>) -> anyhow::Result<ExitCode> {
+    match result {
+        Ok(()) => {
+            tracing::info!("stopped");
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(reason) => Err(anyhow::anyhow!(reason)),
+    }
 }
 
 /// The workers' notify socket lives beside the control socket.
@@ -322,10 +415,12 @@ async fn pump_signals(
             libc::SIGUSR2 => Event::Upgrade {
                 source: "SIGUSR2",
                 reply: None,
+                supervisor: false,
             },
             libc::SIGHUP => Event::Upgrade {
                 source: "SIGHUP",
                 reply: None,
+                supervisor: false,
             },
             libc::SIGTERM => Event::Stop {
                 fast: false,
@@ -581,12 +676,12 @@ fn client(
                 }
                 Ok(ExitCode::SUCCESS)
             }
-            (Request::Upgrade { wait: false }, Reply::Accepted { message })
+            (Request::Upgrade { wait: false, .. }, Reply::Accepted { message })
             | (Request::Stop { wait: false }, Reply::Accepted { message }) => {
                 println!("{message}");
                 Ok(ExitCode::SUCCESS)
             }
-            (Request::Upgrade { wait: true }, Reply::Accepted { .. }) => {
+            (Request::Upgrade { wait: true, .. }, Reply::Accepted { .. }) => {
                 let next = match timeout {
                     Some(t) => match tokio::time::timeout(t, replies.next()).await {
                         Ok(r) => r,

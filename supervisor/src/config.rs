@@ -22,7 +22,7 @@ use thiserror::Error;
 use values::{Validator, millis};
 
 /// Where relative paths in the config resolve to, read once at start-up.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct PathContext {
     /// The directory holding the running `baton` binary (for `worker.path`).
     pub exe_dir: PathBuf,
@@ -59,7 +59,7 @@ pub enum ConfigError {
 }
 
 /// A listening address.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum Address {
     Tcp(SocketAddr),
     Unix(PathBuf),
@@ -133,6 +133,9 @@ pub struct PluginsConfig {
 pub struct Config {
     /// The file it was read from.
     pub file: PathBuf,
+    /// The text it was read from: what a supervisor re-exec hands over, so the next
+    /// image runs each generation with exactly its config, whatever the file says now.
+    pub text: String,
     pub listeners: Vec<ListenerConfig>,
     pub worker: WorkerConfig,
     pub plugins: PluginsConfig,
@@ -156,6 +159,7 @@ impl Config {
         let base = config_dir(path);
         Ok(Config {
             file: path.to_owned(),
+            text: text.to_owned(),
             listeners: sections::listeners(&v, &raw.listener, &base)?,
             worker: raw.worker.validate(&v, ctx)?,
             plugins: raw.plugins.validate(&v, &base, ctx)?,

@@ -25,8 +25,17 @@ const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 #[serde(tag = "command", rename_all = "lowercase", deny_unknown_fields)]
 pub enum Request {
     Status,
-    Upgrade { wait: bool },
-    Stop { wait: bool },
+    Upgrade {
+        wait: bool,
+        /// Only upgrade the supervisor itself (re-exec the baton binary on disk); never
+        /// written when false, so a client of this release can still ask a supervisor of
+        /// the previous one for an ordinary upgrade.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        supervisor: bool,
+    },
+    Stop {
+        wait: bool,
+    },
 }
 
 /// One reply line.
@@ -114,6 +123,26 @@ impl ControlSocket {
             listener,
             path: path.to_owned(),
         })
+    }
+
+    /// The listening socket a previous supervisor image bound at `path` (inherited
+    /// across `exec`, with its backlog of waiting clients).
+    pub fn inherited(fd: std::os::fd::OwnedFd, path: PathBuf) -> std::io::Result<Self> {
+        let listener = std::os::unix::net::UnixListener::from(fd);
+        listener.set_nonblocking(true)?;
+        Ok(Self {
+            listener: UnixListener::from_std(listener)?,
+            path,
+        })
+    }
+
+    /// A duplicate of the listening fd, and the path: what a re-exec hands over.
+    pub fn handover(&self) -> std::io::Result<(std::os::fd::OwnedFd, PathBuf)> {
+        use std::os::fd::AsFd;
+        Ok((
+            self.listener.as_fd().try_clone_to_owned()?,
+            self.path.clone(),
+        ))
     }
 
     /// Serves connections until the process ends.
@@ -216,8 +245,10 @@ impl Drop for ControlSocket {
 /// Reads one request and answers it; a refused peer's request is read too (so that its
 /// client sees the refusal rather than a broken pipe) and answered with an error.
 async fn handle(stream: UnixStream, allowed: bool, events: mpsc::UnboundedSender<Event>) {
+    use std::os::fd::AsFd;
+    let conn = stream.as_fd().try_clone_to_owned().ok();
     let (read, write) = stream.into_split();
-    answer(read, write, allowed, events).await;
+    answer(read, write, allowed, conn, events).await;
 }
 
 /// Reads and discards what a client still sends, for at most [`LINGER_TIME`] or
@@ -242,11 +273,14 @@ const LINGER_TIME: std::time::Duration = std::time::Duration::from_secs(1);
 const LINGER_BYTES: usize = 1 << 20;
 
 /// Reads one request from `read` and answers on `write` (the connection of
-/// [`handle`], or any byte stream: the fuzz targets drive it directly).
+/// [`handle`], or any byte stream: the fuzz targets drive it directly). `conn`, a
+/// duplicate of the connection, goes with an `upgrade --wait` so that a supervisor
+/// re-exec can answer it from the next image.
 pub async fn answer<R, W>(
     read: R,
     mut write: W,
     allowed: bool,
+    conn: Option<std::os::fd::OwnedFd>,
     events: mpsc::UnboundedSender<Event>,
 ) where
     R: tokio::io::AsyncRead + Unpin,
@@ -299,16 +333,27 @@ pub async fn answer<R, W>(
             };
             let _ = write_reply(&mut write, &reply).await;
         }
-        Request::Upgrade { wait } => {
+        Request::Upgrade { wait, supervisor } => {
+            // Accepted before the request is passed on: a supervisor re-exec may answer
+            // the rest from the next image, on the same connection.
+            let accepted = Reply::Accepted {
+                message: if supervisor {
+                    "supervisor upgrade requested".into()
+                } else {
+                    "upgrade requested".into()
+                },
+            };
+            let written = write_reply(&mut write, &accepted).await.is_ok();
             let (tx, rx) = oneshot::channel();
             let _ = events.send(Event::Upgrade {
                 source: "control socket",
-                reply: Some(tx),
+                reply: Some(crate::events::UpgradeReply {
+                    tx,
+                    conn: conn.filter(|_| wait && written),
+                }),
+                supervisor,
             });
-            let accepted = Reply::Accepted {
-                message: "upgrade requested".into(),
-            };
-            if write_reply(&mut write, &accepted).await.is_err() || !wait {
+            if !written || !wait {
                 return;
             }
             let reply = match rx.await {

@@ -6,15 +6,34 @@
 use crate::core::Exit;
 use crate::status::{StatusReport, UpgradeOutcome};
 use baton_proto::NotifyMessage;
+use std::os::fd::OwnedFd;
 use tokio::sync::oneshot;
+
+/// Where an upgrade's outcome goes: the waiting task, and (for a client of the control
+/// socket) a duplicate of its connection, which a supervisor re-exec hands to the next
+/// image so that the client gets its answer from there.
+#[derive(Debug)]
+pub struct UpgradeReply {
+    pub tx: oneshot::Sender<UpgradeOutcome>,
+    pub conn: Option<OwnedFd>,
+}
+
+impl UpgradeReply {
+    pub fn new(tx: oneshot::Sender<UpgradeOutcome>) -> Self {
+        Self { tx, conn: None }
+    }
+}
 
 /// Everything the loop reacts to.
 #[derive(Debug)]
 pub enum Event {
-    /// Start the next generation from what is on disk now.
+    /// Start the next generation from what is on disk now (and, when the baton binary on
+    /// disk is not the one running, re-exec the supervisor first); with `supervisor`, only
+    /// re-exec the supervisor.
     Upgrade {
         source: &'static str,
-        reply: Option<oneshot::Sender<UpgradeOutcome>>,
+        reply: Option<UpgradeReply>,
+        supervisor: bool,
     },
     /// Drain every generation and exit (`fast`: kill the workers instead).
     Stop {

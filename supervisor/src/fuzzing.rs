@@ -98,7 +98,7 @@ async fn exchange(input: &[u8]) -> Vec<Reply> {
                 Event::Upgrade {
                     reply: Some(reply), ..
                 } => {
-                    let _ = reply.send(UpgradeOutcome {
+                    let _ = reply.tx.send(UpgradeOutcome {
                         generation: Some(2),
                         result: UpgradeResult::Succeeded,
                         reason: None,
@@ -115,7 +115,7 @@ async fn exchange(input: &[u8]) -> Vec<Reply> {
         }
     });
     let (server_read, server_write) = tokio::io::split(server);
-    let served = tokio::spawn(answer(server_read, server_write, true, events_tx));
+    let served = tokio::spawn(answer(server_read, server_write, true, None, events_tx));
     let (mut read, mut write) = tokio::io::split(client);
     let send = async {
         let _ = write.write_all(input).await;
@@ -156,6 +156,7 @@ fn status() -> StatusReport {
             started_at: "2026-11-23T00:00:00Z".into(),
             state: "running".into(),
             upgrade_pending: false,
+            ..Default::default()
         },
         listeners: Vec::new(),
         generations: Vec::new(),

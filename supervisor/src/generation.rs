@@ -12,6 +12,7 @@ use crate::core::Exit;
 pub use crate::core::GenerationState;
 use nix::sys::signal::Signal;
 use std::collections::VecDeque;
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -47,6 +48,9 @@ impl Artifacts {
 pub struct WorkerProcess {
     pub pid: u32,
     signals: mpsc::UnboundedSender<Signal>,
+    /// A duplicate of the read end of its stderr pipe, kept so that a supervisor re-exec
+    /// can hand the pipe to the next image.
+    pub stderr: Option<OwnedFd>,
 }
 
 impl WorkerProcess {
@@ -68,6 +72,9 @@ pub fn watch(
     let (tx, mut rx) = mpsc::unbounded_channel::<Signal>();
     let tail = Arc::new(Mutex::new(VecDeque::new()));
     let stderr = child.stderr.take();
+    let kept = stderr
+        .as_ref()
+        .and_then(|s| s.as_fd().try_clone_to_owned().ok());
     let forward = tokio::spawn(forward_stderr(stderr, tail.clone()));
     let task = async move {
         let status = loop {
@@ -93,13 +100,89 @@ pub fn watch(
         });
     };
     tokio::spawn(tracing::Instrument::instrument(task, span));
-    WorkerProcess { pid, signals: tx }
+    WorkerProcess {
+        pid,
+        signals: tx,
+        stderr: kept,
+    }
+}
+
+/// Takes over a worker this image inherited across the supervisor's `exec` (it is still
+/// our child, but no `Child` value exists for it): watches it through a pidfd, reaps it,
+/// forwards `stderr` (the read end of its stderr pipe) and delivers signals as [`watch`]
+/// does.
+pub fn adopt(
+    pid: u32,
+    stderr: Option<OwnedFd>,
+    span: tracing::Span,
+    on_exit: impl FnOnce(Exit) + Send + 'static,
+) -> std::io::Result<WorkerProcess> {
+    let pidfd = baton_sys::process::PidFd::open(pid)?;
+    let (tx, mut rx) = mpsc::unbounded_channel::<Signal>();
+    let tail = Arc::new(Mutex::new(VecDeque::new()));
+    let kept = stderr.as_ref().and_then(|s| s.try_clone().ok());
+    let pipe = match stderr {
+        Some(fd) => Some(tokio::net::unix::pipe::Receiver::from_owned_fd(fd)?),
+        None => None,
+    };
+    let forward = tokio::spawn(forward_stderr(pipe, tail.clone()));
+    let nix_pid = nix::unistd::Pid::from_raw(pid as i32);
+    let task = async move {
+        let status = loop {
+            tokio::select! {
+                biased;
+                exited = pidfd.exited() => {
+                    if let Err(e) = exited {
+                        break Err(format!("watching it failed: {e}"));
+                    }
+                    match nix::sys::wait::waitpid(nix_pid, Some(nix::sys::wait::WaitPidFlag::WNOHANG)) {
+                        Ok(nix::sys::wait::WaitStatus::StillAlive) => {}
+                        Ok(status) => break Ok(status),
+                        Err(e) => break Err(format!("wait failed: {e}")),
+                    }
+                }
+                Some(signal) = rx.recv() => {
+                    let _ = pidfd.send_signal(signal as i32);
+                }
+            }
+        };
+        let _ = tokio::time::timeout(STDERR_EOF_WAIT, forward).await;
+        let status = match status {
+            Ok(status) => describe_wait(status),
+            Err(e) => e,
+        };
+        let stderr_tail = tail.lock().expect("tail lock").drain(..).collect();
+        on_exit(Exit {
+            pid,
+            status,
+            stderr_tail,
+        });
+    };
+    tokio::spawn(tracing::Instrument::instrument(task, span));
+    Ok(WorkerProcess {
+        pid,
+        signals: tx,
+        stderr: kept,
+    })
+}
+
+/// A wait status as `std::process::ExitStatus` shows it ("exit status: 3",
+/// "signal: 9 (SIGKILL)"), so that adopted workers are reported like spawned ones.
+fn describe_wait(status: nix::sys::wait::WaitStatus) -> String {
+    use nix::sys::wait::WaitStatus;
+    use std::os::unix::process::ExitStatusExt;
+    let raw = match status {
+        WaitStatus::Exited(_, code) => (code & 0xff) << 8,
+        WaitStatus::Signaled(_, signal, core) => signal as i32 | if core { 0x80 } else { 0 },
+        other => return format!("{other:?}"),
+    };
+    std::process::ExitStatus::from_raw(raw).to_string()
 }
 
 /// Copies the worker's stderr to ours line by line (so its log lines reach the same
 /// journal) and keeps the last lines.
 async fn forward_stderr(
-    stderr: Option<tokio::process::ChildStderr>,
+    stderr: Option<impl tokio::io::AsyncRead + Unpin>,
     tail: Arc<Mutex<VecDeque<String>>>,
 ) {
     let Some(stderr) = stderr else { return };
@@ -151,7 +234,20 @@ fn strip_ansi(s: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::strip_ansi;
+    use super::{describe_wait, strip_ansi};
+    use nix::sys::signal::Signal;
+    use nix::sys::wait::WaitStatus;
+    use nix::unistd::Pid;
+
+    #[test]
+    fn an_adopted_worker_s_exit_reads_like_a_spawned_one_s() {
+        let pid = Pid::from_raw(1);
+        assert_eq!(describe_wait(WaitStatus::Exited(pid, 3)), "exit status: 3");
+        assert_eq!(
+            describe_wait(WaitStatus::Signaled(pid, Signal::SIGKILL, false)),
+            "signal: 9 (SIGKILL)"
+        );
+    }
 
     #[test]
     fn colour_codes_are_removed_from_the_tail() {

@@ -71,7 +71,7 @@ pub enum Occupied {
 }
 
 /// Where a listener came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Origin {
     Systemd,
@@ -265,6 +265,95 @@ impl ListenerSet {
     pub fn all(&self) -> impl Iterator<Item = &Arc<Listener>> {
         self.current.values()
     }
+
+    /// Every listener some generation may still hold, for a supervisor re-exec: the
+    /// state (fds by number) and the listeners in the same order, so that a generation's
+    /// listeners can be named by index.
+    pub fn export(&self) -> (ListenerSetState, Vec<Arc<Listener>>) {
+        let mut all: Vec<Arc<Listener>> = self.current.values().cloned().collect();
+        for l in self.known.iter().filter_map(Weak::upgrade) {
+            if !all.iter().any(|a| Arc::ptr_eq(a, &l)) {
+                all.push(l);
+            }
+        }
+        let state = ListenerSetState {
+            listeners: all
+                .iter()
+                .map(|l| ListenerState {
+                    name: l.name.clone(),
+                    origin: l.origin,
+                    description: l.description.clone(),
+                    address: l.address.clone(),
+                    owns_file: l.owns_file,
+                    fds: l.fds.iter().map(|fd| fd.as_raw_fd()).collect(),
+                })
+                .collect(),
+            current: self
+                .current
+                .iter()
+                .map(|(name, l)| {
+                    let index = all.iter().position(|a| Arc::ptr_eq(a, l));
+                    (
+                        name.clone(),
+                        index.expect("current listeners are all listed"),
+                    )
+                })
+                .collect(),
+        };
+        (state, all)
+    }
+
+    /// The set a previous image exported; `take` turns an fd number into the fd.
+    pub fn import<E>(
+        state: ListenerSetState,
+        mut take: impl FnMut(RawFd) -> Result<OwnedFd, E>,
+    ) -> Result<(Self, Vec<Arc<Listener>>), E> {
+        let mut all = Vec::new();
+        for l in state.listeners {
+            let fds = l.fds.into_iter().map(&mut take).collect::<Result<_, _>>()?;
+            all.push(Arc::new(Listener {
+                name: l.name,
+                origin: l.origin,
+                description: l.description,
+                address: l.address,
+                owns_file: l.owns_file,
+                fds,
+            }));
+        }
+        let mut set = ListenerSet::default();
+        for (name, index) in state.current {
+            if let Some(l) = all.get(index) {
+                set.current.insert(name, l.clone());
+            }
+        }
+        set.known = all.iter().map(Arc::downgrade).collect();
+        Ok((set, all))
+    }
+}
+
+/// A [`ListenerSet`] as a supervisor re-exec hands it over.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct ListenerSetState {
+    listeners: Vec<ListenerState>,
+    /// Listener name → index in `listeners`.
+    current: Vec<(String, usize)>,
+}
+
+impl ListenerSetState {
+    /// Every fd number it names.
+    pub fn fds(&self) -> impl Iterator<Item = RawFd> + '_ {
+        self.listeners.iter().flat_map(|l| l.fds.iter().copied())
+    }
+}
+
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct ListenerState {
+    name: String,
+    origin: Origin,
+    description: String,
+    address: Option<Address>,
+    owns_file: bool,
+    fds: Vec<RawFd>,
 }
 
 fn bind_listener(name: &str, address: Option<&Address>) -> Result<Listener, ListenerError> {

@@ -152,6 +152,20 @@ impl WorkerSocket {
         })
     }
 
+    /// The socket a previous supervisor image bound as `path` (inherited across `exec`).
+    pub fn inherited(fd: std::os::fd::OwnedFd, path: PathBuf) -> std::io::Result<Self> {
+        let socket = std::os::unix::net::UnixDatagram::from(fd);
+        socket.set_nonblocking(true)?;
+        let socket = UnixDatagram::from_std(socket)?;
+        setsockopt(&socket, sockopt::PassCred, &true)?;
+        Ok(Self { socket, path })
+    }
+
+    /// The socket's fd (for a re-exec, which keeps it open).
+    pub fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        std::os::fd::AsFd::as_fd(&self.socket)
+    }
+
     /// The socket as `NOTIFY_SOCKET` names it (`@` for the abstract namespace).
     pub fn path(&self) -> &Path {
         &self.path

@@ -18,7 +18,7 @@ pub struct StatusReport {
     pub last_upgrade: Option<UpgradeOutcome>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct SupervisorInfo {
     pub pid: u32,
     pub config: String,
@@ -27,6 +27,24 @@ pub struct SupervisorInfo {
     pub state: String,
     /// An upgrade requested while another was starting, to run when it ends.
     pub upgrade_pending: bool,
+    /// The running image's release (it follows the binary across self-upgrades).
+    #[serde(default)]
+    pub version: String,
+    /// The SHA-256 of the running image's binary.
+    #[serde(default)]
+    pub sha256: String,
+    /// The baton binary on disk that a self-upgrade runs.
+    #[serde(default)]
+    pub binary: String,
+    /// When the running image took over (`started_at` is the service's start: the pid's).
+    #[serde(default)]
+    pub image_started_at: String,
+    /// Self-upgrades (re-execs in place) since the service started.
+    #[serde(default)]
+    pub reexecs: u64,
+    /// The worker protocol this supervisor speaks.
+    #[serde(default)]
+    pub worker_protocol: u32,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -132,7 +150,10 @@ pub struct UpgradeOutcome {
 impl UpgradeOutcome {
     pub fn describe(&self) -> String {
         match (self.result, self.generation, &self.reason) {
-            (UpgradeResult::Succeeded, Some(n), _) => {
+            (UpgradeResult::Succeeded, Some(n), Some(r)) => {
+                format!("succeeded: {r}; generation {n} is serving")
+            }
+            (UpgradeResult::Succeeded, Some(n), None) => {
                 format!("succeeded: generation {n} is serving")
             }
             (UpgradeResult::RolledBack, Some(n), Some(r)) => {
@@ -163,6 +184,20 @@ impl StatusReport {
             "baton supervisor pid {} ({}), since {}, config {}",
             s.pid, s.state, s.started_at, s.config
         );
+        if !s.version.is_empty() {
+            let _ = writeln!(
+                out,
+                "supervisor {} (sha256 {}) from {}, image since {}{}",
+                s.version,
+                &s.sha256[..s.sha256.len().min(12)],
+                s.binary,
+                s.image_started_at,
+                match s.reexecs {
+                    0 => String::new(),
+                    n => format!(", upgraded in place {n} time(s)"),
+                }
+            );
+        }
         for l in &self.listeners {
             let _ = writeln!(
                 out,

@@ -10,18 +10,22 @@
 //! → `Input::Prepared` → `Effect::Launch` and `Effect::Spawn` per worker →
 //! [`Supervisor::spawn_worker`] → `spawn::spawn`.
 
+mod reexec;
+pub use reexec::{Image, handover_check, release_held_signals, resume};
+
 use crate::artifacts::{ArtifactCache, WorkerBinaryError};
 use crate::config::{Config, ConfigError, PathContext};
+use crate::core::SelfUpgrade;
 use crate::core::{Core, Effect, Input, Limits, Sig, SlotState, Systemd as Say, WaiterId};
-use crate::events::Event;
+use crate::events::{Event, UpgradeReply};
 use crate::generation::{Artifacts, GenerationState, WorkerProcess};
 use crate::listeners::{Listener, ListenerSet};
 use crate::notify::{Systemd, WorkerSocket};
 use crate::plugins::PluginError;
 use crate::spawn::{SpawnError, SpawnSpec, spawn};
 use crate::status::{
-    GenerationInfo, ListenerInfo, STATUS_VERSION, StatusReport, SupervisorInfo, UpgradeOutcome,
-    WorkerInfo, timestamp,
+    GenerationInfo, ListenerInfo, STATUS_VERSION, StatusReport, SupervisorInfo, WorkerInfo,
+    timestamp,
 };
 use nix::sys::signal::Signal;
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -61,13 +65,22 @@ pub struct Supervisor {
     ctx: PathContext,
     listeners: ListenerSet,
     lifeline: OwnedFd,
+    /// The lifeline's write end: open for as long as this process lives (across a
+    /// re-exec too); workers see end-of-file on their read end when it is gone.
+    lifeline_write: OwnedFd,
+    /// A duplicate of the control socket's listening fd, and its path (for a re-exec).
+    control: (OwnedFd, PathBuf),
+    /// The supervisor's own binary.
+    image: Image,
+    /// A re-exec the core asked for, carried out once the current input is done.
+    pending_reexec: Option<SelfUpgrade>,
     notify: Arc<WorkerSocket>,
     systemd: Systemd,
     events: mpsc::UnboundedSender<Event>,
     core: Core<Set>,
     launched: HashMap<u64, Launched>,
     cache: ArtifactCache,
-    upgrade_waiters: HashMap<WaiterId, oneshot::Sender<UpgradeOutcome>>,
+    upgrade_waiters: HashMap<WaiterId, UpgradeReply>,
     stop_waiters: HashMap<WaiterId, oneshot::Sender<()>>,
     next_waiter: WaiterId,
     exit: Option<Result<(), String>>,
@@ -83,27 +96,63 @@ impl Supervisor {
         config_path: PathBuf,
         ctx: PathContext,
         listeners: ListenerSet,
-        lifeline: OwnedFd,
+        (lifeline, lifeline_write): (OwnedFd, OwnedFd),
+        control: (OwnedFd, PathBuf),
+        image: Image,
         notify: Arc<WorkerSocket>,
         systemd: Systemd,
         events: mpsc::UnboundedSender<Event>,
     ) -> Self {
+        let core = Core::new(config.worker.max_generations, Instant::now());
+        Self::new_with_core(
+            core,
+            config_path,
+            ctx,
+            listeners,
+            (lifeline, lifeline_write),
+            control,
+            image,
+            notify,
+            systemd,
+            events,
+        )
+    }
+
+    /// A supervisor around `core` (restored by a re-exec, or new).
+    #[allow(clippy::too_many_arguments)]
+    fn new_with_core(
+        core: Core<Set>,
+        config_path: PathBuf,
+        ctx: PathContext,
+        listeners: ListenerSet,
+        (lifeline, lifeline_write): (OwnedFd, OwnedFd),
+        control: (OwnedFd, PathBuf),
+        image: Image,
+        notify: Arc<WorkerSocket>,
+        systemd: Systemd,
+        events: mpsc::UnboundedSender<Event>,
+    ) -> Self {
+        let started_at = image.service_started_at;
         Self {
             config_path,
             ctx,
             listeners,
             lifeline,
+            lifeline_write,
+            control,
+            image,
+            pending_reexec: None,
             notify,
             systemd,
             events,
-            core: Core::new(config.worker.max_generations, Instant::now()),
+            core,
             launched: HashMap::new(),
             cache: ArtifactCache::default(),
             upgrade_waiters: HashMap::new(),
             stop_waiters: HashMap::new(),
             next_waiter: 0,
             exit: None,
-            started_at: SystemTime::now(),
+            started_at,
             watcher: None,
         }
     }
@@ -113,11 +162,19 @@ impl Supervisor {
     pub async fn run(
         mut self,
         config: Config,
-        mut events: mpsc::UnboundedReceiver<Event>,
+        events: mpsc::UnboundedReceiver<Event>,
     ) -> Result<(), String> {
         self.sync_watcher(&config);
         let first = self.prepare_artifacts(Arc::new(config));
         self.feed(Input::First(first.map_err(|e| e.to_string())));
+        self.event_loop(events).await
+    }
+
+    /// Handles events and timers until stopped.
+    async fn event_loop(
+        mut self,
+        mut events: mpsc::UnboundedReceiver<Event>,
+    ) -> Result<(), String> {
         loop {
             if let Some(result) = self.exit.take() {
                 return result;
@@ -139,13 +196,25 @@ impl Supervisor {
 
     fn on_event(&mut self, event: Event) {
         match event {
-            Event::Upgrade { source, reply } => {
+            Event::Upgrade {
+                source,
+                reply,
+                supervisor,
+            } => {
                 let waiter = reply.map(|r| {
                     let id = self.waiter_id();
                     self.upgrade_waiters.insert(id, r);
                     id
                 });
-                self.feed(Input::Upgrade { source, waiter });
+                if supervisor || self.image.changed_on_disk() {
+                    self.feed(Input::SelfUpgrade {
+                        source,
+                        waiter,
+                        then_generation: !supervisor,
+                    });
+                } else {
+                    self.feed(Input::Upgrade { source, waiter });
+                }
             }
             Event::Stop {
                 fast,
@@ -197,6 +266,12 @@ impl Supervisor {
                 }
             }
         }
+        // Every answer is in: the core's state is whole, and may be handed over. On
+        // success this never returns.
+        if let Some(request) = self.pending_reexec.take() {
+            let reason = self.re_exec(&request);
+            self.feed(Input::SelfUpgradeFailed { request, reason });
+        }
     }
 
     fn perform(&mut self, effect: Effect<Set>) -> Option<Input<Set>> {
@@ -238,8 +313,12 @@ impl Supervisor {
             }
             Effect::Answer { waiter, outcome } => {
                 if let Some(w) = self.upgrade_waiters.remove(&waiter) {
-                    let _ = w.send(outcome);
+                    let _ = w.tx.send(outcome);
                 }
+                None
+            }
+            Effect::ReExec(request) => {
+                self.pending_reexec = Some(request);
                 None
             }
             Effect::Forget { generation } => {
@@ -393,6 +472,7 @@ impl Supervisor {
         let keep: HashSet<PathBuf> = in_use
             .iter()
             .flat_map(|a| a.files().map(ToOwned::to_owned))
+            .chain(self.image.held.iter().map(|a| a.path().to_owned()))
             .collect();
         let removed = self.cache.prune(&dir, &keep);
         if !removed.is_empty() {
@@ -469,6 +549,12 @@ impl Supervisor {
                 }
                 .into(),
                 upgrade_pending: self.core.upgrade_pending(),
+                version: self.image.build.version.clone(),
+                sha256: self.image.build.sha256.clone(),
+                binary: self.image.path.display().to_string(),
+                image_started_at: timestamp(self.image.started_at),
+                reexecs: self.image.reexecs,
+                worker_protocol: baton_proto::WORKER_PROTOCOL,
             },
             listeners: {
                 let mut l: Vec<ListenerInfo> = self

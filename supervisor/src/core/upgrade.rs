@@ -53,7 +53,7 @@ impl<A: Clone + std::fmt::Debug> Core<A> {
     }
 
     /// Asks the shell for the next generation's config and artifacts.
-    fn prepare(&mut self, waiters: Vec<WaiterId>) {
+    pub(super) fn prepare(&mut self, waiters: Vec<WaiterId>) {
         self.mode = Mode::Preparing {
             waiters,
             follow_up: None,

@@ -29,5 +29,13 @@ pub const ENV_EXE_FD: &str = "BATON_EXE_FD";
 /// cannot know the worker's pid before `fork`, and setting the environment between `fork`
 /// and `exec` is not async-signal-safe).
 pub const ENV_SUPERVISOR_PID: &str = "BATON_SUPERVISOR_PID";
+/// The version of the protocol between supervisor and worker (the environment variables
+/// and notify keys of this crate). A supervisor tells its workers in
+/// [`ENV_WORKER_PROTOCOL`]; a worker says which it speaks with `READY=1`
+/// (`BATON_WORKER=<version> <protocol>`); a mismatch fails the worker's start with a
+/// message rather than misbehaving. A worker that says nothing speaks protocol 1.
+pub const WORKER_PROTOCOL: u32 = 1;
+/// Environment variable: the [`WORKER_PROTOCOL`] of the supervisor starting the worker.
+pub const ENV_WORKER_PROTOCOL: &str = "BATON_WORKER_PROTOCOL";
 /// The first fd systemd's protocol passes listeners at.
 pub const LISTEN_FDS_START: i32 = 3;

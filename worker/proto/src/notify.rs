@@ -9,7 +9,7 @@ use thiserror::Error;
 /// Counters a worker reports in `BATON_STATS=<open connections> <requests served>
 /// <open WebSockets> <open streamed answers>` (the last two since ABI 1.1; a worker that
 /// sends two numbers has none).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Stats {
     /// Connections open right now.
     pub connections: u64,

@@ -32,6 +32,28 @@ pub enum AdoptError {
 /// Every number [`adopt`] has handed out in this process's life.
 static ADOPTED: Mutex<BTreeSet<RawFd>> = Mutex::new(BTreeSet::new());
 
+/// Sets or clears close-on-exec on the fd `raw`, which the caller holds open (as an
+/// `OwnedFd` somewhere, or inherited and not yet adopted): what a process that is about to
+/// `exec` itself does to the fds it hands to its next image.
+pub fn set_cloexec(raw: RawFd, cloexec: bool) -> std::io::Result<()> {
+    let flag = if cloexec { libc::FD_CLOEXEC } else { 0 };
+    // SAFETY: F_SETFD on a number only changes that fd's close-on-exec flag; no memory is
+    // passed, and on a number that is not open it fails with EBADF.
+    if unsafe { libc::fcntl(raw, libc::F_SETFD, flag) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Whether `raw` is an open fd of this process that nothing here has adopted (what
+/// [`adopt`] would take), without taking it.
+pub fn is_open(raw: RawFd) -> bool {
+    let adopted = ADOPTED.lock().unwrap_or_else(|e| e.into_inner());
+    // SAFETY: F_GETFD on a number only reads that fd's flags; on a number that is not
+    // open it fails with EBADF. No memory is passed.
+    raw > 2 && !adopted.contains(&raw) && unsafe { libc::fcntl(raw, libc::F_GETFD) } >= 0
+}
+
 /// Takes ownership of the inherited fd `raw` and makes it close-on-exec, so that it reaches
 /// no child unless handed on on purpose. See the module documentation for when to call it.
 pub fn adopt(raw: RawFd) -> Result<OwnedFd, AdoptError> {

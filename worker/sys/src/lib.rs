@@ -12,7 +12,8 @@
 //!   used by the supervisor and the worker alike;
 //! - [`child`]: placing fds in a child process between `fork` and `exec`;
 //! - [`lease`]: whether some process has a file open for writing;
-//! - [`memory`] and [`random`]: `malloc_trim` and `getrandom`.
+//! - [`memory`] and [`random`]: `malloc_trim` and `getrandom`;
+//! - [`process`]: `pidfd_open`, to watch a child inherited across `exec`.
 //!
 //! It decides no policy: which variable names which fd, and what a failure means, is the
 //! caller's.
@@ -22,6 +23,7 @@ pub mod child;
 pub mod inherit;
 pub mod lease;
 pub mod memory;
+pub mod process;
 pub mod random;
 
 /// A duplicate of `fd` that nothing owns, at a number no other test uses and the process
