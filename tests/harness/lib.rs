@@ -77,6 +77,60 @@ pub fn bins() -> &'static Bins {
     })
 }
 
+/// Writes to `out` (mode 0755) a copy of the built `baton` that reports release
+/// `<version><suffix>` and reads handover formats up to `handover` (default: its own):
+/// another build as far as a supervisor self-upgrade can tell (another hash, another
+/// version). The binary holds one marker `BATON-RELEASE:<version>;handover=<n>` padded
+/// with NULs; the patched marker takes its extra bytes from that padding.
+pub fn patched_baton(out: &Path, suffix: &str, handover: Option<u32>) -> PathBuf {
+    let bytes = std::fs::read(&bins().baton).expect("read baton");
+    let prefix = b"BATON-RELEASE:";
+    let at = bytes
+        .windows(prefix.len() + 1)
+        .position(|w| w.starts_with(prefix) && w[prefix.len()].is_ascii_digit())
+        .expect("the release marker");
+    assert_eq!(
+        bytes
+            .windows(prefix.len() + 1)
+            .filter(|w| w.starts_with(prefix) && w[prefix.len()].is_ascii_digit())
+            .count(),
+        1,
+        "one release marker"
+    );
+    let end = at
+        + bytes[at..]
+            .iter()
+            .position(|&b| b == 0)
+            .expect("NUL padding");
+    let marker = std::str::from_utf8(&bytes[at + prefix.len()..end]).expect("marker text");
+    let (version, format) = marker.split_once(";handover=").expect("marker shape");
+    let format = handover.map_or(format.to_owned(), |h| h.to_string());
+    let new = format!("BATON-RELEASE:{version}{suffix};handover={format}");
+    assert!(
+        bytes[end..end + (new.len().saturating_sub(end - at)) + 1]
+            .iter()
+            .all(|&b| b == 0),
+        "room in the padding"
+    );
+    let mut patched = bytes.clone();
+    patched[at..at + new.len()].copy_from_slice(new.as_bytes());
+    for b in &mut patched[at + new.len()..end.max(at + new.len())] {
+        *b = 0;
+    }
+    std::fs::write(out, patched).expect("write patched baton");
+    std::fs::set_permissions(out, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .expect("chmod");
+    out.to_owned()
+}
+
+/// Puts `from` at `to` the way a package manager does: a new file renamed over the old
+/// one (writing into a running binary fails with ETXTBSY).
+pub fn install(from: &Path, to: &Path) {
+    let tmp = to.with_extension("installing");
+    std::fs::copy(from, &tmp).expect("copy binary");
+    std::fs::rename(&tmp, to).expect("rename binary into place");
+}
+
 /// A port that was free a moment ago on 127.0.0.1.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -102,6 +156,9 @@ pub struct TestConfig {
     pub watch: bool,
     /// Extra TOML appended verbatim.
     pub extra: String,
+    /// The `baton` binary to run (default: the one built); a self-upgrade test runs a
+    /// copy it can replace.
+    pub baton: Option<PathBuf>,
 }
 
 impl Default for TestConfig {
@@ -118,6 +175,7 @@ impl Default for TestConfig {
             plugins_dir: None,
             watch: false,
             extra: String::new(),
+            baton: None,
         }
     }
 }
@@ -202,7 +260,7 @@ impl Baton {
         std::fs::write(&config_path, config.render()).expect("write config");
         let log_path = dir.path().join("baton.log");
         let log = std::fs::File::create(&log_path).expect("log file");
-        let mut cmd = tokio::process::Command::new(&bins().baton);
+        let mut cmd = tokio::process::Command::new(config.baton.as_ref().unwrap_or(&bins().baton));
         cmd.arg("run")
             .arg("-c")
             .arg(&config_path)
