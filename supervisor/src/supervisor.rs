@@ -170,6 +170,7 @@ impl Supervisor {
         self.event_loop(events).await
     }
 
+
     /// Handles events and timers until stopped.
     async fn event_loop(
         mut self,
@@ -187,10 +188,12 @@ impl Supervisor {
                 },
                 () = sleep_until(deadline) => {
                     self.feed(Input::Tick);
+                    self.re_exec_when_idle(&mut events);
                     continue;
                 }
             };
             self.on_event(event);
+            self.re_exec_when_idle(&mut events);
         }
     }
 
@@ -266,11 +269,24 @@ impl Supervisor {
                 }
             }
         }
-        // Every answer is in: the core's state is whole, and may be handed over. On
-        // success this never returns.
-        if let Some(request) = self.pending_reexec.take() {
-            let reason = self.re_exec(&request);
-            self.feed(Input::SelfUpgradeFailed { request, reason });
+    }
+
+    /// Carries out the re-exec the core asked for, once every event already queued has
+    /// been handled (a worker's READY, a client's request: what the old image has read
+    /// must not be lost with it). If one of them started something meanwhile, the
+    /// re-exec waits in the core until it is idle again. On success this never returns.
+    fn re_exec_when_idle(&mut self, events: &mut mpsc::UnboundedReceiver<Event>) {
+        while self.pending_reexec.is_some() {
+            while let Ok(event) = events.try_recv() {
+                self.on_event(event);
+            }
+            let Some(request) = self.pending_reexec.take() else {
+                return;
+            };
+            if let Err(request) = self.core.defer_self_upgrade(request) {
+                let reason = self.re_exec(&request);
+                self.feed(Input::SelfUpgradeFailed { request, reason });
+            }
         }
     }
 
@@ -318,7 +334,13 @@ impl Supervisor {
                 None
             }
             Effect::ReExec(request) => {
-                self.pending_reexec = Some(request);
+                match &mut self.pending_reexec {
+                    Some(pending) => {
+                        pending.waiters.extend(request.waiters);
+                        pending.then_generation |= request.then_generation;
+                    }
+                    None => self.pending_reexec = Some(request),
+                }
                 None
             }
             Effect::Forget { generation } => {

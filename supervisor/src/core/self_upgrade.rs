@@ -95,6 +95,24 @@ impl<A: Clone + std::fmt::Debug> Core<A> {
         self.emit(Effect::ReExec(request));
     }
 
+    /// The shell's last look before a re-exec: if the core is no longer idle (an event
+    /// handled meanwhile started something), `request` waits again (merged with any
+    /// newer one) and is emitted once it is idle; otherwise it is handed back to be
+    /// carried out now.
+    pub fn defer_self_upgrade(&mut self, request: SelfUpgrade) -> Result<(), SelfUpgrade> {
+        if matches!(self.mode, Mode::Idle) && self.self_upgrade.is_none() {
+            return Err(request);
+        }
+        match &mut self.self_upgrade {
+            Some(pending) => {
+                pending.waiters.extend(request.waiters);
+                pending.then_generation |= request.then_generation;
+            }
+            None => self.self_upgrade = Some(request),
+        }
+        Ok(())
+    }
+
     pub(super) fn on_self_upgrade_failed(&mut self, request: SelfUpgrade, reason: String) {
         let reason = format!("supervisor upgrade: {reason}");
         tracing::error!("{reason}; this supervisor goes on");

@@ -48,6 +48,8 @@ struct Sim {
     reexec_fails: bool,
     /// Re-execs carried out.
     reexecs: usize,
+    /// Inputs queued when the next re-exec is about to happen.
+    before_reexec: Vec<Input<Set>>,
 }
 
 impl Sim {
@@ -72,6 +74,7 @@ impl Sim {
             pending_reexec: None,
             reexec_fails: false,
             reexecs: 0,
+            before_reexec: Vec::new(),
         };
         let first = sim.fresh_set();
         sim.feed(Input::First(Ok((first, sim.limits.clone()))));
@@ -105,7 +108,14 @@ impl Sim {
             }
             self.check_invariants();
         }
+        // As the shell: what was queued before the re-exec is handled first.
+        for input in std::mem::take(&mut self.before_reexec) {
+            self.feed(input);
+        }
         if let Some(request) = self.pending_reexec.take() {
+            let Err(request) = self.core.defer_self_upgrade(request) else {
+                return;
+            };
             if self.reexec_fails {
                 self.feed(Input::SelfUpgradeFailed {
                     request,
@@ -402,6 +412,24 @@ fn a_supervisor_upgrade_waits_for_the_starting_generation_and_merges_requests() 
     sim.ready(3);
     assert_eq!(sim.answer(first).generation, Some(3));
     assert_eq!(sim.answer(second).generation, Some(3));
+}
+
+#[test]
+fn an_upgrade_queued_before_the_re_exec_goes_first_and_the_re_exec_follows_it() {
+    let mut sim = Sim::serving(1, 4);
+    sim.next_waiter += 1;
+    let queued = sim.next_waiter;
+    sim.before_reexec.push(Input::Upgrade {
+        source: "test",
+        waiter: Some(queued),
+    });
+    let waiter = sim.self_upgrade(false);
+    assert_eq!(sim.reexecs, 0, "generation 2 starts first");
+    assert_eq!(sim.state(2), Some(GenerationState::Starting));
+    sim.ready(2);
+    assert_eq!(sim.answer(queued).result, UpgradeResult::Succeeded);
+    assert_eq!(sim.reexecs, 1);
+    assert_eq!(sim.answer(waiter).result, UpgradeResult::Succeeded);
 }
 
 #[test]

@@ -855,9 +855,10 @@ impl Supervisor {
     pub async fn run_resumed(
         mut self,
         input: Input<Set>,
-        events: mpsc::UnboundedReceiver<Event>,
+        mut events: mpsc::UnboundedReceiver<Event>,
     ) -> Result<(), String> {
         self.feed(input);
+        self.re_exec_when_idle(&mut events);
         self.event_loop(events).await
     }
 }
