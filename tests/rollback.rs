@@ -71,6 +71,12 @@ async fn every_failed_upgrade_leaves_the_serving_generation_untouched() {
             result: "rolled_back",
         },
         Case {
+            name: "speaks a worker protocol this supervisor does not",
+            config: with(&|c| c.worker_path = Some(fake_worker_script(&dir, "old-protocol"))),
+            expect: vec!["speaks worker protocol 0, older than this release"],
+            result: "rolled_back",
+        },
+        Case {
             name: "unknown key",
             config: with(&|c| c.extra = "bogus_key = 1\n".into()),
             expect: vec![

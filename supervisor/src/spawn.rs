@@ -98,6 +98,10 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> Result<tokio::process::Child, SpawnError> 
         .env(ENV_SETTINGS, spec.settings_json)
         .env(ENV_LIFELINE_FD, (LISTEN_FDS_START + n).to_string())
         .env(ENV_SUPERVISOR_PID, std::process::id().to_string())
+        .env(
+            baton_proto::ENV_WORKER_PROTOCOL,
+            baton_proto::WORKER_PROTOCOL.to_string(),
+        )
         .stdin(Stdio::null())
         .stdout(Stdio::inherit())
         .stderr(Stdio::piped())

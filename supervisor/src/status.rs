@@ -124,6 +124,11 @@ pub struct WorkerInfo {
     /// at most once a second. `None` before the first report.
     #[serde(default)]
     pub stats_age_ms: Option<u64>,
+    /// The worker's release and protocol, as it reported them when ready.
+    #[serde(default)]
+    pub version: Option<String>,
+    #[serde(default)]
+    pub protocol: Option<u32>,
 }
 
 /// How an upgrade ended.
@@ -238,9 +243,13 @@ impl StatusReport {
                         )
                     })
                     .unwrap_or_default();
+                let build = match (&w.version, w.protocol) {
+                    (Some(v), Some(p)) => format!("  baton-worker {v} (protocol {p})"),
+                    _ => String::new(),
+                };
                 let _ = writeln!(
                     out,
-                    "  worker {} pid {pid:<8} {}{backoff}  restarts {}{figures}",
+                    "  worker {} pid {pid:<8} {}{backoff}  restarts {}{figures}{build}",
                     w.slot, w.state, w.restarts
                 );
             }

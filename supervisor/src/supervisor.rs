@@ -170,7 +170,6 @@ impl Supervisor {
         self.event_loop(events).await
     }
 
-
     /// Handles events and timers until stopped.
     async fn event_loop(
         mut self,
@@ -655,6 +654,8 @@ impl Supervisor {
                                 .stats_at
                                 .filter(|_| w.pid().is_some())
                                 .map(|at| now.saturating_duration_since(at).as_millis() as u64),
+                            version: w.build.as_ref().map(|b| b.version.clone()),
+                            protocol: w.build.as_ref().map(|b| b.protocol),
                         })
                         .collect(),
                 })

@@ -24,6 +24,11 @@ fn main() {
             notify(b"STATUS=failed: fake worker: database unreachable\nERRNO=5");
             sleep_bounded();
         }
+        "old-protocol" => {
+            // A worker of a release whose protocol this supervisor no longer speaks.
+            notify(b"READY=1\nBATON_WORKER=0.0.1 0");
+            sleep_bounded();
+        }
         "stubborn" => {
             // Blocked in the only thread: SIGTERM stays pending and never ends the process.
             let mut term = nix::sys::signal::SigSet::empty();

@@ -20,6 +20,8 @@ pub struct WorkerEnv {
     /// The fd of the worker binary's file that the supervisor exec'd.
     pub exe_fd: Option<String>,
     pub supervisor_pid: Option<String>,
+    /// The worker protocol of the supervisor that started us, if it said.
+    pub supervisor_protocol: Option<String>,
     pub journal: bool,
     /// `--check`: load the plugins, report them, exit.
     pub check: bool,
@@ -40,6 +42,7 @@ impl WorkerEnv {
             lifeline_fd: var(ENV_LIFELINE_FD),
             exe_fd: var(ENV_EXE_FD),
             supervisor_pid: var(ENV_SUPERVISOR_PID),
+            supervisor_protocol: var(baton_proto::ENV_WORKER_PROTOCOL),
             journal: std::env::var_os("JOURNAL_STREAM").is_some(),
             check: std::env::args().nth(1).as_deref() == Some("--check"),
         }

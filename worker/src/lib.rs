@@ -58,6 +58,12 @@ pub fn main() -> ExitCode {
 
 fn run(env: env::WorkerEnv, notifier: &notify::Notifier) -> anyhow::Result<()> {
     inherit::close_exe(&env)?;
+    if let Some(theirs) = &env.supervisor_protocol {
+        let theirs: u32 = theirs
+            .parse()
+            .map_err(|_| anyhow::anyhow!("bad {}={theirs:?}", baton_proto::ENV_WORKER_PROTOCOL))?;
+        baton_proto::check_worker_protocol(theirs, "supervisor").map_err(anyhow::Error::msg)?;
+    }
     let settings = env.settings()?;
     if env.check {
         return check(&settings, env.generation, notifier);

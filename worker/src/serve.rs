@@ -80,8 +80,9 @@ pub async fn serve(
         }
     }
     notifier.send(&format!(
-        "READY=1\nSTATUS=serving generation {generation} on {}",
-        names.join(", ")
+        "READY=1\nSTATUS=serving generation {generation} on {}\n{}",
+        names.join(", "),
+        baton_proto::WorkerBuild::line()
     ));
     tracing::info!("serving on {}", names.join(", "));
     let stats = tokio::spawn(report_stats(shared.clone(), notifier.clone()));

@@ -347,6 +347,9 @@ pub struct Slot {
     /// When the worker last reported `stats`.
     #[serde(with = "snapshot::mono_opt")]
     pub stats_at: Option<Instant>,
+    /// The release and protocol the worker reported with READY.
+    #[serde(default)]
+    pub build: Option<baton_proto::WorkerBuild>,
 }
 
 /// A worker slot's state.
@@ -377,6 +380,7 @@ impl Slot {
             status: None,
             stats: Stats::default(),
             stats_at: None,
+            build: None,
         }
     }
 

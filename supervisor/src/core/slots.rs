@@ -77,6 +77,16 @@ impl<A: Clone + std::fmt::Debug> Core<A> {
         if let Some(status) = &message.status {
             w.status = Some(status.clone());
         }
+        if let Some(build) = &message.worker {
+            w.build = Some(build.clone());
+            if let Err(mismatch) = baton_proto::check_worker_protocol(build.protocol, "worker") {
+                if g.state == GenerationState::Starting {
+                    return self.fail(number, format!("worker {pid}: {mismatch}"));
+                }
+                let _e = g.span.enter();
+                tracing::error!("worker {pid}: {mismatch}");
+            }
+        }
         if let Some(failure) = message.failure() {
             if g.state == GenerationState::Starting {
                 return self.fail(number, format!("worker {pid} reported: {failure}"));

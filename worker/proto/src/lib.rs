@@ -12,7 +12,7 @@
 pub mod notify;
 pub mod settings;
 
-pub use notify::{NotifyMessage, Stats};
+pub use notify::{NotifyMessage, Stats, WorkerBuild};
 pub use settings::{HttpSettings, PluginSpec, WebSocketSettings, WorkerSettings};
 
 /// Environment variable: the generation number the worker belongs to (decimal).
@@ -35,7 +35,24 @@ pub const ENV_SUPERVISOR_PID: &str = "BATON_SUPERVISOR_PID";
 /// (`BATON_WORKER=<version> <protocol>`); a mismatch fails the worker's start with a
 /// message rather than misbehaving. A worker that says nothing speaks protocol 1.
 pub const WORKER_PROTOCOL: u32 = 1;
+/// The oldest protocol this release still speaks with the other side (a newer release
+/// raises [`WORKER_PROTOCOL`] and keeps this where it can still serve older peers).
+pub const OLDEST_WORKER_PROTOCOL: u32 = 1;
 /// Environment variable: the [`WORKER_PROTOCOL`] of the supervisor starting the worker.
 pub const ENV_WORKER_PROTOCOL: &str = "BATON_WORKER_PROTOCOL";
+
+/// Whether a peer speaking protocol `theirs` can work with this release: when the peer
+/// is newer, it must be the one that still speaks ours (its own check says so); when it
+/// is older, this release must still speak its protocol. The message says which side is
+/// too old or too new.
+pub fn check_worker_protocol(theirs: u32, peer: &str) -> Result<(), String> {
+    if theirs > WORKER_PROTOCOL || theirs >= OLDEST_WORKER_PROTOCOL {
+        return Ok(());
+    }
+    Err(format!(
+        "the {peer} speaks worker protocol {theirs}, older than this release ({}) speaks (oldest {OLDEST_WORKER_PROTOCOL}, newest {WORKER_PROTOCOL})",
+        env!("CARGO_PKG_VERSION")
+    ))
+}
 /// The first fd systemd's protocol passes listeners at.
 pub const LISTEN_FDS_START: i32 = 3;

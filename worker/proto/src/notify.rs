@@ -44,6 +44,29 @@ pub struct NotifyMessage {
     pub errno: Option<i32>,
     /// `BATON_STATS=…`.
     pub stats: Option<Stats>,
+    /// `BATON_WORKER=<version> <protocol>`, sent with `READY=1`: which release the worker
+    /// is and which worker protocol it speaks (a worker that says nothing speaks 1).
+    pub worker: Option<WorkerBuild>,
+}
+
+/// A worker's release and protocol, as it reports them.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct WorkerBuild {
+    /// The worker's release, e.g. `0.1.0`.
+    pub version: String,
+    /// The worker protocol it speaks ([`crate::WORKER_PROTOCOL`]).
+    pub protocol: u32,
+}
+
+impl WorkerBuild {
+    /// This build's `BATON_WORKER=` line.
+    pub fn line() -> String {
+        format!(
+            "BATON_WORKER={} {}",
+            env!("CARGO_PKG_VERSION"),
+            crate::WORKER_PROTOCOL
+        )
+    }
 }
 
 /// Why a datagram could not be read as a notify message.
@@ -111,6 +134,17 @@ impl NotifyMessage {
                     msg.errno = Some(errno);
                 }
                 "BATON_STATS" => msg.stats = Some(parse_stats(value)?),
+                "BATON_WORKER" => {
+                    let bad = || ParseError::BadValue {
+                        key: "BATON_WORKER",
+                        value: truncate(value),
+                    };
+                    let (version, protocol) = value.split_once(' ').ok_or_else(bad)?;
+                    msg.worker = Some(WorkerBuild {
+                        version: version.to_owned(),
+                        protocol: protocol.trim().parse().map_err(|_| bad())?,
+                    });
+                }
                 _ => {}
             }
         }
@@ -129,6 +163,36 @@ impl NotifyMessage {
             (None, Some(e)) => Some(format!("failed with errno {e}")),
             (None, None) => None,
         }
+    }
+}
+
+#[cfg(test)]
+mod worker_build_tests {
+    use super::*;
+
+    #[test]
+    fn a_worker_says_its_release_and_protocol_with_ready() {
+        let line = format!("READY=1\n{}", WorkerBuild::line());
+        let (msg, errors) = NotifyMessage::parse_lenient(line.as_bytes());
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(
+            msg.worker,
+            Some(WorkerBuild {
+                version: env!("CARGO_PKG_VERSION").into(),
+                protocol: crate::WORKER_PROTOCOL
+            })
+        );
+        let (msg, errors) = NotifyMessage::parse_lenient(b"READY=1\nBATON_WORKER=0.9 x");
+        assert!(msg.ready && msg.worker.is_none() && errors.len() == 1);
+    }
+
+    #[test]
+    fn only_a_protocol_older_than_this_release_speaks_is_refused() {
+        assert!(crate::check_worker_protocol(crate::WORKER_PROTOCOL, "worker").is_ok());
+        assert!(crate::check_worker_protocol(crate::WORKER_PROTOCOL + 1, "worker").is_ok());
+        let e =
+            crate::check_worker_protocol(crate::OLDEST_WORKER_PROTOCOL - 1, "worker").unwrap_err();
+        assert!(e.contains("worker protocol 0, older than"), "{e}");
     }
 }
 
