@@ -346,6 +346,28 @@ mod tests {
     }
 
     #[test]
+    fn listener_names_are_fd_names_systemd_accepts() {
+        for bad in [
+            "\"a:b\"",
+            "\"tab\\there\"",
+            "\"\"",
+            &format!("\"{}\"", "x".repeat(256)),
+        ] {
+            let err = parse(&format!(
+                "[[listener]]\nname = {bad}\naddress = \"127.0.0.1:8080\"\n"
+            ))
+            .unwrap_err()
+            .to_string();
+            assert!(err.contains("listener.name"), "{bad}: {err}");
+        }
+        let ok = format!(
+            "[[listener]]\nname = \"{}\"\naddress = \"127.0.0.1:8080\"\n",
+            "x".repeat(255)
+        );
+        parse(&ok).unwrap();
+    }
+
+    #[test]
     fn ranges_are_checked() {
         let err = parse(&format!("{MINIMAL}[worker]\nmax_generations = 1\n")).unwrap_err();
         assert!(err.to_string().contains("worker.max_generations"), "{err}");

@@ -99,6 +99,16 @@ impl Systemd {
     }
 }
 
+/// Whether systemd accepts `name` as an `FDNAME=` (and so in `LISTEN_FDNAMES`): at most
+/// 255 printable ASCII characters, no `:` (systemd's `fdname_is_valid()`). systemd stores
+/// fds under an invalid name as "stored", so they would come back under the wrong name.
+pub fn fd_name_is_valid(name: &str) -> bool {
+    name.len() <= 255
+        && name
+            .bytes()
+            .all(|b| (b' '..=b'~').contains(&b) && b != b':')
+}
+
 fn extend_usec(by: Duration) -> NotifyState<'static> {
     NotifyState::ExtendTimeoutUsec(u32::try_from(by.as_micros()).unwrap_or(u32::MAX))
 }
@@ -211,6 +221,28 @@ impl WorkerSocket {
                 tracing::warn!("notify line from pid {pid} ignored: {e}");
             }
             return Ok((pid, msg));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fd_names_are_what_systemd_accepts() {
+        for ok in ["http", "admin api", "a.b-c_d", &"x".repeat(255), "~!@#"] {
+            assert!(fd_name_is_valid(ok), "{ok:?}");
+        }
+        for bad in [
+            "a:b",
+            "tab\there",
+            "new\nline",
+            "del\u{7f}",
+            "é",
+            &"x".repeat(256),
+        ] {
+            assert!(!fd_name_is_valid(bad), "{bad:?}");
         }
     }
 }

@@ -50,11 +50,11 @@ pub(super) fn listeners(
         let line = v.line(entry);
         let l = entry.get_ref();
         let name = l.name.get_ref().trim().to_owned();
-        if name.is_empty() || name.len() > 255 || name.contains(':') || !name.is_ascii() {
+        if name.is_empty() || !crate::notify::fd_name_is_valid(&name) {
             return Err(v.invalid(
                 &l.name,
                 "listener.name",
-                "must be 1 to 255 ASCII characters without ':' (it becomes an fd name)",
+                "must be 1 to 255 printable ASCII characters without ':' (it becomes an fd name)",
             ));
         }
         if listeners.iter().any(|o| o.name == name) {
