@@ -245,7 +245,10 @@ async fn the_supervisor_sends_the_systemd_sequence() {
                     "STOPPING",
                     "STATUS",
                     "WATCHDOG",
-                    "EXTEND_TIMEOUT_USEC"
+                    "EXTEND_TIMEOUT_USEC",
+                    "FDSTORE",
+                    "FDSTOREREMOVE",
+                    "FDNAME"
                 ]
                 .contains(&key),
                 "unexpected notify line {line:?}"

@@ -303,6 +303,7 @@ fn run(path: &Path, env: Env) -> anyhow::Result<ExitCode> {
         let lifeline =
             nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).context("create the lifeline pipe")?;
         let systemd = Systemd::from_env(env.notify_socket, env.watchdog);
+        let listeners = listeners.with_fd_store(systemd.clone());
         let control_dup = control.handover().context("control socket")?;
         start_tasks(signals, &notify, &systemd, control, &events_tx);
         let supervisor = Supervisor::new(

@@ -8,6 +8,10 @@
 //! that is still in use: a connection waiting in the backlog is never lost. Taking
 //! systemd's fds and the verification are `baton_sys::activation`'s, which the worker
 //! uses too.
+//!
+//! Under systemd the listeners baton binds itself are also kept in systemd's file
+//! descriptor store ([`FdStore`], by listener name), so that they outlive a crash or a
+//! restart of the supervisor with their backlog; they come back as socket activation.
 
 use crate::config::{Address, Config};
 use baton_sys::activation::{ActivationError, ListenFds, NotListening, verify_listening};
@@ -15,6 +19,7 @@ use socket2::{Domain, Socket, Type};
 use std::collections::HashMap;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 use thiserror::Error;
 
@@ -88,6 +93,9 @@ pub struct Listener {
     address: Option<Address>,
     /// We created the Unix socket file and remove it with the socket.
     owns_file: bool,
+    /// systemd's fd store holds the socket: its file stays when we drop it, for the
+    /// supervisor systemd starts next.
+    stored: AtomicBool,
     fds: Vec<OwnedFd>,
 }
 
@@ -103,7 +111,8 @@ impl Listener {
 
 impl Drop for Listener {
     fn drop(&mut self) {
-        if let (true, Some(Address::Unix(path))) = (self.owns_file, &self.address) {
+        let owns_file = self.owns_file && !self.stored.load(Ordering::Relaxed);
+        if let (true, Some(Address::Unix(path))) = (owns_file, &self.address) {
             // We created this socket file; remove it with the last user of the socket.
             let _ = std::fs::remove_file(path);
         }
@@ -142,6 +151,15 @@ impl Activated {
     }
 }
 
+/// Where listeners are kept while no supervisor holds them: systemd's file descriptor
+/// store ([`crate::notify::Systemd`]), or a fake in tests.
+pub trait FdStore: std::fmt::Debug + Send {
+    /// Keeps `fds` under `name`; `true` when they were handed over.
+    fn store(&self, name: &str, fds: &[BorrowedFd<'_>]) -> bool;
+    /// Drops every fd kept under `name`.
+    fn remove(&self, name: &str);
+}
+
 /// The listeners the supervisor holds now, by name.
 #[derive(Debug, Default)]
 pub struct ListenerSet {
@@ -149,6 +167,9 @@ pub struct ListenerSet {
     /// Every listener handed out that some generation may still hold: an upgrade that
     /// was rolled back must not lose the sockets the serving generation uses.
     known: Vec<Weak<Listener>>,
+    /// Names systemd passed that no `[[listener]]` takes (closed at start).
+    unclaimed: Vec<String>,
+    fd_store: Option<Box<dyn FdStore>>,
 }
 
 impl ListenerSet {
@@ -172,12 +193,25 @@ impl ListenerSet {
                     l.name,
                     fds.len()
                 );
+                let description = describe_fds(&fds);
+                if let Some(address) = &l.address
+                    && !fds.iter().any(|fd| listens_on(fd.as_fd(), address))
+                {
+                    tracing::warn!(
+                        "listener {:?}: systemd passed {description}, not the configured {address}; \
+                         serving on systemd's socket. A socket unit's address wins over the config; \
+                         a socket kept in systemd's fd store from before the address changed goes \
+                         with `systemctl stop baton` (or `systemctl clean --what=fdstore baton`)",
+                        l.name
+                    );
+                }
                 Listener {
                     name: l.name.clone(),
                     origin: Origin::Systemd,
-                    description: describe_fds(&fds),
+                    description,
                     address: l.address.clone(),
                     owns_file: false,
+                    stored: AtomicBool::new(false),
                     fds,
                 }
             };
@@ -190,8 +224,23 @@ impl ListenerSet {
                 "systemd passed fd {} named {name:?}, which no [[listener]] names; closing it",
                 fd.as_raw_fd()
             );
+            if !set.unclaimed.contains(&name) {
+                set.unclaimed.push(name);
+            }
         }
         Ok(set)
+    }
+
+    /// Keeps the listeners in `store` from now on: those baton bound itself now, and those
+    /// each upgrade binds; a name that the config drops or binds anew is removed from it.
+    /// Sockets systemd passed are not stored again (a socket unit or the store holds them).
+    pub fn with_fd_store(mut self, store: impl FdStore + 'static) -> Self {
+        for name in std::mem::take(&mut self.unclaimed) {
+            store.remove(&name);
+        }
+        sync_fd_store(&store, &HashMap::new(), &self.current);
+        self.fd_store = Some(Box::new(store));
+        self
     }
 
     /// The listeners for a generation of `config`, binding any the config added. Nothing
@@ -226,6 +275,7 @@ impl ListenerSet {
                     description: have.description.clone(),
                     address: have.address.clone(),
                     owns_file: false, // the original owns the socket file
+                    stored: AtomicBool::new(false),
                     fds: have
                         .fds
                         .iter()
@@ -258,6 +308,9 @@ impl ListenerSet {
                 self.known.push(Arc::downgrade(l));
             }
         }
+        if let Some(store) = &self.fd_store {
+            sync_fd_store(store.as_ref(), &self.current, &next);
+        }
         self.current = next;
         Ok(out)
     }
@@ -285,6 +338,7 @@ impl ListenerSet {
                     description: l.description.clone(),
                     address: l.address.clone(),
                     owns_file: l.owns_file,
+                    stored: l.stored.load(Ordering::Relaxed),
                     fds: l.fds.iter().map(|fd| fd.as_raw_fd()).collect(),
                 })
                 .collect(),
@@ -317,6 +371,7 @@ impl ListenerSet {
                 description: l.description,
                 address: l.address,
                 owns_file: l.owns_file,
+                stored: AtomicBool::new(l.stored),
                 fds,
             }));
         }
@@ -353,7 +408,53 @@ struct ListenerState {
     description: String,
     address: Option<Address>,
     owns_file: bool,
+    /// Kept in systemd's fd store.
+    #[serde(default)]
+    stored: bool,
     fds: Vec<RawFd>,
+}
+
+/// Makes `store` hold what `next` holds where `old` held something else. A name whose
+/// listener went or changed is removed first: `FDSTOREREMOVE=1` drops every fd of a name,
+/// and systemd keeps a socket it already holds under its first name. Then each listener
+/// baton bound itself that is new under its name is stored.
+fn sync_fd_store(
+    store: &dyn FdStore,
+    old: &HashMap<String, Arc<Listener>>,
+    next: &HashMap<String, Arc<Listener>>,
+) {
+    let same = |a: Option<&Arc<Listener>>, b: &Arc<Listener>| a.is_some_and(|a| Arc::ptr_eq(a, b));
+    let mut names: Vec<&String> = old.keys().collect();
+    names.sort();
+    for name in names {
+        let l = &old[name];
+        if !same(next.get(name), l) {
+            l.stored.store(false, Ordering::Relaxed);
+            store.remove(name);
+        }
+    }
+    let mut names: Vec<&String> = next.keys().collect();
+    names.sort();
+    for name in names {
+        let l = &next[name];
+        if l.origin == Origin::Config && !same(old.get(name), l) {
+            let fds: Vec<BorrowedFd<'_>> = l.fds().collect();
+            if store.store(name, &fds) {
+                l.stored.store(true, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+/// Whether `fd` is bound to `address`.
+fn listens_on(fd: BorrowedFd<'_>, address: &Address) -> bool {
+    let Ok(local) = socket2::SockRef::from(&fd).local_addr() else {
+        return false;
+    };
+    match address {
+        Address::Tcp(addr) => local.as_socket() == Some(*addr),
+        Address::Unix(path) => local.as_pathname() == Some(path.as_path()),
+    }
 }
 
 fn bind_listener(name: &str, address: Option<&Address>) -> Result<Listener, ListenerError> {
@@ -378,6 +479,7 @@ fn bind_listener(name: &str, address: Option<&Address>) -> Result<Listener, List
         description: address.to_string(),
         address: Some(address.clone()),
         owns_file: matches!(address, Address::Unix(_)),
+        stored: AtomicBool::new(false),
         fds: vec![fd],
     })
 }
@@ -426,7 +528,7 @@ pub fn probe(
     if under_systemd {
         return Ok(Some(format!(
             "listener {name:?}: {address} is in use ({by}); under systemd that is usually \
-             the service's socket unit, which hands it to baton run"
+             the service's socket unit or its fd store, which hand it to baton run"
         )));
     }
     Err(ListenerError::InUse {
@@ -497,4 +599,114 @@ fn describe_fds(fds: &[OwnedFd]) -> String {
         })
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::PathContext;
+    use std::sync::Mutex;
+
+    /// Records what the listener set asks of systemd's fd store.
+    #[derive(Debug, Clone, Default)]
+    struct Recorder(Arc<Mutex<Vec<String>>>);
+
+    impl FdStore for Recorder {
+        fn store(&self, name: &str, fds: &[BorrowedFd<'_>]) -> bool {
+            self.0
+                .lock()
+                .unwrap()
+                .push(format!("store {name} {}", fds.len()));
+            true
+        }
+        fn remove(&self, name: &str) {
+            self.0.lock().unwrap().push(format!("remove {name}"));
+        }
+    }
+
+    impl Recorder {
+        fn take(&self) -> Vec<String> {
+            std::mem::take(&mut self.0.lock().unwrap())
+        }
+    }
+
+    fn config(listeners: &[(&str, &str)]) -> Config {
+        let text: String = listeners
+            .iter()
+            .map(|(name, address)| {
+                format!("[[listener]]\nname = \"{name}\"\naddress = \"{address}\"\n")
+            })
+            .collect();
+        let ctx = PathContext {
+            exe_dir: "/opt/baton/bin".into(),
+            runtime_dir: None,
+            cache_dir: None,
+        };
+        Config::parse(&text, Path::new("/etc/baton/baton.toml"), &ctx).unwrap()
+    }
+
+    #[test]
+    fn the_fd_store_follows_the_configured_listeners() {
+        let store = Recorder::default();
+        let first = config(&[("http", "127.0.0.1:0"), ("admin", "127.0.0.2:0")]);
+        let mut set = ListenerSet::open(&first, Activated::default())
+            .unwrap()
+            .with_fd_store(store.clone());
+        assert_eq!(store.take(), ["store admin 1", "store http 1"]);
+
+        // The same config again: nothing to tell systemd.
+        set.prepare(&first).unwrap();
+        assert_eq!(store.take(), Vec::<String>::new());
+
+        // A listener dropped and one added.
+        let second = config(&[("http", "127.0.0.1:0"), ("api", "127.0.0.3:0")]);
+        let kept = set.prepare(&second).unwrap();
+        assert_eq!(store.take(), ["remove admin", "store api 1"]);
+
+        // A listener renamed keeps its socket, stored under the new name only.
+        let third = config(&[("web", "127.0.0.1:0"), ("api", "127.0.0.3:0")]);
+        set.prepare(&third).unwrap();
+        assert_eq!(store.take(), ["remove http", "store web 1"]);
+        drop(kept);
+    }
+
+    #[test]
+    fn sockets_systemd_passed_are_not_stored_again() {
+        let store = Recorder::default();
+        let mut adopted =
+            bind_listener("http", Some(&Address::Tcp("127.0.0.1:0".parse().unwrap()))).unwrap();
+        adopted.origin = Origin::Systemd;
+        let set = ListenerSet {
+            current: HashMap::from([("http".to_owned(), Arc::new(adopted))]),
+            unclaimed: vec!["gone".to_owned()],
+            ..ListenerSet::default()
+        }
+        .with_fd_store(store.clone());
+        // The name no listener takes any more is dropped from the store.
+        assert_eq!(store.take(), ["remove gone"]);
+        drop(set);
+    }
+
+    #[test]
+    fn a_stored_unix_socket_keeps_its_file() {
+        let dir = std::env::temp_dir().join(format!("baton-fdstore-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("http.sock");
+        let address = format!("unix:{}", path.display());
+        let store = Recorder::default();
+        let set = ListenerSet::open(&config(&[("http", &address)]), Activated::default())
+            .unwrap()
+            .with_fd_store(store.clone());
+        drop(set);
+        assert!(
+            path.exists(),
+            "the socket file of a stored listener was removed"
+        );
+
+        // Without the store the file goes with the socket, as before.
+        let set = ListenerSet::open(&config(&[("http", &address)]), Activated::default()).unwrap();
+        drop(set);
+        assert!(!path.exists());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

@@ -4,14 +4,19 @@
 //! systemd: `NotifyAccess=main`). [`WorkerSocket`] is the datagram socket workers report
 //! to; each datagram carries the sender's credentials (`SO_PASSCRED`), so a message is
 //! attributed by pid, never by what it claims.
+//!
+//! [`Systemd`] is also the supervisor's [`FdStore`]: it hands the listening sockets to
+//! systemd's file descriptor store (`FDSTORE=1` + `FDNAME=`), which passes them back in
+//! `LISTEN_FDS` when the service is restarted.
 
+use crate::listeners::FdStore;
 use baton_proto::NotifyMessage;
 use nix::sys::socket::{
     ControlMessageOwned, MsgFlags, UnixCredentials, recvmsg, setsockopt, sockopt,
 };
 use sd_notify::NotifyState;
 use std::io::IoSliceMut;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use tokio::io::Interest;
@@ -96,6 +101,47 @@ impl Systemd {
 
     pub fn watchdog(&self) {
         self.send(&[NotifyState::Watchdog]);
+    }
+}
+
+/// systemd's file descriptor store (`FileDescriptorStoreMax=` in the unit; without it
+/// systemd refuses the fds and says so in its journal, and nothing else changes). The
+/// fds outlive this process: after a crash or `systemctl restart`, systemd passes them
+/// back under the same name, with every connection that queued in their backlog.
+impl FdStore for Systemd {
+    fn store(&self, name: &str, fds: &[BorrowedFd<'_>]) -> bool {
+        if !self.enabled || fds.is_empty() {
+            return false;
+        }
+        if !fd_name_is_valid(name) {
+            tracing::warn!(
+                "listener {name:?}: not kept in systemd's fd store: systemd refuses it as an FDNAME="
+            );
+            return false;
+        }
+        match sd_notify::notify_with_fds(&[NotifyState::FdStore, NotifyState::FdName(name)], fds) {
+            Ok(()) => {
+                tracing::info!(
+                    "listener {name:?}: {} fd(s) kept in systemd's fd store",
+                    fds.len()
+                );
+                true
+            }
+            Err(e) => {
+                tracing::warn!("listener {name:?}: FDSTORE=1 to systemd failed: {e}");
+                false
+            }
+        }
+    }
+
+    fn remove(&self, name: &str) {
+        if !self.enabled || !fd_name_is_valid(name) {
+            return;
+        }
+        match sd_notify::notify(&[NotifyState::FdStoreRemove, NotifyState::FdName(name)]) {
+            Ok(()) => tracing::info!("listener {name:?}: removed from systemd's fd store"),
+            Err(e) => tracing::warn!("listener {name:?}: FDSTOREREMOVE=1 to systemd failed: {e}"),
+        }
     }
 }
 
@@ -244,5 +290,13 @@ mod tests {
         ] {
             assert!(!fd_name_is_valid(bad), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn without_notify_socket_nothing_is_stored() {
+        use std::os::fd::AsFd;
+        let systemd = Systemd::from_env(false, None);
+        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+        assert!(!systemd.store("http", &[a.as_fd()]));
     }
 }

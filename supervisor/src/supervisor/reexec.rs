@@ -703,6 +703,8 @@ fn take_over(
     let core: Core<Set> =
         Core::from_snapshot(state.core, Instant::now(), |i| sets[i as usize].clone());
     let (listeners, all) = ListenerSet::import(shell.listeners, take)?;
+    // Stored again: systemd keeps one copy of a socket it already holds.
+    let listeners = listeners.with_fd_store(systemd.clone());
     let control = ControlSocket::inherited(take(shell.control.fd)?, shell.control.path)
         .map_err(|e| format!("control socket: {e}"))?;
     let control_dup = control.handover().map_err(|e| e.to_string())?;
