@@ -304,6 +304,15 @@ async fn the_unit_files_verify_cleanly_and_rate_ok() {
     let dropin = std::fs::read_to_string(repo.join("systemd/notify-reload.conf")).unwrap();
     std::fs::write(alt.join("baton.service"), format!("{service}\n{dropin}")).unwrap();
     std::fs::copy(repo.join("systemd/baton.socket"), alt.join("baton.socket")).unwrap();
+    // fdstore-preserve.conf, likewise: a drop-in because 252 does not know the key.
+    let preserve = dir.path().join("preserve");
+    std::fs::create_dir(&preserve).unwrap();
+    let dropin = std::fs::read_to_string(repo.join("systemd/fdstore-preserve.conf")).unwrap();
+    std::fs::write(
+        preserve.join("baton.service"),
+        format!("{service}\n{dropin}"),
+    )
+    .unwrap();
 
     let mut versions = vec!["252"];
     if nix::unistd::geteuid().is_root() {
@@ -344,7 +353,13 @@ async fn the_unit_files_verify_cleanly_and_rate_ok() {
             "systemd {version} security: {verdict}"
         );
         eprintln!("systemd {version}: {verdict}");
+        let out = analyze(version, &["verify", "./baton.service"], &preserve).await;
         if version == "254" {
+            assert!(
+                out.status.success() && out.stdout.is_empty() && out.stderr.is_empty(),
+                "systemd 254 verify with fdstore-preserve.conf: {}",
+                text(&out)
+            );
             let out = analyze(
                 version,
                 &["verify", "./baton.socket", "./baton.service"],
@@ -354,6 +369,14 @@ async fn the_unit_files_verify_cleanly_and_rate_ok() {
             assert!(
                 out.status.success() && out.stdout.is_empty() && out.stderr.is_empty(),
                 "systemd 254 verify with notify-reload.conf: {}",
+                text(&out)
+            );
+        } else {
+            // What fdstore-preserve.conf's comment says of 252.
+            assert!(
+                String::from_utf8_lossy(&out.stderr)
+                    .contains("Unknown key 'FileDescriptorStorePreserve'"),
+                "systemd 252 verify with fdstore-preserve.conf: {}",
                 text(&out)
             );
         }
