@@ -1,7 +1,8 @@
 //! Baton's unit files under a real systemd (252 from Debian 12 and 254 from
 //! bookworm-backports), booted per test by the repository's systemd harness: start, reload
-//! under load, a failed reload, stop with a request in flight, the watchdog, and the
-//! notify-reload alternative. Needs root; skips with the reason where it cannot run.
+//! under load, a failed reload, stop with a request in flight, the watchdog, the
+//! notify-reload alternative, and a `kill -9` of the supervisor that the fd store rides
+//! out. Needs root; skips with the reason where it cannot run.
 #![forbid(unsafe_code)]
 
 use baton_tests::sdh::{Instance, skip_reason, text};
@@ -380,5 +381,253 @@ async fn the_unit_files_verify_cleanly_and_rate_ok() {
                 text(&out)
             );
         }
+    }
+}
+
+/// How one connection of the crash test ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+enum Outcome {
+    Answered,
+    Refused,
+    ConnectTimeout,
+    ConnectError,
+    Reset,
+    /// Closed without an answer (the worker that accepted it was killed).
+    Empty,
+    NotOk,
+    Timeout,
+    /// Another error while sending or reading.
+    Broken,
+}
+
+/// One connection: connect, one GET with `Connection: close`, read the whole answer.
+async fn one_connection(addr: std::net::SocketAddr) -> Outcome {
+    use std::io::ErrorKind;
+    const LIMIT: Duration = Duration::from_secs(20);
+    let mut conn = match tokio::time::timeout(LIMIT, tokio::net::TcpStream::connect(addr)).await {
+        Err(_) => return Outcome::ConnectTimeout,
+        Ok(Err(e)) if e.kind() == ErrorKind::ConnectionRefused => return Outcome::Refused,
+        Ok(Err(_)) => return Outcome::ConnectError,
+        Ok(Ok(conn)) => conn,
+    };
+    let exchange = async {
+        conn.write_all(b"GET /hello HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await?;
+        let mut response = Vec::new();
+        conn.read_to_end(&mut response).await?;
+        Ok::<_, std::io::Error>(response)
+    };
+    match tokio::time::timeout(LIMIT, exchange).await {
+        Err(_) => Outcome::Timeout,
+        Ok(Err(e)) if e.kind() == ErrorKind::ConnectionReset => Outcome::Reset,
+        Ok(Err(_)) => Outcome::Broken,
+        Ok(Ok(r)) if r.is_empty() => Outcome::Empty,
+        Ok(Ok(r)) if r.starts_with(b"HTTP/1.1 200") => Outcome::Answered,
+        Ok(Ok(_)) => Outcome::NotOk,
+    }
+}
+
+/// The inodes of the sockets listening on 127.0.0.1:`port`, from `/proc/net/tcp` (the
+/// instance shares the host's network namespace).
+fn listening_inodes(port: u16) -> Vec<u64> {
+    const LISTEN: &str = "0A";
+    let local = format!("0100007F:{port:04X}");
+    std::fs::read_to_string("/proc/net/tcp")
+        .unwrap()
+        .lines()
+        .skip(1)
+        .map(|line| line.split_whitespace().collect::<Vec<_>>())
+        .filter(|f| f.len() > 9 && f[1] == local && f[3] == LISTEN)
+        .map(|f| f[9].parse().unwrap())
+        .collect()
+}
+
+/// `socket:[INODE]` links among the fds of `pid` (a pid in the instance).
+async fn socket_fds(sd: &Instance, pid: &str) -> String {
+    let out = sd
+        .exec(&["sh", "-c", &format!("readlink /proc/{pid}/fd/*")])
+        .await;
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Under systemd with `FileDescriptorStoreMax=` and no socket unit: `kill -9` the
+/// supervisor while a client keeps opening connections. systemd restarts it
+/// (`Restart=on-failure`) and hands it the same listening socket from its fd store;
+/// no connection is refused, and those that queued meanwhile are answered.
+async fn crash_restart_from_the_fd_store(version: &'static str) {
+    let _heavy = heavy().await;
+    let mut sd = Instance::prepare(&format!("baton-fdstore-{version}"), version, false);
+    sd.without_socket_unit();
+    sd.write_config("baton-worker");
+    // After test.conf (RestartSec=500ms): restart quickly.
+    sd.drop_in("z-restart.conf", "[Service]\nRestartSec=100ms\n");
+    let preserve = version == "254";
+    if preserve {
+        std::fs::copy(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../systemd/fdstore-preserve.conf"),
+            sd.units.join("baton.service.d/fdstore-preserve.conf"),
+        )
+        .unwrap();
+    }
+    // sdh.target wants baton.service, as multi-user.target does once it is enabled: it
+    // starts at boot and stays loaded while stopped.
+    sd.up().await;
+    let out = sd.systemctl(&["start", "baton.service"]).await;
+    assert!(
+        out.status.success(),
+        "start: {}\n{}",
+        text(&out),
+        sd.journal().await
+    );
+    assert_eq!(sd.property("FileDescriptorStoreMax").await, "64");
+    assert_eq!(sd.property("NFileDescriptorStore").await, "1");
+    let (code, _) = get(sd.addr(), "/hello").await.unwrap();
+    assert_eq!(code, 200);
+    let journal = sd.journal().await;
+    assert!(
+        journal.contains("listener \"http\": bound")
+            && journal.contains("kept in systemd's fd store"),
+        "{journal}"
+    );
+    let inodes = listening_inodes(sd.port);
+    assert_eq!(inodes.len(), 1, "listening sockets on the port: {inodes:?}");
+    let inode = inodes[0];
+    let main_pid = sd.property("MainPID").await;
+    assert!(
+        socket_fds(&sd, &main_pid)
+            .await
+            .contains(&format!("socket:[{inode}]")),
+        "the supervisor does not hold the listening socket {inode}"
+    );
+    let (_, old_workers, _) = serving(&sd).await.expect("serving");
+
+    // A new connection every 5 ms for 5 s; the supervisor is killed after 0.5 s.
+    let addr = sd.addr();
+    let client = tokio::spawn(async move {
+        let mut conns = Vec::new();
+        let mut tick = tokio::time::interval(Duration::from_millis(5));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let end = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < end {
+            tick.tick().await;
+            conns.push(tokio::spawn(async move {
+                let started = Instant::now();
+                (one_connection(addr).await, started.elapsed())
+            }));
+        }
+        let mut outcomes = std::collections::BTreeMap::<Outcome, usize>::new();
+        let mut longest = Duration::ZERO;
+        for c in conns {
+            let (outcome, took) = c.await.unwrap();
+            *outcomes.entry(outcome).or_default() += 1;
+            longest = longest.max(took);
+        }
+        (outcomes, longest)
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let killed = Instant::now();
+    let out = sd.exec(&["kill", "-9", &main_pid]).await;
+    assert!(out.status.success(), "kill -9: {}", text(&out));
+    let deadline = Instant::now() + WAIT;
+    let new_pid = loop {
+        let pid = sd.property("MainPID").await;
+        if pid != main_pid && pid != "0" && sd.property("ActiveState").await == "active" {
+            break pid;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not restarted: {}",
+            sd.journal().await
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let restart = killed.elapsed();
+    let (outcomes, longest) = client.await.unwrap();
+    let attempted: usize = outcomes.values().sum();
+    eprintln!(
+        "systemd {version}: kill -9 → active again (new MainPID {new_pid}) in {restart:?}; \
+         {attempted} connections: {outcomes:?}, the longest took {longest:?}"
+    );
+    let journal = sd.journal().await;
+    assert_eq!(
+        outcomes.get(&Outcome::Refused),
+        None,
+        "connections refused while the supervisor restarted: {outcomes:?}\n{journal}"
+    );
+    assert!(outcomes.get(&Outcome::Answered).copied().unwrap_or(0) > attempted / 2);
+    let restarts: u32 = sd.property("NRestarts").await.parse().unwrap();
+    assert!(restarts >= 1, "NRestarts {restarts}");
+    assert!(
+        journal.contains("listener \"http\": 1 fd(s) from systemd socket activation"),
+        "the restarted supervisor did not take the listener from the fd store:\n{journal}"
+    );
+    // The very socket: still the only one on the port, held by the new supervisor, and
+    // once in the store.
+    assert_eq!(sd.property("NFileDescriptorStore").await, "1");
+    assert_eq!(
+        listening_inodes(sd.port),
+        vec![inode],
+        "another socket listens"
+    );
+    assert!(
+        socket_fds(&sd, &new_pid)
+            .await
+            .contains(&format!("socket:[{inode}]")),
+        "the new supervisor does not hold the listening socket {inode}"
+    );
+    // The killed supervisor's workers are gone (KillMode=mixed: systemd kills what is left
+    // of the cgroup once the main process has died).
+    for pid in &old_workers {
+        let out = sd.exec(&["test", "-e", &format!("/proc/{pid}")]).await;
+        assert!(
+            !out.status.success(),
+            "worker {pid} of the killed supervisor is still there"
+        );
+    }
+    let (code, body) = get(sd.addr(), "/hello").await.unwrap();
+    assert_eq!((code, body.contains("generation 1")), (200, true), "{body}");
+
+    // systemctl stop: with FileDescriptorStorePreserve=yes (254, fdstore-preserve.conf)
+    // systemd keeps the socket, so a connection waits for the next start; without it
+    // (252) the store goes with the stopped service and the port closes.
+    let out = sd.systemctl(&["stop", "baton.service"]).await;
+    assert!(out.status.success(), "stop: {}", text(&out));
+    if preserve {
+        assert_eq!(sd.property("SubState").await, "dead-resources-pinned");
+        assert_eq!(
+            listening_inodes(sd.port),
+            vec![inode],
+            "{}",
+            sd.journal().await
+        );
+        let waiting = tokio::spawn(one_connection(addr));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!waiting.is_finished(), "answered while stopped");
+        let out = sd.systemctl(&["start", "baton.service"]).await;
+        assert!(out.status.success(), "start: {}", text(&out));
+        assert_eq!(waiting.await.unwrap(), Outcome::Answered);
+        assert_eq!(listening_inodes(sd.port), vec![inode]);
+    } else {
+        let deadline = Instant::now() + WAIT;
+        while !listening_inodes(sd.port).is_empty() {
+            assert!(Instant::now() < deadline, "the port stays open after stop");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(one_connection(addr).await, Outcome::Refused);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_supervisor_gets_its_listener_back_from_the_fd_store_252() {
+    if !skip() {
+        crash_restart_from_the_fd_store("252").await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_supervisor_gets_its_listener_back_from_the_fd_store_254() {
+    if !skip() {
+        crash_restart_from_the_fd_store("254").await;
     }
 }

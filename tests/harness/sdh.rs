@@ -39,6 +39,8 @@ pub struct Instance {
     pub units: PathBuf,
     pub port: u16,
     pub config: PathBuf,
+    /// baton.socket is installed and started at boot.
+    socket_unit: bool,
     up: bool,
 }
 
@@ -113,6 +115,7 @@ impl Instance {
             share,
             units: units.clone(),
             port,
+            socket_unit: true,
             up: false,
         };
         instance.write_config("slow-start-worker");
@@ -164,7 +167,26 @@ impl Instance {
         .unwrap();
     }
 
-    /// Boots systemd with the units; only baton.socket is started.
+    /// No baton.socket: baton binds its listeners itself. sdh.target wants baton.service,
+    /// as multi-user.target does once it is enabled, so it starts at boot and stays loaded
+    /// (with its fd store, if preserved) while it is stopped.
+    pub fn without_socket_unit(&mut self) {
+        std::fs::remove_file(self.units.join("baton.socket")).unwrap();
+        std::fs::write(
+            self.units.join("sdh.target"),
+            "[Unit]\nDefaultDependencies=no\nWants=systemd-journald.socket systemd-journald.service baton.service\n",
+        )
+        .unwrap();
+        self.socket_unit = false;
+    }
+
+    /// Adds `text` as the drop-in `baton.service.d/NAME` (after test.conf when NAME sorts
+    /// after it).
+    pub fn drop_in(&self, name: &str, text: &str) {
+        std::fs::write(self.units.join("baton.service.d").join(name), text).unwrap();
+    }
+
+    /// Boots systemd with the units; only baton.socket is started (if there is one).
     pub async fn up(&mut self) {
         if self.version == "254" {
             let out = sdh(&["fetch-254"]).await;
@@ -174,7 +196,7 @@ impl Instance {
                 String::from_utf8_lossy(&out.stderr)
             );
         }
-        let up = [
+        let mut up = vec![
             "up",
             "--version",
             self.version,
@@ -182,11 +204,12 @@ impl Instance {
             self.units.to_str().unwrap(),
             "--share",
             self.share.to_str().unwrap(),
-            "--want",
-            "baton.socket",
             "--name",
             &self.name,
         ];
+        if self.socket_unit {
+            up.extend(["--want", "baton.socket"]);
+        }
         let mut out = sdh(&up).await;
         // Now and then systemd's PID 1 exits while it boots, before Baton is involved, with
         // nothing on its console (seen in full test runs, never when this test runs alone).
