@@ -15,7 +15,12 @@ Scenarios:
   b  an upgrade every 0.5 s under wrk -t1 -c32 (keep-alive / close): failed requests,
      socket errors, p99 and max latency
   c  upgrade latency over N upgrades, idle and under load: signal -> a new worker
-     answers a fresh connection, and signal -> every old worker is gone
+     answers a fresh connection, and signal -> every old worker is gone. Then the
+     supervisor upgrading itself in place, N' times idle and under load: Baton's
+     re-exec (the baton binary on disk alternates between two builds; request ->
+     the new image answers `status`, with the same pid and the serving generation
+     untouched) next to nginx's binary upgrade (USR2 -> a worker of the new master
+     answers; WINCH and QUIT to the old master, whose pid the new one does not keep)
   d  RSS and PSS of every process, idle and holding 1,000 connections
   e  10,000 keep-alive connections (wrk -c10000) carried across 5 upgrades
 """
@@ -241,16 +246,51 @@ class Bare(Server):
 
 
 class Baton(Server):
+    """Baton with the `hello` plugin. own_binary: it runs a copy of the baton binary in its
+    own directory, which `install` replaces by one of two builds (for self-upgrades)."""
     name = "baton"
     path = "/hello"
     upgrade_kind = "SIGUSR2"
     workers = BATON_PROCESSES
+    MARKER = b"BATON-RELEASE:"
+
+    def __init__(self, own_binary=False):
+        super().__init__()
+        self.own_binary = own_binary
+        self.binary = os.path.join(RELEASE, "baton")
+        # Where it goes by default without $RUNTIME_DIRECTORY (a directory only we enter).
+        self.control_socket = os.path.join(self.dir, ".baton-run", "baton.sock")
+
+    def builds(self):
+        """The release binary and a copy whose release marker names another version of
+        the same length (another hash, another reported version): [(version, bytes)]."""
+        with open(os.path.join(RELEASE, "baton"), "rb") as f:
+            data = f.read()
+        if data.count(self.MARKER) != 1:
+            raise RuntimeError("baton binary: expected exactly one release marker")
+        at = data.index(self.MARKER) + len(self.MARKER)
+        end = data.index(b";", at)
+        version = data[at:end]
+        other = version[:-1] + (b"2" if version.endswith(b"1") else b"1")
+        return [(version.decode(), data), (other.decode(), data[:at] + other + data[end:])]
+
+    def install(self, data):
+        """Puts `data` in place as the baton binary on disk, as a package manager does
+        (a new file renamed over the old one; the running image is not written to)."""
+        tmp = self.binary + ".new"
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, 0o755)
+        os.rename(tmp, self.binary)
 
     def launch(self):
         plugins = os.path.join(self.dir, "plugins.d")
         os.makedirs(plugins, mode=0o755)
         os.chmod(self.dir, 0o755)
         shutil.copy(os.path.join(RELEASE, "libbaton_hello.so"), plugins)
+        if self.own_binary:
+            self.binary = os.path.join(self.dir, "baton")
+            self.install(self.builds()[0][1])
         self.config = os.path.join(self.dir, "baton.toml")
         with open(self.config, "w") as f:
             f.write(f"""[[listener]]
@@ -263,8 +303,10 @@ threads = {BATON_THREADS}
 drain_timeout = "10s"
 [plugins]
 dir = "{plugins}"
+[control]
+socket = "{self.control_socket}"
 """)
-        self.proc = subprocess.Popen([os.path.join(RELEASE, "baton"), "run", "-c", self.config],
+        self.proc = subprocess.Popen([self.binary, "run", "-c", self.config],
                                      env={**os.environ, "BATON_LOG": "warn"})
 
     def pid_of(self, response):
@@ -273,6 +315,37 @@ dir = "{plugins}"
 
     def upgrade(self):
         os.kill(self.proc.pid, signal.SIGUSR2)
+
+    def status(self, timeout=5.0):
+        """`baton status` through the control socket: the status document, or None (no
+        answer, e.g. while the supervisor re-executes and its old image closed the
+        connection)."""
+        reply = control(self.control_socket, {"command": "status"}, timeout)
+        return reply["status"] if reply and reply.get("reply") == "status" else None
+
+    def supervisor_upgrade(self):
+        """`baton upgrade --supervisor` without waiting: re-exec the binary on disk."""
+        reply = control(self.control_socket, {"command": "upgrade", "wait": False, "supervisor": True})
+        if not reply or reply.get("reply") != "accepted":
+            raise RuntimeError(f"baton: supervisor upgrade not accepted: {reply}")
+
+
+def control(path, request, timeout=5.0):
+    """One request on a control socket (one JSON line each way): the first reply or None."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(timeout)
+            s.connect(path)
+            s.sendall(json.dumps(request).encode() + b"\n")
+            line = b""
+            while not line.endswith(b"\n"):
+                chunk = s.recv(65536)
+                if not chunk:
+                    return None
+                line += chunk
+        return json.loads(line)
+    except (OSError, ValueError):
+        return None
 
 
 class Nginx(Server):
@@ -557,6 +630,112 @@ def scenario_c(server, upgrades):
     return out
 
 
+def fd_count(pid):
+    try:
+        return len(os.listdir(f"/proc/{pid}/fd"))
+    except OSError:
+        return None
+
+
+def serving(status):
+    """(number, worker pids) of the serving generation in a Baton status document."""
+    for g in status["generations"]:
+        if g["state"] == "serving":
+            return g["number"], sorted(g["pids"])
+    return None
+
+
+def one_supervisor_upgrade(server, version):
+    """Baton's supervisor re-exec: request -> the new image answers `status` (its
+    `reexecs` went up). Returns (ms or None, the status it answered, or None)."""
+    status = server.status()
+    if status is None:
+        log("baton: no status before the supervisor upgrade")
+        return None, None
+    before = status["supervisor"]["reexecs"]
+    t0 = time.monotonic()
+    server.supervisor_upgrade()
+    deadline = t0 + 15
+    while time.monotonic() < deadline:
+        status = server.status(timeout=max(0.1, deadline - time.monotonic()))
+        if status is not None and status["supervisor"]["reexecs"] > before:
+            ms = (time.monotonic() - t0) * 1000.0
+            if status["supervisor"]["version"] != version:
+                last = status.get("last_upgrade") or {}
+                log(f"baton: the re-exec runs {status['supervisor']['version']}, not {version}: "
+                    f"{last.get('result')} {last.get('reason')}")
+            return ms, status
+        time.sleep(0.001)
+    log("baton: no new supervisor image within 15 s")
+    return None, server.status()
+
+
+def scenario_c_self(server, upgrades):
+    """The supervisor upgrading itself, `upgrades` times idle and under wrk -t1 -c32.
+    Baton: `upgrade --supervisor` over the control socket with the binary on disk
+    alternating between two builds; the pid, the serving generation and its worker pids
+    must stay as they are. nginx-binary: its binary upgrade, timed as in scenario (c)."""
+    baton = isinstance(server, Baton)
+    builds = server.builds()[::-1] if baton else None  # the first upgrade installs the other build
+    done = 0
+    out = {}
+    for mode in ("idle", "load"):
+        load = None
+        if mode == "load":
+            load = subprocess.Popen(["wrk", "-t1", "-c32", "-d600s", f"http://127.0.0.1:{server.port}{server.path}"],
+                                    stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+            time.sleep(0.5)
+        time.sleep(0.3)  # a control connection just answered may still be open
+        master = server.master()
+        r = {"upgrades": upgrades, "pid_before": master, "fds_before": fd_count(master),
+             "rss_kib_before": memory(master)[0], "pid_changes": 0, "serving_changes": 0,
+             "version_mismatches": 0}
+        first = serving(server.status()) if baton else None
+        times = []
+        try:
+            for _ in range(upgrades):
+                pid = server.master()
+                if baton:
+                    version, data = builds[done % 2]
+                    server.install(data)
+                    ms, status = one_supervisor_upgrade(server, version)
+                    now = serving(status) if status else None
+                    if status is None or status["supervisor"]["pid"] != pid or server.proc.poll() is not None:
+                        r["pid_changes"] += 1
+                    if now is None or now != first or sorted(server.worker_pids()) != now[1]:
+                        r["serving_changes"] += 1
+                        log(f"baton: serving generation {first} became {now}")
+                    if status is None or status["supervisor"]["version"] != version:
+                        r["version_mismatches"] += 1
+                else:
+                    ms, _ = one_upgrade_latency(server)
+                    if server.master() != pid:
+                        r["pid_changes"] += 1
+                times.append(ms)
+                done += 1
+                time.sleep(0.05)
+        finally:
+            if load:
+                load.send_signal(signal.SIGINT)  # wrk prints its figures on SIGINT
+                try:
+                    wrk_out = load.communicate(timeout=30)[0]
+                except subprocess.TimeoutExpired:
+                    load.kill()
+                    wrk_out = load.communicate()[0]
+                w = parse_wrk(wrk_out)
+                r.update({k: w[k] for k in ("requests", "errors", "non2xx", "connect", "read", "write", "timeout")})
+        time.sleep(0.3)
+        master = server.master()
+        r.update({"upgrade_ms": summarize(times), "failed": sum(t is None for t in times),
+                  "pid_after": master, "fds_after": fd_count(master), "rss_kib_after": memory(master)[0]})
+        if baton:
+            st = server.status()
+            r["reexecs"] = st["supervisor"]["reexecs"]
+            r["version_after"] = st["supervisor"]["version"]
+        out[mode] = r
+    return out
+
+
 def mem_of(server):
     procs = []
     for pid in server.all_pids():
@@ -657,6 +836,26 @@ def report(results, quick):
             add(f"{n:14} {mode:6} {fmt(nw['median']):>8} {fmt(nw['p99']):>8} {fmt(nw['max']):>8} "
                 f"{fmt(g['median']):>9} {fmt(g['p99']):>9} {fmt(g['max']):>9}")
     add("")
+    add("(c) supervisor upgrade in place, ms. baton: upgrade --supervisor (binary on disk alternating")
+    add("    between two builds) -> the new image answers status; nginx-binary: USR2 -> a worker of the")
+    add("    new master answers (then WINCH, QUIT to the old master). pid chg: upgrades after which the")
+    add("    master pid differed; gen chg: serving generation or its worker pids changed (baton)")
+    add(f"{'server':14} {'mode':6} {'n':>3} {'med':>7} {'p99':>7} {'max':>7} {'fail':>5} {'pid chg':>8} {'gen chg':>8} "
+        f"{'req err':>8} {'fds':>8} {'RSS MiB':>10}")
+    for n in names:
+        c = results["servers"][n].get("c_self")
+        if not c:
+            continue
+        for mode in ("idle", "load"):
+            r = c[mode]
+            u = r["upgrade_ms"]
+            err = fmt(r.get("errors")) if mode == "load" else "-"
+            gen = fmt(r["serving_changes"]) if n == "baton" else "-"
+            fds = f"{fmt(r['fds_before'])}->{fmt(r['fds_after'])}"
+            rss = f"{r['rss_kib_before'] / 1024:.1f}->{r['rss_kib_after'] / 1024:.1f}"
+            add(f"{n:14} {mode:6} {r['upgrades']:>3} {fmt(u['median']):>7} {fmt(u['p99']):>7} {fmt(u['max']):>7} "
+                f"{r['failed']:>5} {r['pid_changes']:>8} {gen:>8} {err:>8} {fds:>8} {rss:>10}")
+    add("")
     add("(d) memory, MiB (all processes)")
     add(f"{'server':14} {'idle RSS':>9} {'idle PSS':>9} {'1k RSS':>9} {'1k PSS':>9}  per process (idle RSS)")
     for n in names:
@@ -701,6 +900,18 @@ def goals(results):
             theirs = s["nginx"]["c"][mode]["new_answers_ms"]["median"]
             if mine is not None and theirs is not None:
                 line(mine <= theirs, f"upgrade latency ({mode}) median {mine:.1f} ms vs nginx HUP {theirs:.1f} ms")
+    if b.get("c_self"):
+        c = b["c_self"]
+        n = sum(c[m]["upgrades"] for m in ("idle", "load"))
+        bad = sum(c[m]["failed"] + c[m]["pid_changes"] + c[m]["serving_changes"] + c[m]["version_mismatches"]
+                  for m in ("idle", "load"))
+        line(bad == 0, f"supervisor re-exec x{n}: same pid, serving generation and workers untouched, version "
+                       f"follows the binary (violations: {bad})")
+        errors = c["load"].get("errors")
+        line(errors == 0, f"zero failed requests across supervisor re-execs under load: {errors}")
+        grew = c["load"]["fds_after"] - c["idle"]["fds_after"]
+        line(grew <= 0, f"no fd growth over the second {c['load']['upgrades']} re-execs: "
+                        f"{c['idle']['fds_after']} -> {c['load']['fds_after']}")
     if b.get("a") and b.get("b"):
         steady = b["a"]["keepalive"]["p99_ms"]
         during = b["b"]["keepalive"]["p99_ms"]
@@ -731,7 +942,7 @@ def main():
     q = args.quick
     plan = {
         "a_seconds": 2, "a_turns": 2 if q else 10,
-        "b_seconds": 8 if q else 30, "c_upgrades": 10 if q else 50,
+        "b_seconds": 8 if q else 30, "c_upgrades": 10 if q else 50, "c_self_upgrades": 5 if q else 20,
         "d_connections": 1000, "e_connections": 10000, "e_upgrades": 5,
     }
 
@@ -791,6 +1002,15 @@ def main():
                 continue
             log(f"({key}) {n}")
             results["servers"][n][key] = with_server(cls, fn)
+        if key == "c":
+            # The supervisor upgrading itself: Baton's re-exec next to nginx's binary upgrade.
+            for n, cls in servers_for(names):
+                if n not in ("baton", "nginx-binary"):
+                    continue
+                log(f"(c) {n}: supervisor upgrade in place, {plan['c_self_upgrades']} times idle and under load")
+                results["servers"][n]["c_self"] = with_server(
+                    (lambda: Baton(own_binary=True)) if n == "baton" else cls,
+                    lambda s: scenario_c_self(s, plan["c_self_upgrades"]))
     results["seconds"] = round(time.time() - started)
 
     table = report(results, q)
