@@ -82,6 +82,9 @@ pub fn short(hash: &str) -> &str {
     &hash[..hash.len().min(12)]
 }
 
+/// A file's (dev, ino, size, mtime, ctime): it changes whenever the file does.
+pub type Stamp = (u64, u64, u64, (i64, i64), (i64, i64));
+
 /// What the shell holds.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct ShellState {
@@ -89,6 +92,9 @@ pub struct ShellState {
     pub ctx: PathContext,
     /// The baton binary on disk that self-upgrades compare with and run.
     pub binary_path: PathBuf,
+    /// Its (dev, ino, size, mtime, ctime) when it hashed to the image the state is for.
+    #[serde(default)]
+    pub binary_stamp: Option<Stamp>,
     /// When the service started (the first image).
     pub started_at: SystemTime,
     /// Images before this one.

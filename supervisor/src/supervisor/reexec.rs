@@ -66,8 +66,7 @@ pub struct Image {
     same_on_disk: Option<Stamp>,
 }
 
-/// (dev, ino, size, mtime, ctime) of a file.
-type Stamp = (u64, u64, u64, (i64, i64), (i64, i64));
+use crate::handover::Stamp;
 
 fn stamp(meta: &std::fs::Metadata) -> Stamp {
     use std::os::unix::fs::MetadataExt;
@@ -164,10 +163,15 @@ impl Supervisor {
             .next_back()
             .map(|g| g.artifacts.config.plugins.cache_dir.clone())
             .ok_or("no generation is running")?;
+        let before = std::fs::metadata(&self.image.path).ok().map(|m| stamp(&m));
         let new = self
             .cache
             .supervisor_binary(&self.image.path, &dir)
             .map_err(|e| e.to_string())?;
+        // The file on disk is the new image as long as this stamp holds: the next image
+        // need not hash it again.
+        let on_disk =
+            before.filter(|b| std::fs::metadata(&self.image.path).is_ok_and(|m| stamp(&m) == *b));
         let current = match self
             .image
             .held
@@ -191,9 +195,10 @@ impl Supervisor {
             );
         }
         let mut fds = Vec::new();
-        let state = self
+        let mut state = self
             .handover_state(request, &new, &current, &mut fds)
             .map_err(|e| e.to_string())?;
+        state.shell.binary_stamp = on_disk;
         let memfd = handover::seal(&state.encode())
             .map_err(|e| format!("cannot write the state to a memfd: {e}"))?;
         let build = check_image(&new, memfd.as_fd())?;
@@ -332,6 +337,7 @@ impl Supervisor {
                 config_path: self.config_path.clone(),
                 ctx: self.ctx.clone(),
                 binary_path: self.image.path.clone(),
+                binary_stamp: None,
                 started_at: self.image.service_started_at,
                 reexecs: self.image.reexecs,
                 control,
@@ -501,9 +507,10 @@ pub fn handover_check(fd: RawFd) -> Result<Build, String> {
     let bytes = handover::read_all(&memfd).map_err(|e| e.to_string())?;
     let state = Handover::decode(&bytes).map_err(|e| e.to_string())?;
     validate(&state, false)?;
+    // Its hash is the cache file's name, known to the caller: not computed again here.
     Ok(Build {
         version: crate::release::version(),
-        sha256: sha256_of(Path::new("/proc/self/exe")).unwrap_or_default(),
+        sha256: String::new(),
     })
 }
 
@@ -724,10 +731,9 @@ fn take_over(
         .first()
         .map(|a| a.hash().to_owned())
         .unwrap_or_default();
-    let same_on_disk = std::fs::metadata(&shell.binary_path)
-        .ok()
-        .filter(|_| sha256_of(&shell.binary_path).is_ok_and(|h| h == running))
-        .map(|m| stamp(&m));
+    // What the previous image saw on disk when it hashed the new image (only when this
+    // image is that one); anything else is hashed again at the next upgrade.
+    let same_on_disk = shell.binary_stamp.filter(|_| rejected.is_none());
     let image = Image {
         path: shell.binary_path,
         build: Build {
