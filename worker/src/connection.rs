@@ -139,7 +139,10 @@ pub(crate) async fn connection<I: Socket>(
         nodelay: false,
         linger: None,
     };
+    // Biased: when the first bytes and the drain's deadline are both there (a worker kept
+    // off the CPU past `drain_idle_grace`), the request that arrived is served.
     let h2 = tokio::select! {
+        biased;
         sniffed = io.sniff() => match sniffed {
             Ok(h2) => h2,
             Err(e) => return tracing::debug!("connection ended: {e}"),
