@@ -70,6 +70,9 @@ pub struct GenerationInfo {
     pub connections: u64,
     /// Requests served by the generation's workers, including exited ones.
     pub requests: u64,
+    /// Requests answered with a 5xx status, including those of exited workers.
+    #[serde(default)]
+    pub errors: u64,
     /// Open WebSocket connections, as last reported by the workers.
     #[serde(default)]
     pub websockets: u64,

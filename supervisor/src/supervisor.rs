@@ -606,6 +606,7 @@ impl Supervisor {
                     restarts: g.restarts,
                     connections: g.connections(),
                     requests: g.requests(),
+                    errors: g.errors(),
                     websockets: g.websockets(),
                     streams: g.streams(),
                     failure: g.failure.clone(),

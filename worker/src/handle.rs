@@ -234,6 +234,9 @@ async fn with_body(parts: http::request::Parts, body: Incoming, ctx: &ConnCtx) -
 /// Counts the answered request; during the drain, HTTP/1 responses close the connection.
 fn finish(mut response: Response<Body>, version: Version, shared: &Shared) -> Response<Body> {
     shared.requests.add_one();
+    if response.status().is_server_error() {
+        shared.errors.add_one();
+    }
     if shared.closing.load(Ordering::Relaxed) && version < Version::HTTP_2 {
         response
             .headers_mut()

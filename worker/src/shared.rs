@@ -19,6 +19,8 @@ pub(crate) struct Shared {
     pub(crate) pid: u32,
     pub(crate) settings: WorkerSettings,
     pub(crate) requests: ShardedCounter,
+    /// Requests answered with a 5xx status.
+    pub(crate) errors: ShardedCounter,
     pub(crate) connections: Arc<Connections>,
     pub(crate) slots: Arc<Semaphore>,
     pub(crate) http1: http1::Builder,
@@ -61,6 +63,7 @@ impl Shared {
             slots: Arc::new(Semaphore::new(settings.http.max_connections.max(1))),
             settings,
             requests: ShardedCounter::default(),
+            errors: ShardedCounter::default(),
             connections: Arc::new(Connections::default()),
         }
     }
@@ -72,6 +75,7 @@ impl Shared {
             requests: self.requests.sum(),
             websockets: self.websockets.load(Ordering::Relaxed),
             streams: self.streams.load(Ordering::Relaxed),
+            errors: self.errors.sum(),
         }
     }
 }

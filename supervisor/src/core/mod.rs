@@ -412,6 +412,9 @@ pub struct Generation<A> {
     pub restarts: u64,
     /// Requests served by workers of this generation that have exited.
     pub requests_of_exited: u64,
+    /// 5xx answers of workers of this generation that have exited.
+    #[serde(default)]
+    pub errors_of_exited: u64,
     pub failure: Option<String>,
     #[serde(with = "snapshot::mono")]
     pub started: Instant,
@@ -479,6 +482,11 @@ impl<A> Generation<A> {
 
     pub fn requests(&self) -> u64 {
         self.requests_of_exited + self.workers.iter().map(|w| w.stats.requests).sum::<u64>()
+    }
+
+    /// Answers with a 5xx status, including those of workers that have exited.
+    pub fn errors(&self) -> u64 {
+        self.errors_of_exited + self.workers.iter().map(|w| w.stats.errors).sum::<u64>()
     }
 }
 

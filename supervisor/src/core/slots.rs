@@ -124,6 +124,7 @@ impl<A: Clone + std::fmt::Debug> Core<A> {
         let lived = now.saturating_duration_since(spawned);
         let last_status = w.status.take();
         g.requests_of_exited += w.stats.requests;
+        g.errors_of_exited += w.stats.errors;
         w.stats = Default::default();
         w.stats_at = None;
         w.state = SlotState::Exited;

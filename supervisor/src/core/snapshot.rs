@@ -102,6 +102,7 @@ impl<A> Generation<A> {
             workers: self.workers.clone(),
             restarts: self.restarts,
             requests_of_exited: self.requests_of_exited,
+            errors_of_exited: self.errors_of_exited,
             failure: self.failure.clone(),
             started: self.started,
             started_at: self.started_at,

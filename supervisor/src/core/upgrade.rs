@@ -137,6 +137,7 @@ impl<A: Clone + std::fmt::Debug> Core<A> {
                 workers: (0..processes).map(|_| Slot::new()).collect(),
                 restarts: 0,
                 requests_of_exited: 0,
+                errors_of_exited: 0,
                 failure: None,
                 started: self.now,
                 started_at: SystemTime::now(),

@@ -7,8 +7,9 @@
 use thiserror::Error;
 
 /// Counters a worker reports in `BATON_STATS=<open connections> <requests served>
-/// <open WebSockets> <open streamed answers>` (the last two since ABI 1.1; a worker that
-/// sends two numbers has none).
+/// <open WebSockets> <open streamed answers> <5xx answers>` (WebSockets and streams since
+/// ABI 1.1, 5xx answers since the canary upgrades; a worker that sends fewer numbers has
+/// none of those).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Stats {
     /// Connections open right now.
@@ -19,14 +20,17 @@ pub struct Stats {
     pub websockets: u64,
     /// Streamed (deferred) answers under way right now.
     pub streams: u64,
+    /// Requests answered with a 5xx status since the worker started.
+    #[serde(default)]
+    pub errors: u64,
 }
 
 impl Stats {
     /// The `BATON_STATS=` line for these counters.
     pub fn to_line(self) -> String {
         format!(
-            "BATON_STATS={} {} {} {}",
-            self.connections, self.requests, self.websockets, self.streams
+            "BATON_STATS={} {} {} {} {}",
+            self.connections, self.requests, self.websockets, self.streams, self.errors
         )
     }
 }
@@ -216,6 +220,14 @@ fn parse_stats(value: &str) -> Result<Stats, ParseError> {
             requests,
             websockets,
             streams,
+            ..Stats::default()
+        }),
+        [connections, requests, websockets, streams, errors] => Ok(Stats {
+            connections,
+            requests,
+            websockets,
+            streams,
+            errors,
         }),
         _ => Err(bad()),
     }
@@ -290,6 +302,7 @@ mod tests {
             requests: 9,
             websockets: 3,
             streams: 2,
+            errors: 1,
         };
         assert_eq!(
             NotifyMessage::parse(s.to_line().as_bytes()).unwrap().stats,
