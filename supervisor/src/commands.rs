@@ -7,6 +7,7 @@ use crate::config::{Config, ConfigError, PathContext, control_socket_lenient};
 use crate::control::{ControlSocket, Reply, Request};
 use crate::events::Event;
 use crate::listeners::{Activated, ListenerSet};
+use crate::metrics::MetricsListener;
 use crate::notify::{Systemd, WorkerSocket};
 use crate::status::UpgradeResult;
 use crate::supervisor::Supervisor;
@@ -305,7 +306,18 @@ fn run(path: &Path, env: Env) -> anyhow::Result<ExitCode> {
         let systemd = Systemd::from_env(env.notify_socket, env.watchdog);
         let listeners = listeners.with_fd_store(systemd.clone());
         let control_dup = control.handover().context("control socket")?;
-        start_tasks(signals, &notify, &systemd, control, &events_tx);
+        let metrics = match &config.metrics_address {
+            Some(address) => Some(
+                MetricsListener::bind(address)
+                    .with_context(|| format!("metrics.address {address}: cannot listen"))?,
+            ),
+            None => None,
+        };
+        let metrics_dup = match &metrics {
+            Some(m) => Some((m.handover().context("metrics listener")?, m.address.clone())),
+            None => None,
+        };
+        start_tasks(signals, &notify, &systemd, control, metrics, &events_tx);
         let supervisor = Supervisor::new(
             &config,
             path.to_owned(),
@@ -317,7 +329,8 @@ fn run(path: &Path, env: Env) -> anyhow::Result<ExitCode> {
             notify,
             systemd,
             events_tx,
-        );
+        )
+        .with_metrics(metrics_dup);
         finish(supervisor.run(config, events_rx).await)
     })
 }
@@ -346,6 +359,7 @@ fn resume(fd: i32, env: Env) -> anyhow::Result<ExitCode> {
             &resumed.notify,
             &systemd,
             resumed.control,
+            resumed.metrics,
             &events_tx,
         );
         // Signals that came during the exec were held back; they arrive now, handled.
@@ -370,13 +384,14 @@ fn install_signals() -> anyhow::Result<signal_hook_tokio::Signals> {
     .context("install signal handlers")
 }
 
-/// The tasks that turn signals, worker datagrams, the watchdog and the control socket
-/// into events.
+/// The tasks that turn signals, worker datagrams, the watchdog, the control socket and
+/// metrics scrapes into events.
 fn start_tasks(
     signals: signal_hook_tokio::Signals,
     notify: &Arc<WorkerSocket>,
     systemd: &Systemd,
     control: ControlSocket,
+    metrics: Option<MetricsListener>,
     events: &tokio::sync::mpsc::UnboundedSender<Event>,
 ) {
     tokio::spawn(pump_signals(signals, events.clone()));
@@ -394,6 +409,9 @@ fn start_tasks(
         });
     }
     tokio::spawn(control.serve(events.clone()));
+    if let Some(metrics) = metrics {
+        tokio::spawn(metrics.serve(events.clone()));
+    }
 }
 
 fn finish(result: Result<(), String>) -> anyhow::Result<ExitCode> {

@@ -142,6 +142,8 @@ pub struct Config {
     pub http: HttpSettings,
     pub websocket: WebSocketSettings,
     pub control_socket: PathBuf,
+    /// `[metrics] address`: where the supervisor serves `GET /metrics`, if anywhere.
+    pub metrics_address: Option<Address>,
 }
 
 impl Config {
@@ -152,20 +154,22 @@ impl Config {
 
     /// Validates `text` as if read from `path`: the raw sections first (any TOML error,
     /// unknown key or wrong type), then the values of each section in turn (listeners,
-    /// worker, plugins, http, control); the first error found is the one reported.
+    /// worker, plugins, http, control, metrics); the first error found is the one reported.
     pub fn parse(text: &str, path: &Path, ctx: &PathContext) -> Result<Config, ConfigError> {
         let raw: Raw = toml::from_str(text).map_err(|e| values::syntax_error(text, path, &e))?;
         let v = Validator { text, path };
         let base = config_dir(path);
+        let listeners = sections::listeners(&v, &raw.listener, &base)?;
         Ok(Config {
             file: path.to_owned(),
             text: text.to_owned(),
-            listeners: sections::listeners(&v, &raw.listener, &base)?,
+            listeners: listeners.clone(),
             worker: raw.worker.validate(&v, ctx)?,
             plugins: raw.plugins.validate(&v, &base, ctx)?,
             http: raw.http.validate(&v)?,
             websocket: raw.websocket.validate(&v)?,
             control_socket: raw.control.validate(&v, &base, ctx)?,
+            metrics_address: raw.metrics.validate(&v, &base, &listeners)?,
         })
     }
 
@@ -182,6 +186,7 @@ impl Config {
             plugins,
             plugin_settings_json: serde_json::to_string(&self.plugins.settings)
                 .expect("TOML tables serialise as JSON"),
+            metrics: self.metrics_address.is_some(),
         }
     }
 }

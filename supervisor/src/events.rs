@@ -44,6 +44,10 @@ pub enum Event {
     Status {
         reply: oneshot::Sender<StatusReport>,
     },
+    /// A scrape of the metrics listener: the exposition text.
+    Metrics {
+        reply: oneshot::Sender<String>,
+    },
     /// A datagram from a worker, attributed by its credentials.
     Notify {
         pid: i32,

@@ -100,6 +100,9 @@ pub struct ShellState {
     /// Images before this one.
     pub reexecs: u64,
     pub control: SocketState,
+    /// The metrics listener (`[metrics] address`), if it serves.
+    #[serde(default)]
+    pub metrics: Option<MetricsState>,
     pub notify: SocketState,
     pub lifeline_read: RawFd,
     pub lifeline_write: RawFd,
@@ -123,6 +126,13 @@ pub struct ShellState {
 pub struct SocketState {
     pub fd: RawFd,
     pub path: PathBuf,
+}
+
+/// The metrics listener: its fd and its address as configured (`unix:PATH` or IP:PORT).
+#[derive(Debug, Serialize, Deserialize)]
+pub struct MetricsState {
+    pub fd: RawFd,
+    pub address: String,
 }
 
 /// A held cache file.

@@ -22,6 +22,7 @@ pub mod fuzzing;
 pub mod generation;
 pub mod handover;
 pub mod listeners;
+pub mod metrics;
 pub mod notify;
 pub mod plugins;
 pub mod release;

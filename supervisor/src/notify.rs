@@ -180,8 +180,9 @@ pub struct WorkerSocket {
     path: PathBuf,
 }
 
-/// Largest datagram read; longer ones are truncated (and then fail to parse).
-const MAX_DATAGRAM: usize = 4096;
+/// Largest datagram read; longer ones are truncated (and then fail to parse). A worker's
+/// `BATON_METRICS=` grows with its routes (about 150 bytes each).
+pub const MAX_DATAGRAM: usize = 65536;
 
 impl WorkerSocket {
     /// Binds in the abstract namespace under an unguessable name: no file to leave behind
@@ -234,7 +235,7 @@ impl WorkerSocket {
             let (pid, data) = self
                 .socket
                 .async_io(Interest::READABLE, || {
-                    let mut buf = [0u8; MAX_DATAGRAM];
+                    let mut buf = vec![0u8; MAX_DATAGRAM];
                     let mut cmsg = nix::cmsg_space!(UnixCredentials);
                     let (pid, len) = {
                         let mut iov = [IoSliceMut::new(&mut buf)];

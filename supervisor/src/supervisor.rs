@@ -70,6 +70,8 @@ pub struct Supervisor {
     lifeline_write: OwnedFd,
     /// A duplicate of the control socket's listening fd, and its path (for a re-exec).
     control: (OwnedFd, PathBuf),
+    /// A duplicate of the metrics listener's fd, and its address (for a re-exec).
+    metrics: Option<(OwnedFd, String)>,
     /// The supervisor's own binary.
     image: Image,
     /// A re-exec the core asked for, carried out once the current input is done.
@@ -90,6 +92,12 @@ pub struct Supervisor {
 }
 
 impl Supervisor {
+    /// Serves metrics: `dup` is a duplicate of the listener's fd, kept for a re-exec.
+    pub fn with_metrics(mut self, dup: Option<(OwnedFd, String)>) -> Self {
+        self.metrics = dup;
+        self
+    }
+
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         config: &Config,
@@ -140,6 +148,7 @@ impl Supervisor {
             lifeline,
             lifeline_write,
             control,
+            metrics: None,
             image,
             pending_reexec: None,
             notify,
@@ -236,6 +245,14 @@ impl Supervisor {
             }
             Event::Status { reply } => {
                 let _ = reply.send(self.report());
+            }
+            Event::Metrics { reply } => {
+                let image = crate::metrics::ImageInfo {
+                    build: &self.image.build,
+                    reexecs: self.image.reexecs,
+                    service_started_at: self.image.service_started_at,
+                };
+                let _ = reply.send(crate::metrics::render(&self.core, &image));
             }
             Event::Notify { pid, message } => self.feed(Input::Notify {
                 pid: pid as u32,
@@ -410,9 +427,12 @@ impl Supervisor {
                 });
             }
         };
-        let settings_json = config
-            .worker_settings(crate::spawn::plugin_specs(&artifacts.plugins, &listeners))
-            .to_json();
+        let mut settings =
+            config.worker_settings(crate::spawn::plugin_specs(&artifacts.plugins, &listeners));
+        // Workers report their metrics when this supervisor serves them, whatever the
+        // generation's own config says (a restored generation runs an older one).
+        settings.metrics = self.metrics.is_some();
+        let settings_json = settings.to_json();
         if let Some(g) = self.core.generation(number) {
             let _e = g.span.enter();
             match &g.restored {

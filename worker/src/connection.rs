@@ -15,6 +15,7 @@ use crate::conn_state::{ConnCtx, ConnState};
 use crate::drain::{ConnectionGuard, Drain, DrainWatch, Phase};
 use crate::handle::handle;
 use crate::lazy_select::{Either, lazy_select};
+use crate::metrics::Global;
 use crate::router::Router;
 use crate::shared::Shared;
 use hyper::service::service_fn;
@@ -297,7 +298,9 @@ impl<I: Socket> ConnIo<I> {
         use tokio::io::AsyncReadExt;
         let mut first = Vec::with_capacity(FIRST_READ);
         loop {
-            if self.io.read_buf(&mut first).await? == 0 {
+            let n = self.io.read_buf(&mut first).await?;
+            self.ctx.shared.metrics.add(Global::BytesIn, n as u64);
+            if n == 0 {
                 break;
             }
             let n = first.len().min(H2_PREFACE.len());
@@ -309,6 +312,12 @@ impl<I: Socket> ConnIo<I> {
         let h2 = first.starts_with(H2_PREFACE);
         self.prefix = first;
         Ok(h2)
+    }
+
+    fn count_written(&self, polled: &std::task::Poll<std::io::Result<usize>>) {
+        if let std::task::Poll::Ready(Ok(n)) = polled {
+            self.ctx.shared.metrics.add(Global::BytesOut, *n as u64);
+        }
     }
 
     fn before_write(&mut self) {
@@ -337,8 +346,10 @@ impl<I: Socket> AsyncRead for ConnIo<I> {
         }
         let before = buf.filled().len();
         let polled = std::pin::Pin::new(&mut this.io).poll_read(cx, buf);
-        if buf.filled().len() > before {
+        let n = buf.filled().len() - before;
+        if n > 0 {
             this.ctx.state.bytes_arrived();
+            this.ctx.shared.metrics.add(Global::BytesIn, n as u64);
         }
         polled
     }
@@ -353,6 +364,7 @@ impl<I: Socket> AsyncWrite for ConnIo<I> {
         self.before_write();
         let polled = std::pin::Pin::new(&mut self.io).poll_write(cx, buf);
         self.ctx.state.write_polled(&polled);
+        self.count_written(&polled);
         polled
     }
 
@@ -364,6 +376,7 @@ impl<I: Socket> AsyncWrite for ConnIo<I> {
         self.before_write();
         let polled = std::pin::Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
         self.ctx.state.write_polled(&polled);
+        self.count_written(&polled);
         polled
     }
 

@@ -7,6 +7,7 @@
 //! connection's socket.
 
 use crate::conn_state::{ConnCtx, InFlight, has_token};
+use crate::metrics::{HEALTH, Mark, RouteId, UNMATCHED};
 use crate::router::Lookup;
 use crate::shared::{CallGuard, Shared};
 use crate::stream::{self, Body};
@@ -31,7 +32,8 @@ use std::task::{Context, Poll};
 pub(crate) enum Handled {
     Now(std::future::Ready<Result<Response<Body>, Infallible>>),
     Later(Pin<Box<dyn Future<Output = Response<Body>> + Send>>),
-    Upgrade(crate::websocket::Upgrade),
+    /// A WebSocket upgrade, counted when its answer (the 101 or a refusal) is known.
+    Upgrade(crate::websocket::Upgrade, Arc<Shared>, Mark),
 }
 
 impl Future for Handled {
@@ -41,12 +43,16 @@ impl Future for Handled {
         match self.get_mut() {
             Handled::Now(ready) => Pin::new(ready).poll(cx),
             Handled::Later(future) => future.as_mut().poll(cx).map(Ok),
-            Handled::Upgrade(future) => future.as_mut().poll(cx).map(|r| Ok(r.map(Body::from))),
+            Handled::Upgrade(future, shared, mark) => future.as_mut().poll(cx).map(|r| {
+                shared.metrics.request(*mark, r.status().as_u16());
+                Ok(r.map(Body::from))
+            }),
         }
     }
 }
 
 pub(crate) fn handle(req: Request<Incoming>, ctx: &Arc<ConnCtx>) -> Handled {
+    let mark = Mark::new(UNMATCHED);
     let version = req.version();
     let (parts, body) = req.into_parts();
     ctx.state.request_started(&parts);
@@ -69,20 +75,25 @@ pub(crate) fn handle(req: Request<Incoming>, ctx: &Arc<ConnCtx>) -> Handled {
             ctx.state.body_left();
         }
         drop(body);
-        let response = finish(refused, version, &ctx.shared);
+        let response = finish(refused, version, &ctx.shared, mark);
         return Handled::Now(std::future::ready(Ok(response)));
     }
     // A WebSocket route: the upgrade (or its refusal) is `websocket`'s.
     if let Some(target) = crate::websocket::route(&parts, ctx) {
-        return Handled::Upgrade(crate::websocket::upgrade(parts, target, no_body, ctx));
+        let mark = mark.to(ctx.shared.metrics.route_id(target.index, target.route));
+        return Handled::Upgrade(
+            crate::websocket::upgrade(parts, target, no_body, ctx),
+            ctx.shared.clone(),
+            mark,
+        );
     }
     // A streamed body past its limit, and the limit.
     let mut too_large: Option<(BodyWatch, u64)> = None;
     // Without a body, the route is known now: most requests end here.
     let routed = if no_body {
         match route(&parts, Input::Whole(&Bytes::new()), ctx) {
-            Routed::Reply(Reply::Done(response)) => {
-                let response = finish(response, version, &ctx.shared);
+            (Routed::Reply(Reply::Done(response)), id) => {
+                let response = finish(response, version, &ctx.shared, mark.to(id));
                 return Handled::Now(std::future::ready(Ok(response)));
             }
             other => Some(other),
@@ -107,9 +118,11 @@ pub(crate) fn handle(req: Request<Incoming>, ctx: &Arc<ConnCtx>) -> Handled {
     };
     let in_flight = InFlight::start(ctx);
     Handled::Later(Box::pin(async move {
-        let reply = match routed {
-            Some(Routed::Reply(reply)) => reply,
-            Some(Routed::Blocking(call)) => call.run(parts, Bytes::new(), in_flight.ctx()).await,
+        let (reply, id) = match routed {
+            Some((Routed::Reply(reply), id)) => (reply, id),
+            Some((Routed::Blocking(call), id)) => {
+                (call.run(parts, Bytes::new(), in_flight.ctx()).await, id)
+            }
             None => match body {
                 Some(body) => with_body(parts, body, in_flight.ctx()).await,
                 None => unreachable!("the body is taken only for a streamed route"),
@@ -140,7 +153,7 @@ pub(crate) fn handle(req: Request<Incoming>, ctx: &Arc<ConnCtx>) -> Handled {
             }
             _ => response,
         };
-        finish(response, version, &shared)
+        finish(response, version, &shared, mark.to(id))
     }))
 }
 
@@ -206,7 +219,7 @@ fn body_too_large(limit: u64) -> Response<Body> {
 }
 
 /// Collects the request body (413 past the route's limit), then routes the request.
-async fn with_body(parts: http::request::Parts, body: Incoming, ctx: &ConnCtx) -> Reply {
+async fn with_body(parts: http::request::Parts, body: Incoming, ctx: &ConnCtx) -> (Reply, RouteId) {
     let limit = body_limit(&parts, &ctx.shared).bytes;
     match Limited::new(body, usize::try_from(limit).unwrap_or(usize::MAX))
         .collect()
@@ -215,28 +228,31 @@ async fn with_body(parts: http::request::Parts, body: Incoming, ctx: &ConnCtx) -
         Ok(collected) => {
             let body = collected.to_bytes();
             match route(&parts, Input::Whole(&body), ctx) {
-                Routed::Reply(reply) => reply,
-                Routed::Blocking(call) => call.run(parts, body, ctx).await,
+                (Routed::Reply(reply), id) => (reply, id),
+                (Routed::Blocking(call), id) => (call.run(parts, body, ctx).await, id),
             }
         }
         Err(e) => {
             // The client may still be sending the rest.
             ctx.state.body_left();
-            Reply::Done(if e.downcast_ref::<LengthLimitError>().is_some() {
+            let reply = Reply::Done(if e.downcast_ref::<LengthLimitError>().is_some() {
                 body_too_large(limit)
             } else {
                 text(StatusCode::BAD_REQUEST, format!("bad request body: {e}\n"))
-            })
+            });
+            (reply, UNMATCHED)
         }
     }
 }
 
 /// Counts the answered request; during the drain, HTTP/1 responses close the connection.
-fn finish(mut response: Response<Body>, version: Version, shared: &Shared) -> Response<Body> {
-    shared.requests.add_one();
-    if response.status().is_server_error() {
-        shared.errors.add_one();
-    }
+fn finish(
+    mut response: Response<Body>,
+    version: Version,
+    shared: &Shared,
+    mark: Mark,
+) -> Response<Body> {
+    shared.metrics.request(mark, response.status().as_u16());
     if shared.closing.load(Ordering::Relaxed) && version < Version::HTTP_2 {
         response
             .headers_mut()
@@ -285,13 +301,17 @@ struct BlockingCall {
 }
 
 /// Answers the health path and unknown routes, and calls non-blocking handlers inline.
-fn route(parts: &http::request::Parts, input: Input<'_>, ctx: &ConnCtx) -> Routed {
+/// Also says which route the request went to, for the metrics.
+fn route(parts: &http::request::Parts, input: Input<'_>, ctx: &ConnCtx) -> (Routed, RouteId) {
     let shared = &ctx.shared;
     let path = parts.uri.path();
     if path == shared.settings.http.health_path {
-        return Routed::Reply(Reply::Done(health(&parts.method, shared)));
+        return (
+            Routed::Reply(Reply::Done(health(&parts.method, shared))),
+            HEALTH,
+        );
     }
-    match shared.router.lookup(parts.method.as_str(), path) {
+    let routed = match shared.router.lookup(parts.method.as_str(), path) {
         Lookup::NotFound => Routed::Reply(Reply::Done(text(
             StatusCode::NOT_FOUND,
             "not found\n".into(),
@@ -312,6 +332,7 @@ fn route(parts: &http::request::Parts, input: Input<'_>, ctx: &ConnCtx) -> Route
             route,
             params,
         } => {
+            let id = shared.metrics.route_id(index, route);
             let (body, stream_body) = match input {
                 Input::Whole(bytes) => (&bytes[..], None),
                 Input::Stream(reader) => (&[][..], Some(reader)),
@@ -325,13 +346,14 @@ fn route(parts: &http::request::Parts, input: Input<'_>, ctx: &ConnCtx) -> Route
                 })
             });
             if shared.blocking[index].is_some() {
-                return Routed::Blocking(BlockingCall {
+                let call = BlockingCall {
                     index,
                     plugin: plugin.clone(),
                     route,
                     params,
                     body: stream_body,
-                });
+                };
+                return (Routed::Blocking(call), id);
             }
             let _counted = CallGuard::new(&shared.plugin_calls);
             let answer = plugin.call_with(
@@ -343,9 +365,10 @@ fn route(parts: &http::request::Parts, input: Input<'_>, ctx: &ConnCtx) -> Route
                     handoff: None,
                 },
             );
-            Routed::Reply(respond(answer, plugin, parts))
+            return (Routed::Reply(respond(answer, plugin, parts)), id);
         }
-    }
+    };
+    (routed, UNMATCHED)
 }
 
 impl BlockingCall {

@@ -11,7 +11,7 @@
 //! `connection` (one connection) → `handle` (one request) → `websocket` (a WebSocket
 //! route's upgrade and connection) and `stream` (a deferred answer's body, a streamed
 //! request body) → `conn_state` (what a connection and its requests share) → `shared`
-//! (what every connection shares) → `router`, `drain`; beside them `inherit`, `env`,
+//! (what every connection shares) → `metrics` (its counters), `router`, `drain`; beside them `inherit`, `env`,
 //! `notify` and `lazy_select`.
 #![forbid(unsafe_code)]
 
@@ -23,6 +23,7 @@ pub mod fuzzing;
 mod handle;
 mod inherit;
 mod lazy_select;
+mod metrics;
 mod notify;
 mod router;
 mod serve;

@@ -21,6 +21,7 @@
 use crate::connection::{Socket, connection};
 use crate::drain::{self, Drain, DrainWatch, Phase};
 use crate::inherit::{Listener, NamedListener};
+use crate::metrics::Global;
 use crate::notify::Notifier;
 use crate::router::Router;
 use crate::shared::Shared;
@@ -35,6 +36,8 @@ use tracing::Instrument;
 
 /// How often changed counters are reported to the supervisor.
 const STATS_INTERVAL: Duration = Duration::from_secs(1);
+/// The largest report the supervisor reads (its `notify::MAX_DATAGRAM`).
+const MAX_REPORT: usize = 65536;
 /// Pause after an accept error (EMFILE and friends) so the loop does not spin.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
 /// After `drain_timeout`, how long dropped connections get to release their guards.
@@ -147,11 +150,12 @@ pub async fn serve(
             "{open} connection(s) and {running} blocking handler(s) still running; skipping plugin shutdown"
         );
     }
-    notifier.send(&shared.stats().to_line());
+    let last = shared.stats();
+    notifier.send(&report(&shared, last));
     tracing::info!(
         "drained in {:?} after {} request(s); {} stream or body handle(s) left",
         started.elapsed(),
-        shared.requests.sum(),
+        last.requests,
         baton_loader::stream::live()
     );
     Ok(())
@@ -195,17 +199,45 @@ async fn lifeline_closed(lifeline: Option<tokio::net::unix::pipe::Receiver>) {
     }
 }
 
+/// Reports the counters to the supervisor when they changed, at most once a second.
 async fn report_stats(shared: Arc<Shared>, notifier: Notifier) {
-    let mut last = Stats::default();
+    let mut last = (Stats::default(), None);
     let mut tick = tokio::time::interval(STATS_INTERVAL);
     loop {
         tick.tick().await;
-        let now = shared.stats();
+        let now = (
+            shared.stats(),
+            shared.settings.metrics.then(|| shared.metrics.snapshot()),
+        );
         if now != last {
-            notifier.send(&now.to_line());
+            notifier.send(&report_line(&now.0, now.1.as_ref()));
             last = now;
         }
     }
+}
+
+/// All the counters, for the report at exit.
+fn report(shared: &Shared, stats: Stats) -> String {
+    let metrics = shared.settings.metrics.then(|| shared.metrics.snapshot());
+    report_line(&stats, metrics.as_ref())
+}
+
+/// One report: `BATON_STATS=`, and with `[metrics]` on `BATON_METRICS=`, in one datagram.
+fn report_line(stats: &Stats, metrics: Option<&baton_proto::WorkerMetrics>) -> String {
+    let mut line = stats.to_line();
+    if let Some(metrics) = metrics {
+        let metrics = metrics.to_line();
+        if line.len() + 1 + metrics.len() <= MAX_REPORT {
+            line.push('\n');
+            line.push_str(&metrics);
+        } else {
+            tracing::warn!(
+                "metrics report of {} bytes is too large to send (too many routes?)",
+                metrics.len()
+            );
+        }
+    }
+    line
 }
 
 /// A listening socket the accept loop can take connections from.
@@ -243,6 +275,7 @@ async fn accept_loop<L: Accept>(listener: L, shared: Arc<Shared>, mut watch: Dra
         };
         match accepted {
             Ok(io) => {
+                shared.metrics.add(Global::Accepted, 1);
                 let guard = shared.connections.open();
                 tokio::spawn(connection(io, shared.clone(), watch.clone(), guard, permit));
             }

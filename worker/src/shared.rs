@@ -6,6 +6,7 @@
 //! socket or answers a request.
 
 use crate::drain::Connections;
+use crate::metrics::Metrics;
 use crate::router::Router;
 use baton_proto::{Stats, WorkerSettings};
 use hyper::server::conn::{http1, http2};
@@ -18,9 +19,9 @@ pub(crate) struct Shared {
     pub(crate) generation: u64,
     pub(crate) pid: u32,
     pub(crate) settings: WorkerSettings,
-    pub(crate) requests: ShardedCounter,
-    /// Requests answered with a 5xx status.
-    pub(crate) errors: ShardedCounter,
+    /// Requests by route and status class, their durations, bytes, connections accepted:
+    /// per-thread counters, summed when reported.
+    pub(crate) metrics: Metrics,
     pub(crate) connections: Arc<Connections>,
     pub(crate) slots: Arc<Semaphore>,
     pub(crate) http1: http1::Builder,
@@ -49,6 +50,7 @@ impl Shared {
             .iter()
             .map(|p| (!p.nonblocking).then(|| Arc::new(Semaphore::new(share))))
             .collect();
+        let metrics = Metrics::new(&router);
         Shared {
             router,
             blocking,
@@ -62,20 +64,20 @@ impl Shared {
             http2: http2_builder(&settings),
             slots: Arc::new(Semaphore::new(settings.http.max_connections.max(1))),
             settings,
-            requests: ShardedCounter::default(),
-            errors: ShardedCounter::default(),
+            metrics,
             connections: Arc::new(Connections::default()),
         }
     }
 
     /// The counters reported to the supervisor.
     pub(crate) fn stats(&self) -> Stats {
+        let (requests, errors) = self.metrics.requests_and_errors();
         Stats {
             connections: self.connections.count(),
-            requests: self.requests.sum(),
+            requests,
             websockets: self.websockets.load(Ordering::Relaxed),
             streams: self.streams.load(Ordering::Relaxed),
-            errors: self.errors.sum(),
+            errors,
         }
     }
 }
@@ -106,37 +108,6 @@ fn http2_builder(settings: &WorkerSettings) -> http2::Builder<TokioExecutor> {
         .timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(settings.http.max_header_bytes).unwrap_or(u32::MAX));
     builder
-}
-
-/// A counter every runtime thread bumps on its own cache line, summed when read: one
-/// shared atomic bumped by every request on every thread showed up in profiles.
-#[derive(Debug, Default)]
-pub(crate) struct ShardedCounter {
-    shards: [PaddedCounter; COUNTER_SHARDS],
-}
-
-const COUNTER_SHARDS: usize = 16;
-
-#[derive(Debug, Default)]
-#[repr(align(128))]
-struct PaddedCounter(AtomicU64);
-
-impl ShardedCounter {
-    pub(crate) fn add_one(&self) {
-        static NEXT: AtomicUsize = AtomicUsize::new(0);
-        thread_local! {
-            static SHARD: usize = NEXT.fetch_add(1, Ordering::Relaxed) % COUNTER_SHARDS;
-        }
-        let shard = SHARD.with(|s| *s);
-        self.shards[shard].0.fetch_add(1, Ordering::Relaxed);
-    }
-
-    pub(crate) fn sum(&self) -> u64 {
-        self.shards
-            .iter()
-            .map(|s| s.0.load(Ordering::Relaxed))
-            .sum()
-    }
 }
 
 /// Counts one plugin handler call for as long as it runs.

@@ -9,6 +9,7 @@
 //! flight (the connection is not idle) until it ends.
 
 use crate::conn_state::{ConnCtx, InFlight};
+use crate::metrics::Global;
 use crate::shared::Shared;
 use baton_loader::stream::{BodyFeed, Head, Room, StreamError, StreamReceiver};
 use bytes::Bytes;
@@ -77,6 +78,7 @@ struct Counted(Arc<ConnCtx>);
 impl Drop for Counted {
     fn drop(&mut self) {
         self.0.shared.streams.fetch_sub(1, Ordering::Relaxed);
+        (self.0.shared.metrics).add(Global::StreamsClosed, 1);
     }
 }
 
@@ -95,6 +97,7 @@ pub(crate) async fn deferred(mut rx: StreamReceiver, in_flight: InFlight) -> Def
         Head::Send { status, headers } => {
             let ctx = in_flight.arc().clone();
             ctx.shared.streams.fetch_add(1, Ordering::Relaxed);
+            ctx.shared.metrics.add(Global::StreamsOpened, 1);
             let body = StreamBody {
                 rx,
                 _counted: Counted(ctx),

@@ -18,6 +18,7 @@
 
 use crate::conn_state::{ConnCtx, InFlight, has_token};
 use crate::drain::{ConnectionGuard, DrainWatch, Phase, spread_offset};
+use crate::metrics::Global;
 use crate::router::Lookup;
 use crate::shared::{CallGuard, Shared};
 use baton_loader::ws::{self as plugin_ws, Kind, Next, Outbox, Outgoing, Session};
@@ -68,9 +69,9 @@ const SERVICE_RESTART: u16 = 1012;
 
 /// A WebSocket route a request is routed to.
 pub(crate) struct Target {
-    index: usize,
+    pub(crate) index: usize,
     plugin: Arc<Plugin>,
-    route: u32,
+    pub(crate) route: u32,
     params: Vec<(String, String)>,
     /// The route's message limit.
     limit: u64,
@@ -121,7 +122,6 @@ pub(crate) fn upgrade(parts: Parts, target: Target, no_body: bool, ctx: &Arc<Con
         params,
         limit,
     } = target;
-    shared.requests.add_one();
     let refused = |r| -> Upgrade { Box::pin(std::future::ready(r)) };
     let accept = match handshake(&parts, no_body) {
         Ok(accept) => accept,
@@ -382,6 +382,7 @@ struct Conn {
 /// calls the plugin's `ws_close` (last) and unregisters the handle.
 async fn serve(on_upgrade: OnUpgrade, conn: Conn) {
     conn.shared.websockets.fetch_add(1, Ordering::Relaxed);
+    (conn.shared.metrics).add(Global::WebSocketsOpened, 1);
     let (code, reason) = match on_upgrade.await {
         Ok(upgraded) => run(TokioIo::new(upgraded), &conn).await,
         Err(e) => {
@@ -407,6 +408,7 @@ async fn serve(on_upgrade: OnUpgrade, conn: Conn) {
     }
     drop(outbox);
     shared.websockets.fetch_sub(1, Ordering::Relaxed);
+    shared.metrics.add(Global::WebSocketsClosed, 1);
 }
 
 /// Why the host closes a connection, and so how long the peer gets to answer.

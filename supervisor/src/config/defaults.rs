@@ -142,6 +142,7 @@ pub const KEYS: &[(&str, DefaultValue)] = {
             Int(WS_SLOW_READER_CLOSE_CODE),
         ),
         ("control.socket", Str(CONTROL_SOCKET)),
+        ("metrics.address", Unset),
     ]
 };
 

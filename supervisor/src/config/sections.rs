@@ -28,6 +28,8 @@ pub(super) struct Raw {
     pub websocket: RawWebSocket,
     #[serde(default)]
     pub control: RawControl,
+    #[serde(default)]
+    pub metrics: RawMetrics,
 }
 
 /// One `[[listener]]`.
@@ -396,6 +398,36 @@ impl RawControl {
     }
 }
 
+/// `[metrics]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawMetrics {
+    address: Option<Spanned<String>>,
+}
+
+impl RawMetrics {
+    /// The metrics listener's address, if any; it may not be a serving listener's.
+    pub fn validate(
+        &self,
+        v: &Validator,
+        base: &Path,
+        listeners: &[ListenerConfig],
+    ) -> Result<Option<super::Address>, ConfigError> {
+        let Some(a) = &self.address else {
+            return Ok(None);
+        };
+        let addr = v.address(a, "metrics.address", base)?;
+        if let Some(l) = listeners.iter().find(|l| l.address.as_ref() == Some(&addr)) {
+            return Err(v.invalid(
+                a,
+                "metrics.address",
+                &format!("{addr} is listener {:?}'s address", l.name),
+            ));
+        }
+        Ok(Some(addr))
+    }
+}
+
 /// The keys each raw struct accepts, by section (`listener` for each `[[listener]]`), as
 /// serde sees them: what [`defaults::KEYS`] is checked against.
 #[cfg(test)]
@@ -407,6 +439,7 @@ pub(super) fn field_names() -> Vec<(&'static str, Vec<&'static str>)> {
         ("http", fields_of::<RawHttp>()),
         ("websocket", fields_of::<RawWebSocket>()),
         ("control", fields_of::<RawControl>()),
+        ("metrics", fields_of::<RawMetrics>()),
     ]
 }
 

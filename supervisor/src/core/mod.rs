@@ -38,6 +38,7 @@ pub mod snapshot;
 mod stop;
 #[cfg(test)]
 mod tests;
+mod totals;
 mod upgrade;
 
 use crate::status::{UpgradeOutcome, UpgradeResult, timestamp};
@@ -46,6 +47,7 @@ pub use self_upgrade::SelfUpgrade;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant, SystemTime};
+pub use totals::{Totals, UPGRADE_BUCKETS, UpgradeKind};
 
 /// After `drain_timeout`, how long a worker gets to exit by itself before SIGKILL.
 pub const DRAIN_KILL_MARGIN: Duration = Duration::from_secs(2);
@@ -350,6 +352,9 @@ pub struct Slot {
     /// The release and protocol the worker reported with READY.
     #[serde(default)]
     pub build: Option<baton_proto::WorkerBuild>,
+    /// The worker's last `BATON_METRICS=`: its totals since it started.
+    #[serde(default)]
+    pub metrics: Option<baton_proto::WorkerMetrics>,
 }
 
 /// A worker slot's state.
@@ -381,6 +386,7 @@ impl Slot {
             stats: Stats::default(),
             stats_at: None,
             build: None,
+            metrics: None,
         }
     }
 
@@ -530,6 +536,10 @@ pub struct Core<A> {
     now: Instant,
     /// A supervisor re-exec asked for, waiting for the core to be idle.
     self_upgrade: Option<SelfUpgrade>,
+    /// The service's totals for the metrics (`totals.rs`).
+    totals: Totals,
+    /// When the upgrade in progress was asked for.
+    upgrade_started: Option<Instant>,
 }
 
 impl<A: Clone + std::fmt::Debug> Core<A> {
@@ -545,6 +555,8 @@ impl<A: Clone + std::fmt::Debug> Core<A> {
             effects: Vec::new(),
             now,
             self_upgrade: None,
+            totals: Totals::default(),
+            upgrade_started: None,
         }
     }
 

@@ -117,6 +117,7 @@ impl<A: Clone + std::fmt::Debug> Core<A> {
         let reason = format!("supervisor upgrade: {reason}");
         tracing::error!("{reason}; this supervisor goes on");
         let result = outcome(None, UpgradeResult::Refused, Some(reason));
+        self.count_supervisor_upgrade(false);
         for waiter in request.waiters {
             self.emit(Effect::Answer {
                 waiter,
@@ -133,6 +134,7 @@ impl<A: Clone + std::fmt::Debug> Core<A> {
     /// The first input of a new image: go on with what was asked.
     pub(super) fn on_self_upgraded(&mut self, request: SelfUpgrade, change: String) {
         tracing::info!("supervisor upgraded in place: {change}");
+        self.count_supervisor_upgrade(true);
         if request.then_generation && !self.stopping() {
             // As an upgrade request: RELOADING=1, a new generation, READY=1 when decided.
             self.prepare(request.waiters);

@@ -38,6 +38,7 @@ impl<A: Clone + std::fmt::Debug> Core<A> {
                 };
                 w.stats = Default::default();
                 w.stats_at = None;
+                w.metrics = None;
                 let _e = g.span.enter();
                 tracing::info!("worker {pid} started in slot {slot}");
                 drop(_e);
@@ -62,7 +63,7 @@ impl<A: Clone + std::fmt::Debug> Core<A> {
         }
     }
 
-    pub(super) fn on_notify(&mut self, pid: u32, message: NotifyMessage) {
+    pub(super) fn on_notify(&mut self, pid: u32, mut message: NotifyMessage) {
         let Some((number, slot)) = self.find_worker(pid) else {
             tracing::debug!("notify from pid {pid}, which is not a worker, ignored");
             return;
@@ -73,6 +74,9 @@ impl<A: Clone + std::fmt::Debug> Core<A> {
         if let Some(stats) = message.stats {
             w.stats = stats;
             w.stats_at = Some(now);
+        }
+        if let Some(metrics) = message.metrics.take() {
+            w.metrics = Some(metrics);
         }
         if let Some(status) = &message.status {
             w.status = Some(status.clone());
@@ -125,6 +129,7 @@ impl<A: Clone + std::fmt::Debug> Core<A> {
         let last_status = w.status.take();
         g.requests_of_exited += w.stats.requests;
         g.errors_of_exited += w.stats.errors;
+        Self::fold_exited(&mut self.totals, w);
         w.stats = Default::default();
         w.stats_at = None;
         w.state = SlotState::Exited;
@@ -144,6 +149,7 @@ impl<A: Clone + std::fmt::Debug> Core<A> {
                 };
                 w.restarts += 1;
                 g.restarts += 1;
+                self.totals.worker_restarts += 1;
                 let delay = backoff(w.crash_streak);
                 w.state = SlotState::Backoff { until: now + delay };
                 {

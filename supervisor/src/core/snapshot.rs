@@ -7,7 +7,7 @@
 //! [`Instant`] on Linux, which an `exec` does not reset, so a deadline written by one
 //! image is the same deadline in the next.
 
-use super::{Core, Generation, Mode, Target, Timer};
+use super::{Core, Generation, Mode, Target, Timer, Totals};
 use crate::status::UpgradeOutcome;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -22,6 +22,9 @@ pub struct CoreSnapshot {
     last_upgrade: Option<UpgradeOutcome>,
     timers: Vec<TimerEntry>,
     timer_seq: u64,
+    /// The metrics' totals (since the metrics; an older image has none to hand over).
+    #[serde(default)]
+    totals: Totals,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -63,6 +66,7 @@ impl<A: Clone + std::fmt::Debug> Core<A> {
                 .map(|(&(at, seq), &timer)| TimerEntry { at, seq, timer })
                 .collect(),
             timer_seq: self.timer_seq,
+            totals: self.totals.clone(),
         })
     }
 
@@ -87,6 +91,7 @@ impl<A: Clone + std::fmt::Debug> Core<A> {
             .map(|t| ((t.at, t.seq), t.timer))
             .collect::<BTreeMap<_, _>>();
         core.timer_seq = snapshot.timer_seq;
+        core.totals = snapshot.totals;
         core
     }
 }

@@ -981,3 +981,132 @@ mod properties {
         }
     }
 }
+
+/// Reports `requests` (2xx on one route) as worker `pid`'s totals since it started.
+fn report(sim: &mut Sim, pid: u32, requests: u64) {
+    let mut metrics = baton_proto::WorkerMetrics::default();
+    metrics.routes.insert(
+        "GET /x".into(),
+        baton_proto::RouteMetrics {
+            classes: [0, requests, 0, 0, 0],
+            buckets: vec![requests],
+            sum_us: requests * 10,
+        },
+    );
+    metrics.accepted = requests;
+    sim.feed(Input::Notify {
+        pid,
+        message: NotifyMessage {
+            metrics: Some(metrics),
+            ..NotifyMessage::default()
+        },
+    });
+}
+
+fn total(sim: &Sim) -> u64 {
+    sim.core.worker_totals().requests()
+}
+
+#[test]
+fn request_totals_never_go_backwards_across_exits_restarts_drains_and_reexecs() {
+    let mut sim = Sim::serving(2, 4);
+    let mut seen = 0;
+    let mut check = |sim: &Sim, want: u64| {
+        let now = total(sim);
+        assert_eq!(now, want);
+        assert!(now >= seen, "the total went from {seen} to {now}");
+        seen = now;
+    };
+    let [a, b] = sim.pids(1)[..] else { panic!() };
+    report(&mut sim, a, 10);
+    report(&mut sim, b, 5);
+    check(&sim, 15);
+    // A worker that crashes: its last report stays in the totals.
+    sim.exit(a);
+    check(&sim, 15);
+    // Its replacement starts from zero; the total goes on from 15.
+    sim.advance(RESTART_BACKOFF_FIRST);
+    let c = *sim.pids(1).iter().find(|&&p| p != b).unwrap();
+    sim.ready(1);
+    report(&mut sim, c, 3);
+    check(&sim, 18);
+    assert_eq!(sim.core.totals().worker_restarts, 1);
+    // An upgrade: generation 1 drains; its workers' final reports, then their exits.
+    sim.upgrade();
+    sim.ready(2);
+    let [d, _] = sim.pids(2)[..] else { panic!() };
+    report(&mut sim, d, 1);
+    report(&mut sim, b, 7);
+    report(&mut sim, c, 4);
+    check(&sim, 22);
+    sim.exit_all(1);
+    assert!(sim.core.generation(1).is_none(), "generation 1 is gone");
+    check(&sim, 22);
+    // A supervisor re-exec hands the totals over with the core.
+    let before = sim.core.totals().clone();
+    sim.self_upgrade(false);
+    assert_eq!(sim.reexecs, 1);
+    check(&sim, 22);
+    assert_eq!(sim.core.totals().exited, before.exited);
+    assert_eq!(sim.core.totals().upgrades, before.upgrades);
+    assert_eq!(sim.core.totals().supervisor_upgrades["succeeded"], 1);
+    // And the live worker's next report counts from its own total as before.
+    report(&mut sim, d, 6);
+    check(&sim, 27);
+    assert_eq!(sim.core.worker_totals().accepted, 27);
+}
+
+#[test]
+fn upgrades_are_counted_by_outcome_with_their_duration() {
+    let mut sim = Sim::serving(1, 4);
+    sim.upgrade();
+    sim.now += Duration::from_millis(300);
+    sim.ready(2);
+    let t = sim.core.totals();
+    assert_eq!(t.upgrades["succeeded"], 1);
+    assert_eq!(t.last_upgrade_seconds, Some(0.3));
+    assert_eq!(t.last_upgrade_successful, Some(true));
+    assert!(t.last_success.is_some());
+    // The first generation is not an upgrade.
+    assert_eq!(t.upgrade_seconds.buckets.iter().sum::<u64>(), 1);
+    // Refused: nothing started.
+    sim.prepare.push_back(Err("invalid config".into()));
+    sim.upgrade();
+    assert_eq!(sim.core.totals().upgrades["refused"], 1);
+    assert_eq!(sim.core.totals().last_upgrade_successful, Some(false));
+    // Rolled back: a worker of the new generation exits before READY.
+    sim.upgrade();
+    let pid = sim.pids(3)[0];
+    sim.exit(pid);
+    assert_eq!(sim.core.totals().upgrades["rolled_back"], 1);
+    assert_eq!(
+        sim.core
+            .totals()
+            .upgrade_seconds
+            .buckets
+            .iter()
+            .sum::<u64>(),
+        3
+    );
+}
+
+#[test]
+fn a_crash_loop_restore_is_counted_apart_from_a_rollback() {
+    let mut sim = Sim::serving(1, 4);
+    sim.upgrade();
+    sim.ready(2);
+    sim.exit_all(1);
+    for _ in 0..3 {
+        let pid = sim.pids(2)[0];
+        sim.exit(pid);
+        sim.advance(Duration::from_secs(1));
+        if sim.core.generation(2).is_some_and(|g| g.pids().is_empty()) {
+            sim.advance(RESTART_BACKOFF_MAX);
+        }
+    }
+    sim.ready(3);
+    let t = sim.core.totals();
+    assert_eq!(t.upgrades.get("crash_loop_restored"), Some(&1));
+    assert_eq!(t.upgrades.get("rolled_back"), None);
+    assert_eq!(t.worker_restarts, 3);
+}

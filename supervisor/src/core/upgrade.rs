@@ -54,6 +54,7 @@ impl<A: Clone + std::fmt::Debug> Core<A> {
 
     /// Asks the shell for the next generation's config and artifacts.
     pub(super) fn prepare(&mut self, waiters: Vec<WaiterId>) {
+        self.upgrade_begins();
         self.mode = Mode::Preparing {
             waiters,
             follow_up: None,
@@ -360,6 +361,7 @@ impl<A: Clone + std::fmt::Debug> Core<A> {
     }
 
     fn finish_with(&mut self, result: UpgradeOutcome, follow: bool) {
+        let kind = self.kind_of(&result);
         let (waiters, follow_up) = match std::mem::replace(&mut self.mode, Mode::Idle) {
             Mode::Preparing { waiters, follow_up }
             | Mode::Starting {
@@ -382,6 +384,7 @@ impl<A: Clone + std::fmt::Debug> Core<A> {
         }
         // Generation 1 starting is not an upgrade.
         if result.generation != Some(1) {
+            self.count_upgrade(kind);
             self.last_upgrade = Some(result);
         }
         if self.stopping() {
@@ -451,6 +454,7 @@ impl<A: Clone + std::fmt::Debug> Core<A> {
         if let Some(g) = self.generations.get(&generation) {
             let _e = g.span.enter();
             tracing::warn!("drain_timeout passed; killing worker(s) {:?}", g.pids());
+            self.totals.drains_timed_out += 1;
         }
         self.signal(generation, Sig::Kill);
     }
@@ -475,6 +479,7 @@ impl<A: Clone + std::fmt::Debug> Core<A> {
                 self.max_generations
             );
         }
+        self.totals.drains_force_closed += 1;
         self.signal(generation, Sig::ForceClose);
         self.after(FORCE_CLOSE_KILL_AFTER, Timer::ForceKill { generation });
     }
@@ -495,6 +500,7 @@ impl<A: Clone + std::fmt::Debug> Core<A> {
 
     /// A restore, after a crash loop: started like an upgrade, from `target`.
     pub(super) fn restore(&mut self, target: Target<A>, restored: Restored) {
+        self.upgrade_begins();
         self.start(Start::Restore(target, restored), Vec::new(), None);
     }
 }

@@ -18,11 +18,13 @@ use crate::control::ControlSocket;
 use crate::core::{Core, Input, SelfUpgrade};
 use crate::events::{Event, UpgradeReply};
 use crate::generation::Artifacts;
+use crate::handover::MetricsState;
 use crate::handover::{
     self, ArtifactState, Build, Handover, LaunchedState, SetState, ShellState, SocketState,
     WaiterState, WorkerState,
 };
 use crate::listeners::ListenerSet;
+use crate::metrics::MetricsListener;
 use crate::notify::{Systemd, WorkerSocket};
 use crate::plugins::CachedPlugin;
 use nix::sys::signal::{SigSet, Signal};
@@ -324,6 +326,11 @@ impl Supervisor {
             fd: self.notify.fd().as_raw_fd(),
             path: self.notify.path().to_owned(),
         };
+        let metrics = self.metrics.as_ref().map(|(fd, address)| MetricsState {
+            fd: fd.as_raw_fd(),
+            address: address.clone(),
+        });
+        fds.extend(metrics.as_ref().map(|m| m.fd));
         fds.extend([
             control.fd,
             notify.fd,
@@ -341,6 +348,7 @@ impl Supervisor {
                 started_at: self.image.service_started_at,
                 reexecs: self.image.reexecs,
                 control,
+                metrics,
                 notify,
                 lifeline_read: self.lifeline.as_raw_fd(),
                 lifeline_write: self.lifeline_write.as_raw_fd(),
@@ -552,6 +560,7 @@ fn validate(state: &Handover, fds: bool) -> Result<(), String> {
         shell.lifeline_read,
         shell.lifeline_write,
     ];
+    named.extend(shell.metrics.as_ref().map(|m| m.fd));
     named.extend(shell.artifacts.iter().map(|a| a.fd));
     named.extend(shell.waiters.iter().map(|w| w.conn));
     named.extend(
@@ -588,6 +597,7 @@ fn is_my_child(pid: u32) -> bool {
 pub struct Resumed {
     pub supervisor: Supervisor,
     pub control: ControlSocket,
+    pub metrics: Option<MetricsListener>,
     pub notify: Arc<WorkerSocket>,
     /// How the image came to run: the request it carries out, or the reason the image it
     /// was handed to refused it.
@@ -657,6 +667,7 @@ fn state_fds(state: &Handover) -> Vec<RawFd> {
         shell.lifeline_read,
         shell.lifeline_write,
     ];
+    fds.extend(shell.metrics.as_ref().map(|m| m.fd));
     fds.extend(shell.artifacts.iter().map(|a| a.fd));
     fds.extend(shell.waiters.iter().map(|w| w.conn));
     fds.extend(
@@ -715,6 +726,17 @@ fn take_over(
     let control = ControlSocket::inherited(take(shell.control.fd)?, shell.control.path)
         .map_err(|e| format!("control socket: {e}"))?;
     let control_dup = control.handover().map_err(|e| e.to_string())?;
+    let metrics = match shell.metrics {
+        Some(m) => Some(
+            MetricsListener::inherited(take(m.fd)?, m.address)
+                .map_err(|e| format!("metrics listener: {e}"))?,
+        ),
+        None => None,
+    };
+    let metrics_dup = match &metrics {
+        Some(m) => Some((m.handover().map_err(|e| e.to_string())?, m.address.clone())),
+        None => None,
+    };
     let notify = Arc::new(
         WorkerSocket::inherited(take(shell.notify.fd)?, shell.notify.path)
             .map_err(|e| format!("worker notify socket: {e}"))?,
@@ -758,7 +780,8 @@ fn take_over(
         notify.clone(),
         systemd,
         events.clone(),
-    );
+    )
+    .with_metrics(metrics_dup);
     supervisor.cache = cache;
     supervisor.next_waiter = shell.next_waiter;
     for l in shell.launched {
@@ -835,6 +858,7 @@ fn take_over(
     Ok(Resumed {
         supervisor,
         control,
+        metrics,
         notify,
         input,
     })

@@ -9,9 +9,11 @@
 //! This crate owns only data and parsing: it never touches a socket or a process.
 #![forbid(unsafe_code)]
 
+pub mod metrics;
 pub mod notify;
 pub mod settings;
 
+pub use metrics::{RouteMetrics, WorkerMetrics};
 pub use notify::{NotifyMessage, Stats, WorkerBuild};
 pub use settings::{HttpSettings, PluginSpec, WebSocketSettings, WorkerSettings};
 

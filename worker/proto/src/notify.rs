@@ -51,6 +51,9 @@ pub struct NotifyMessage {
     /// `BATON_WORKER=<version> <protocol>`, sent with `READY=1`: which release the worker
     /// is and which worker protocol it speaks (a worker that says nothing speaks 1).
     pub worker: Option<WorkerBuild>,
+    /// `BATON_METRICS=<json>`: the worker's totals for the metrics
+    /// ([`crate::metrics::WorkerMetrics`]).
+    pub metrics: Option<crate::metrics::WorkerMetrics>,
 }
 
 /// A worker's release and protocol, as it reports them.
@@ -138,6 +141,15 @@ impl NotifyMessage {
                     msg.errno = Some(errno);
                 }
                 "BATON_STATS" => msg.stats = Some(parse_stats(value)?),
+                "BATON_METRICS" => {
+                    msg.metrics =
+                        Some(
+                            serde_json::from_str(value).map_err(|_| ParseError::BadValue {
+                                key: "BATON_METRICS",
+                                value: truncate(value),
+                            })?,
+                        );
+                }
                 "BATON_WORKER" => {
                     let bad = || ParseError::BadValue {
                         key: "BATON_WORKER",

@@ -33,6 +33,10 @@ pub struct WorkerSettings {
     pub plugins: Vec<PluginSpec>,
     /// `[plugins.settings]` as a JSON object: plugin name → its settings.
     pub plugin_settings_json: String,
+    /// Report `BATON_METRICS=` with the stats (`[metrics] address` is set). Left out of
+    /// the JSON when off, so that a worker binary that predates it still reads it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub metrics: bool,
 }
 
 /// One plugin of a generation, already checked and copied to the cache by the supervisor.
@@ -117,6 +121,7 @@ impl Default for WorkerSettings {
             blocking_threads: 64,
             plugins: Vec::new(),
             plugin_settings_json: "{}".to_owned(),
+            metrics: false,
         }
     }
 }
