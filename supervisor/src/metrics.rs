@@ -19,7 +19,7 @@ use crate::config::Address;
 use crate::core::{Core, GenerationState, SlotState, UPGRADE_BUCKETS, UpgradeKind};
 use crate::events::Event;
 use crate::handover::Build;
-use baton_proto::metrics::DURATION_BUCKETS;
+use baton_proto::metrics::{DURATION_BUCKETS, ROUTE_HEALTH, ROUTE_UNMATCHED};
 use baton_proto::{RouteMetrics, WorkerMetrics};
 use bytes::Bytes;
 use http_body_util::Full;
@@ -195,7 +195,11 @@ pub struct ImageInfo<'a> {
 /// The text of one scrape.
 pub fn render<A: Clone + std::fmt::Debug>(core: &Core<A>, image: &ImageInfo<'_>) -> String {
     let mut out = Text::default();
-    let workers = core.worker_totals();
+    let mut workers = core.worker_totals();
+    // The host's own routes exist from the start, at 0 (plugin routes once requested).
+    for route in [ROUTE_HEALTH, ROUTE_UNMATCHED] {
+        workers.routes.entry(route.to_owned()).or_default();
+    }
     requests(&mut out, &workers);
     connections(&mut out, core, &workers);
     generations(&mut out, core);

@@ -8,6 +8,7 @@
 
 pub mod load;
 pub mod procfs;
+pub mod scrape;
 pub mod sdh;
 
 use serde_json::Value;
