@@ -299,7 +299,7 @@ impl<I: Socket> ConnIo<I> {
         let mut first = Vec::with_capacity(FIRST_READ);
         loop {
             let n = self.io.read_buf(&mut first).await?;
-            self.ctx.shared.metrics.add(Global::BytesIn, n as u64);
+            self.ctx.shared.metrics.bytes(Global::BytesIn, n);
             if n == 0 {
                 break;
             }
@@ -316,7 +316,7 @@ impl<I: Socket> ConnIo<I> {
 
     fn count_written(&self, polled: &std::task::Poll<std::io::Result<usize>>) {
         if let std::task::Poll::Ready(Ok(n)) = polled {
-            self.ctx.shared.metrics.add(Global::BytesOut, *n as u64);
+            self.ctx.shared.metrics.bytes(Global::BytesOut, *n);
         }
     }
 
@@ -349,7 +349,7 @@ impl<I: Socket> AsyncRead for ConnIo<I> {
         let n = buf.filled().len() - before;
         if n > 0 {
             this.ctx.state.bytes_arrived();
-            this.ctx.shared.metrics.add(Global::BytesIn, n as u64);
+            this.ctx.shared.metrics.bytes(Global::BytesIn, n);
         }
         polled
     }

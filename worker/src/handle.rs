@@ -52,7 +52,7 @@ impl Future for Handled {
 }
 
 pub(crate) fn handle(req: Request<Incoming>, ctx: &Arc<ConnCtx>) -> Handled {
-    let mark = Mark::new(UNMATCHED);
+    let mark = Mark::new(&ctx.shared.metrics, UNMATCHED);
     let version = req.version();
     let (parts, body) = req.into_parts();
     ctx.state.request_started(&parts);

@@ -44,17 +44,18 @@ const SHARDS: usize = 16;
 /// Cells of padding after each shard's counters, so two shards never share a cache line.
 const PAD: usize = 16;
 
-/// When a request began and which route took it: what [`Metrics::request`] needs.
+/// When a request began (with `[metrics]` on) and which route took it: what
+/// [`Metrics::request`] needs.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Mark {
-    pub(crate) started: Instant,
+    pub(crate) started: Option<Instant>,
     pub(crate) route: RouteId,
 }
 
 impl Mark {
-    pub(crate) fn new(route: RouteId) -> Self {
+    pub(crate) fn new(metrics: &Metrics, route: RouteId) -> Self {
         Mark {
-            started: Instant::now(),
+            started: metrics.detailed.then(Instant::now),
             route,
         }
     }
@@ -66,6 +67,9 @@ impl Mark {
 
 #[derive(Debug)]
 pub(crate) struct Metrics {
+    /// Durations and bytes are counted (`[metrics]` is on); without, only what the stats
+    /// report (requests and 5xx answers, connections accepted, WebSockets, streams).
+    detailed: bool,
     /// Route labels: health, unmatched, then every plugin's routes in order.
     labels: Vec<String>,
     /// Per plugin (same index as the router's): its first route's id.
@@ -74,7 +78,7 @@ pub(crate) struct Metrics {
 }
 
 impl Metrics {
-    pub(crate) fn new(router: &Router) -> Self {
+    pub(crate) fn new(router: &Router, detailed: bool) -> Self {
         let mut labels = vec![ROUTE_HEALTH.to_owned(), ROUTE_UNMATCHED.to_owned()];
         let mut first_route = Vec::with_capacity(router.plugins.len());
         for plugin in &router.plugins {
@@ -86,6 +90,7 @@ impl Metrics {
             .map(|_| (0..cells).map(|_| AtomicU64::new(0)).collect())
             .collect();
         Metrics {
+            detailed,
             labels,
             first_route,
             shards,
@@ -107,18 +112,27 @@ impl Metrics {
 
     /// Counts one answered request: its status class and how long it took to its head.
     pub(crate) fn request(&self, mark: Mark, status: u16) {
-        let micros = u64::try_from(mark.started.elapsed().as_micros()).unwrap_or(u64::MAX);
         let class = usize::from(status / 100).clamp(1, CLASSES) - 1;
-        let bucket = DURATION_BUCKETS_US.partition_point(|&le| le < micros);
         let base = GLOBALS + mark.route * STRIDE;
         let shard = self.shard();
         shard[base + class].fetch_add(1, Ordering::Relaxed);
-        shard[base + CLASSES + bucket].fetch_add(1, Ordering::Relaxed);
-        shard[base + CLASSES + BUCKETS].fetch_add(micros, Ordering::Relaxed);
+        if let Some(started) = mark.started {
+            let micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+            let bucket = DURATION_BUCKETS_US.partition_point(|&le| le < micros);
+            shard[base + CLASSES + bucket].fetch_add(1, Ordering::Relaxed);
+            shard[base + CLASSES + BUCKETS].fetch_add(micros, Ordering::Relaxed);
+        }
     }
 
     pub(crate) fn add(&self, counter: Global, n: u64) {
         self.shard()[counter as usize].fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Bytes read or written on a client connection, counted with `[metrics]` on.
+    pub(crate) fn bytes(&self, counter: Global, n: usize) {
+        if self.detailed {
+            self.add(counter, n as u64);
+        }
     }
 
     fn sum(&self, cell: usize) -> u64 {
@@ -187,13 +201,13 @@ mod tests {
     #[test]
     fn requests_land_in_their_route_class_and_bucket() {
         let router = Router::build(Vec::new(), "/_baton/health").unwrap();
-        let m = Metrics::new(&router);
-        let mark = Mark::new(HEALTH);
+        let m = Metrics::new(&router, true);
+        let mark = Mark::new(&m, HEALTH);
         m.request(mark, 200);
         m.request(mark.to(UNMATCHED), 404);
         m.request(
             Mark {
-                started: Instant::now() - Duration::from_millis(30),
+                started: Some(Instant::now() - Duration::from_millis(30)),
                 route: UNMATCHED,
             },
             503,
@@ -215,5 +229,13 @@ mod tests {
             }
         });
         assert_eq!(m.snapshot().routes["health"].classes[1], 5);
+        // Off: requests are counted for the stats, without the clock.
+        let off = Metrics::new(&router, false);
+        let mark = Mark::new(&off, HEALTH);
+        assert!(mark.started.is_none());
+        off.request(mark, 500);
+        off.bytes(Global::BytesOut, 10);
+        assert_eq!(off.requests_and_errors(), (1, 1));
+        assert_eq!(off.snapshot().bytes_out, 0);
     }
 }

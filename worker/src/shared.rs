@@ -50,7 +50,7 @@ impl Shared {
             .iter()
             .map(|p| (!p.nonblocking).then(|| Arc::new(Semaphore::new(share))))
             .collect();
-        let metrics = Metrics::new(&router);
+        let metrics = Metrics::new(&router, settings.metrics);
         Shared {
             router,
             blocking,
