@@ -35,7 +35,8 @@ pub struct Cli {
 /// The part of `--help` and the man page that no option carries.
 const AFTER_HELP: &str = "\
 Signals to `baton run`: SIGUSR2 or SIGHUP start an upgrade; SIGTERM or SIGINT stop \
-gracefully (every generation drains); SIGQUIT stops fast (workers are killed).
+gracefully (every generation drains); SIGQUIT stops fast (workers are killed); SIGUSR1 \
+makes the workers reopen the access log file.
 
 Exit status: 0 success; 1 invalid config or plugins, a failed or rolled-back upgrade; \
 2 the supervisor is unreachable; 3 `upgrade --wait --timeout` passed before the upgrade ended.
@@ -375,6 +376,7 @@ fn resume(fd: i32, env: Env) -> anyhow::Result<ExitCode> {
 
 fn install_signals() -> anyhow::Result<signal_hook_tokio::Signals> {
     signal_hook_tokio::Signals::new([
+        libc::SIGUSR1,
         libc::SIGUSR2,
         libc::SIGHUP,
         libc::SIGTERM,
@@ -431,6 +433,7 @@ async fn pump_signals(
 ) {
     while let Some(signal) = signals.next().await {
         let event = match signal {
+            libc::SIGUSR1 => Event::ReopenLogs,
             libc::SIGUSR2 => Event::Upgrade {
                 source: "SIGUSR2",
                 reply: None,

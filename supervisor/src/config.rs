@@ -144,6 +144,8 @@ pub struct Config {
     pub control_socket: PathBuf,
     /// `[metrics] address`: where the supervisor serves `GET /metrics`, if anywhere.
     pub metrics_address: Option<Address>,
+    /// `[log] access`: where workers write their access log, and how.
+    pub access_log: Option<baton_proto::AccessLogSettings>,
 }
 
 impl Config {
@@ -154,7 +156,7 @@ impl Config {
 
     /// Validates `text` as if read from `path`: the raw sections first (any TOML error,
     /// unknown key or wrong type), then the values of each section in turn (listeners,
-    /// worker, plugins, http, control, metrics); the first error found is the one reported.
+    /// worker, plugins, http, control, metrics, log); the first error found is the one reported.
     pub fn parse(text: &str, path: &Path, ctx: &PathContext) -> Result<Config, ConfigError> {
         let raw: Raw = toml::from_str(text).map_err(|e| values::syntax_error(text, path, &e))?;
         let v = Validator { text, path };
@@ -170,6 +172,7 @@ impl Config {
             websocket: raw.websocket.validate(&v)?,
             control_socket: raw.control.validate(&v, &base, ctx)?,
             metrics_address: raw.metrics.validate(&v, &base, &listeners)?,
+            access_log: raw.log.validate(&v, &base)?,
         })
     }
 
@@ -187,6 +190,7 @@ impl Config {
             plugin_settings_json: serde_json::to_string(&self.plugins.settings)
                 .expect("TOML tables serialise as JSON"),
             metrics: self.metrics_address.is_some(),
+            access_log: self.access_log.clone(),
         }
     }
 }

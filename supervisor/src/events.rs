@@ -57,6 +57,8 @@ pub enum Event {
         generation: u64,
         exit: Exit,
     },
+    /// `SIGUSR1`: every worker reopens its access log file (logrotate's convention).
+    ReopenLogs,
     /// The plugin directory changed (with `plugins.watch`).
     PluginsChanged,
     WatchdogTick,

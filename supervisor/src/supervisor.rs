@@ -265,6 +265,17 @@ impl Supervisor {
                 self.feed(Input::WorkerExited { generation, exit });
             }
             Event::PluginsChanged => self.on_plugins_changed(),
+            Event::ReopenLogs => {
+                // Not a decision about generations: every live worker is told.
+                let mut told = 0;
+                for l in self.launched.values() {
+                    for p in l.processes.values() {
+                        p.signal(Signal::SIGUSR1);
+                        told += 1;
+                    }
+                }
+                tracing::info!("SIGUSR1: {told} worker(s) told to reopen their access log");
+            }
             Event::WatchdogTick => self.systemd.watchdog(),
         }
     }

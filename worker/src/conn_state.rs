@@ -17,6 +17,8 @@ use tokio::sync::OwnedSemaphorePermit;
 /// What the handlers of one connection share.
 pub(crate) struct ConnCtx {
     pub(crate) shared: Arc<Shared>,
+    /// The client's address (none over a Unix socket), for the access log.
+    pub(crate) peer: Option<std::net::SocketAddr>,
     pub(crate) state: ConnState,
     /// The drain's phase, for what outlives a request on this connection (a WebSocket).
     pub(crate) drain: DrainWatch,

@@ -99,6 +99,7 @@ impl ConnClock {
 
 pub(crate) async fn connection<I: Socket>(
     io: I,
+    peer: Option<std::net::SocketAddr>,
     shared: Arc<Shared>,
     mut watch: DrainWatch,
     _guard: ConnectionGuard,
@@ -106,6 +107,7 @@ pub(crate) async fn connection<I: Socket>(
 ) {
     let ctx = Arc::new(ConnCtx {
         shared,
+        peer,
         state: ConnState::new(),
         drain: watch.clone(),
         _slot: permit,
@@ -429,7 +431,7 @@ pub(crate) struct OneConnection {
 
 impl OneConnection {
     pub(crate) fn new(settings: baton_proto::WorkerSettings, router: Router) -> Self {
-        let mut shared = Shared::new(1, settings, router);
+        let mut shared = Shared::new(1, settings, router, None);
         shared.http1.half_close(true);
         let (drain, watch) = Drain::new();
         Self {
@@ -448,7 +450,15 @@ impl OneConnection {
             .await
             .expect("semaphore never closes");
         let guard = self.shared.connections.open();
-        connection(io, self.shared.clone(), self.watch.clone(), guard, permit).await;
+        connection(
+            io,
+            None,
+            self.shared.clone(),
+            self.watch.clone(),
+            guard,
+            permit,
+        )
+        .await;
     }
 
     /// Begins the drain, as a worker does when told to stop.

@@ -33,7 +33,7 @@ pub(crate) enum Handled {
     Now(std::future::Ready<Result<Response<Body>, Infallible>>),
     Later(Pin<Box<dyn Future<Output = Response<Body>> + Send>>),
     /// A WebSocket upgrade, counted when its answer (the 101 or a refusal) is known.
-    Upgrade(crate::websocket::Upgrade, Arc<Shared>, Mark),
+    Upgrade(crate::websocket::Upgrade, Arc<Shared>, Option<Mark>),
 }
 
 impl Future for Handled {
@@ -44,7 +44,10 @@ impl Future for Handled {
             Handled::Now(ready) => Pin::new(ready).poll(cx),
             Handled::Later(future) => future.as_mut().poll(cx).map(Ok),
             Handled::Upgrade(future, shared, mark) => future.as_mut().poll(cx).map(|r| {
-                shared.metrics.request(*mark, r.status().as_u16());
+                if let Some(mark) = mark.take() {
+                    let bytes = hyper::body::Body::size_hint(r.body()).exact();
+                    count(shared, mark, r.status().as_u16(), bytes);
+                }
                 Ok(r.map(Body::from))
             }),
         }
@@ -52,9 +55,16 @@ impl Future for Handled {
 }
 
 pub(crate) fn handle(req: Request<Incoming>, ctx: &Arc<ConnCtx>) -> Handled {
-    let mark = Mark::new(&ctx.shared.metrics, UNMATCHED);
+    let shared = &ctx.shared;
+    let mut mark = Mark::new(
+        shared.metrics.detailed() || shared.access_log.is_some(),
+        UNMATCHED,
+    );
     let version = req.version();
     let (parts, body) = req.into_parts();
+    if let Some(log) = &shared.access_log {
+        mark.log = Some(Box::new(log.begin(&parts, ctx.peer)));
+    }
     ctx.state.request_started(&parts);
     let no_body = hyper::body::Body::is_end_stream(&body);
     let mut body = Some(body);
@@ -84,7 +94,7 @@ pub(crate) fn handle(req: Request<Incoming>, ctx: &Arc<ConnCtx>) -> Handled {
         return Handled::Upgrade(
             crate::websocket::upgrade(parts, target, no_body, ctx),
             ctx.shared.clone(),
-            mark,
+            Some(mark),
         );
     }
     // A streamed body past its limit, and the limit.
@@ -252,7 +262,8 @@ fn finish(
     shared: &Shared,
     mark: Mark,
 ) -> Response<Body> {
-    shared.metrics.request(mark, response.status().as_u16());
+    let bytes = hyper::body::Body::size_hint(response.body()).exact();
+    count(shared, mark, response.status().as_u16(), bytes);
     if shared.closing.load(Ordering::Relaxed) && version < Version::HTTP_2 {
         response
             .headers_mut()
@@ -267,6 +278,17 @@ fn finish(
         *response.version_mut() = Version::HTTP_10;
     }
     response
+}
+
+/// Counts an answered request in the metrics and writes its access log line (`bytes`:
+/// the body's size when known at the head).
+fn count(shared: &Shared, mark: Mark, status: u16, bytes: Option<u64>) {
+    let took = mark.started.map(|s| s.elapsed());
+    shared.metrics.request(mark.route, status, took);
+    if let (Some(log), Some(line)) = (&shared.access_log, mark.log) {
+        let seconds = took.map_or(0.0, |t| t.as_secs_f64());
+        log.finish(*line, status, bytes, seconds);
+    }
 }
 
 /// Where a request went.

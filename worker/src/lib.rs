@@ -15,6 +15,7 @@
 //! `notify` and `lazy_select`.
 #![forbid(unsafe_code)]
 
+mod access_log;
 mod conn_state;
 mod connection;
 mod drain;

@@ -31,9 +31,8 @@ pub(crate) enum Global {
     WebSocketsClosed,
     StreamsOpened,
     StreamsClosed,
-    AccessLogDropped,
 }
-const GLOBALS: usize = 8;
+const GLOBALS: usize = 7;
 
 /// Per route: five status classes, the duration buckets and overflow, the duration sum.
 const CLASSES: usize = 5;
@@ -44,19 +43,21 @@ const SHARDS: usize = 16;
 /// Cells of padding after each shard's counters, so two shards never share a cache line.
 const PAD: usize = 16;
 
-/// When a request began (with `[metrics]` on) and which route took it: what
-/// [`Metrics::request`] needs.
-#[derive(Debug, Clone, Copy)]
+/// When a request began (with `[metrics]` or the access log on), which route took it,
+/// and the start of its access log line: what is counted when it is answered.
+#[derive(Debug)]
 pub(crate) struct Mark {
     pub(crate) started: Option<Instant>,
     pub(crate) route: RouteId,
+    pub(crate) log: Option<Box<crate::access_log::Pending>>,
 }
 
 impl Mark {
-    pub(crate) fn new(metrics: &Metrics, route: RouteId) -> Self {
+    pub(crate) fn new(timed: bool, route: RouteId) -> Self {
         Mark {
-            started: metrics.detailed.then(Instant::now),
+            started: timed.then(Instant::now),
             route,
+            log: None,
         }
     }
 
@@ -110,14 +111,19 @@ impl Metrics {
         &self.shards[SHARD.with(|s| *s)]
     }
 
+    /// Whether request durations are counted.
+    pub(crate) fn detailed(&self) -> bool {
+        self.detailed
+    }
+
     /// Counts one answered request: its status class and how long it took to its head.
-    pub(crate) fn request(&self, mark: Mark, status: u16) {
+    pub(crate) fn request(&self, route: RouteId, status: u16, took: Option<std::time::Duration>) {
         let class = usize::from(status / 100).clamp(1, CLASSES) - 1;
-        let base = GLOBALS + mark.route * STRIDE;
+        let base = GLOBALS + route * STRIDE;
         let shard = self.shard();
         shard[base + class].fetch_add(1, Ordering::Relaxed);
-        if let Some(started) = mark.started {
-            let micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        if let Some(took) = took.filter(|_| self.detailed) {
+            let micros = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
             let bucket = DURATION_BUCKETS_US.partition_point(|&le| le < micros);
             shard[base + CLASSES + bucket].fetch_add(1, Ordering::Relaxed);
             shard[base + CLASSES + BUCKETS].fetch_add(micros, Ordering::Relaxed);
@@ -188,7 +194,7 @@ impl Metrics {
             websockets_closed: global(Global::WebSocketsClosed),
             streams_opened: global(Global::StreamsOpened),
             streams_closed: global(Global::StreamsClosed),
-            access_log_dropped: global(Global::AccessLogDropped),
+            access_log_dropped: 0,
         }
     }
 }
@@ -202,16 +208,10 @@ mod tests {
     fn requests_land_in_their_route_class_and_bucket() {
         let router = Router::build(Vec::new(), "/_baton/health").unwrap();
         let m = Metrics::new(&router, true);
-        let mark = Mark::new(&m, HEALTH);
-        m.request(mark, 200);
-        m.request(mark.to(UNMATCHED), 404);
-        m.request(
-            Mark {
-                started: Some(Instant::now() - Duration::from_millis(30)),
-                route: UNMATCHED,
-            },
-            503,
-        );
+        let fast = Some(Duration::from_micros(50));
+        m.request(HEALTH, 200, fast);
+        m.request(UNMATCHED, 404, fast);
+        m.request(UNMATCHED, 503, Some(Duration::from_millis(30)));
         m.add(Global::Accepted, 2);
         let s = m.snapshot();
         assert_eq!(s.routes["health"].classes, [0, 1, 0, 0, 0]);
@@ -225,15 +225,13 @@ mod tests {
         // From other threads too.
         std::thread::scope(|scope| {
             for _ in 0..4 {
-                scope.spawn(|| m.request(mark, 204));
+                scope.spawn(|| m.request(HEALTH, 204, fast));
             }
         });
         assert_eq!(m.snapshot().routes["health"].classes[1], 5);
         // Off: requests are counted for the stats, without the clock.
         let off = Metrics::new(&router, false);
-        let mark = Mark::new(&off, HEALTH);
-        assert!(mark.started.is_none());
-        off.request(mark, 500);
+        off.request(HEALTH, 500, fast);
         off.bytes(Global::BytesOut, 10);
         assert_eq!(off.requests_and_errors(), (1, 1));
         assert_eq!(off.snapshot().bytes_out, 0);

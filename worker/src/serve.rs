@@ -18,6 +18,7 @@
 //! an upload, an answer not begun) finish like any request in flight, within
 //! `drain_timeout`.
 
+use crate::access_log::AccessLog;
 use crate::connection::{Socket, connection};
 use crate::drain::{self, Drain, DrainWatch, Phase};
 use crate::inherit::{Listener, NamedListener};
@@ -36,6 +37,8 @@ use tracing::Instrument;
 
 /// How often changed counters are reported to the supervisor.
 const STATS_INTERVAL: Duration = Duration::from_secs(1);
+/// At exit, how long the access log's last lines may take to be written.
+const ACCESS_LOG_FLUSH: Duration = Duration::from_secs(1);
 /// The largest report the supervisor reads (its `notify::MAX_DATAGRAM`).
 const MAX_REPORT: usize = 65536;
 /// Pause after an accept error (EMFILE and friends) so the loop does not spin.
@@ -62,7 +65,27 @@ pub async fn serve(
         None => None,
     };
 
-    let shared = Arc::new(Shared::new(generation, settings, router));
+    let mut usr1 = signal(SignalKind::user_defined1())?;
+    let access_log = match &settings.access_log {
+        Some(log) => Some(
+            AccessLog::start(log, generation)
+                .map_err(|e| anyhow::anyhow!("access log {}: {e}", log.target))?,
+        ),
+        None => None,
+    };
+    let shared = Arc::new(Shared::new(generation, settings, router, access_log));
+    // SIGUSR1 (the supervisor forwards it): open the access log file again, as logrotate
+    // expects. Handled even without an access log, so that it never ends the worker.
+    let reopen = {
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            while usr1.recv().await.is_some() {
+                if let Some(log) = &shared.access_log {
+                    log.reopen();
+                }
+            }
+        })
+    };
     let (drain, watch) = Drain::new();
 
     let mut accepting = tokio::task::JoinSet::new();
@@ -135,6 +158,7 @@ pub async fn serve(
     }
     stats.abort();
     ending.abort();
+    reopen.abort();
     // Inline handlers run inside connection tasks: with every connection closed none is
     // running. Blocking ones may outlive their connection, so they are counted.
     let running = shared.plugin_calls.load(Ordering::Acquire);
@@ -149,6 +173,9 @@ pub async fn serve(
         tracing::warn!(
             "{open} connection(s) and {running} blocking handler(s) still running; skipping plugin shutdown"
         );
+    }
+    if let Some(log) = &shared.access_log {
+        log.flush(ACCESS_LOG_FLUSH);
     }
     let last = shared.stats();
     notifier.send(&report(&shared, last));
@@ -207,7 +234,7 @@ async fn report_stats(shared: Arc<Shared>, notifier: Notifier) {
         tick.tick().await;
         let now = (
             shared.stats(),
-            shared.settings.metrics.then(|| shared.metrics.snapshot()),
+            shared.settings.metrics.then(|| shared.metrics_snapshot()),
         );
         if now != last {
             notifier.send(&report_line(&now.0, now.1.as_ref()));
@@ -218,7 +245,7 @@ async fn report_stats(shared: Arc<Shared>, notifier: Notifier) {
 
 /// All the counters, for the report at exit.
 fn report(shared: &Shared, stats: Stats) -> String {
-    let metrics = shared.settings.metrics.then(|| shared.metrics.snapshot());
+    let metrics = shared.settings.metrics.then(|| shared.metrics_snapshot());
     report_line(&stats, metrics.as_ref())
 }
 
@@ -243,21 +270,24 @@ fn report_line(stats: &Stats, metrics: Option<&baton_proto::WorkerMetrics>) -> S
 /// A listening socket the accept loop can take connections from.
 trait Accept: Send + Sync + 'static {
     type Io: Socket;
-    fn accept(&self) -> impl Future<Output = std::io::Result<Self::Io>> + Send;
+    /// A connection and its client's address (none over a Unix socket).
+    fn accept(
+        &self,
+    ) -> impl Future<Output = std::io::Result<(Self::Io, Option<std::net::SocketAddr>)>> + Send;
 }
 
 impl Accept for tokio::net::TcpListener {
     type Io = tokio::net::TcpStream;
-    async fn accept(&self) -> std::io::Result<Self::Io> {
-        let (stream, _) = tokio::net::TcpListener::accept(self).await?;
-        Ok(stream)
+    async fn accept(&self) -> std::io::Result<(Self::Io, Option<std::net::SocketAddr>)> {
+        let (stream, peer) = tokio::net::TcpListener::accept(self).await?;
+        Ok((stream, Some(peer)))
     }
 }
 
 impl Accept for tokio::net::UnixListener {
     type Io = tokio::net::UnixStream;
-    async fn accept(&self) -> std::io::Result<Self::Io> {
-        Ok(tokio::net::UnixListener::accept(self).await?.0)
+    async fn accept(&self) -> std::io::Result<(Self::Io, Option<std::net::SocketAddr>)> {
+        Ok((tokio::net::UnixListener::accept(self).await?.0, None))
     }
 }
 
@@ -274,10 +304,11 @@ async fn accept_loop<L: Accept>(listener: L, shared: Arc<Shared>, mut watch: Dra
             _ = watch.reached(Phase::Closing) => return,
         };
         match accepted {
-            Ok(io) => {
+            Ok((io, peer)) => {
                 shared.metrics.add(Global::Accepted, 1);
                 let guard = shared.connections.open();
-                tokio::spawn(connection(io, shared.clone(), watch.clone(), guard, permit));
+                let conn = connection(io, peer, shared.clone(), watch.clone(), guard, permit);
+                tokio::spawn(conn);
             }
             Err(e) => {
                 tracing::warn!("accept failed: {e}");

@@ -5,6 +5,7 @@
 //! [`crate::handle`]) and imports none of them. It holds state; it never accepts, reads a
 //! socket or answers a request.
 
+use crate::access_log::AccessLog;
 use crate::drain::Connections;
 use crate::metrics::Metrics;
 use crate::router::Router;
@@ -38,11 +39,18 @@ pub(crate) struct Shared {
     pub(crate) websockets: AtomicU64,
     /// Streamed (deferred) answers under way right now.
     pub(crate) streams: AtomicU64,
+    /// The access log, when `[log] access` is on.
+    pub(crate) access_log: Option<Arc<AccessLog>>,
 }
 
 impl Shared {
     /// What every connection of a worker shares, for `router` and `settings`.
-    pub(crate) fn new(generation: u64, settings: WorkerSettings, router: Router) -> Self {
+    pub(crate) fn new(
+        generation: u64,
+        settings: WorkerSettings,
+        router: Router,
+        access_log: Option<Arc<AccessLog>>,
+    ) -> Self {
         let blocking_plugins = router.plugins.iter().filter(|p| !p.nonblocking).count();
         let share = (settings.blocking_threads / blocking_plugins.max(1)).max(1);
         let blocking = router
@@ -52,6 +60,7 @@ impl Shared {
             .collect();
         let metrics = Metrics::new(&router, settings.metrics);
         Shared {
+            access_log,
             router,
             blocking,
             plugin_calls: Arc::new(AtomicUsize::new(0)),
@@ -67,6 +76,13 @@ impl Shared {
             metrics,
             connections: Arc::new(Connections::default()),
         }
+    }
+
+    /// The metrics' totals, for `BATON_METRICS=`.
+    pub(crate) fn metrics_snapshot(&self) -> baton_proto::WorkerMetrics {
+        let mut m = self.metrics.snapshot();
+        m.access_log_dropped = self.access_log.as_ref().map_or(0, |l| l.dropped());
+        m
     }
 
     /// The counters reported to the supervisor.

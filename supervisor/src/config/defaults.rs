@@ -71,6 +71,11 @@ pub const CONTROL_SOCKET: &str = "baton.sock";
 /// Outside systemd, the private directory (mode 0700) relative control sockets go in.
 pub const RUNTIME_DIR: &str = ".baton-run";
 
+/// `log.access`: the access log is off.
+pub const ACCESS_LOG: &str = "off";
+/// `log.access_format`: Apache's and nginx's combined format (plus duration, generation, pid).
+pub const ACCESS_LOG_FORMAT: &str = "combined";
+
 /// A key's default, as a reader of the config file sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DefaultValue {
@@ -143,6 +148,8 @@ pub const KEYS: &[(&str, DefaultValue)] = {
         ),
         ("control.socket", Str(CONTROL_SOCKET)),
         ("metrics.address", Unset),
+        ("log.access", Str(ACCESS_LOG)),
+        ("log.access_format", Str(ACCESS_LOG_FORMAT)),
     ]
 };
 

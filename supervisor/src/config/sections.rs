@@ -30,6 +30,8 @@ pub(super) struct Raw {
     pub control: RawControl,
     #[serde(default)]
     pub metrics: RawMetrics,
+    #[serde(default)]
+    pub log: RawLog,
 }
 
 /// One `[[listener]]`.
@@ -428,6 +430,48 @@ impl RawMetrics {
     }
 }
 
+/// `[log]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawLog {
+    access: Option<Spanned<String>>,
+    access_format: Option<Spanned<String>>,
+}
+
+impl RawLog {
+    /// The access log's target and format; a relative file is relative to `base`.
+    pub fn validate(
+        &self,
+        v: &Validator,
+        base: &Path,
+    ) -> Result<Option<baton_proto::AccessLogSettings>, ConfigError> {
+        let format = match self.access_format.as_ref().map(|f| f.get_ref().as_str()) {
+            None | Some("combined") => baton_proto::AccessLogFormat::Combined,
+            Some("json") => baton_proto::AccessLogFormat::Json,
+            Some(other) => {
+                return Err(v.invalid(
+                    self.access_format.as_ref().expect("set"),
+                    "log.access_format",
+                    &format!("{other:?}: expected \"combined\" or \"json\""),
+                ));
+            }
+        };
+        let target = match v.non_empty(&self.access, "log.access")? {
+            None | Some("off") => return Ok(None),
+            Some("stdout") => "stdout".to_owned(),
+            Some("stderr") => {
+                return Err(v.invalid(
+                    self.access.as_ref().expect("set"),
+                    "log.access",
+                    "\"stderr\" is not offered: a worker's stderr passes through the supervisor line by line; \"stdout\" writes to the same place (the journal under systemd) straight from the workers",
+                ));
+            }
+            Some(path) => base.join(path).display().to_string(),
+        };
+        Ok(Some(baton_proto::AccessLogSettings { target, format }))
+    }
+}
+
 /// The keys each raw struct accepts, by section (`listener` for each `[[listener]]`), as
 /// serde sees them: what [`defaults::KEYS`] is checked against.
 #[cfg(test)]
@@ -440,6 +484,7 @@ pub(super) fn field_names() -> Vec<(&'static str, Vec<&'static str>)> {
         ("websocket", fields_of::<RawWebSocket>()),
         ("control", fields_of::<RawControl>()),
         ("metrics", fields_of::<RawMetrics>()),
+        ("log", fields_of::<RawLog>()),
     ]
 }
 

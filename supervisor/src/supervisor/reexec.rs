@@ -42,7 +42,8 @@ const CHECK_TIMEOUT: Duration = Duration::from_secs(10);
 /// Signals held back across the `exec` (pending ones are delivered to the new image once
 /// it has its handlers): without this, a SIGUSR2 or SIGTERM in between would kill the
 /// process, whose default action for them is to terminate.
-const HELD_SIGNALS: [Signal; 5] = [
+const HELD_SIGNALS: [Signal; 6] = [
+    Signal::SIGUSR1,
     Signal::SIGUSR2,
     Signal::SIGHUP,
     Signal::SIGTERM,

@@ -15,7 +15,9 @@ pub mod settings;
 
 pub use metrics::{RouteMetrics, WorkerMetrics};
 pub use notify::{NotifyMessage, Stats, WorkerBuild};
-pub use settings::{HttpSettings, PluginSpec, WebSocketSettings, WorkerSettings};
+pub use settings::{
+    AccessLogFormat, AccessLogSettings, HttpSettings, PluginSpec, WebSocketSettings, WorkerSettings,
+};
 
 /// Environment variable: the generation number the worker belongs to (decimal).
 pub const ENV_GENERATION: &str = "BATON_GENERATION";

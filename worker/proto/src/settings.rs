@@ -37,6 +37,30 @@ pub struct WorkerSettings {
     /// the JSON when off, so that a worker binary that predates it still reads it.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub metrics: bool,
+    /// The access log (`[log] access`), if on; left out of the JSON when off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access_log: Option<AccessLogSettings>,
+}
+
+/// Where and how a worker writes its access log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccessLogSettings {
+    /// `"stdout"` (inherited from the supervisor: the journal under systemd) or the path of
+    /// a file the worker opens for appending.
+    pub target: String,
+    pub format: AccessLogFormat,
+}
+
+/// The access log's line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AccessLogFormat {
+    /// Apache's and nginx's combined format, then the duration in seconds, the generation
+    /// and the worker's pid.
+    Combined,
+    /// One JSON object per line.
+    Json,
 }
 
 /// One plugin of a generation, already checked and copied to the cache by the supervisor.
@@ -122,6 +146,7 @@ impl Default for WorkerSettings {
             plugins: Vec::new(),
             plugin_settings_json: "{}".to_owned(),
             metrics: false,
+            access_log: None,
         }
     }
 }
