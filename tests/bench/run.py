@@ -23,6 +23,9 @@ Scenarios:
      answers; WINCH and QUIT to the old master, whose pid the new one does not keep)
   d  RSS and PSS of every process, idle and holding 1,000 connections
   e  10,000 keep-alive connections (wrk -c10000) carried across 5 upgrades
+Variants, measured in (a) only, next to the server they vary: baton-metrics ([metrics]
+on, scraped every second), baton-log-combined / baton-log-json (the access log to a
+file), nginx-log (nginx's access_log to a file, combined format).
 """
 
 import argparse
@@ -254,8 +257,18 @@ class Baton(Server):
     workers = BATON_PROCESSES
     MARKER = b"BATON-RELEASE:"
 
-    def __init__(self, own_binary=False):
+    def __init__(self, own_binary=False, metrics=False, access_log=None):
+        # Variants of (a) only: with [metrics] on (and scraped every second), with the
+        # access log on ("combined" or "json", to a file).
+        if metrics:
+            self.name = "baton-metrics"
+        elif access_log:
+            self.name = f"baton-log-{access_log}"
         super().__init__()
+        self.metrics_port = free_port() if metrics else None
+        self.access_log = access_log
+        self.scraper = None
+        self.scraping = threading.Event()
         self.own_binary = own_binary
         self.binary = os.path.join(RELEASE, "baton")
         # Where it goes by default without $RUNTIME_DIRECTORY (a directory only we enter).
@@ -306,8 +319,26 @@ dir = "{plugins}"
 [control]
 socket = "{self.control_socket}"
 """)
+            if self.metrics_port:
+                f.write(f'[metrics]\naddress = "127.0.0.1:{self.metrics_port}"\n')
+            if self.access_log:
+                f.write(f'[log]\naccess = "{self.dir}/access.log"\naccess_format = "{self.access_log}"\n')
         self.proc = subprocess.Popen([self.binary, "run", "-c", self.config],
                                      env={**os.environ, "BATON_LOG": "warn"})
+        if self.metrics_port:
+            self.scraper = threading.Thread(target=self.scrape_every_second, daemon=True)
+            self.scraper.start()
+
+    def scrape_every_second(self):
+        """What a Prometheus scraping every second costs, for as long as the server runs
+        (bounded: it stops with the server, at the latest after an hour)."""
+        deadline = time.time() + 3600
+        while not self.scraping.wait(1.0) and time.time() < deadline:
+            get(self.metrics_port, "/metrics", timeout=2.0)
+
+    def stop(self):
+        self.scraping.set()
+        super().stop()
 
     def pid_of(self, response):
         m = re.search(rb"pid (\d+)", response[2])
@@ -353,8 +384,11 @@ class Nginx(Server):
 
     workers = 2
 
-    def __init__(self, kind="HUP"):
+    def __init__(self, kind="HUP", access_log=False):
         self.name = "nginx" if kind == "HUP" else "nginx-binary"
+        if access_log:
+            self.name = "nginx-log"
+        self.access_log = access_log
         self.upgrade_kind = kind
         super().__init__()
         self.current_master = None
@@ -370,7 +404,7 @@ pid {self.dir}/nginx.pid;
 error_log {self.dir}/logs/error.log warn;
 events {{ worker_connections 20000; }}
 http {{
-    access_log off;
+    access_log {f"{self.dir}/logs/access.log combined" if self.access_log else "off"};
     client_body_temp_path {self.dir}/tmp;
     proxy_temp_path {self.dir}/tmp;
     fastcgi_temp_path {self.dir}/tmp;
@@ -471,9 +505,19 @@ frontend fe
         os.kill(self.proc.pid, signal.SIGUSR2)
 
 
+# Servers that are another server with one feature on, compared with it in (a).
+VARIANTS = {"baton-metrics": "baton", "baton-log-combined": "baton", "baton-log-json": "baton",
+            "nginx-log": "nginx"}
+
+
 def servers_for(which):
     table = {"hyper": Bare, "baton": Baton, "nginx": lambda: Nginx("HUP"),
-             "nginx-binary": lambda: Nginx("binary"), "haproxy": HAProxy}
+             "nginx-binary": lambda: Nginx("binary"), "haproxy": HAProxy,
+             # Variants measured in (a) only: the cost of metrics and of access logs.
+             "baton-metrics": lambda: Baton(metrics=True),
+             "baton-log-combined": lambda: Baton(access_log="combined"),
+             "baton-log-json": lambda: Baton(access_log="json"),
+             "nginx-log": lambda: Nginx("HUP", access_log=True)}
     return [(name, table[name]) for name in which]
 
 
@@ -813,6 +857,15 @@ def report(results, quick):
             xh = r["rps"] / anchor_h[mode]["rps"] if anchor_h else None
             add(f"{n:14} {mode:10} {r['rps']:>10.0f} {fmt(xn, 2):>8} {fmt(xh, 2):>8} {fmt(r['p50_ms'], 2):>8} "
                 f"{fmt(r['p99_ms'], 2):>8} {fmt(r['max_ms'], 1):>8} {r['errors']:>7}")
+    costs = [(n, VARIANTS[n]) for n in names if n in VARIANTS and a.get(n) and a.get(VARIANTS[n])]
+    if costs:
+        add("")
+        add("(a) the cost of a feature: a variant's throughput relative to the same server without it")
+        add(f"{'variant':20} {'of':8} {'keepalive':>10} {'close':>8}")
+        for n, base in costs:
+            ka = a[n]["keepalive"]["rps"] / a[base]["keepalive"]["rps"]
+            cl = a[n]["close"]["rps"] / a[base]["close"]["rps"]
+            add(f"{n:20} {base:8} {ka:>9.3f}x {cl:>7.3f}x")
     add("")
     add("(b) an upgrade every 0.5 s under wrk -t1 -c32")
     add(f"{'server':14} {'mode':10} {'upgrades':>8} {'requests':>9} {'non-2xx':>8} {'connect':>8} {'read':>6} {'write':>6} {'timeout':>8} {'p99 ms':>8} {'max ms':>8}")
@@ -935,7 +988,8 @@ def main():
     parser.add_argument("--quick", action="store_true", help="short runs (about 3 minutes)")
     parser.add_argument("--json", default=None, help="where to write the results (default: target/bench/results.json)")
     parser.add_argument("--only", default="a,b,c,d,e", help="scenarios to run, e.g. a,c")
-    parser.add_argument("--servers", default="hyper,baton,nginx,nginx-binary,haproxy")
+    parser.add_argument("--servers", default="hyper,baton,baton-metrics,baton-log-combined,"
+                        "nginx,nginx-log,nginx-binary,haproxy")
     parser.add_argument("--no-build", action="store_true", help="use the release binaries as they are")
     args = parser.parse_args()
     only = set(args.only.split(","))
@@ -996,6 +1050,8 @@ def main():
         if key not in only:
             continue
         for n, cls in servers_for(names):
+            if n in VARIANTS:
+                continue  # measured in (a) only
             if key != "d" and cls is Bare:
                 continue  # the bare server cannot be upgraded
             if key == "d" and n == "nginx-binary":
