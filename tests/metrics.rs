@@ -1,7 +1,9 @@
 //! The supervisor's Prometheus metrics, read the way a monitoring system reads them: the
 //! scrape passes `promtool check metrics`, and the request counter never goes backwards
 //! across generation upgrades, a worker killed with SIGKILL and the supervisor upgrading
-//! itself in place, and ends equal to what the load generator counted.
+//! itself in place, and ends equal to what the load generator counted; and a real
+//! Prometheus server scraping Baton across ten upgrades and a crash sees no counter reset
+//! and the same total.
 #![forbid(unsafe_code)]
 
 use baton_tests::scrape::{promtool_check, scrape, sum};
@@ -220,4 +222,157 @@ async fn a_rolled_back_upgrade_shows_in_the_metrics() {
     // Anything but /metrics is a 404; the listener is no serving listener.
     let (status, _) = baton_tests::get(metrics, "/").await.expect("get /");
     assert_eq!(status, 404);
+}
+
+/// A real Prometheus server (Debian's `prometheus`, on loopback, its data in a temporary
+/// directory) scraping every second.
+struct Prometheus {
+    child: tokio::process::Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Prometheus {
+    async fn start(target: SocketAddr) -> Prometheus {
+        let dir = tempfile::Builder::new()
+            .prefix("prometheus")
+            .tempdir()
+            .unwrap();
+        let config = dir.path().join("prometheus.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "global:\n  scrape_interval: 1s\n  scrape_timeout: 900ms\n\
+                 scrape_configs:\n  - job_name: baton\n    static_configs:\n      - targets: ['{target}']\n"
+            ),
+        )
+        .unwrap();
+        let port = free_port();
+        let log = std::fs::File::create(dir.path().join("prometheus.log")).unwrap();
+        let child = tokio::process::Command::new("/usr/bin/prometheus")
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.path().join("data").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .arg("--storage.tsdb.retention.time=1h")
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .expect("run /usr/bin/prometheus (apt-get install prometheus)");
+        let p = Prometheus {
+            child,
+            port,
+            _dir: dir,
+        };
+        let deadline = Instant::now() + WAIT;
+        while p.query("up").await.is_none() {
+            assert!(Instant::now() < deadline, "prometheus did not start");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        p
+    }
+
+    /// The value of an instant query that returns one sample, if it does.
+    async fn query(&self, expr: &str) -> Option<f64> {
+        let mut encoded = String::new();
+        for b in expr.bytes() {
+            match b {
+                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                    encoded.push(b as char)
+                }
+                _ => encoded.push_str(&format!("%{b:02X}")),
+            }
+        }
+        let addr: SocketAddr = ([127, 0, 0, 1], self.port).into();
+        let (status, body) = baton_tests::get(addr, &format!("/api/v1/query?query={encoded}"))
+            .await
+            .ok()?;
+        if status != 200 {
+            return None;
+        }
+        let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+        let result = v["data"]["result"].as_array()?;
+        let [one] = &result[..] else { return None };
+        one["value"][1].as_str()?.parse().ok()
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.start_kill();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prometheus_sees_no_reset_across_ten_upgrades_and_a_crash() {
+    let _heavy = heavy().await;
+    let (config, metrics) = with_metrics();
+    let baton = Baton::start(config).await;
+    let prometheus = Prometheus::start(metrics).await;
+    let load = Load::start(baton.addr(), load_spec());
+    for i in 0..10 {
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        let out = baton.upgrade_wait().await;
+        assert_eq!(out.code, Some(0), "upgrade {i}: {}", out.text());
+    }
+    let mut counted = ok_all(&load.stop().await, &baton);
+    wait_total(metrics, counted, &baton).await;
+    // A worker crash with nothing in flight (its last report is current).
+    let (_, pids) = baton.serving().await.expect("serving");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pids[0] as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let replaced = eventually(WAIT, || {
+        let now = baton.worker_pids();
+        now.len() == 2 && !now.contains(&pids[0])
+    })
+    .await;
+    assert!(replaced, "the worker was not replaced");
+    let load = Load::start(baton.addr(), load_spec());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    counted += ok_all(&load.stop().await, &baton);
+    wait_total(metrics, counted, &baton).await;
+    // Prometheus's own view, once it scraped the final figures.
+    let total = "sum(baton_http_requests_total)";
+    let deadline = Instant::now() + WAIT;
+    while prometheus.query(total).await != Some(counted) {
+        assert!(
+            Instant::now() < deadline,
+            "prometheus says {:?} requests, the clients counted {counted}",
+            prometheus.query(total).await
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    for counter in [
+        "baton_http_requests_total",
+        "baton_connections_accepted_total",
+        "baton_http_sent_bytes_total",
+        "baton_upgrades_total",
+    ] {
+        let resets = prometheus
+            .query(&format!("sum(resets({counter}[10m]))"))
+            .await;
+        assert_eq!(resets, Some(0.0), "resets of {counter}");
+    }
+    assert_eq!(
+        prometheus
+            .query("baton_upgrades_total{result=\"succeeded\"}")
+            .await,
+        Some(10.0)
+    );
+    assert_eq!(
+        prometheus.query("baton_worker_restarts_total").await,
+        Some(1.0)
+    );
+    // The rate of requests never showed a drop to a reset: its increase is the total.
+    let increase = prometheus
+        .query("sum(increase(baton_http_requests_total[10m]))")
+        .await
+        .unwrap();
+    assert!(increase > 0.0);
 }
