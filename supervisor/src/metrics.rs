@@ -201,7 +201,7 @@ pub fn render<A: Clone + std::fmt::Debug>(core: &Core<A>, image: &ImageInfo<'_>)
         workers.routes.entry(route.to_owned()).or_default();
     }
     requests(&mut out, &workers);
-    connections(&mut out, core, &workers);
+    connections(&mut out, core);
     generations(&mut out, core);
     upgrades(&mut out, core, image);
     processes(&mut out, core, image);
@@ -301,7 +301,7 @@ fn requests(out: &mut Text, w: &WorkerMetrics) {
     }
 }
 
-fn connections<A: Clone + std::fmt::Debug>(out: &mut Text, core: &Core<A>, _w: &WorkerMetrics) {
+fn connections<A: Clone + std::fmt::Debug>(out: &mut Text, core: &Core<A>) {
     let live =
         |f: fn(&crate::core::Generation<A>) -> u64| -> u64 { core.generations().map(f).sum() };
     for (name, help, value) in [

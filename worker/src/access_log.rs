@@ -23,8 +23,8 @@ use std::time::{Duration, SystemTime};
 const SHARDS: usize = 16;
 /// A buffer this full is handed to the writer.
 const FLUSH_BYTES: usize = 32 * 1024;
-/// Full buffers waiting for the writer; beyond, lines are dropped.
-const QUEUE: usize = 64;
+/// Full buffers waiting for the writer (8 MiB at most); beyond, lines are dropped.
+const QUEUE: usize = 256;
 /// How often the writer collects what the buffers hold.
 const COLLECT_EVERY: Duration = Duration::from_millis(100);
 
@@ -106,53 +106,68 @@ impl AccessLog {
         parts: &http::request::Parts,
         client: Option<std::net::SocketAddr>,
     ) -> Pending {
-        let header = |name: http::HeaderName| {
-            parts
-                .headers
-                .get(name)
-                .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+        use std::fmt::Write as _;
+        let header = |name: http::HeaderName| parts.headers.get(name).map(|v| v.as_bytes());
+        let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+        let version = match parts.version {
+            http::Version::HTTP_09 => "HTTP/0.9",
+            http::Version::HTTP_10 => "HTTP/1.0",
+            http::Version::HTTP_2 => "HTTP/2.0",
+            http::Version::HTTP_3 => "HTTP/3.0",
+            _ => "HTTP/1.1",
         };
-        let target = parts
-            .uri
-            .path_and_query()
-            .map_or("/", |p| p.as_str())
-            .to_owned();
         let now = SystemTime::now();
-        let client = client.map_or_else(|| "-".to_owned(), |c| c.ip().to_string());
+        let mut line = String::with_capacity(256);
         match self.format {
             AccessLogFormat::Combined => {
-                let referer = header(http::header::REFERER);
-                let agent = header(http::header::USER_AGENT);
-                Pending {
-                    line: format!(
-                        "{client} - - [{}] \"{} {} {:?}\" ",
-                        clf_time(now),
-                        parts.method,
-                        escape_clf(&target),
-                        parts.version
-                    ),
-                    after: format!(
-                        " \"{}\" \"{}\"",
-                        escape_clf(referer.as_deref().unwrap_or("-")),
-                        escape_clf(agent.as_deref().unwrap_or("-"))
-                    ),
+                match client {
+                    Some(c) => {
+                        let _ = write!(line, "{}", c.ip());
+                    }
+                    None => line.push('-'),
                 }
+                line.push_str(" - - [");
+                clf_time(now, &mut line);
+                line.push_str("] \"");
+                line.push_str(parts.method.as_str());
+                line.push(' ');
+                push_clf(&mut line, target.as_bytes());
+                line.push(' ');
+                line.push_str(version);
+                line.push_str("\" ");
+                let mut after = String::with_capacity(64);
+                after.push_str(" \"");
+                push_clf(&mut after, header(http::header::REFERER).unwrap_or(b"-"));
+                after.push_str("\" \"");
+                push_clf(&mut after, header(http::header::USER_AGENT).unwrap_or(b"-"));
+                after.push('"');
+                Pending { line, after }
             }
             AccessLogFormat::Json => {
-                let s = |v: &str| serde_json::to_string(v).expect("strings serialise");
-                let agent = header(http::header::USER_AGENT);
+                line.push_str("{\"time\":\"");
+                iso_time(now, &mut line);
+                line.push_str("\",\"client\":");
+                match client {
+                    Some(c) => {
+                        let _ = write!(line, "\"{}\"", c.ip());
+                    }
+                    None => line.push_str("null"),
+                }
+                line.push_str(",\"method\":");
+                push_json(&mut line, parts.method.as_str().as_bytes());
+                line.push_str(",\"path\":");
+                push_json(&mut line, target.as_bytes());
+                let _ = write!(
+                    line,
+                    ",\"protocol\":\"{version}\",\"generation\":{},\"pid\":{},\"user_agent\":",
+                    self.generation, self.pid
+                );
+                match header(http::header::USER_AGENT) {
+                    Some(agent) => push_json(&mut line, agent),
+                    None => line.push_str("null"),
+                }
                 Pending {
-                    line: format!(
-                        "{{\"time\":\"{}\",\"client\":{},\"method\":{},\"path\":{},\"protocol\":\"{:?}\",\"generation\":{},\"pid\":{},\"user_agent\":{}",
-                        iso_time(now),
-                        s(&client),
-                        s(parts.method.as_str()),
-                        s(&target),
-                        parts.version,
-                        self.generation,
-                        self.pid,
-                        agent.as_deref().map_or_else(|| "null".to_owned(), s),
-                    ),
+                    line,
                     after: String::new(),
                 }
             }
@@ -309,30 +324,56 @@ impl Writer {
     }
 }
 
+thread_local! {
+    /// This thread's last second, written both ways: formatting a date per request showed.
+    static SECOND: std::cell::RefCell<(u64, String, String)> =
+        const { std::cell::RefCell::new((u64::MAX, String::new(), String::new())) };
+}
+
+/// Appends `at`'s second as the combined format (`27/Nov/2026:16:12:13 +0000`, UTC) or,
+/// with `iso`, as `2026-11-27T16:12:13`.
+fn push_second(at: SystemTime, iso: bool, out: &mut String) {
+    let secs = at
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs();
+    SECOND.with(|cell| {
+        let mut cached = cell.borrow_mut();
+        if cached.0 != secs {
+            let (y, mo, d, h, mi, s) = civil(secs);
+            const MONTHS: [&str; 12] = [
+                "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+            ];
+            cached.1 = format!(
+                "{d:02}/{}/{y}:{h:02}:{mi:02}:{s:02} +0000",
+                MONTHS[mo as usize - 1]
+            );
+            cached.2 = format!("{y}-{mo:02}-{d:02}T{h:02}:{mi:02}:{s:02}");
+            cached.0 = secs;
+        }
+        out.push_str(if iso { &cached.2 } else { &cached.1 });
+    });
+}
+
 /// `27/Nov/2026:16:12:13 +0000` (UTC), as the combined format writes time.
-fn clf_time(at: SystemTime) -> String {
-    let (y, mo, d, h, mi, s, _) = civil(at);
-    const MONTHS: [&str; 12] = [
-        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
-    ];
-    format!(
-        "{d:02}/{}/{y}:{h:02}:{mi:02}:{s:02} +0000",
-        MONTHS[mo as usize - 1]
-    )
+fn clf_time(at: SystemTime, out: &mut String) {
+    push_second(at, false, out);
 }
 
 /// `2026-11-27T16:12:13.123Z`.
-fn iso_time(at: SystemTime) -> String {
-    let (y, mo, d, h, mi, s, ms) = civil(at);
-    format!("{y}-{mo:02}-{d:02}T{h:02}:{mi:02}:{s:02}.{ms:03}Z")
+fn iso_time(at: SystemTime, out: &mut String) {
+    use std::fmt::Write as _;
+    push_second(at, true, out);
+    let ms = at
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default()
+        .subsec_millis();
+    let _ = write!(out, ".{ms:03}Z");
 }
 
-/// UTC year, month, day, hour, minute, second, millisecond of `at`.
-fn civil(at: SystemTime) -> (i64, u32, u32, u32, u32, u32, u32) {
-    let since = at
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .unwrap_or_default();
-    let secs = since.as_secs() as i64;
+/// UTC year, month, day, hour, minute, second of `secs` since the epoch.
+fn civil(secs: u64) -> (i64, u32, u32, u32, u32, u32) {
+    let secs = secs as i64;
     let (days, rest) = (secs.div_euclid(86_400), secs.rem_euclid(86_400) as u32);
     // Howard Hinnant's days-to-civil.
     let z = days + 719_468;
@@ -344,30 +385,44 @@ fn civil(at: SystemTime) -> (i64, u32, u32, u32, u32, u32, u32) {
     let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
     let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
     let y = yoe + era * 400 + i64::from(m <= 2);
-    (
-        y,
-        m,
-        d,
-        rest / 3600,
-        rest / 60 % 60,
-        rest % 60,
-        since.subsec_millis(),
-    )
+    (y, m, d, rest / 3600, rest / 60 % 60, rest % 60)
 }
 
-/// A value inside the combined format's quotes: `"` and `\` escaped, control characters
-/// as `\xHH` (as nginx does).
-fn escape_clf(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            c if c.is_control() => out.push_str(&format!("\\x{:02X}", c as u32)),
-            c => out.push(c),
+/// Whether `b` needs no escaping inside quotes (printable ASCII but `"` and `\`).
+fn plain(b: u8) -> bool {
+    (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\'
+}
+
+/// A value inside the combined format's quotes: `"` and `\` escaped, other bytes outside
+/// printable ASCII as `\xHH` (as nginx does).
+fn push_clf(out: &mut String, value: &[u8]) {
+    use std::fmt::Write as _;
+    if value.iter().all(|&b| plain(b)) {
+        out.push_str(std::str::from_utf8(value).expect("ASCII"));
+        return;
+    }
+    for &b in value {
+        match b {
+            b'"' => out.push_str("\\\""),
+            b'\\' => out.push_str("\\\\"),
+            b if plain(b) => out.push(b as char),
+            b => {
+                let _ = write!(out, "\\x{b:02X}");
+            }
         }
     }
-    out
+}
+
+/// A JSON string of `value` (not UTF-8: replaced as `from_utf8_lossy` does).
+fn push_json(out: &mut String, value: &[u8]) {
+    if value.iter().all(|&b| plain(b)) {
+        out.push('"');
+        out.push_str(std::str::from_utf8(value).expect("ASCII"));
+        out.push('"');
+        return;
+    }
+    let text = String::from_utf8_lossy(value);
+    out.push_str(&serde_json::to_string(&*text).expect("strings serialise"));
 }
 
 #[cfg(test)]
@@ -377,14 +432,26 @@ mod tests {
     #[test]
     fn times_are_written_in_utc() {
         let at = SystemTime::UNIX_EPOCH + Duration::from_millis(1_795_795_305_273);
-        assert_eq!(clf_time(at), "27/Nov/2026:16:01:45 +0000");
-        assert_eq!(iso_time(at), "2026-11-27T16:01:45.273Z");
-        let leap = SystemTime::UNIX_EPOCH + Duration::from_secs(951_782_400);
-        assert_eq!(iso_time(leap), "2000-02-29T00:00:00.000Z");
+        let (mut clf, mut iso) = (String::new(), String::new());
+        clf_time(at, &mut clf);
+        iso_time(at, &mut iso);
+        assert_eq!(clf, "27/Nov/2026:16:01:45 +0000");
+        assert_eq!(iso, "2026-11-27T16:01:45.273Z");
+        let mut leap = String::new();
+        iso_time(
+            SystemTime::UNIX_EPOCH + Duration::from_secs(951_782_400),
+            &mut leap,
+        );
+        assert_eq!(leap, "2000-02-29T00:00:00.000Z");
     }
 
     #[test]
     fn quoted_values_are_escaped() {
-        assert_eq!(escape_clf("a\"b\\c\n"), "a\\\"b\\\\c\\x0A");
+        let mut out = String::new();
+        push_clf(&mut out, "a\"b\\c\né".as_bytes());
+        assert_eq!(out, "a\\\"b\\\\c\\x0A\\xC3\\xA9");
+        let mut json = String::new();
+        push_json(&mut json, "q\"é".as_bytes());
+        assert_eq!(json, "\"q\\\"é\"");
     }
 }

@@ -63,7 +63,7 @@ pub(crate) fn handle(req: Request<Incoming>, ctx: &Arc<ConnCtx>) -> Handled {
     let version = req.version();
     let (parts, body) = req.into_parts();
     if let Some(log) = &shared.access_log {
-        mark.log = Some(Box::new(log.begin(&parts, ctx.peer)));
+        mark.log = Some(log.begin(&parts, ctx.peer));
     }
     ctx.state.request_started(&parts);
     let no_body = hyper::body::Body::is_end_stream(&body);
@@ -287,7 +287,7 @@ fn count(shared: &Shared, mark: Mark, status: u16, bytes: Option<u64>) {
     shared.metrics.request(mark.route, status, took);
     if let (Some(log), Some(line)) = (&shared.access_log, mark.log) {
         let seconds = took.map_or(0.0, |t| t.as_secs_f64());
-        log.finish(*line, status, bytes, seconds);
+        log.finish(line, status, bytes, seconds);
     }
 }
 
