@@ -21,8 +21,6 @@ use crate::events::Event;
 use crate::handover::Build;
 use baton_proto::metrics::{DURATION_BUCKETS, ROUTE_HEALTH, ROUTE_UNMATCHED};
 use baton_proto::{RouteMetrics, WorkerMetrics};
-use bytes::Bytes;
-use http_body_util::Full;
 use std::fmt::Write as _;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
@@ -119,69 +117,102 @@ impl MetricsListener {
     }
 }
 
+/// Answers one request and closes the connection (`Connection: close`: a scraper connects
+/// every interval anyway). A small HTTP/1.x responder of its own rather than hyper's
+/// server: the supervisor's memory is mostly its text, and this is all it needs.
 async fn serve_connection<S>(
-    stream: S,
+    mut stream: S,
     events: mpsc::UnboundedSender<Event>,
     _permit: tokio::sync::OwnedSemaphorePermit,
 ) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let service = hyper::service::service_fn(move |req| answer(req, events.clone()));
-    let conn = hyper::server::conn::http1::Builder::new()
-        .keep_alive(true)
-        .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
-    let _ = tokio::time::timeout(CONNECTION_TIMEOUT, conn).await;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let _ = tokio::time::timeout(CONNECTION_TIMEOUT, async {
+        let mut head = Vec::with_capacity(1024);
+        let mut buf = [0u8; 1024];
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") && !head.windows(2).any(|w| w == b"\n\n")
+        {
+            if head.len() > MAX_HEAD {
+                return;
+            }
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => head.extend_from_slice(&buf[..n]),
+            }
+        }
+        let line = head.split(|&b| b == b'\n').next().unwrap_or_default();
+        let line = String::from_utf8_lossy(line);
+        let mut words = line.split_whitespace();
+        let (method, target) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
+        let reply = answer(method, target, &events).await;
+        let body = if method == "HEAD" { "" } else { &reply.body };
+        let allow = if reply.status == 405 {
+            "Allow: GET, HEAD\r\n"
+        } else {
+            ""
+        };
+        let text = format!(
+            "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\n{allow}Connection: close\r\n\r\n{body}",
+            reply.status,
+            reply.reason,
+            reply.content_type,
+            reply.body.len(),
+        );
+        let _ = stream.write_all(text.as_bytes()).await;
+        let _ = stream.shutdown().await;
+    })
+    .await;
 }
 
-async fn answer(
-    req: http::Request<hyper::body::Incoming>,
-    events: mpsc::UnboundedSender<Event>,
-) -> Result<http::Response<Full<Bytes>>, std::convert::Infallible> {
-    let reply = |status: http::StatusCode, content_type: &str, body: String| {
-        let mut r = http::Response::new(Full::new(Bytes::from(body)));
-        *r.status_mut() = status;
-        r.headers_mut().insert(
-            http::header::CONTENT_TYPE,
-            http::HeaderValue::from_str(content_type).expect("a valid header value"),
-        );
-        r
-    };
+/// The largest request head read.
+const MAX_HEAD: usize = 8192;
+
+struct Reply {
+    status: u16,
+    reason: &'static str,
+    content_type: &'static str,
+    body: String,
+}
+
+async fn answer(method: &str, target: &str, events: &mpsc::UnboundedSender<Event>) -> Reply {
     let text = "text/plain; charset=utf-8";
-    if req.uri().path() != "/metrics" {
-        return Ok(reply(
-            http::StatusCode::NOT_FOUND,
-            text,
-            "not found: try /metrics\n".into(),
-        ));
+    let reply = |status, reason, content_type, body: &str| Reply {
+        status,
+        reason,
+        content_type,
+        body: body.to_owned(),
+    };
+    // origin-form, or absolute-form (`http://host/metrics`); the query is ignored.
+    let path = match target.split_once("://") {
+        Some((_, rest)) => rest.find('/').map_or("/", |i| &rest[i..]),
+        None => target,
+    };
+    let path = path.split('?').next().unwrap_or(path);
+    if path != "/metrics" {
+        return reply(404, "Not Found", text, "not found: try /metrics\n");
     }
-    if req.method() != http::Method::GET && req.method() != http::Method::HEAD {
-        let mut r = reply(
-            http::StatusCode::METHOD_NOT_ALLOWED,
-            text,
-            "method not allowed\n".into(),
-        );
-        r.headers_mut().insert(
-            http::header::ALLOW,
-            http::HeaderValue::from_static("GET, HEAD"),
-        );
-        return Ok(r);
+    if method != "GET" && method != "HEAD" {
+        return reply(405, "Method Not Allowed", text, "method not allowed\n");
     }
     let (tx, rx) = oneshot::channel();
     if events.send(Event::Metrics { reply: tx }).is_err() {
-        return Ok(reply(
-            http::StatusCode::SERVICE_UNAVAILABLE,
-            text,
-            "stopping\n".into(),
-        ));
+        return reply(503, "Service Unavailable", text, "stopping\n");
     }
-    Ok(match rx.await {
-        Ok(body) => reply(http::StatusCode::OK, CONTENT_TYPE, body),
+    match rx.await {
+        Ok(body) => Reply {
+            status: 200,
+            reason: "OK",
+            content_type: CONTENT_TYPE,
+            body,
+        },
         Err(_) => reply(
-            http::StatusCode::SERVICE_UNAVAILABLE,
+            503,
+            "Service Unavailable",
             text,
-            "the supervisor is busy (upgrading itself?); try again\n".into(),
+            "the supervisor is busy (upgrading itself?); try again\n",
         ),
-    })
+    }
 }
 
 /// The supervisor image, for `baton_build_info` and friends.
