@@ -376,3 +376,46 @@ async fn prometheus_sees_no_reset_across_ten_upgrades_and_a_crash() {
         .unwrap();
     assert!(increase > 0.0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_cut_short_counts_what_it_closed() {
+    let plugins = tempfile::Builder::new()
+        .prefix("baton-plugins")
+        .tempdir()
+        .unwrap();
+    std::fs::set_permissions(
+        plugins.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let (config, metrics) = with_metrics();
+    let baton = Baton::start(TestConfig {
+        processes: 1,
+        drain_timeout: "1s",
+        plugins_dir: Some(baton_tests::plugin_dir(
+            plugins.path(),
+            "plugins",
+            &["slow"],
+        )),
+        ..config
+    })
+    .await;
+    // A request that outlives the old generation's drain_timeout.
+    let slow = tokio::spawn(baton_tests::get(baton.addr(), "/slow/5000"));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let out = baton.upgrade_wait().await;
+    assert_eq!(out.code, Some(0), "{}", out.text());
+    let cut = eventually(WAIT, || baton.worker_pids().len() == 1).await;
+    assert!(cut, "the old worker did not exit");
+    let _ = slow.await;
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let text = scrape(metrics).await.expect("scrape");
+        if sum(&text, "baton_drain_connections_force_closed_total", &[]) == Some(1.0) {
+            assert_eq!(sum(&text, "baton_drains_timed_out_total", &[]), Some(0.0));
+            break;
+        }
+        assert!(Instant::now() < deadline, "not counted:\n{text}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -322,6 +322,11 @@ fn requests(out: &mut Text, w: &WorkerMetrics) {
             w.streams_closed,
         ),
         (
+            "baton_drain_connections_force_closed_total",
+            "Connections still open when a drain was cut short (worker.drain_timeout, or a force-close under worker.max_generations), closed then.",
+            w.force_closed,
+        ),
+        (
             "baton_access_log_dropped_lines_total",
             "Access log lines dropped because the writer could not keep up.",
             w.access_log_dropped,

@@ -32,8 +32,10 @@ pub(crate) enum Global {
     WebSocketsClosed,
     StreamsOpened,
     StreamsClosed,
+    /// Connections still open when the drain was cut short (`drain_timeout`, `SIGQUIT`).
+    ForceClosed,
 }
-const GLOBALS: usize = 7;
+const GLOBALS: usize = 8;
 
 /// Per route: five status classes, the duration buckets and overflow, the duration sum.
 const CLASSES: usize = 5;
@@ -196,6 +198,7 @@ impl Metrics {
             streams_opened: global(Global::StreamsOpened),
             streams_closed: global(Global::StreamsClosed),
             access_log_dropped: 0,
+            force_closed: global(Global::ForceClosed),
         }
     }
 }

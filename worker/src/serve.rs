@@ -153,6 +153,9 @@ pub async fn serve(
             shared.connections.count(),
             crate::stream::open(&shared)
         );
+        shared
+            .metrics
+            .add(Global::ForceClosed, shared.connections.count());
         drain.advance(Phase::Forced);
         let _ = tokio::time::timeout(FORCED_CLOSE_WAIT, shared.connections.all_closed()).await;
     }

@@ -55,6 +55,10 @@ pub struct WorkerMetrics {
     /// Access log lines dropped because the writer could not keep up.
     #[serde(rename = "ld")]
     pub access_log_dropped: u64,
+    /// Connections still open when a drain was cut short (`drain_timeout` or a
+    /// force-close), closed then.
+    #[serde(rename = "fc")]
+    pub force_closed: u64,
 }
 
 /// One route's requests.
@@ -115,6 +119,7 @@ impl WorkerMetrics {
         self.streams_opened += other.streams_opened;
         self.streams_closed += other.streams_closed;
         self.access_log_dropped += other.access_log_dropped;
+        self.force_closed += other.force_closed;
     }
 
     /// Requests answered, over every route.
