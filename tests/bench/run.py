@@ -4,7 +4,8 @@
 One run installs what it needs (wrk, nginx, haproxy from Debian's packages), builds Baton
 in release mode, then runs every scenario for every server, alternating them, and prints
 one table plus a JSON file. Everything binds to 127.0.0.1 and every step is bounded in
-time. `--quick` shortens every scenario (under 3 minutes in all instead of about 9).
+time. `--quick` shortens every scenario (under 4 minutes in all instead of about 11;
+the variants of (a) add 40 s each).
 
     python3 tests/bench/run.py [--quick] [--json PATH] [--only a,b,c,d,e]
 
