@@ -340,6 +340,9 @@ fn resume(fd: i32, env: Env) -> anyhow::Result<ExitCode> {
             events_tx.clone(),
         )
         .map_err(|e| anyhow::anyhow!("cannot take over from the previous supervisor image: {e}"))?;
+        // Alive and in charge: the previous image's last ping was just before its `exec`,
+        // and starting the next generation may take a moment before the loop runs.
+        systemd.watchdog();
         baton_sys::inherit::cloexec_inherited();
         start_tasks(
             signals,
