@@ -176,6 +176,7 @@ impl Supervisor {
         // need not hash it again.
         let on_disk =
             before.filter(|b| std::fs::metadata(&self.image.path).is_ok_and(|m| stamp(&m) == *b));
+        self.systemd.watchdog();
         let current = match self
             .image
             .held
