@@ -681,10 +681,22 @@ fn install_keeping_mode(from: &std::path::Path, to: &std::path::Path) {
 /// reload job succeeds, `MainPID` never changes, the version in `baton status` follows
 /// the binary, and the watchdog (2 s here) never fires. A binary that cannot take over
 /// fails the reload, and the same supervisor goes on serving and says why.
-async fn supervisor_upgrades_itself_on_reload(version: &'static str) {
+///
+/// With `notify_reload` (systemd/notify-reload.conf, 254) systemd sends SIGUSR2 itself:
+/// no baton CLI runs, so even a binary that does not run reaches the supervisor's check,
+/// and a refused upgrade is a successful reload (the drop-in's documented trade-off) that
+/// STATUS= reports.
+async fn supervisor_upgrades_itself_on_reload(version: &'static str, notify_reload: bool) {
     use baton_tests::{install, patched_baton};
     let _heavy = heavy().await;
-    let mut sd = Instance::prepare(&format!("baton-selfup-{version}"), version, false);
+    let mut sd = Instance::prepare(
+        &format!(
+            "baton-selfup-{version}{}",
+            if notify_reload { "-nr" } else { "" }
+        ),
+        version,
+        notify_reload,
+    );
     sd.write_config("baton-worker");
     let bin = sd.share.join("bin/baton");
     let builds = sd.share.join("builds");
@@ -706,6 +718,12 @@ async fn supervisor_upgrades_itself_on_reload(version: &'static str) {
     );
     let main_pid = sd.property("MainPID").await;
     assert_eq!(sd.property("WatchdogUSec").await, "2s");
+    let kind = if notify_reload {
+        "notify-reload"
+    } else {
+        "notify"
+    };
+    assert_eq!(sd.property("Type").await, kind);
     let first = supervisor_status(&sd).await;
     let built = first["supervisor"]["version"].as_str().unwrap().to_owned();
     assert_eq!(first["supervisor"]["pid"].to_string(), main_pid);
@@ -757,15 +775,17 @@ async fn supervisor_upgrades_itself_on_reload(version: &'static str) {
     }
 
     // A build that cannot take over (it reads only an older handover format, as after a
-    // downgrade): the check refuses it, the reload job fails, and the same supervisor
-    // serves on and says why.
+    // downgrade): the check refuses it, the reload job fails (not with notify-reload),
+    // and the same supervisor serves on and says why.
     install(&old_format, &bin);
     let started = Instant::now();
     let out = sd.systemctl(&["reload", "baton.service"]).await;
     let refused_took = started.elapsed();
-    assert!(
-        !out.status.success(),
-        "a refused supervisor upgrade was reported as a successful reload\n{}",
+    assert_eq!(
+        out.status.success(),
+        notify_reload,
+        "reload with a build that cannot take over: {}\n{}",
+        text(&out),
         sd.journal().await
     );
     assert_eq!(sd.property("MainPID").await, main_pid);
@@ -783,19 +803,30 @@ async fn supervisor_upgrades_itself_on_reload(version: &'static str) {
     assert_eq!(status["supervisor"]["version"], built.as_str());
     assert_eq!(status["last_upgrade"]["result"], "refused");
 
-    // A binary that does not even run (`exit 3`) is also what ExecReload= runs (the same
-    // path as ExecStart=): the reload job fails with its status before the supervisor is
-    // asked, and the service goes on untouched.
+    // A binary that does not even run (`exit 3`). With ExecReload= it is what that runs
+    // (the same path as ExecStart=): the reload job fails with its status before the
+    // supervisor is asked. With notify-reload the supervisor's check refuses it.
     install_keeping_mode(&exits, &bin);
     let out = sd.systemctl(&["reload", "baton.service"]).await;
-    assert!(!out.status.success(), "reload with a broken baton binary");
-    assert!(
-        sd.journal()
-            .await
-            .contains("Control process exited, code=exited, status=3"),
-        "{}",
-        sd.journal().await
-    );
+    if notify_reload {
+        assert!(out.status.success(), "reload: {}", text(&out));
+        let status_text = sd.property("StatusText").await;
+        assert!(
+            status_text.contains("last upgrade refused: supervisor upgrade")
+                && status_text.contains("failed its check (exit status: 3)"),
+            "{status_text}\n{}",
+            sd.journal().await
+        );
+    } else {
+        assert!(!out.status.success(), "reload with a broken baton binary");
+        assert!(
+            sd.journal()
+                .await
+                .contains("Control process exited, code=exited, status=3"),
+            "{}",
+            sd.journal().await
+        );
+    }
     assert_eq!(sd.property("MainPID").await, main_pid);
     assert_eq!(sd.property("ActiveState").await, "active");
     let status = supervisor_status(&sd).await;
@@ -816,7 +847,7 @@ async fn supervisor_upgrades_itself_on_reload(version: &'static str) {
     assert_eq!(sd.property("NRestarts").await, "0");
     assert_eq!(sd.property("MainPID").await, main_pid);
     eprintln!(
-        "systemd {version}: 6 supervisor upgrades by systemctl reload, MainPID {main_pid} \
+        "systemd {version} ({kind}): 6 supervisor upgrades by systemctl reload, MainPID {main_pid} \
          throughout, reloads took {took:?}, the refused one {refused_took:?}; at most {gap:?} \
          between two watchdog pings; {} requests ok \
          ({} keep-alive, {} per connection), {} failed",
@@ -839,13 +870,20 @@ async fn supervisor_upgrades_itself_on_reload(version: &'static str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn systemctl_reload_upgrades_the_supervisor_in_place_on_252() {
     if !skip() {
-        supervisor_upgrades_itself_on_reload("252").await;
+        supervisor_upgrades_itself_on_reload("252", false).await;
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn systemctl_reload_upgrades_the_supervisor_in_place_on_254() {
     if !skip() {
-        supervisor_upgrades_itself_on_reload("254").await;
+        supervisor_upgrades_itself_on_reload("254", false).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn notify_reload_upgrades_the_supervisor_in_place_on_254() {
+    if !skip() {
+        supervisor_upgrades_itself_on_reload("254", true).await;
     }
 }
