@@ -1,8 +1,9 @@
 //! Baton's unit files under a real systemd (252 from Debian 12 and 254 from
 //! bookworm-backports), booted per test by the repository's systemd harness: start, reload
 //! under load, a failed reload, stop with a request in flight, the watchdog, the
-//! notify-reload alternative, and a `kill -9` of the supervisor that the fd store rides
-//! out. Needs root; skips with the reason where it cannot run.
+//! notify-reload alternative, a `kill -9` of the supervisor that the fd store rides out,
+//! and the supervisor upgrading itself in place on `systemctl reload` after its binary was
+//! replaced. Needs root; skips with the reason where it cannot run.
 #![forbid(unsafe_code)]
 
 use baton_tests::sdh::{Instance, skip_reason, text};
