@@ -5,6 +5,7 @@
 
 use crate::config::{Config, ConfigError, PathContext, control_socket_lenient};
 use crate::control::{ControlSocket, Reply, Request};
+use crate::core::CanaryCall;
 use crate::events::Event;
 use crate::listeners::{Activated, ListenerSet};
 use crate::notify::{Systemd, WorkerSocket};
@@ -56,7 +57,8 @@ enum Command {
     Upgrade {
         #[command(flatten)]
         config: ConfigArg,
-        /// Wait until the new generation serves (exit 0) or was rolled back (exit 1).
+        /// Wait until the new generation serves (exit 0) or was rolled back (exit 1); with
+        /// `[upgrade] canary`, until the canary is decided.
         #[arg(long)]
         wait: bool,
         /// Only upgrade the supervisor: re-exec the baton binary on disk in place (same
@@ -66,6 +68,14 @@ enum Command {
         /// With --wait, give up after this long (exit 3), e.g. "90s".
         #[arg(long, value_parser = humantime::parse_duration, requires = "wait")]
         timeout: Option<Duration>,
+        /// Promote the running canary now (`[upgrade] canary`): the generation it is
+        /// compared with drains. Exit 1 if no canary runs.
+        #[arg(long, conflicts_with_all = ["supervisor", "abort", "wait"])]
+        promote: bool,
+        /// Roll the running canary back now: it drains, the serving generation goes on.
+        /// Exit 1 if no canary runs.
+        #[arg(long, conflicts_with_all = ["supervisor", "wait"])]
+        abort: bool,
     },
     /// Show generations, their state, pids, connections and requests.
     Status {
@@ -190,13 +200,20 @@ pub fn main(cli: Cli, env: Env) -> ExitCode {
             wait,
             supervisor,
             timeout,
-        } => client(
-            &absolute(config),
-            &env,
-            Request::Upgrade { wait, supervisor },
-            timeout,
-            false,
-        ),
+            promote,
+            abort,
+        } => {
+            let request = match (promote, abort) {
+                (true, _) => Request::Canary {
+                    decision: CanaryCall::Promote,
+                },
+                (_, true) => Request::Canary {
+                    decision: CanaryCall::Abort,
+                },
+                _ => Request::Upgrade { wait, supervisor },
+            };
+            client(&absolute(config), &env, request, timeout, false)
+        }
         Command::Status { config, json } => {
             client(&absolute(config), &env, Request::Status, None, json)
         }
@@ -678,6 +695,11 @@ fn client(
                 } else {
                     print!("{}", status.render());
                 }
+                Ok(ExitCode::SUCCESS)
+            }
+            (Request::Canary { .. }, Reply::Upgrade { outcome }) => {
+                // The decision asked for was made: the canary serves or was rolled back.
+                println!("upgrade {}", outcome.describe());
                 Ok(ExitCode::SUCCESS)
             }
             (Request::Upgrade { wait: false, .. }, Reply::Accepted { message })

@@ -5,6 +5,7 @@
 //! The server turns requests into [`Event`]s and never touches supervisor state itself.
 //! Peers are checked by their kernel-reported uid: root or the supervisor's own uid.
 
+use crate::core::CanaryCall;
 use crate::events::Event;
 use crate::status::{StatusReport, UpgradeOutcome, UpgradeResult};
 use nix::sys::socket::{getsockopt, sockopt};
@@ -35,6 +36,11 @@ pub enum Request {
     },
     Stop {
         wait: bool,
+    },
+    /// Decide the running canary now (`baton upgrade --promote` / `--abort`); answered
+    /// with the upgrade's outcome, or an error when no canary runs.
+    Canary {
+        decision: CanaryCall,
     },
 }
 
@@ -364,8 +370,24 @@ pub async fn answer<R, W>(
                         result: UpgradeResult::Refused,
                         reason: Some("the supervisor is shutting down".into()),
                         at: crate::status::timestamp(std::time::SystemTime::now()),
+                        canary: None,
                     },
                 },
+            };
+            let _ = write_reply(&mut write, &reply).await;
+        }
+        Request::Canary { decision } => {
+            let (tx, rx) = oneshot::channel();
+            let _ = events.send(Event::DecideCanary {
+                decision,
+                reply: tx,
+            });
+            let reply = match rx.await {
+                Ok(outcome) if outcome.result == UpgradeResult::Refused => Reply::Error {
+                    message: outcome.reason.unwrap_or_default(),
+                },
+                Ok(outcome) => Reply::Upgrade { outcome },
+                Err(_) => gone(),
             };
             let _ = write_reply(&mut write, &reply).await;
         }

@@ -3,7 +3,7 @@
 //! module that sends one (`watch`, `control`, `commands`) and the loop that receives them
 //! (`supervisor`), so none of them depends on another.
 
-use crate::core::Exit;
+use crate::core::{CanaryCall, Exit};
 use crate::status::{StatusReport, UpgradeOutcome};
 use baton_proto::NotifyMessage;
 use std::os::fd::OwnedFd;
@@ -43,6 +43,11 @@ pub enum Event {
     },
     Status {
         reply: oneshot::Sender<StatusReport>,
+    },
+    /// Decide the running canary by hand (`baton upgrade --promote` / `--abort`).
+    DecideCanary {
+        decision: CanaryCall,
+        reply: oneshot::Sender<UpgradeOutcome>,
     },
     /// A datagram from a worker, attributed by its credentials.
     Notify {
