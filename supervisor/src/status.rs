@@ -25,7 +25,8 @@ pub struct SupervisorInfo {
     pub started_at: String,
     /// `running` or `stopping`.
     pub state: String,
-    /// An upgrade requested while another was starting, to run when it ends.
+    /// An upgrade requested while another was starting (or its canary was being
+    /// judged), to run when it ends.
     pub upgrade_pending: bool,
     /// The running image's release (it follows the binary across self-upgrades).
     #[serde(default)]

@@ -264,8 +264,8 @@ impl Sim {
         let count = |s| states.iter().filter(|&&x| x == s).count();
         assert!(count(GenerationState::Serving) <= 1, "{states:?}");
         assert!(count(GenerationState::Starting) <= 1, "{states:?}");
-        // At most one canary, exactly while the mode says so, and always beside a
-        // serving generation that it is compared with.
+        // At most one canary, exactly while the mode says so (or while stopping), and
+        // always beside a serving generation that it is compared with.
         let canaries: Vec<u64> = self
             .core
             .generations()
@@ -284,6 +284,8 @@ impl Sim {
                 );
                 assert_eq!(count(GenerationState::Starting), 0, "{states:?}");
             }
+            // A fast stop kills every generation as it is (a canary too) and reaps it.
+            Mode::Stopping { .. } => assert!(canaries.len() <= 1, "{states:?}"),
             _ => assert!(
                 canaries.is_empty(),
                 "a canary outside Mode::Canary: {states:?}"
@@ -1409,7 +1411,8 @@ mod properties {
         prop_oneof![
             4 => Just(Op::Upgrade),
             1 => any::<bool>().prop_map(Op::Stop),
-            5 => (0u64..6).prop_map(Op::Ready),
+            // Mostly the newest generation: the one that can be starting.
+            5 => prop_oneof![3 => Just(0u64), 1 => 0u64..6].prop_map(Op::Ready),
             3 => any::<usize>().prop_map(Op::ExitOne),
             3 => (0u64..6).prop_map(Op::ExitAll),
             4 => (0u64..40_000).prop_map(Op::Advance),
@@ -1420,8 +1423,17 @@ mod properties {
             1 => any::<bool>().prop_map(Op::ReExecFails),
             2 => any::<bool>().prop_map(Op::Canary),
             1 => any::<bool>().prop_map(Op::Decide),
-            3 => (0u64..3, 0u64..400, 0u64..100).prop_map(|(g, r, e)| Op::Report(g, r, e.min(r))),
+            3 => (0u64..3, 0u64..400, prop_oneof![2 => Just(0u64), 1 => 0u64..100])
+                .prop_map(|(g, r, e)| Op::Report(g, r, e.min(r))),
         ]
+    }
+
+    /// A canary window shorter than the longest `Op::Advance`.
+    fn short_canary() -> CanaryPolicy {
+        CanaryPolicy {
+            window: Duration::from_secs(10),
+            ..canary_policy()
+        }
     }
 
     fn apply(sim: &mut Sim, op: &Op) {
@@ -1460,10 +1472,7 @@ mod properties {
                 sim.self_upgrade(then_generation);
             }
             Op::ReExecFails(fails) => sim.reexec_fails = fails,
-            Op::Canary(on) => sim.canary(on.then(|| CanaryPolicy {
-                window: Duration::from_secs(10),
-                ..canary_policy()
-            })),
+            Op::Canary(on) => sim.canary(on.then(short_canary)),
             Op::Decide(promote) => {
                 sim.decide(if promote {
                     CanaryCall::Promote
@@ -1488,8 +1497,11 @@ mod properties {
             ops in proptest::collection::vec(op(), 1..60),
             max_generations in 2usize..5,
             processes in 1usize..3,
+            canary in any::<bool>(),
         ) {
-            let mut sim = Sim::new(processes, max_generations);
+            // Half the runs judge every upgrade as a canary from the start; `Op::Canary`
+            // turns it on and off along the way.
+            let mut sim = Sim::build(processes, max_generations, canary.then(short_canary));
             for op in &ops {
                 if !sim.exits.is_empty() {
                     break; // the supervisor exited: nothing reaches it any more
