@@ -227,6 +227,7 @@ impl<A: Clone + std::fmt::Debug> Core<A> {
         if target.is_some() {
             g.previous = target;
         }
+        let after_canary = decided.is_some();
         let result = match (decided, &g.restored) {
             (Some(decided), _) => decided,
             (None, None) => outcome(Some(number), UpgradeResult::Succeeded, None),
@@ -241,11 +242,15 @@ impl<A: Clone + std::fmt::Debug> Core<A> {
         };
         {
             let _e = g.span.enter();
-            tracing::info!(
-                "serving (ready in {:?}), pids {:?}",
-                now.saturating_duration_since(g.started),
-                g.pids()
-            );
+            if after_canary {
+                tracing::info!("serving after its canary, pids {:?}", g.pids());
+            } else {
+                tracing::info!(
+                    "serving (ready in {:?}), pids {:?}",
+                    now.saturating_duration_since(g.started),
+                    g.pids()
+                );
+            }
         }
         let artifacts = g.artifacts.clone();
         if let Some(old) = previous {
