@@ -446,3 +446,43 @@ impl Replies {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_keep_their_wire_form() {
+        let json = |r: &Request| serde_json::to_string(r).unwrap();
+        // An ordinary upgrade is written as before canaries existed, so a client of this
+        // release still talks to a supervisor of the previous one.
+        assert_eq!(
+            json(&Request::Upgrade {
+                wait: true,
+                supervisor: false
+            }),
+            r#"{"command":"upgrade","wait":true}"#
+        );
+        for (decision, text) in [
+            (CanaryCall::Promote, "promote"),
+            (CanaryCall::Abort, "abort"),
+        ] {
+            let wire = format!(r#"{{"command":"canary","decision":"{text}"}}"#);
+            assert_eq!(json(&Request::Canary { decision }), wire);
+            assert!(matches!(
+                serde_json::from_str::<Request>(&wire),
+                Ok(Request::Canary { decision: d }) if d == decision
+            ));
+        }
+        assert!(serde_json::from_str::<Request>(r#"{"command":"canary"}"#).is_err());
+    }
+
+    #[test]
+    fn an_outcome_without_a_canary_reads_and_writes_as_before() {
+        let old =
+            r#"{"generation":2,"result":"rolled_back","reason":"x","at":"2026-11-23T00:00:00Z"}"#;
+        let outcome: UpgradeOutcome = serde_json::from_str(old).unwrap();
+        assert!(outcome.canary.is_none());
+        assert_eq!(serde_json::to_string(&outcome).unwrap(), old);
+    }
+}
