@@ -552,6 +552,14 @@ fn check(path: &Path, env: &Env) -> anyhow::Result<ExitCode> {
         humantime::format_duration(config.worker.drain_timeout),
         config.worker.max_generations
     );
+    if let Some(window) = config.upgrade.canary {
+        println!(
+            "  upgrade: canary {} (at least {} request(s), error ratio at most {} above the old generation's)",
+            humantime::format_duration(window),
+            config.upgrade.canary_min_requests,
+            config.upgrade.canary_max_error_ratio_increase
+        );
+    }
     if report.is_empty() {
         println!(
             "  plugins: none in {}",
