@@ -342,6 +342,9 @@ fn run(path: &Path, env: Env) -> anyhow::Result<ExitCode> {
 /// `run` in an image a supervisor re-exec started: the state comes from the previous
 /// image, every socket and worker is inherited.
 fn resume(fd: i32, env: Env) -> anyhow::Result<ExitCode> {
+    // The kernel names the process after the file it executed (the cache's
+    // `baton-<sha256>`): ps, top and the journal should go on saying `baton`.
+    let _ = nix::sys::prctl::set_name(c"baton");
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
