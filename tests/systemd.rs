@@ -1,8 +1,9 @@
 //! Baton's unit files under a real systemd (252 from Debian 12 and 254 from
 //! bookworm-backports), booted per test by the repository's systemd harness: start, reload
 //! under load, a failed reload, stop with a request in flight, the watchdog, the
-//! notify-reload alternative, and a `kill -9` of the supervisor that the fd store rides
-//! out. Needs root; skips with the reason where it cannot run.
+//! notify-reload alternative, a `kill -9` of the supervisor that the fd store rides out,
+//! and the supervisor upgrading itself in place on `systemctl reload` after its binary was
+//! replaced. Needs root; skips with the reason where it cannot run.
 #![forbid(unsafe_code)]
 
 use baton_tests::sdh::{Instance, skip_reason, text};
@@ -629,5 +630,261 @@ async fn a_killed_supervisor_gets_its_listener_back_from_the_fd_store_252() {
 async fn a_killed_supervisor_gets_its_listener_back_from_the_fd_store_254() {
     if !skip() {
         crash_restart_from_the_fd_store("254").await;
+    }
+}
+
+/// The supervisor's version, image hash and re-exec count, from `baton status`.
+async fn supervisor_status(sd: &Instance) -> serde_json::Value {
+    let out = run_cli(&["status", "--json"], &sd.config).await;
+    let status: serde_json::Value = serde_json::from_str(&out.stdout)
+        .unwrap_or_else(|e| panic!("baton status: {e}: {}{}", out.stdout, out.stderr));
+    status
+}
+
+/// The longest time between two `WATCHDOG=1` from `pid` since systemd logs at debug
+/// level, from its journal's monotonic timestamps.
+async fn longest_watchdog_gap(sd: &Instance, pid: &str) -> Duration {
+    let out = sd
+        .exec(&[
+            "journalctl",
+            "--no-pager",
+            "-o",
+            "short-monotonic",
+            "_PID=1",
+        ])
+        .await;
+    let needle = format!("Got notification message from PID {pid} (WATCHDOG=1");
+    let pings: Vec<f64> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains(&needle))
+        .filter_map(|l| {
+            let stamp = l.strip_prefix('[')?.split(']').next()?;
+            stamp.trim().parse().ok()
+        })
+        .collect();
+    assert!(pings.len() > 5, "watchdog pings logged: {}", pings.len());
+    let gap = pings.windows(2).map(|w| w[1] - w[0]).fold(0.0, f64::max);
+    Duration::from_secs_f64(gap)
+}
+
+/// Installs `from` at `to` by rename, keeping `from`'s mode (as a package manager does).
+fn install_keeping_mode(from: &std::path::Path, to: &std::path::Path) {
+    let tmp = to.with_extension("installing");
+    std::fs::copy(from, &tmp).unwrap();
+    std::fs::set_permissions(&tmp, std::fs::metadata(from).unwrap().permissions()).unwrap();
+    std::fs::rename(&tmp, to).unwrap();
+}
+
+/// After a package upgrade, `systemctl reload baton` is all an operator does: the
+/// shipped unit's `ExecReload=baton upgrade --wait` finds the baton binary at `ExecStart=`
+/// replaced and the supervisor re-executes itself in place, under the unit's sandbox.
+/// Six rounds alternate two builds under keep-alive and connection-per-request load: each
+/// reload job succeeds, `MainPID` never changes, the version in `baton status` follows
+/// the binary, and the watchdog (2 s here) never fires. A binary that cannot take over
+/// fails the reload, and the same supervisor goes on serving and says why.
+///
+/// With `notify_reload` (systemd/notify-reload.conf, 254) systemd sends SIGUSR2 itself:
+/// no baton CLI runs, so even a binary that does not run reaches the supervisor's check,
+/// and a refused upgrade is a successful reload (the drop-in's documented trade-off) that
+/// STATUS= reports.
+async fn supervisor_upgrades_itself_on_reload(version: &'static str, notify_reload: bool) {
+    use baton_tests::{install, patched_baton};
+    let _heavy = heavy().await;
+    let mut sd = Instance::prepare(
+        &format!(
+            "baton-selfup-{version}{}",
+            if notify_reload { "-nr" } else { "" }
+        ),
+        version,
+        notify_reload,
+    );
+    sd.write_config("baton-worker");
+    let bin = sd.share.join("bin/baton");
+    let builds = sd.share.join("builds");
+    std::fs::create_dir(&builds).unwrap();
+    let a = builds.join("baton-a");
+    std::fs::copy(&bin, &a).unwrap();
+    let b = patched_baton(&builds.join("baton-b"), "+b", None);
+    let old_format = patched_baton(&builds.join("baton-old-format"), "-old", Some(0));
+    let exits = builds.join("exits");
+    std::fs::write(&exits, "#!/bin/sh\nexit 3\n").unwrap();
+    std::fs::set_permissions(&exits, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    sd.up().await;
+    let out = sd.systemctl(&["start", "baton.service"]).await;
+    assert!(
+        out.status.success(),
+        "start: {}\n{}",
+        text(&out),
+        sd.journal().await
+    );
+    let main_pid = sd.property("MainPID").await;
+    assert_eq!(sd.property("WatchdogUSec").await, "2s");
+    let kind = if notify_reload {
+        "notify-reload"
+    } else {
+        "notify"
+    };
+    assert_eq!(sd.property("Type").await, kind);
+    let first = supervisor_status(&sd).await;
+    let built = first["supervisor"]["version"].as_str().unwrap().to_owned();
+    assert_eq!(first["supervisor"]["pid"].to_string(), main_pid);
+    assert_eq!(first["supervisor"]["reexecs"], 0);
+
+    let load = Load::start(
+        sd.addr(),
+        LoadSpec {
+            keepalive: 4,
+            per_request: 2,
+            h2: 0,
+            max_duration: Duration::from_secs(60),
+            ..LoadSpec::default()
+        },
+    );
+    // systemd logs every notification at debug level: the watchdog pings' timestamps.
+    let out = sd.systemctl(&["log-level", "debug"]).await;
+    assert!(out.status.success(), "log-level: {}", text(&out));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut took = Vec::new();
+    for i in 1..=6u64 {
+        let (next, expected) = if i % 2 == 1 {
+            (&b, format!("{built}+b"))
+        } else {
+            (&a, built.clone())
+        };
+        install(next, &bin);
+        let started = Instant::now();
+        let out = sd.systemctl(&["reload", "baton.service"]).await;
+        took.push(started.elapsed());
+        assert!(
+            out.status.success(),
+            "reload {i}: {}\n{}",
+            text(&out),
+            sd.journal().await
+        );
+        assert_eq!(sd.property("MainPID").await, main_pid, "reload {i}");
+        assert_eq!(sd.property("ActiveState").await, "active", "reload {i}");
+        assert_eq!(sd.property("NRestarts").await, "0", "reload {i}");
+        let status = supervisor_status(&sd).await;
+        assert_eq!(status["supervisor"]["pid"].to_string(), main_pid);
+        assert_eq!(
+            status["supervisor"]["version"],
+            expected.as_str(),
+            "reload {i}"
+        );
+        assert_eq!(status["supervisor"]["reexecs"], i, "reload {i}");
+        assert_eq!(status["last_upgrade"]["result"], "succeeded", "reload {i}");
+    }
+
+    // A build that cannot take over (it reads only an older handover format, as after a
+    // downgrade): the check refuses it, the reload job fails (not with notify-reload),
+    // and the same supervisor serves on and says why.
+    install(&old_format, &bin);
+    let started = Instant::now();
+    let out = sd.systemctl(&["reload", "baton.service"]).await;
+    let refused_took = started.elapsed();
+    assert_eq!(
+        out.status.success(),
+        notify_reload,
+        "reload with a build that cannot take over: {}\n{}",
+        text(&out),
+        sd.journal().await
+    );
+    assert_eq!(sd.property("MainPID").await, main_pid);
+    assert_eq!(sd.property("ActiveState").await, "active");
+    let status_text = sd.property("StatusText").await;
+    assert!(
+        status_text.contains("last upgrade refused: supervisor upgrade")
+            && status_text.contains("newer than this release"),
+        "{status_text}\n{}\n{}",
+        text(&out),
+        sd.journal().await
+    );
+    let status = supervisor_status(&sd).await;
+    assert_eq!(status["supervisor"]["reexecs"], 6);
+    assert_eq!(status["supervisor"]["version"], built.as_str());
+    assert_eq!(status["last_upgrade"]["result"], "refused");
+
+    // A binary that does not even run (`exit 3`). With ExecReload= it is what that runs
+    // (the same path as ExecStart=): the reload job fails with its status before the
+    // supervisor is asked. With notify-reload the supervisor's check refuses it.
+    install_keeping_mode(&exits, &bin);
+    let out = sd.systemctl(&["reload", "baton.service"]).await;
+    if notify_reload {
+        assert!(out.status.success(), "reload: {}", text(&out));
+        let status_text = sd.property("StatusText").await;
+        assert!(
+            status_text.contains("last upgrade refused: supervisor upgrade")
+                && status_text.contains("failed its check (exit status: 3)"),
+            "{status_text}\n{}",
+            sd.journal().await
+        );
+    } else {
+        assert!(!out.status.success(), "reload with a broken baton binary");
+        assert!(
+            sd.journal()
+                .await
+                .contains("Control process exited, code=exited, status=3"),
+            "{}",
+            sd.journal().await
+        );
+    }
+    assert_eq!(sd.property("MainPID").await, main_pid);
+    assert_eq!(sd.property("ActiveState").await, "active");
+    let status = supervisor_status(&sd).await;
+    assert_eq!(status["supervisor"]["reexecs"], 6);
+    assert_eq!(status["supervisor"]["version"], built.as_str());
+    let (code, _) = get(sd.addr(), "/hello").await.unwrap();
+    assert_eq!(code, 200);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let counts = load.stop().await;
+
+    let journal = sd.journal().await;
+    assert!(!journal.contains("Watchdog timeout"), "{journal}");
+    let gap = longest_watchdog_gap(&sd, &main_pid).await;
+    assert!(
+        gap < Duration::from_secs(2),
+        "{gap:?} between two watchdog pings"
+    );
+    assert_eq!(sd.property("NRestarts").await, "0");
+    assert_eq!(sd.property("MainPID").await, main_pid);
+    eprintln!(
+        "systemd {version} ({kind}): 6 supervisor upgrades by systemctl reload, MainPID {main_pid} \
+         throughout, reloads took {took:?}, the refused one {refused_took:?}; at most {gap:?} \
+         between two watchdog pings; {} requests ok \
+         ({} keep-alive, {} per connection), {} failed",
+        counts.ok(),
+        counts.ok_keepalive,
+        counts.ok_per_request,
+        counts.failed
+    );
+    assert_eq!(
+        counts.failed, 0,
+        "failed requests across the supervisor upgrades: {:#?}",
+        counts.failures
+    );
+    assert!(
+        counts.ok_keepalive > 0 && counts.ok_per_request > 0,
+        "{counts:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn systemctl_reload_upgrades_the_supervisor_in_place_on_252() {
+    if !skip() {
+        supervisor_upgrades_itself_on_reload("252", false).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn systemctl_reload_upgrades_the_supervisor_in_place_on_254() {
+    if !skip() {
+        supervisor_upgrades_itself_on_reload("254", false).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn notify_reload_upgrades_the_supervisor_in_place_on_254() {
+    if !skip() {
+        supervisor_upgrades_itself_on_reload("254", true).await;
     }
 }

@@ -5,6 +5,7 @@
 
 use crate::config::{Config, ConfigError, PathContext, control_socket_lenient};
 use crate::control::{ControlSocket, Reply, Request};
+use crate::core::CanaryCall;
 use crate::events::Event;
 use crate::listeners::{Activated, ListenerSet};
 use crate::metrics::MetricsListener;
@@ -58,7 +59,8 @@ enum Command {
     Upgrade {
         #[command(flatten)]
         config: ConfigArg,
-        /// Wait until the new generation serves (exit 0) or was rolled back (exit 1).
+        /// Wait until the new generation serves (exit 0) or was rolled back (exit 1); with
+        /// `[upgrade] canary`, until the canary is decided.
         #[arg(long)]
         wait: bool,
         /// Only upgrade the supervisor: re-exec the baton binary on disk in place (same
@@ -68,6 +70,14 @@ enum Command {
         /// With --wait, give up after this long (exit 3), e.g. "90s".
         #[arg(long, value_parser = humantime::parse_duration, requires = "wait")]
         timeout: Option<Duration>,
+        /// Promote the running canary now (`[upgrade] canary`): the generation it is
+        /// compared with drains. Exit 1 if no canary runs.
+        #[arg(long, conflicts_with_all = ["supervisor", "abort", "wait"])]
+        promote: bool,
+        /// Roll the running canary back now: it drains, the serving generation goes on.
+        /// Exit 1 if no canary runs.
+        #[arg(long, conflicts_with_all = ["supervisor", "wait"])]
+        abort: bool,
     },
     /// Show generations, their state, pids, connections and requests.
     Status {
@@ -192,13 +202,20 @@ pub fn main(cli: Cli, env: Env) -> ExitCode {
             wait,
             supervisor,
             timeout,
-        } => client(
-            &absolute(config),
-            &env,
-            Request::Upgrade { wait, supervisor },
-            timeout,
-            false,
-        ),
+            promote,
+            abort,
+        } => {
+            let request = match (promote, abort) {
+                (true, _) => Request::Canary {
+                    decision: CanaryCall::Promote,
+                },
+                (_, true) => Request::Canary {
+                    decision: CanaryCall::Abort,
+                },
+                _ => Request::Upgrade { wait, supervisor },
+            };
+            client(&absolute(config), &env, request, timeout, false)
+        }
         Command::Status { config, json } => {
             client(&absolute(config), &env, Request::Status, None, json)
         }
@@ -339,6 +356,9 @@ fn run(path: &Path, env: Env) -> anyhow::Result<ExitCode> {
 /// `run` in an image a supervisor re-exec started: the state comes from the previous
 /// image, every socket and worker is inherited.
 fn resume(fd: i32, env: Env) -> anyhow::Result<ExitCode> {
+    // The kernel names the process after the file it executed (the cache's
+    // `baton-<sha256>`): ps, top and the journal should go on saying `baton`.
+    let _ = nix::sys::prctl::set_name(c"baton");
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -354,6 +374,9 @@ fn resume(fd: i32, env: Env) -> anyhow::Result<ExitCode> {
             events_tx.clone(),
         )
         .map_err(|e| anyhow::anyhow!("cannot take over from the previous supervisor image: {e}"))?;
+        // Alive and in charge: the previous image's last ping was just before its `exec`,
+        // and starting the next generation may take a moment before the loop runs.
+        systemd.watchdog();
         baton_sys::inherit::cloexec_inherited();
         start_tasks(
             signals,
@@ -553,6 +576,14 @@ fn check(path: &Path, env: &Env) -> anyhow::Result<ExitCode> {
         humantime::format_duration(config.worker.drain_timeout),
         config.worker.max_generations
     );
+    if let Some(window) = config.upgrade.canary {
+        println!(
+            "  upgrade: canary {} (at least {} request(s), error ratio at most {} above the old generation's)",
+            humantime::format_duration(window),
+            config.upgrade.canary_min_requests,
+            config.upgrade.canary_max_error_ratio_increase
+        );
+    }
     if report.is_empty() {
         println!(
             "  plugins: none in {}",
@@ -696,6 +727,11 @@ fn client(
                 } else {
                     print!("{}", status.render());
                 }
+                Ok(ExitCode::SUCCESS)
+            }
+            (Request::Canary { .. }, Reply::Upgrade { outcome }) => {
+                // The decision asked for was made: the canary serves or was rolled back.
+                println!("upgrade {}", outcome.describe());
                 Ok(ExitCode::SUCCESS)
             }
             (Request::Upgrade { wait: false, .. }, Reply::Accepted { message })

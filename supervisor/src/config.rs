@@ -128,6 +128,18 @@ pub struct PluginsConfig {
     pub settings: toml::Table,
 }
 
+/// `[upgrade]`: how a new generation is judged before the old one drains.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UpgradeConfig {
+    /// The canary window (`None`: no canary; the old generation drains once the new one
+    /// is ready).
+    pub canary: Option<Duration>,
+    /// Requests the canary must answer in its window to be judged.
+    pub canary_min_requests: u64,
+    /// How much (absolute) the canary's error ratio may exceed the old generation's.
+    pub canary_max_error_ratio_increase: f64,
+}
+
 /// A validated configuration.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
@@ -141,6 +153,7 @@ pub struct Config {
     pub plugins: PluginsConfig,
     pub http: HttpSettings,
     pub websocket: WebSocketSettings,
+    pub upgrade: UpgradeConfig,
     pub control_socket: PathBuf,
     /// `[metrics] address`: where the supervisor serves `GET /metrics`, if anywhere.
     pub metrics_address: Option<Address>,
@@ -156,7 +169,8 @@ impl Config {
 
     /// Validates `text` as if read from `path`: the raw sections first (any TOML error,
     /// unknown key or wrong type), then the values of each section in turn (listeners,
-    /// worker, plugins, http, control, metrics, log); the first error found is the one reported.
+    /// worker, plugins, http, websocket, upgrade, control, metrics, log); the first error
+    /// found is the one reported.
     pub fn parse(text: &str, path: &Path, ctx: &PathContext) -> Result<Config, ConfigError> {
         let raw: Raw = toml::from_str(text).map_err(|e| values::syntax_error(text, path, &e))?;
         let v = Validator { text, path };
@@ -170,6 +184,7 @@ impl Config {
             plugins: raw.plugins.validate(&v, &base, ctx)?,
             http: raw.http.validate(&v)?,
             websocket: raw.websocket.validate(&v)?,
+            upgrade: raw.upgrade.validate(&v)?,
             control_socket: raw.control.validate(&v, &base, ctx)?,
             metrics_address: raw.metrics.validate(&v, &base, &listeners)?,
             access_log: raw.log.validate(&v, &base)?,

@@ -5,6 +5,7 @@
 //! The server turns requests into [`Event`]s and never touches supervisor state itself.
 //! Peers are checked by their kernel-reported uid: root or the supervisor's own uid.
 
+use crate::core::CanaryCall;
 use crate::events::Event;
 use crate::status::{StatusReport, UpgradeOutcome, UpgradeResult};
 use nix::sys::socket::{getsockopt, sockopt};
@@ -35,6 +36,11 @@ pub enum Request {
     },
     Stop {
         wait: bool,
+    },
+    /// Decide the running canary now (`baton upgrade --promote` / `--abort`); answered
+    /// with the upgrade's outcome, or an error when no canary runs.
+    Canary {
+        decision: CanaryCall,
     },
 }
 
@@ -364,8 +370,24 @@ pub async fn answer<R, W>(
                         result: UpgradeResult::Refused,
                         reason: Some("the supervisor is shutting down".into()),
                         at: crate::status::timestamp(std::time::SystemTime::now()),
+                        canary: None,
                     },
                 },
+            };
+            let _ = write_reply(&mut write, &reply).await;
+        }
+        Request::Canary { decision } => {
+            let (tx, rx) = oneshot::channel();
+            let _ = events.send(Event::DecideCanary {
+                decision,
+                reply: tx,
+            });
+            let reply = match rx.await {
+                Ok(outcome) if outcome.result == UpgradeResult::Refused => Reply::Error {
+                    message: outcome.reason.unwrap_or_default(),
+                },
+                Ok(outcome) => Reply::Upgrade { outcome },
+                Err(_) => gone(),
             };
             let _ = write_reply(&mut write, &reply).await;
         }
@@ -422,5 +444,45 @@ impl Replies {
         serde_json::from_str(&line).map(Some).map_err(|e| {
             std::io::Error::new(std::io::ErrorKind::InvalidData, format!("bad reply: {e}"))
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_keep_their_wire_form() {
+        let json = |r: &Request| serde_json::to_string(r).unwrap();
+        // An ordinary upgrade is written as before canaries existed, so a client of this
+        // release still talks to a supervisor of the previous one.
+        assert_eq!(
+            json(&Request::Upgrade {
+                wait: true,
+                supervisor: false
+            }),
+            r#"{"command":"upgrade","wait":true}"#
+        );
+        for (decision, text) in [
+            (CanaryCall::Promote, "promote"),
+            (CanaryCall::Abort, "abort"),
+        ] {
+            let wire = format!(r#"{{"command":"canary","decision":"{text}"}}"#);
+            assert_eq!(json(&Request::Canary { decision }), wire);
+            assert!(matches!(
+                serde_json::from_str::<Request>(&wire),
+                Ok(Request::Canary { decision: d }) if d == decision
+            ));
+        }
+        assert!(serde_json::from_str::<Request>(r#"{"command":"canary"}"#).is_err());
+    }
+
+    #[test]
+    fn an_outcome_without_a_canary_reads_and_writes_as_before() {
+        let old =
+            r#"{"generation":2,"result":"rolled_back","reason":"x","at":"2026-11-23T00:00:00Z"}"#;
+        let outcome: UpgradeOutcome = serde_json::from_str(old).unwrap();
+        assert!(outcome.canary.is_none());
+        assert_eq!(serde_json::to_string(&outcome).unwrap(), old);
     }
 }

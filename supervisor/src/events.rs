@@ -3,7 +3,7 @@
 //! module that sends one (`watch`, `control`, `commands`) and the loop that receives them
 //! (`supervisor`), so none of them depends on another.
 
-use crate::core::Exit;
+use crate::core::{CanaryCall, Exit};
 use crate::status::{StatusReport, UpgradeOutcome};
 use baton_proto::NotifyMessage;
 use std::os::fd::OwnedFd;
@@ -47,6 +47,11 @@ pub enum Event {
     /// A scrape of the metrics listener: the exposition text.
     Metrics {
         reply: oneshot::Sender<String>,
+    },
+    /// Decide the running canary by hand (`baton upgrade --promote` / `--abort`).
+    DecideCanary {
+        decision: CanaryCall,
+        reply: oneshot::Sender<UpgradeOutcome>,
     },
     /// A datagram from a worker, attributed by its credentials.
     Notify {

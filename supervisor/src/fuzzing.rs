@@ -103,6 +103,7 @@ async fn exchange(input: &[u8]) -> Vec<Reply> {
                         result: UpgradeResult::Succeeded,
                         reason: None,
                         at: "2026-11-23T00:00:00Z".into(),
+                        canary: None,
                     });
                 }
                 Event::Stop {

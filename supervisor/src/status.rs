@@ -25,7 +25,8 @@ pub struct SupervisorInfo {
     pub started_at: String,
     /// `running` or `stopping`.
     pub state: String,
-    /// An upgrade requested while another was starting, to run when it ends.
+    /// An upgrade requested while another was starting (or its canary was being
+    /// judged), to run when it ends.
     pub upgrade_pending: bool,
     /// The running image's release (it follows the binary across self-upgrades).
     #[serde(default)]
@@ -59,7 +60,7 @@ pub struct ListenerInfo {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct GenerationInfo {
     pub number: u64,
-    /// `starting`, `serving`, `draining` or `failed`.
+    /// `starting`, `canary`, `serving`, `draining` or `failed`.
     pub state: String,
     pub started_at: String,
     pub uptime_secs: u64,
@@ -95,6 +96,90 @@ pub struct GenerationInfo {
     /// its promotion.
     #[serde(default)]
     pub rollback_to: Option<u64>,
+    /// While this generation is the `canary`: its window and the figures it is judged by.
+    #[serde(default)]
+    pub canary: Option<CanaryInfo>,
+}
+
+/// What one generation did during a canary window: the figures a canary is judged by.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WindowCounts {
+    pub generation: u64,
+    /// Requests answered during the window (as the workers last reported them).
+    pub requests: u64,
+    /// Of those, answers with a 5xx status.
+    pub errors: u64,
+    /// Worker exits during the window.
+    pub exits: u64,
+    /// `(errors + exits) / requests`; 0 with neither requests nor errors, 1 with errors
+    /// but no requests.
+    pub error_ratio: f64,
+}
+
+impl WindowCounts {
+    /// "3.10% (31 5xx + 0 exit(s) in 1000 request(s))".
+    pub fn describe(&self) -> String {
+        format!(
+            "{:.2}% ({} 5xx + {} exit(s) in {} request(s))",
+            self.error_ratio * 100.0,
+            self.errors,
+            self.exits,
+            self.requests
+        )
+    }
+}
+
+/// A canary in progress: the generation it is compared with, its window, and the figures
+/// of both generations since the window began.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CanaryInfo {
+    pub since: String,
+    /// When the canary is judged.
+    pub ends_at: String,
+    pub ends_in_ms: u64,
+    /// The window was run a second time because the canary had answered fewer than
+    /// `upgrade.canary_min_requests` requests.
+    pub extended: bool,
+    pub canary: WindowCounts,
+    /// The serving generation, over the same window.
+    pub baseline: WindowCounts,
+    pub min_requests: u64,
+    pub max_error_ratio_increase: f64,
+}
+
+/// How a canary ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CanaryDecision {
+    /// It serves; the generation it was compared with drains.
+    Promoted,
+    /// It drains; the generation it was compared with goes on serving.
+    RolledBack,
+}
+
+/// What decided a canary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CanaryDecidedBy {
+    /// The error ratios at the window's end.
+    ErrorRatio,
+    /// Fewer than `upgrade.canary_min_requests` requests in two windows.
+    TooFewRequests,
+    /// Its workers crash-looped or all exited during the window.
+    Crashed,
+    /// `baton upgrade --promote` or `--abort`.
+    Operator,
+}
+
+/// The canary's part of an upgrade's outcome.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CanaryVerdict {
+    pub decision: CanaryDecision,
+    pub decided_by: CanaryDecidedBy,
+    /// How long the canary served beside the baseline.
+    pub window_ms: u64,
+    pub canary: WindowCounts,
+    pub baseline: WindowCounts,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -153,6 +238,10 @@ pub struct UpgradeOutcome {
     pub result: UpgradeResult,
     pub reason: Option<String>,
     pub at: String,
+    /// Set when the upgrade ran a canary: how it was decided, with both generations'
+    /// figures over the window.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub canary: Option<CanaryVerdict>,
 }
 
 impl UpgradeOutcome {
@@ -262,6 +351,18 @@ impl StatusReport {
                     "  plugin {} sha256 {}",
                     p.file,
                     &p.sha256[..p.sha256.len().min(16)]
+                );
+            }
+            if let Some(c) = &g.canary {
+                let _ = writeln!(
+                    out,
+                    "  canary until {} (in {} ms{}): {} against {} for generation {}",
+                    c.ends_at,
+                    c.ends_in_ms,
+                    if c.extended { ", extended" } else { "" },
+                    c.canary.describe(),
+                    c.baseline.describe(),
+                    c.baseline.generation
                 );
             }
             if let Some(f) = &g.failure {

@@ -254,6 +254,15 @@ impl Supervisor {
                 };
                 let _ = reply.send(crate::metrics::render(&self.core, &image));
             }
+            Event::DecideCanary { decision, reply } => {
+                let id = self.waiter_id();
+                self.upgrade_waiters.insert(id, UpgradeReply::new(reply));
+                self.feed(Input::DecideCanary {
+                    decision,
+                    source: "control socket",
+                    waiter: Some(id),
+                });
+            }
             Event::Notify { pid, message } => self.feed(Input::Notify {
                 pid: pid as u32,
                 message,
@@ -565,7 +574,7 @@ impl Supervisor {
         let newest = self.core.generations().rev().find(|g| {
             matches!(
                 g.state,
-                GenerationState::Starting | GenerationState::Serving
+                GenerationState::Starting | GenerationState::Serving | GenerationState::Canary
             )
         });
         let Some(newest) = newest else { return };
@@ -588,6 +597,7 @@ impl Supervisor {
 
     fn report(&self) -> StatusReport {
         let now = Instant::now();
+        let canary = self.core.canary_info(now);
         StatusReport {
             version: STATUS_VERSION,
             supervisor: SupervisorInfo {
@@ -648,6 +658,10 @@ impl Supervisor {
                     }),
                     restored_from: g.restored.as_ref().map(|r| r.from),
                     rollback_to: g.previous.as_ref().map(|p| p.number),
+                    canary: canary
+                        .as_ref()
+                        .filter(|(n, _)| *n == g.number)
+                        .map(|(_, info)| info.clone()),
                     plugins: g
                         .artifacts
                         .plugins

@@ -17,7 +17,7 @@ use std::process::Stdio;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-pub use load::{Counts, Load, LoadSpec};
+pub use load::{Counts, Load, LoadSpec, PerGeneration};
 
 /// Default deadline for a condition a test waits for.
 pub const WAIT: Duration = Duration::from_secs(20);

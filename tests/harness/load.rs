@@ -14,7 +14,7 @@ use bytes::Bytes;
 use http::{Request, header};
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -33,6 +33,9 @@ pub struct LoadSpec {
     pub h2: usize,
     pub path: String,
     pub max_duration: Duration,
+    /// Count a complete 5xx answer in [`Counts::server_errors`] instead of as a failed
+    /// request (a test of a release that answers 500 on purpose).
+    pub server_errors_apart: bool,
 }
 
 impl Default for LoadSpec {
@@ -44,6 +47,7 @@ impl Default for LoadSpec {
             h2: 2,
             path: "/_baton/health".into(),
             max_duration: Duration::from_secs(240),
+            server_errors_apart: false,
         }
     }
 }
@@ -63,6 +67,21 @@ pub struct Counts {
     pub generations: HashSet<u64>,
     /// Connections replaced because the server closed them before a request was sent.
     pub reconnects: u64,
+    /// Complete 5xx answers, with [`LoadSpec::server_errors_apart`].
+    pub server_errors: u64,
+    /// Answers per generation named in their body (`{"generation":N,…}`).
+    pub by_generation: BTreeMap<u64, PerGeneration>,
+}
+
+/// What one generation answered.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct PerGeneration {
+    pub ok: u64,
+    /// Complete 5xx answers (with [`LoadSpec::server_errors_apart`]).
+    pub server_errors: u64,
+    /// Answers that were the first on their HTTP/1 connection: the connections this
+    /// generation accepted from the shared queue.
+    pub connections: u64,
 }
 
 impl Counts {
@@ -91,16 +110,41 @@ impl Counts {
         self.pids.extend(other.pids);
         self.generations.extend(other.generations);
         self.reconnects += other.reconnects;
+        self.server_errors += other.server_errors;
+        for (g, p) in other.by_generation {
+            let mine = self.by_generation.entry(g).or_default();
+            mine.ok += p.ok;
+            mine.server_errors += p.server_errors;
+            mine.connections += p.connections;
+        }
     }
 
     /// Reads the health answer `{"generation":N,"pid":P}`.
     fn record(&mut self, body: &[u8]) {
+        self.record_answer(body, false, false);
+    }
+
+    /// Reads `{"generation":N,"pid":P}` from a 2xx answer or (`server_error`) a 5xx one
+    /// counted apart; `first` says it was the first answer on its connection.
+    fn record_answer(&mut self, body: &[u8], server_error: bool, first: bool) {
+        if server_error {
+            self.server_errors += 1;
+        }
         if let Ok(v) = serde_json::from_slice::<serde_json::Value>(body) {
-            if let Some(pid) = v["pid"].as_u64() {
+            if let Some(pid) = v["pid"].as_u64().filter(|_| !server_error) {
                 self.pids.insert(pid as u32);
             }
             if let Some(g) = v["generation"].as_u64() {
-                self.generations.insert(g);
+                if !server_error {
+                    self.generations.insert(g);
+                }
+                let per = self.by_generation.entry(g).or_default();
+                if server_error {
+                    per.server_errors += 1;
+                } else {
+                    per.ok += 1;
+                }
+                per.connections += u64::from(first);
             }
         }
     }
@@ -118,12 +162,14 @@ impl Load {
         let stop = Arc::new(AtomicBool::new(false));
         let deadline = Instant::now() + spec.max_duration;
         let mut tasks = Vec::new();
+        let apart = spec.server_errors_apart;
         for _ in 0..spec.keepalive {
             tasks.push(tokio::spawn(keepalive(
                 addr,
                 spec.path.clone(),
                 stop.clone(),
                 deadline,
+                apart,
             )));
         }
         for _ in 0..spec.keepalive_10 {
@@ -140,6 +186,7 @@ impl Load {
                 spec.path.clone(),
                 stop.clone(),
                 deadline,
+                apart,
             )));
         }
         if spec.h2 > 0 {
@@ -152,6 +199,7 @@ impl Load {
                     format!("http://{addr}{}", spec.path),
                     stop.clone(),
                     deadline,
+                    apart,
                 )));
             }
         }
@@ -185,6 +233,7 @@ async fn keepalive(
     path: String,
     stop: Arc<AtomicBool>,
     deadline: Instant,
+    apart: bool,
 ) -> Counts {
     let mut c = Counts::default();
     'connection: while running(&stop, deadline) {
@@ -205,6 +254,7 @@ async fn keepalive(
                 }
             };
         tokio::spawn(conn);
+        let mut first = true;
         while running(&stop, deadline) {
             if sender.ready().await.is_err() {
                 // Closed by the server before we wrote anything: open another.
@@ -233,11 +283,15 @@ async fn keepalive(
             match response.into_body().collect().await {
                 Ok(body) if status.is_success() => {
                     c.ok_keepalive += 1;
-                    c.record(&body.to_bytes());
+                    c.record_answer(&body.to_bytes(), false, first);
+                }
+                Ok(body) if apart && status.is_server_error() => {
+                    c.record_answer(&body.to_bytes(), true, first);
                 }
                 Ok(_) => c.fail(format!("keep-alive answer {status}")),
                 Err(e) => c.fail(format!("keep-alive body: {e}")),
             }
+            first = false;
             if close {
                 continue 'connection;
             }
@@ -391,6 +445,7 @@ async fn per_request(
     path: String,
     stop: Arc<AtomicBool>,
     deadline: Instant,
+    apart: bool,
 ) -> Counts {
     let mut c = Counts::default();
     while running(&stop, deadline) {
@@ -406,13 +461,14 @@ async fn per_request(
                 .send_request(get(&path, true))
                 .await
                 .map_err(|e| format!("request: {e}"))?;
-            success_body(response).await
+            success_body(response, apart).await
         };
         match tokio::time::timeout(REQUEST_TIMEOUT, attempt).await {
-            Ok(Ok(body)) => {
+            Ok(Ok(Answer::Ok(body))) => {
                 c.ok_per_request += 1;
-                c.record(&body);
+                c.record_answer(&body, false, true);
             }
+            Ok(Ok(Answer::ServerError(body))) => c.record_answer(&body, true, true),
             Ok(Err(e)) => c.fail(format!("per-request {e}")),
             Err(_) => c.fail("per-request timed out".into()),
         }
@@ -428,6 +484,7 @@ async fn h2(
     url: String,
     stop: Arc<AtomicBool>,
     deadline: Instant,
+    apart: bool,
 ) -> Counts {
     let mut c = Counts::default();
     let uri: http::Uri = url.parse().expect("uri");
@@ -443,13 +500,14 @@ async fn h2(
                     Err(e) => return Err(format!("request: {e:?}")),
                 }
             };
-            success_body(response).await
+            success_body(response, apart).await
         };
         match tokio::time::timeout(REQUEST_TIMEOUT, attempt).await {
-            Ok(Ok(body)) => {
+            Ok(Ok(Answer::Ok(body))) => {
                 c.ok_h2 += 1;
-                c.record(&body);
+                c.record_answer(&body, false, false);
             }
+            Ok(Ok(Answer::ServerError(body))) => c.record_answer(&body, true, false),
             Ok(Err(e)) => c.fail(format!("h2 {e}")),
             Err(_) => c.fail("h2 timed out".into()),
         }
@@ -457,18 +515,31 @@ async fn h2(
     c
 }
 
-/// The body of a 2xx answer, or what went wrong.
-async fn success_body(response: http::Response<hyper::body::Incoming>) -> Result<Bytes, String> {
+/// A complete answer that is not a failure.
+enum Answer {
+    Ok(Bytes),
+    /// A 5xx, counted apart.
+    ServerError(Bytes),
+}
+
+/// The body of a 2xx answer (or, with `apart`, of a 5xx one), or what went wrong.
+async fn success_body(
+    response: http::Response<hyper::body::Incoming>,
+    apart: bool,
+) -> Result<Answer, String> {
     let status = response.status();
     let body = response
         .into_body()
         .collect()
         .await
         .map_err(|e| format!("body: {e}"))?;
+    if apart && status.is_server_error() {
+        return Ok(Answer::ServerError(body.to_bytes()));
+    }
     if !status.is_success() {
         return Err(format!("answer {status}"));
     }
-    Ok(body.to_bytes())
+    Ok(Answer::Ok(body.to_bytes()))
 }
 
 fn refused_by_goaway(e: &(dyn std::error::Error + 'static)) -> bool {

@@ -258,6 +258,8 @@ impl Instance {
             .exec(&[
                 "journalctl",
                 "--no-pager",
+                "-o",
+                "short-precise",
                 "-u",
                 "baton.service",
                 "-u",

@@ -66,6 +66,15 @@ pub const WS_PING_TIMEOUT: &str = "10s";
 /// `websocket.slow_reader_close_code`: 1008 or 1011.
 pub const WS_SLOW_READER_CLOSE_CODE: u64 = 1008;
 
+/// `upgrade.canary`: how long a new generation serves beside the old one before it is
+/// judged ("0s": no canary, the old generation drains as soon as the new one is ready).
+pub const CANARY: &str = "0s";
+/// `upgrade.canary_min_requests`: requests the canary must answer in its window to be judged.
+pub const CANARY_MIN_REQUESTS: u64 = 100;
+/// `upgrade.canary_max_error_ratio_increase`: how far (absolute) the canary's error ratio
+/// may exceed the old generation's in the same window.
+pub const CANARY_MAX_ERROR_RATIO_INCREASE: f64 = 0.01;
+
 /// `control.socket`: in `$RUNTIME_DIRECTORY`, else in [`RUNTIME_DIR`] next to the config.
 pub const CONTROL_SOCKET: &str = "baton.sock";
 /// Outside systemd, the private directory (mode 0700) relative control sockets go in.
@@ -77,7 +86,7 @@ pub const ACCESS_LOG: &str = "off";
 pub const ACCESS_LOG_FORMAT: &str = "combined";
 
 /// A key's default, as a reader of the config file sees it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub enum DefaultValue {
     /// The key must be given (a listener may take its address from systemd instead).
     Required,
@@ -88,6 +97,8 @@ pub enum DefaultValue {
     Int(u64),
     /// What writing this boolean would do.
     Bool(bool),
+    /// What writing this number would do.
+    Float(f64),
     /// What writing this string would do (a duration, a path, an HTTP path).
     Str(&'static str),
     /// `$VAR/subdir` when systemd sets `VAR`, else `otherwise` next to the config file.
@@ -146,6 +157,12 @@ pub const KEYS: &[(&str, DefaultValue)] = {
             "websocket.slow_reader_close_code",
             Int(WS_SLOW_READER_CLOSE_CODE),
         ),
+        ("upgrade.canary", Str(CANARY)),
+        ("upgrade.canary_min_requests", Int(CANARY_MIN_REQUESTS)),
+        (
+            "upgrade.canary_max_error_ratio_increase",
+            Float(CANARY_MAX_ERROR_RATIO_INCREASE),
+        ),
         ("control.socket", Str(CONTROL_SOCKET)),
         ("metrics.address", Unset),
         ("log.access", Str(ACCESS_LOG)),
@@ -176,6 +193,7 @@ mod tests {
                 Unset => "—".into(),
                 Int(n) => n.to_string(),
                 Bool(b) => b.to_string(),
+                Float(f) => f.to_string(),
                 Str(s) => format!("`{s:?}`"),
                 FromEnv {
                     var,
@@ -191,6 +209,7 @@ mod tests {
                 Required | Unset => None,
                 Int(n) => Some(toml::Value::Integer(n as i64)),
                 Bool(b) => Some(toml::Value::Boolean(b)),
+                Float(f) => Some(toml::Value::Float(f)),
                 Str(s) | FromEnv { otherwise: s, .. } => Some(toml::Value::String(s.into())),
             }
         }

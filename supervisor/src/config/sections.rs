@@ -6,7 +6,10 @@
 
 use super::defaults;
 use super::values::{Validator, millis};
-use super::{ConfigError, ListenerConfig, PathContext, PluginsConfig, WorkerConfig, control_path};
+use super::{
+    ConfigError, ListenerConfig, PathContext, PluginsConfig, UpgradeConfig, WorkerConfig,
+    control_path,
+};
 use baton_proto::{HttpSettings, WebSocketSettings};
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
@@ -26,6 +29,8 @@ pub(super) struct Raw {
     pub http: RawHttp,
     #[serde(default)]
     pub websocket: RawWebSocket,
+    #[serde(default)]
+    pub upgrade: RawUpgrade,
     #[serde(default)]
     pub control: RawControl,
     #[serde(default)]
@@ -367,6 +372,35 @@ impl RawWebSocket {
     }
 }
 
+/// `[upgrade]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawUpgrade {
+    canary: Option<Spanned<String>>,
+    canary_min_requests: Option<Spanned<i64>>,
+    canary_max_error_ratio_increase: Option<Spanned<toml::Value>>,
+}
+
+impl RawUpgrade {
+    pub fn validate(&self, v: &Validator) -> Result<UpgradeConfig, ConfigError> {
+        Ok(UpgradeConfig {
+            canary: v.duration_or_off(&self.canary, "upgrade.canary", defaults::CANARY)?,
+            canary_min_requests: v.int(
+                &self.canary_min_requests,
+                "upgrade.canary_min_requests",
+                defaults::CANARY_MIN_REQUESTS as usize,
+                0..=1 << 40,
+            )? as u64,
+            canary_max_error_ratio_increase: v.number(
+                &self.canary_max_error_ratio_increase,
+                "upgrade.canary_max_error_ratio_increase",
+                defaults::CANARY_MAX_ERROR_RATIO_INCREASE,
+                0.0..=1.0,
+            )?,
+        })
+    }
+}
+
 /// `[control]`.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -482,6 +516,7 @@ pub(super) fn field_names() -> Vec<(&'static str, Vec<&'static str>)> {
         ("plugins", fields_of::<RawPlugins>()),
         ("http", fields_of::<RawHttp>()),
         ("websocket", fields_of::<RawWebSocket>()),
+        ("upgrade", fields_of::<RawUpgrade>()),
         ("control", fields_of::<RawControl>()),
         ("metrics", fields_of::<RawMetrics>()),
         ("log", fields_of::<RawLog>()),

@@ -139,6 +139,68 @@ impl Validator<'_> {
         Ok(d)
     }
 
+    /// A duration of at most [`MAX_DURATION`], where zero (`"0s"`) turns a feature off:
+    /// `None` then; `default` (written the same way) when absent.
+    pub fn duration_or_off(
+        &self,
+        value: &Option<Spanned<String>>,
+        key: &str,
+        default: &str,
+    ) -> Result<Option<Duration>, ConfigError> {
+        let d = match value {
+            None => humantime::parse_duration(default).expect("defaults parse"),
+            Some(value) => {
+                let d = humantime::parse_duration(value.get_ref()).map_err(|e| {
+                    self.invalid(
+                        value,
+                        key,
+                        &format!(
+                            "{:?} is not a duration ({e}); write e.g. \"0s\" (off), \"30s\", \"2m\"",
+                            value.get_ref()
+                        ),
+                    )
+                })?;
+                if d > MAX_DURATION {
+                    return Err(self.invalid(value, key, "must be at most 7 days"));
+                }
+                d
+            }
+        };
+        Ok((!d.is_zero()).then_some(d))
+    }
+
+    /// A number (integer or decimal) in `range`; `default` when absent.
+    pub fn number(
+        &self,
+        value: &Option<Spanned<toml::Value>>,
+        key: &str,
+        default: f64,
+        range: RangeInclusive<f64>,
+    ) -> Result<f64, ConfigError> {
+        let Some(value) = value else {
+            return Ok(default);
+        };
+        let n = match value.get_ref() {
+            toml::Value::Float(f) => *f,
+            toml::Value::Integer(i) => *i as f64,
+            other => {
+                return Err(self.invalid(
+                    value,
+                    key,
+                    &format!("expected a number, found a {}", other.type_str()),
+                ));
+            }
+        };
+        if !range.contains(&n) {
+            return Err(self.invalid(
+                value,
+                key,
+                &format!("{n} is out of range ({} to {})", range.start(), range.end()),
+            ));
+        }
+        Ok(n)
+    }
+
     /// A byte size in `range`: a TOML integer, or a string [`parse_size`] reads; `default`
     /// when absent.
     pub fn bytes(

@@ -28,7 +28,10 @@ impl<A: Clone + std::fmt::Debug> Core<A> {
         };
         match self.mode {
             Mode::Stopping { .. } => return,
-            Mode::Preparing { .. } | Mode::Starting { .. } | Mode::WaitingForRoom { .. } => {
+            Mode::Preparing { .. }
+            | Mode::Starting { .. }
+            | Mode::Canary { .. }
+            | Mode::WaitingForRoom { .. } => {
                 tracing::error!(
                     "crash loop after promotion, but an upgrade is starting; no rollback unless it fails and the crashes go on"
                 );

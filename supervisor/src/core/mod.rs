@@ -7,11 +7,13 @@
 //! # States
 //! - The supervisor is in one [`Mode`]: `Idle`; `Preparing` an upgrade (config and
 //!   artifacts being read by the shell); `Starting` generation N (until every worker is
-//!   READY, or it fails); `WaitingForRoom` (`max_generations` reached: the start waits for
-//!   the oldest draining generation); `Stopping`. Waiters of the upgrade in progress and
-//!   the coalesced follow-up live in the variant they belong to.
-//! - A [`Generation`] is `Starting` → `Serving` → `Draining`, or `Starting` → `Failed`;
-//!   it is forgotten once no worker is left.
+//!   READY, or it fails); `Canary` (generation N serves beside the serving one until it is
+//!   judged, with `[upgrade] canary`); `WaitingForRoom` (`max_generations` reached: the
+//!   start waits for the oldest draining generation); `Stopping`. Waiters of the upgrade in
+//!   progress and the coalesced follow-up live in the variant they belong to.
+//! - A [`Generation`] is `Starting` → `Serving` → `Draining`, or `Starting` → `Failed`,
+//!   or `Starting` → `Canary` → `Serving` (promoted) or `Draining` (rolled back); it is
+//!   forgotten once no worker is left.
 //! - A worker [`Slot`] is `Spawning` → `Running` → `Backoff` (serving: replaced after a
 //!   back-off) or `Exited`.
 //!
@@ -19,17 +21,21 @@
 //! - Upgrades, coalescing, promotion, rollback of a start, `max_generations`:
 //!   [`upgrade.rs`](upgrade).
 //! - Worker slots: READY, notify messages, exits, back-off, replacement: [`slots.rs`](slots).
+//! - Canaries: the window, the judgement, early rollback on crashes, decisions by hand:
+//!   [`canary.rs`](canary).
 //! - Crash-loop restore after promotion: [`crash_loop.rs`](crash_loop).
 //! - Stopping: [`stop.rs`](stop).
 //! - Timers: [`Core::on_tick`] here; each timer is handled by the file of its rule.
 //! - What systemd and `baton status` are told: [`report.rs`](report).
 //!
 //! # Invariants (checked by the property tests)
-//! At most one generation is serving and at most one starting; no more than
-//! `max_generations` are alive; every waiter is answered exactly once; no timer of a
+//! At most one generation is serving, at most one starting and at most one canary; a
+//! canary exists exactly while the mode is `Canary`, and then a generation serves beside
+//! it; no more than `max_generations` are alive; every waiter is answered exactly once; no timer of a
 //! generation that is gone is acted on; nothing is spawned or signalled for a generation
 //! that is gone.
 
+mod canary;
 mod crash_loop;
 mod report;
 mod self_upgrade;
@@ -41,8 +47,9 @@ mod tests;
 mod totals;
 mod upgrade;
 
-use crate::status::{UpgradeOutcome, UpgradeResult, timestamp};
+use crate::status::{CanaryVerdict, UpgradeOutcome, UpgradeResult, timestamp};
 use baton_proto::{NotifyMessage, Stats};
+pub use canary::{Canary, Judgement, judge};
 pub use self_upgrade::SelfUpgrade;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -71,7 +78,10 @@ pub type WaiterId = u64;
 pub enum GenerationState {
     /// Workers started, not all READY yet.
     Starting,
-    /// The one generation taking new connections.
+    /// Ready, and taking new connections beside the serving generation until it is
+    /// judged (`[upgrade] canary`).
+    Canary,
+    /// The one generation taking new connections (with a canary beside it, if any).
     Serving,
     /// Told to drain (SIGTERM); waiting for its workers to exit.
     Draining,
@@ -83,6 +93,7 @@ impl GenerationState {
     pub fn name(self) -> &'static str {
         match self {
             GenerationState::Starting => "starting",
+            GenerationState::Canary => "canary",
             GenerationState::Serving => "serving",
             GenerationState::Draining => "draining",
             GenerationState::Failed => "failed",
@@ -91,7 +102,7 @@ impl GenerationState {
 }
 
 /// What the core needs to know of a generation's config.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Limits {
     pub processes: usize,
     pub ready_timeout: Duration,
@@ -100,6 +111,18 @@ pub struct Limits {
     pub crash_loop_window: Duration,
     pub crash_loop_exits: usize,
     pub max_generations: usize,
+    /// How this generation, once ready, is judged beside the serving one (`None`: it is
+    /// promoted at once).
+    #[serde(default)]
+    pub canary: Option<CanaryPolicy>,
+}
+
+/// `[upgrade] canary*`: the window and thresholds a canary is judged by.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CanaryPolicy {
+    pub window: Duration,
+    pub min_requests: u64,
+    pub max_error_ratio_increase: f64,
 }
 
 impl Limits {
@@ -113,6 +136,11 @@ impl Limits {
             crash_loop_window: w.crash_loop_window,
             crash_loop_exits: w.crash_loop_exits,
             max_generations: w.max_generations,
+            canary: config.upgrade.canary.map(|window| CanaryPolicy {
+                window,
+                min_requests: config.upgrade.canary_min_requests,
+                max_error_ratio_increase: config.upgrade.canary_max_error_ratio_increase,
+            }),
         }
     }
 }
@@ -202,6 +230,13 @@ pub enum Input<A> {
     },
     /// Time passed: act on the timers that are due.
     Tick,
+    /// Decide the running canary by hand (`baton upgrade --promote` / `--abort`); the
+    /// waiter is answered with the upgrade's outcome, or `refused` when no canary runs.
+    DecideCanary {
+        decision: CanaryCall,
+        source: &'static str,
+        waiter: Option<WaiterId>,
+    },
     /// Replace the supervisor's own image with the binary on disk (`exec`, same pid),
     /// then (`then_generation`) start a generation as an upgrade does.
     SelfUpgrade {
@@ -220,6 +255,16 @@ pub enum Input<A> {
         /// "0.1.0 (sha256 …) → 0.1.1 (sha256 …)", for the log and the outcome.
         change: String,
     },
+}
+
+/// An operator's decision on a running canary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CanaryCall {
+    /// Promote it now: the generation it was compared with drains.
+    Promote,
+    /// Roll it back now: it drains, the serving generation goes on.
+    Abort,
 }
 
 /// A signal for a worker.
@@ -311,6 +356,14 @@ pub enum Mode<A> {
         generation: u64,
         waiters: Vec<WaiterId>,
         follow_up: Option<Vec<WaiterId>>,
+    },
+    /// Generation `generation` is the canary: it serves beside the serving generation
+    /// until `canary` is decided.
+    Canary {
+        generation: u64,
+        waiters: Vec<WaiterId>,
+        follow_up: Option<Vec<WaiterId>>,
+        canary: Canary,
     },
     /// A start waits for a generation to be gone (`max_generations`).
     WaitingForRoom {
@@ -494,17 +547,45 @@ impl<A> Generation<A> {
     pub fn errors(&self) -> u64 {
         self.errors_of_exited + self.workers.iter().map(|w| w.stats.errors).sum::<u64>()
     }
+
+    /// Its counters now, for a canary window's deltas (unexpected worker exits are its
+    /// restarts).
+    fn tally(&self) -> canary::Tally {
+        canary::Tally {
+            requests: self.requests(),
+            errors: self.errors(),
+            exits: self.restarts,
+        }
+    }
 }
 
 /// Timers: events the core schedules for itself, as deadlines.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 enum Timer {
-    Ready { generation: u64 },
-    Drain { generation: u64 },
-    ForceClose { generation: u64 },
-    ForceKill { generation: u64 },
-    ReplacementReady { generation: u64, pid: u32 },
-    Restart { generation: u64, slot: usize },
+    Ready {
+        generation: u64,
+    },
+    Drain {
+        generation: u64,
+    },
+    ForceClose {
+        generation: u64,
+    },
+    ForceKill {
+        generation: u64,
+    },
+    ReplacementReady {
+        generation: u64,
+        pid: u32,
+    },
+    Restart {
+        generation: u64,
+        slot: usize,
+    },
+    /// The end of generation's canary window.
+    CanaryEnd {
+        generation: u64,
+    },
     StopTick,
 }
 
@@ -516,7 +597,8 @@ impl Timer {
             | Timer::ForceClose { generation }
             | Timer::ForceKill { generation }
             | Timer::ReplacementReady { generation, .. }
-            | Timer::Restart { generation, .. } => Some(generation),
+            | Timer::Restart { generation, .. }
+            | Timer::CanaryEnd { generation } => Some(generation),
             Timer::StopTick => None,
         }
     }
@@ -581,6 +663,11 @@ impl<A: Clone + std::fmt::Debug> Core<A> {
                 waiter,
             } => self.on_stop(fast, source, waiter),
             Input::Tick => self.on_tick(),
+            Input::DecideCanary {
+                decision,
+                source,
+                waiter,
+            } => self.on_decide_canary(decision, source, waiter),
             Input::SelfUpgrade {
                 source,
                 waiter,
@@ -606,7 +693,7 @@ impl<A: Clone + std::fmt::Debug> Core<A> {
         self.generations.get(&generation).is_some_and(|g| {
             matches!(
                 g.state,
-                GenerationState::Starting | GenerationState::Serving
+                GenerationState::Starting | GenerationState::Serving | GenerationState::Canary
             ) && g.workers.get(slot).map(|w| w.state) == Some(SlotState::Spawning)
         })
     }
@@ -634,9 +721,9 @@ impl<A: Clone + std::fmt::Debug> Core<A> {
     /// An upgrade will run after the current one (coalesced, or waiting for room).
     pub fn upgrade_pending(&self) -> bool {
         let generation = match &self.mode {
-            Mode::Preparing { follow_up, .. } | Mode::Starting { follow_up, .. } => {
-                follow_up.is_some()
-            }
+            Mode::Preparing { follow_up, .. }
+            | Mode::Starting { follow_up, .. }
+            | Mode::Canary { follow_up, .. } => follow_up.is_some(),
             Mode::WaitingForRoom { .. } => true,
             Mode::Idle | Mode::Stopping { .. } => false,
         };
@@ -725,6 +812,7 @@ impl<A: Clone + std::fmt::Debug> Core<A> {
                     self.on_replacement_timeout(generation, pid)
                 }
                 Timer::Restart { generation, slot } => self.on_restart(generation, slot),
+                Timer::CanaryEnd { generation } => self.on_canary_end(generation),
                 Timer::StopTick => self.on_stop_tick(),
             }
         }
@@ -787,6 +875,19 @@ pub fn outcome(
         result,
         reason,
         at: timestamp(SystemTime::now()),
+        canary: None,
+    }
+}
+
+/// The outcome of an upgrade that ran a canary.
+fn canary_outcome(generation: u64, reason: String, verdict: CanaryVerdict) -> UpgradeOutcome {
+    let result = match verdict.decision {
+        crate::status::CanaryDecision::Promoted => UpgradeResult::Succeeded,
+        crate::status::CanaryDecision::RolledBack => UpgradeResult::RolledBack,
+    };
+    UpgradeOutcome {
+        canary: Some(verdict),
+        ..outcome(Some(generation), result, Some(reason))
     }
 }
 

@@ -1,8 +1,9 @@
 //! Worker slots: what a started, READY, reporting or exiting worker changes. A worker that
 //! exits before READY fails its starting generation; one that exits while its generation
-//! serves is replaced in its slot after a back-off that doubles per crash in a row (and
-//! may be a crash loop, see `crash_loop.rs`); one of a draining or failed generation is
-//! just gone, and the generation with it once it was the last.
+//! serves (or is the canary) is replaced in its slot after a back-off that doubles per
+//! crash in a row (and may be a crash loop, see `crash_loop.rs`, or roll the canary back,
+//! see `canary.rs`); one of a draining or failed generation is just gone, and the
+//! generation with it once it was the last.
 
 use super::GenerationState;
 use super::{Core, Effect, Exit, STABLE_RUN, Sig, SlotState, Systemd, Timer, backoff};
@@ -42,7 +43,7 @@ impl<A: Clone + std::fmt::Debug> Core<A> {
                 let _e = g.span.enter();
                 tracing::info!("worker {pid} started in slot {slot}");
                 drop(_e);
-                if g.state == GenerationState::Serving {
+                if matches!(g.state, GenerationState::Serving | GenerationState::Canary) {
                     let timeout = g.limits.ready_timeout;
                     self.after(timeout, Timer::ReplacementReady { generation, pid });
                 }
@@ -52,7 +53,7 @@ impl<A: Clone + std::fmt::Debug> Core<A> {
                     w.state = SlotState::Exited;
                     self.fail(generation, reason);
                 }
-                GenerationState::Serving if !stopping => {
+                GenerationState::Serving | GenerationState::Canary if !stopping => {
                     self.retry_restart(generation, slot, reason);
                 }
                 _ => {
@@ -107,7 +108,7 @@ impl<A: Clone + std::fmt::Debug> Core<A> {
             tracing::info!("worker {pid} is ready");
             drop(_e);
             if g.state == GenerationState::Starting && g.all_ready() {
-                self.promote(number);
+                self.on_all_ready(number);
             }
         }
     }
@@ -141,7 +142,7 @@ impl<A: Clone + std::fmt::Debug> Core<A> {
                 };
                 self.fail(number, exit.describe(&when));
             }
-            GenerationState::Serving if !stopping => {
+            state @ (GenerationState::Serving | GenerationState::Canary) if !stopping => {
                 w.crash_streak = if lived >= STABLE_RUN {
                     1
                 } else {
@@ -156,7 +157,11 @@ impl<A: Clone + std::fmt::Debug> Core<A> {
                     let _e = g.span.enter();
                     tracing::warn!(
                         "{}; replacing it in {delay:?} (restart {} of slot {slot})",
-                        exit.describe("while serving"),
+                        exit.describe(if state == GenerationState::Canary {
+                            "while serving as the canary"
+                        } else {
+                            "while serving"
+                        }),
                         w.restarts
                     );
                 }
@@ -177,6 +182,9 @@ impl<A: Clone + std::fmt::Debug> Core<A> {
                 );
                 if crash_loop {
                     self.on_crash_loop(number);
+                }
+                if state == GenerationState::Canary {
+                    self.on_canary_exit(number);
                 }
                 let summary = self.summary();
                 self.emit(Effect::Systemd(Systemd::Status(summary)));
@@ -199,7 +207,7 @@ impl<A: Clone + std::fmt::Debug> Core<A> {
         let Some(w) = g.workers.get_mut(slot) else {
             return;
         };
-        if g.state != GenerationState::Serving
+        if !matches!(g.state, GenerationState::Serving | GenerationState::Canary)
             || !matches!(w.state, SlotState::Backoff { .. })
             || stopping
         {

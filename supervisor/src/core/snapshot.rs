@@ -42,12 +42,14 @@ pub struct Busy(&'static str);
 
 impl<A: Clone + std::fmt::Debug> Core<A> {
     /// The state to hand over, naming each artifact set by `index(set)`. Only an idle
-    /// core is written: nothing is being prepared or started and no one waits for room.
+    /// core is written: nothing is being prepared, started or judged as a canary, and no
+    /// one waits for room.
     pub fn snapshot(&self, mut index: impl FnMut(&A) -> u32) -> Result<CoreSnapshot, Busy> {
         match self.mode {
             Mode::Idle => {}
             Mode::Preparing { .. } => return Err(Busy("an upgrade is being prepared")),
             Mode::Starting { .. } => return Err(Busy("a generation is starting")),
+            Mode::Canary { .. } => return Err(Busy("a canary is being judged")),
             Mode::WaitingForRoom { .. } => return Err(Busy("a start waits for room")),
             Mode::Stopping { .. } => return Err(Busy("stopping")),
         }

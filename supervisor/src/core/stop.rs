@@ -32,6 +32,9 @@ impl<A: Clone + std::fmt::Debug> Core<A> {
                 | Mode::Starting {
                     waiters, follow_up, ..
                 }
+                | Mode::Canary {
+                    waiters, follow_up, ..
+                }
                 | Mode::WaitingForRoom {
                     waiters, follow_up, ..
                 } => (waiters, follow_up.unwrap_or_default()),

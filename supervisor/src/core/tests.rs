@@ -17,6 +17,16 @@ fn limits(processes: usize, max_generations: usize) -> Limits {
         crash_loop_window: Duration::from_secs(60),
         crash_loop_exits: 3,
         max_generations,
+        canary: None,
+    }
+}
+
+/// `[upgrade] canary = "30s"`, at least 100 requests, at most 0.01 more errors.
+fn canary_policy() -> CanaryPolicy {
+    CanaryPolicy {
+        window: Duration::from_secs(30),
+        min_requests: 100,
+        max_error_ratio_increase: 0.01,
     }
 }
 
@@ -54,11 +64,19 @@ struct Sim {
 
 impl Sim {
     fn new(processes: usize, max_generations: usize) -> Sim {
+        Sim::build(processes, max_generations, None)
+    }
+
+    /// Generation 1 starting, every generation's config asking for `canary`.
+    fn build(processes: usize, max_generations: usize, canary: Option<CanaryPolicy>) -> Sim {
         let now = Instant::now();
         let mut sim = Sim {
             core: Core::new(max_generations, now),
             now,
-            limits: limits(processes, max_generations),
+            limits: Limits {
+                canary,
+                ..limits(processes, max_generations)
+            },
             prepare: VecDeque::new(),
             launch_fails: false,
             spawn_fails: false,
@@ -246,6 +264,33 @@ impl Sim {
         let count = |s| states.iter().filter(|&&x| x == s).count();
         assert!(count(GenerationState::Serving) <= 1, "{states:?}");
         assert!(count(GenerationState::Starting) <= 1, "{states:?}");
+        // At most one canary, exactly while the mode says so (or while stopping), and
+        // always beside a serving generation that it is compared with.
+        let canaries: Vec<u64> = self
+            .core
+            .generations()
+            .filter(|g| g.state == GenerationState::Canary)
+            .map(|g| g.number)
+            .collect();
+        match self.core.mode() {
+            Mode::Canary {
+                generation, canary, ..
+            } => {
+                assert_eq!(canaries, vec![*generation], "{states:?}");
+                assert_eq!(
+                    self.core.generation(canary.baseline).map(|g| g.state),
+                    Some(GenerationState::Serving),
+                    "the canary's baseline serves: {states:?}"
+                );
+                assert_eq!(count(GenerationState::Starting), 0, "{states:?}");
+            }
+            // A fast stop kills every generation as it is (a canary too) and reaps it.
+            Mode::Stopping { .. } => assert!(canaries.len() <= 1, "{states:?}"),
+            _ => assert!(
+                canaries.is_empty(),
+                "a canary outside Mode::Canary: {states:?}"
+            ),
+        }
         assert!(
             states.len() <= self.limits.max_generations,
             "{} generations alive, max {}",
@@ -262,6 +307,49 @@ impl Sim {
                 assert_eq!(self.alive.get(&pid), Some(&g.number), "pid {pid}");
             }
         }
+    }
+
+    /// The next generations are judged as canaries by `policy` (`None`: no canary).
+    fn canary(&mut self, policy: Option<CanaryPolicy>) {
+        self.limits.canary = policy;
+    }
+
+    /// Every worker of `generation` reports: together they answered `requests` since the
+    /// window's start figures, `errors` of them 5xx (spread over the workers).
+    fn report(&mut self, generation: u64, requests: u64, errors: u64) {
+        let pids = self.pids(generation);
+        let n = pids.len() as u64;
+        for (i, pid) in pids.into_iter().enumerate() {
+            let share = |total: u64| total / n + u64::from((i as u64) < total % n);
+            let before = self
+                .core
+                .generation(generation)
+                .and_then(|g| g.workers.iter().find(|w| w.pid() == Some(pid)))
+                .map(|w| w.stats)
+                .unwrap_or_default();
+            self.feed(Input::Notify {
+                pid,
+                message: NotifyMessage {
+                    stats: Some(baton_proto::Stats {
+                        requests: before.requests + share(requests),
+                        errors: before.errors + share(errors),
+                        ..before
+                    }),
+                    ..NotifyMessage::default()
+                },
+            });
+        }
+    }
+
+    fn decide(&mut self, decision: CanaryCall) -> WaiterId {
+        self.next_waiter += 1;
+        let waiter = self.next_waiter;
+        self.feed(Input::DecideCanary {
+            decision,
+            source: "test",
+            waiter: Some(waiter),
+        });
+        waiter
     }
 
     fn upgrade(&mut self) -> WaiterId {
@@ -866,6 +954,438 @@ fn a_replacement_that_cannot_be_spawned_is_retried_with_back_off() {
     assert_eq!(sim.pids(1).len(), 1);
 }
 
+/// Generation 1 serving with `processes` workers, generation 2 ready and in its canary
+/// window (30 s); returns the upgrade's waiter.
+fn in_canary(processes: usize) -> (Sim, WaiterId) {
+    let mut sim = Sim::serving(processes, 4);
+    sim.canary(Some(canary_policy()));
+    let waiter = sim.upgrade();
+    sim.ready(2);
+    (sim, waiter)
+}
+
+#[test]
+fn a_ready_canary_serves_beside_the_old_generation_until_it_is_judged() {
+    let (mut sim, waiter) = in_canary(2);
+    assert_eq!(sim.state(2), Some(GenerationState::Canary));
+    assert_eq!(sim.state(1), Some(GenerationState::Serving));
+    assert!(
+        !sim.signals.iter().any(|&(_, s)| s == Sig::Drain),
+        "nothing drains during the window: {:?}",
+        sim.signals
+    );
+    assert!(
+        !sim.answers.contains_key(&waiter),
+        "answered before the decision"
+    );
+    assert!(
+        matches!(sim.systemd.last(), Some(Systemd::Status(s)) if s.contains("canary: generation 2 serves beside generation 1")),
+        "{:?}",
+        sim.systemd.last()
+    );
+    assert!(sim.core.snapshot(|_| 0).is_err(), "a canary is not idle");
+    let (n, info) = sim.core.canary_info(sim.now).expect("a canary runs");
+    assert_eq!(n, 2);
+    assert_eq!(info.baseline.generation, 1);
+    assert_eq!(info.ends_in_ms, 30_000);
+    sim.advance(Duration::from_secs(29));
+    assert_eq!(sim.state(2), Some(GenerationState::Canary));
+    assert!(!sim.answers.contains_key(&waiter));
+}
+
+#[test]
+fn a_healthy_canary_is_promoted_at_the_window_end_and_the_old_generation_drains() {
+    let mut sim = Sim::serving(2, 4);
+    sim.canary(Some(canary_policy()));
+    let waiter = sim.upgrade();
+    // Before the window: not counted.
+    sim.report(1, 5000, 500);
+    sim.ready(2);
+    let old = sim.pids(1);
+    sim.report(1, 1000, 10); // 1.00%
+    sim.report(2, 500, 9); // 1.80%: within 1 point of the old one
+    sim.advance(Duration::from_secs(30));
+    let answer = sim.answer(waiter);
+    assert_eq!(answer.result, UpgradeResult::Succeeded, "{answer:?}");
+    assert_eq!(answer.generation, Some(2));
+    let verdict = answer.canary.as_ref().expect("the canary's verdict");
+    assert_eq!(
+        verdict.decided_by,
+        crate::status::CanaryDecidedBy::ErrorRatio
+    );
+    assert_eq!((verdict.canary.requests, verdict.canary.errors), (500, 9));
+    assert_eq!(
+        (verdict.baseline.requests, verdict.baseline.errors),
+        (1000, 10)
+    );
+    let reason = answer.reason.as_deref().unwrap();
+    assert!(
+        reason.contains("1.80% (9 5xx + 0 exit(s) in 500 request(s)) for generation 2"),
+        "{reason}"
+    );
+    assert!(
+        reason.contains("1.00% (10 5xx + 0 exit(s) in 1000 request(s)) for generation 1"),
+        "{reason}"
+    );
+    assert_eq!(sim.state(2), Some(GenerationState::Serving));
+    assert_eq!(sim.state(1), Some(GenerationState::Draining));
+    assert!(old.iter().all(|&p| sim.signalled(p, Sig::Drain)));
+    assert!(matches!(sim.systemd.last(), Some(Systemd::Ready(_))));
+    assert_eq!(
+        sim.core
+            .generation(2)
+            .unwrap()
+            .previous
+            .as_ref()
+            .unwrap()
+            .number,
+        1
+    );
+    // Promoted now: the crash-loop window counts from here.
+    assert_eq!(sim.core.generation(2).unwrap().promoted, Some(sim.now));
+}
+
+#[test]
+fn a_canary_with_too_many_errors_is_rolled_back_and_the_old_generation_goes_on() {
+    let (mut sim, waiter) = in_canary(2);
+    let canary = sim.pids(2);
+    sim.report(1, 2000, 10); // 0.50%
+    sim.report(2, 600, 180); // 30%
+    sim.advance(Duration::from_secs(30));
+    let answer = sim.answer(waiter);
+    assert_eq!(answer.result, UpgradeResult::RolledBack);
+    assert_eq!(answer.generation, Some(2));
+    let reason = answer.reason.as_deref().unwrap();
+    assert!(reason.starts_with("canary: error ratio 30.00%"), "{reason}");
+    assert!(reason.contains("against 0.50%"), "{reason}");
+    assert!(
+        reason.contains("more than canary_max_error_ratio_increase (0.01) above"),
+        "{reason}"
+    );
+    assert_eq!(
+        answer.canary.as_ref().unwrap().decision,
+        crate::status::CanaryDecision::RolledBack
+    );
+    // Drained, not killed: what it has in flight finishes.
+    assert!(canary.iter().all(|&p| sim.signalled(p, Sig::Drain)));
+    assert!(!canary.iter().any(|&p| sim.signalled(p, Sig::Kill)));
+    assert_eq!(sim.state(2), Some(GenerationState::Draining));
+    assert_eq!(sim.state(1), Some(GenerationState::Serving));
+    assert_eq!(
+        sim.core.generation(2).unwrap().failure.as_deref(),
+        Some(reason)
+    );
+    assert!(
+        matches!(sim.systemd.last(), Some(Systemd::Ready(s)) if s.contains("rolled back: canary: error ratio 30.00%")),
+        "{:?}",
+        sim.systemd.last()
+    );
+    assert_eq!(
+        sim.core.last_upgrade().unwrap().result,
+        UpgradeResult::RolledBack
+    );
+    // The metrics tell it apart from a start that failed.
+    let upgrades = &sim.core.totals().upgrades;
+    assert_eq!(upgrades.get("canary_rolled_back"), Some(&1), "{upgrades:?}");
+    assert_eq!(upgrades.get("rolled_back"), None, "{upgrades:?}");
+    sim.exit_all(2);
+    assert_eq!(sim.numbers(), vec![1]);
+}
+
+#[test]
+fn the_error_ratio_threshold_is_an_absolute_increase_over_the_old_generation() {
+    let policy = canary_policy();
+    let counts = |generation, requests, errors, exits| {
+        super::canary::window_for_test(generation, requests, errors, exits)
+    };
+    let old = counts(1, 1000, 20, 0); // 2%
+    // 3% is one point above: promoted; 3.1% is not.
+    assert!(matches!(
+        judge(&policy, &counts(2, 1000, 30, 0), &old, false),
+        Judgement::Promote(_)
+    ));
+    assert!(matches!(
+        judge(&policy, &counts(2, 1000, 31, 0), &old, false),
+        Judgement::RollBack(crate::status::CanaryDecidedBy::ErrorRatio, _)
+    ));
+    // Worker exits are errors: 25 5xx + 6 exits in 1000 is 3.1%.
+    assert!(matches!(
+        judge(&policy, &counts(2, 1000, 25, 6), &old, false),
+        Judgement::RollBack(..)
+    ));
+    // An old generation with no request is a baseline of 0.
+    let idle = counts(1, 0, 0, 0);
+    assert!(matches!(
+        judge(&policy, &counts(2, 200, 2, 0), &idle, false),
+        Judgement::Promote(_)
+    ));
+    assert!(matches!(
+        judge(&policy, &counts(2, 200, 3, 0), &idle, false),
+        Judgement::RollBack(..)
+    ));
+    // With 0 allowed, the canary may only be as good as the old generation.
+    let strict = CanaryPolicy {
+        max_error_ratio_increase: 0.0,
+        ..policy.clone()
+    };
+    assert!(matches!(
+        judge(&strict, &counts(2, 1000, 20, 0), &old, false),
+        Judgement::Promote(_)
+    ));
+    assert!(matches!(
+        judge(&strict, &counts(2, 1000, 21, 0), &old, false),
+        Judgement::RollBack(..)
+    ));
+    // Too few requests: extended once, then rolled back.
+    assert!(matches!(
+        judge(&policy, &counts(2, 99, 0, 0), &old, false),
+        Judgement::Extend(_)
+    ));
+    assert!(matches!(
+        judge(&policy, &counts(2, 99, 0, 0), &old, true),
+        Judgement::RollBack(crate::status::CanaryDecidedBy::TooFewRequests, _)
+    ));
+}
+
+#[test]
+fn too_few_requests_extend_the_window_once_then_roll_back() {
+    let (mut sim, waiter) = in_canary(1);
+    sim.report(1, 5000, 0);
+    sim.report(2, 40, 0);
+    sim.advance(Duration::from_secs(30));
+    assert_eq!(sim.state(2), Some(GenerationState::Canary), "extended");
+    assert!(!sim.answers.contains_key(&waiter));
+    assert!(sim.core.canary_info(sim.now).unwrap().1.extended);
+    sim.report(2, 40, 0); // 80 in both windows
+    sim.advance(Duration::from_secs(30));
+    let answer = sim.answer(waiter);
+    assert_eq!(answer.result, UpgradeResult::RolledBack);
+    let reason = answer.reason.as_deref().unwrap();
+    assert!(
+        reason.contains(
+            "answered 80 request(s), fewer than canary_min_requests (100) in two windows"
+        ),
+        "{reason}"
+    );
+    assert_eq!(sim.state(1), Some(GenerationState::Serving));
+    // Enough in the second window: judged as usual.
+    let w = sim.upgrade();
+    sim.ready(3);
+    sim.report(3, 60, 0);
+    sim.advance(Duration::from_secs(30));
+    sim.report(3, 60, 0);
+    sim.advance(Duration::from_secs(30));
+    assert_eq!(sim.answer(w).result, UpgradeResult::Succeeded);
+    assert_eq!(sim.state(3), Some(GenerationState::Serving));
+}
+
+#[test]
+fn canary_worker_exits_count_as_errors_are_replaced_and_a_crash_loop_rolls_back_early() {
+    let (mut sim, waiter) = in_canary(2);
+    sim.report(1, 10_000, 0);
+    sim.report(2, 5000, 0);
+    // One exit: replaced like a serving worker's, and counted.
+    let first = sim.pids(2)[0];
+    sim.exit(first);
+    assert_eq!(sim.state(2), Some(GenerationState::Canary));
+    sim.advance(RESTART_BACKOFF_FIRST);
+    assert_eq!(sim.pids(2).len(), 2, "replaced");
+    assert_eq!(sim.core.canary_info(sim.now).unwrap().1.canary.exits, 1);
+    // crash_loop_exits (3) within the window: rolled back at once.
+    for _ in 0..2 {
+        let pid = sim.pids(2)[0];
+        sim.exit(pid);
+    }
+    let answer = sim.answer(waiter);
+    assert_eq!(answer.result, UpgradeResult::RolledBack);
+    let reason = answer.reason.as_deref().unwrap();
+    assert!(
+        reason.contains("3 worker exit(s) within the window (crash_loop_exits 3)"),
+        "{reason}"
+    );
+    assert_eq!(
+        answer.canary.as_ref().unwrap().decided_by,
+        crate::status::CanaryDecidedBy::Crashed
+    );
+    assert_eq!(sim.state(1), Some(GenerationState::Serving));
+    // Its slots in back-off are not restarted: with no worker left it is gone.
+    assert_eq!(sim.numbers(), vec![1]);
+    sim.advance(RESTART_BACKOFF_MAX);
+    assert_eq!(sim.numbers(), vec![1]);
+}
+
+#[test]
+fn a_canary_whose_every_worker_exited_is_rolled_back_at_once() {
+    let (mut sim, waiter) = in_canary(1);
+    let pid = sim.pids(2)[0];
+    sim.exit(pid);
+    let answer = sim.answer(waiter);
+    assert_eq!(answer.result, UpgradeResult::RolledBack);
+    assert!(
+        answer
+            .reason
+            .as_deref()
+            .unwrap()
+            .contains("every worker of generation 2 exited"),
+        "{answer:?}"
+    );
+    assert_eq!(sim.numbers(), vec![1], "nothing left of generation 2");
+}
+
+#[test]
+fn exits_of_the_old_generation_during_the_window_count_against_it() {
+    let (mut sim, waiter) = in_canary(2);
+    sim.report(1, 1000, 0);
+    let old = sim.pids(1)[0];
+    sim.exit(old);
+    sim.exit(sim.pids(1)[0]);
+    sim.advance(RESTART_BACKOFF_FIRST * 2);
+    // The old one: 2 exits in 1000 (0.2%); the canary 1.1%: within one point.
+    sim.report(2, 1000, 11);
+    sim.advance(Duration::from_secs(30));
+    let answer = sim.answer(waiter);
+    assert_eq!(answer.result, UpgradeResult::Succeeded, "{answer:?}");
+    assert_eq!(answer.canary.as_ref().unwrap().baseline.exits, 2);
+}
+
+#[test]
+fn upgrades_during_a_canary_are_coalesced_into_one_follow_up() {
+    let (mut sim, waiter) = in_canary(1);
+    let (a, b) = (sim.upgrade(), sim.upgrade());
+    assert!(sim.core.upgrade_pending());
+    assert_eq!(
+        sim.numbers(),
+        vec![1, 2],
+        "nothing started during the window"
+    );
+    sim.report(2, 500, 0);
+    sim.advance(Duration::from_secs(30));
+    assert_eq!(sim.answer(waiter).result, UpgradeResult::Succeeded);
+    // The follow-up: generation 3, itself a canary beside generation 2.
+    assert_eq!(sim.state(3), Some(GenerationState::Starting));
+    sim.ready(3);
+    assert_eq!(sim.state(3), Some(GenerationState::Canary));
+    assert_eq!(
+        sim.core.canary_info(sim.now).unwrap().1.baseline.generation,
+        2
+    );
+    sim.report(3, 500, 0);
+    sim.advance(Duration::from_secs(30));
+    assert_eq!(sim.answer(a).generation, Some(3));
+    assert_eq!(sim.answer(b).generation, Some(3));
+    assert!(!sim.core.upgrade_pending());
+}
+
+#[test]
+fn a_stop_during_a_canary_refuses_its_waiters_and_drains_both_generations() {
+    let (mut sim, waiter) = in_canary(2);
+    let follow = sim.upgrade();
+    let stop = sim.stop(false);
+    assert_eq!(sim.answer(waiter).result, UpgradeResult::Refused);
+    assert_eq!(sim.answer(follow).result, UpgradeResult::Refused);
+    assert!(
+        sim.pids(1)
+            .iter()
+            .chain(&sim.pids(2))
+            .all(|&p| sim.signalled(p, Sig::Drain))
+    );
+    // The window's end does nothing now.
+    sim.advance(Duration::from_secs(30));
+    assert_eq!(sim.state(2), Some(GenerationState::Draining));
+    sim.exit_all(1);
+    sim.exit_all(2);
+    assert_eq!(sim.exits, vec![(vec![stop], Ok(()))]);
+}
+
+#[test]
+fn a_canary_is_decided_by_hand_and_without_one_the_request_is_refused() {
+    let mut sim = Sim::serving(1, 4);
+    let none = sim.decide(CanaryCall::Promote);
+    let answer = sim.answer(none);
+    assert_eq!(answer.result, UpgradeResult::Refused);
+    assert_eq!(answer.reason.as_deref(), Some("no canary is running"));
+    sim.canary(Some(canary_policy()));
+    // Promote: both the upgrade's waiter and the operator get the outcome.
+    let w = sim.upgrade();
+    sim.ready(2);
+    let promote = sim.decide(CanaryCall::Promote);
+    for waiter in [w, promote] {
+        let answer = sim.answer(waiter);
+        assert_eq!(answer.result, UpgradeResult::Succeeded);
+        assert!(
+            answer
+                .reason
+                .as_deref()
+                .unwrap()
+                .starts_with("canary promoted by hand (test)")
+        );
+        assert_eq!(
+            answer.canary.as_ref().unwrap().decided_by,
+            crate::status::CanaryDecidedBy::Operator
+        );
+    }
+    assert_eq!(sim.state(2), Some(GenerationState::Serving));
+    assert_eq!(sim.state(1), Some(GenerationState::Draining));
+    // Abort: the canary drains, generation 2 goes on.
+    let w = sim.upgrade();
+    sim.ready(3);
+    let abort = sim.decide(CanaryCall::Abort);
+    assert_eq!(sim.answer(w).result, UpgradeResult::RolledBack);
+    assert!(
+        sim.answer(abort)
+            .reason
+            .as_deref()
+            .unwrap()
+            .starts_with("canary aborted by hand (test)")
+    );
+    assert_eq!(sim.state(3), Some(GenerationState::Draining));
+    assert_eq!(sim.state(2), Some(GenerationState::Serving));
+    // Decided already: the window's end does nothing.
+    let signals = sim.signals.len();
+    sim.advance(Duration::from_secs(30));
+    assert_eq!(sim.signals.len(), signals);
+}
+
+#[test]
+fn generation_1_and_a_crash_loop_restore_are_never_canaries() {
+    let mut sim = Sim::build(1, 4, Some(canary_policy()));
+    sim.ready(1);
+    assert_eq!(
+        sim.state(1),
+        Some(GenerationState::Serving),
+        "nothing to compare with"
+    );
+    // Generations 2 and 3 are promoted by hand; 3 crash-loops, and the restore of
+    // generation 2's artifacts (whose config asks for a canary) is promoted at once.
+    for n in [2, 3] {
+        sim.upgrade();
+        sim.ready(n);
+        sim.decide(CanaryCall::Promote);
+        sim.exit_all(n - 1);
+    }
+    for _ in 0..3 {
+        let pid = sim.pids(3)[0];
+        sim.exit(pid);
+        sim.advance(Duration::from_secs(1));
+    }
+    assert_eq!(sim.launched.last(), Some(&(4, "a2")));
+    sim.ready(4);
+    assert_eq!(sim.state(4), Some(GenerationState::Serving));
+    assert_eq!(sim.state(3), Some(GenerationState::Draining));
+}
+
+#[test]
+fn a_supervisor_upgrade_waits_for_the_canary_to_be_decided() {
+    let (mut sim, waiter) = in_canary(1);
+    let reexec = sim.self_upgrade(false);
+    assert_eq!(sim.reexecs, 0);
+    sim.report(2, 500, 0);
+    sim.advance(Duration::from_secs(30));
+    assert_eq!(sim.answer(waiter).result, UpgradeResult::Succeeded);
+    assert_eq!(sim.reexecs, 1);
+    assert_eq!(sim.answer(reexec).result, UpgradeResult::Succeeded);
+}
+
 mod properties {
     use super::*;
     use proptest::prelude::*;
@@ -883,13 +1403,20 @@ mod properties {
         SpawnFails(bool),
         SelfUpgrade(bool),
         ReExecFails(bool),
+        /// The next generations' config asks for a canary (or not).
+        Canary(bool),
+        /// `baton upgrade --promote` (true) or `--abort`.
+        Decide(bool),
+        /// A generation (counted back from the newest) reports requests and 5xx.
+        Report(u64, u64, u64),
     }
 
     fn op() -> impl Strategy<Value = Op> {
         prop_oneof![
             4 => Just(Op::Upgrade),
             1 => any::<bool>().prop_map(Op::Stop),
-            5 => (0u64..6).prop_map(Op::Ready),
+            // Mostly the newest generation: the one that can be starting.
+            5 => prop_oneof![3 => Just(0u64), 1 => 0u64..6].prop_map(Op::Ready),
             3 => any::<usize>().prop_map(Op::ExitOne),
             3 => (0u64..6).prop_map(Op::ExitAll),
             4 => (0u64..40_000).prop_map(Op::Advance),
@@ -898,7 +1425,19 @@ mod properties {
             1 => any::<bool>().prop_map(Op::SpawnFails),
             2 => any::<bool>().prop_map(Op::SelfUpgrade),
             1 => any::<bool>().prop_map(Op::ReExecFails),
+            2 => any::<bool>().prop_map(Op::Canary),
+            1 => any::<bool>().prop_map(Op::Decide),
+            3 => (0u64..3, 0u64..400, prop_oneof![2 => Just(0u64), 1 => 0u64..100])
+                .prop_map(|(g, r, e)| Op::Report(g, r, e.min(r))),
         ]
+    }
+
+    /// A canary window shorter than the longest `Op::Advance`.
+    fn short_canary() -> CanaryPolicy {
+        CanaryPolicy {
+            window: Duration::from_secs(10),
+            ..canary_policy()
+        }
     }
 
     fn apply(sim: &mut Sim, op: &Op) {
@@ -937,6 +1476,17 @@ mod properties {
                 sim.self_upgrade(then_generation);
             }
             Op::ReExecFails(fails) => sim.reexec_fails = fails,
+            Op::Canary(on) => sim.canary(on.then(short_canary)),
+            Op::Decide(promote) => {
+                sim.decide(if promote {
+                    CanaryCall::Promote
+                } else {
+                    CanaryCall::Abort
+                });
+            }
+            Op::Report(back, requests, errors) => {
+                sim.report(newest.saturating_sub(back), requests, errors)
+            }
         }
     }
 
@@ -951,8 +1501,11 @@ mod properties {
             ops in proptest::collection::vec(op(), 1..60),
             max_generations in 2usize..5,
             processes in 1usize..3,
+            canary in any::<bool>(),
         ) {
-            let mut sim = Sim::new(processes, max_generations);
+            // Half the runs judge every upgrade as a canary from the start; `Op::Canary`
+            // turns it on and off along the way.
+            let mut sim = Sim::build(processes, max_generations, canary.then(short_canary));
             for op in &ops {
                 if !sim.exits.is_empty() {
                     break; // the supervisor exited: nothing reaches it any more

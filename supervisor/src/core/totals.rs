@@ -29,8 +29,8 @@ pub enum UpgradeKind {
     /// A generation crash-looped after promotion and the previous generation's
     /// artifacts serve again.
     CrashLoopRestored,
-    // A canary rolled back on its error rate will be `CanaryRolledBack`
-    // ("canary_rolled_back"), counted where the canary's decision is made.
+    /// A canary was judged (or aborted by hand) and drained; the old generation serves on.
+    CanaryRolledBack,
 }
 
 impl UpgradeKind {
@@ -40,15 +40,17 @@ impl UpgradeKind {
             UpgradeKind::Refused => "refused",
             UpgradeKind::RolledBack => "rolled_back",
             UpgradeKind::CrashLoopRestored => "crash_loop_restored",
+            UpgradeKind::CanaryRolledBack => "canary_rolled_back",
         }
     }
 
     /// Every label, so that each series exists (at 0) from the start.
-    pub const ALL: [UpgradeKind; 4] = [
+    pub const ALL: [UpgradeKind; 5] = [
         UpgradeKind::Succeeded,
         UpgradeKind::Refused,
         UpgradeKind::RolledBack,
         UpgradeKind::CrashLoopRestored,
+        UpgradeKind::CanaryRolledBack,
     ];
 }
 
@@ -149,6 +151,14 @@ impl<A: Clone + std::fmt::Debug> Core<A> {
         match result.result {
             UpgradeResult::Succeeded => UpgradeKind::Succeeded,
             UpgradeResult::Refused => UpgradeKind::Refused,
+            UpgradeResult::RolledBack
+                if result
+                    .canary
+                    .as_ref()
+                    .is_some_and(|v| v.decision == crate::status::CanaryDecision::RolledBack) =>
+            {
+                UpgradeKind::CanaryRolledBack
+            }
             UpgradeResult::RolledBack => {
                 let restored = match &self.mode {
                     Mode::Starting { generation, .. } => {

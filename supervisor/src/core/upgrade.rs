@@ -39,9 +39,10 @@ impl<A: Clone + std::fmt::Debug> Core<A> {
             }
             Mode::Preparing { follow_up, .. }
             | Mode::Starting { follow_up, .. }
+            | Mode::Canary { follow_up, .. }
             | Mode::WaitingForRoom { follow_up, .. } => {
                 tracing::info!(
-                    "upgrade requested ({source}) while one is starting: it will follow"
+                    "upgrade requested ({source}) while one is in progress: it will follow"
                 );
                 follow_up.get_or_insert_with(Vec::new).extend(waiter);
             }
@@ -201,8 +202,9 @@ impl<A: Clone + std::fmt::Debug> Core<A> {
         self.refuse(reason);
     }
 
-    /// Every worker of `number` is READY: it serves, the previous one drains.
-    pub(super) fn promote(&mut self, number: u64) {
+    /// Generation `number` serves, the previous one drains. `decided` is the outcome of
+    /// a canary that ended in this promotion (`None`: every worker just became READY).
+    pub(super) fn promote(&mut self, number: u64, decided: Option<UpgradeOutcome>) {
         let previous = self.serving();
         // A restore is not restored from in turn: no ping-pong between two bad sets.
         let target = match previous {
@@ -226,9 +228,11 @@ impl<A: Clone + std::fmt::Debug> Core<A> {
         if target.is_some() {
             g.previous = target;
         }
-        let result = match &g.restored {
-            None => outcome(Some(number), UpgradeResult::Succeeded, None),
-            Some(r) => outcome(
+        let after_canary = decided.is_some();
+        let result = match (decided, &g.restored) {
+            (Some(decided), _) => decided,
+            (None, None) => outcome(Some(number), UpgradeResult::Succeeded, None),
+            (None, Some(r)) => outcome(
                 Some(r.crashed),
                 UpgradeResult::RolledBack,
                 Some(format!(
@@ -239,11 +243,15 @@ impl<A: Clone + std::fmt::Debug> Core<A> {
         };
         {
             let _e = g.span.enter();
-            tracing::info!(
-                "serving (ready in {:?}), pids {:?}",
-                now.saturating_duration_since(g.started),
-                g.pids()
-            );
+            if after_canary {
+                tracing::info!("serving after its canary, pids {:?}", g.pids());
+            } else {
+                tracing::info!(
+                    "serving (ready in {:?}), pids {:?}",
+                    now.saturating_duration_since(g.started),
+                    g.pids()
+                );
+            }
         }
         let artifacts = g.artifacts.clone();
         if let Some(old) = previous {
@@ -367,6 +375,9 @@ impl<A: Clone + std::fmt::Debug> Core<A> {
             | Mode::Starting {
                 waiters, follow_up, ..
             }
+            | Mode::Canary {
+                waiters, follow_up, ..
+            }
             | Mode::WaitingForRoom {
                 waiters, follow_up, ..
             } => (waiters, follow_up),
@@ -394,7 +405,7 @@ impl<A: Clone + std::fmt::Debug> Core<A> {
         self.emit(Effect::Systemd(Systemd::Ready(summary)));
         match follow_up {
             Some(waiters) if follow => {
-                tracing::info!("running the upgrade requested while the last one was starting");
+                tracing::info!("running the upgrade requested while the last one was in progress");
                 self.prepare(waiters);
             }
             Some(waiters) => {

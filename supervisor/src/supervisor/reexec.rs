@@ -160,6 +160,10 @@ impl Supervisor {
     }
 
     fn try_re_exec(&mut self, request: &SelfUpgrade) -> Result<std::convert::Infallible, String> {
+        // The event loop does not run until the `exec` (or the refusal): the steps below
+        // ping systemd's watchdog themselves, so that hashing and copying the binaries and
+        // the check do not add up to a watchdog timeout.
+        self.systemd.watchdog();
         let dir = self
             .core
             .generations()
@@ -175,6 +179,7 @@ impl Supervisor {
         // need not hash it again.
         let on_disk =
             before.filter(|b| std::fs::metadata(&self.image.path).is_ok_and(|m| stamp(&m) == *b));
+        self.systemd.watchdog();
         let current = match self
             .image
             .held
@@ -204,7 +209,7 @@ impl Supervisor {
         state.shell.binary_stamp = on_disk;
         let memfd = handover::seal(&state.encode())
             .map_err(|e| format!("cannot write the state to a memfd: {e}"))?;
-        let build = check_image(&new, memfd.as_fd())?;
+        let build = check_image(&new, memfd.as_fd(), &self.systemd)?;
         tracing::info!(
             "supervisor upgrade: {} → {} ({}): handing over {} generation(s), {} fd(s)",
             self.image.build,
@@ -224,6 +229,8 @@ impl Supervisor {
             ),
         ];
         let args = run_args(&self.image.path, &self.config_path);
+        // The new image pings again as soon as it has taken over.
+        self.systemd.watchdog();
         let error = exec(new.fd(), &args, &env, &[], &fds);
         Err(format!("cannot execute {}: {error}", new.path().display()))
     }
@@ -378,8 +385,14 @@ fn run_args(binary: &Path, config: &Path) -> Vec<OsString> {
 }
 
 /// Runs `image` once in a child as `baton handover-check` on the state in `memfd`: it
-/// must start, read the state and say which release it is.
-fn check_image(image: &Artifact, memfd: BorrowedFd<'_>) -> Result<Build, String> {
+/// must start, read the state and say which release it is. While it runs, systemd's
+/// watchdog is pinged (the check is bounded by [`CHECK_TIMEOUT`], which may be longer
+/// than `WatchdogSec=`).
+fn check_image(
+    image: &Artifact,
+    memfd: BorrowedFd<'_>,
+    systemd: &crate::notify::Systemd,
+) -> Result<Build, String> {
     let mut cmd = std::process::Command::new("/proc/self/fd/3");
     std::os::unix::process::CommandExt::arg0(&mut cmd, image.path());
     cmd.args(["handover-check", "--fd", "4"])
@@ -402,10 +415,20 @@ fn check_image(image: &Artifact, memfd: BorrowedFd<'_>) -> Result<Build, String>
         .spawn()
         .map_err(|e| format!("cannot run {}: {e}", image.path().display()))?;
     let deadline = Instant::now() + CHECK_TIMEOUT;
+    let mut pinged = Instant::now();
+    systemd.watchdog();
     loop {
         match child.try_wait() {
             Ok(Some(_)) => break,
-            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(2)),
+            Ok(None) if Instant::now() < deadline => {
+                if let Some(every) = systemd.watchdog_interval()
+                    && pinged.elapsed() >= every / 2
+                {
+                    systemd.watchdog();
+                    pinged = Instant::now();
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
             _ => {
                 let _ = child.kill();
                 let _ = child.wait();
