@@ -366,6 +366,7 @@ fn generations<A: Clone + std::fmt::Debug>(out: &mut Text, core: &Core<A>) {
     out.family("baton_generations", "gauge", "Generations alive, by state.");
     for state in [
         GenerationState::Starting,
+        GenerationState::Canary,
         GenerationState::Serving,
         GenerationState::Draining,
         GenerationState::Failed,
