@@ -356,34 +356,7 @@ impl ArtifactCache {
             return Ok(binary.clone());
         }
         // Streamed, never read whole: a 40 MB buffer would stay in the supervisor's heap.
-        let (hash, _) = File::open(source)
-            .and_then(|mut f| trust::sha256_stream(&mut f, &mut |_| Ok(())))
-            .map_err(|error| WorkerBinaryError::Unreadable {
-                what: "worker",
-                key: "worker.path",
-                path: source.to_owned(),
-                error,
-            })?;
-        let artifact = self.acquire(
-            dir,
-            &format!("worker-{hash}"),
-            &hash,
-            BINARY_MODE,
-            &mut |file| {
-                use std::io::Write;
-                let (copied, _) = File::open(source).and_then(|mut f| {
-                    trust::sha256_stream(&mut f, &mut |chunk| file.write_all(chunk))
-                })?;
-                if copied != hash {
-                    return Err(std::io::Error::other(
-                        WorkerBinaryError::ChangedWhileCopied {
-                            path: source.to_owned(),
-                        },
-                    ));
-                }
-                Ok(())
-            },
-        )?;
+        let artifact = self.copy_binary(source, dir, "worker-", ("worker", "worker.path"))?;
         let binary = WorkerBinary {
             source: trust::absolute(source),
             artifact,
@@ -477,26 +450,39 @@ impl ArtifactCache {
         source: &Path,
         dir: &Path,
     ) -> Result<Arc<Artifact>, WorkerBinaryError> {
-        let meta = check_binary(source, "supervisor binary", "the baton binary")?;
-        let _ = meta;
-        self.copy_binary(source, dir, "baton-")
+        check_binary(source, "supervisor binary", "the baton binary")?;
+        self.copy_binary(
+            source,
+            dir,
+            "baton-",
+            ("supervisor binary", "the baton binary"),
+        )
     }
 
     /// Copies the binary this process runs (`/proc/self/exe`, whatever its path shows
     /// now) into the cache, so that a failed self-upgrade can return to exactly it.
     pub fn running_binary(&mut self, dir: &Path) -> Result<Arc<Artifact>, WorkerBinaryError> {
-        self.copy_binary(Path::new("/proc/self/exe"), dir, "baton-")
+        self.copy_binary(
+            Path::new("/proc/self/exe"),
+            dir,
+            "baton-",
+            ("supervisor binary", "the baton binary"),
+        )
     }
 
+    /// Hashes `source` and copies it into `dir` as `<prefix><sha256>` (unless that
+    /// content is there already), checking that the copy hashes the same; `(what, key)`
+    /// name it in errors.
     fn copy_binary(
         &mut self,
         source: &Path,
         dir: &Path,
         prefix: &str,
+        (what, key): (&'static str, &'static str),
     ) -> Result<Arc<Artifact>, WorkerBinaryError> {
         let unreadable = |error| WorkerBinaryError::Unreadable {
-            what: "supervisor binary",
-            key: "the baton binary",
+            what,
+            key,
             path: source.to_owned(),
             error,
         };

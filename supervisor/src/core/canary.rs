@@ -13,11 +13,10 @@
 
 use super::{
     CanaryCall, CanaryPolicy, Core, Effect, GenerationState, Mode, Systemd, Timer, WaiterId,
-    canary_outcome, outcome,
+    canary_outcome,
 };
 use crate::status::{
-    CanaryDecidedBy, CanaryDecision, CanaryInfo, CanaryVerdict, UpgradeResult, WindowCounts,
-    timestamp,
+    CanaryDecidedBy, CanaryDecision, CanaryInfo, CanaryVerdict, WindowCounts, timestamp,
 };
 use std::time::{Instant, SystemTime};
 
@@ -339,16 +338,7 @@ impl<A: Clone + std::fmt::Debug> Core<A> {
             ..
         } = &mut self.mode
         else {
-            if let Some(waiter) = waiter {
-                self.emit(Effect::Answer {
-                    waiter,
-                    outcome: outcome(
-                        None,
-                        UpgradeResult::Refused,
-                        Some("no canary is running".into()),
-                    ),
-                });
-            }
+            self.refuse_waiter(waiter, "no canary is running");
             return;
         };
         waiters.extend(waiter);

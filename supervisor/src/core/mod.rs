@@ -771,6 +771,16 @@ impl<A: Clone + std::fmt::Debug> Core<A> {
         self.effects.push(effect);
     }
 
+    /// Answers `waiter` (if any) that its request was refused, saying why.
+    fn refuse_waiter(&mut self, waiter: Option<WaiterId>, why: &str) {
+        if let Some(waiter) = waiter {
+            self.emit(Effect::Answer {
+                waiter,
+                outcome: outcome(None, UpgradeResult::Refused, Some(why.into())),
+            });
+        }
+    }
+
     fn signal(&mut self, generation: u64, signal: Sig) {
         let pids = self.generations.get(&generation).map(|g| g.pids());
         for pid in pids.into_iter().flatten() {

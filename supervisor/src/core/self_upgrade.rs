@@ -29,16 +29,7 @@ impl<A: Clone + std::fmt::Debug> Core<A> {
         then_generation: bool,
     ) {
         if self.stopping() {
-            if let Some(waiter) = waiter {
-                self.emit(Effect::Answer {
-                    waiter,
-                    outcome: outcome(
-                        None,
-                        UpgradeResult::Refused,
-                        Some("the supervisor is stopping".into()),
-                    ),
-                });
-            }
+            self.refuse_waiter(waiter, "the supervisor is stopping");
             return;
         }
         match &mut self.self_upgrade {

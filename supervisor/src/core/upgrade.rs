@@ -26,16 +26,7 @@ impl<A: Clone + std::fmt::Debug> Core<A> {
     pub(super) fn on_upgrade(&mut self, source: &'static str, waiter: Option<WaiterId>) {
         match &mut self.mode {
             Mode::Stopping { .. } => {
-                if let Some(waiter) = waiter {
-                    self.emit(Effect::Answer {
-                        waiter,
-                        outcome: outcome(
-                            None,
-                            UpgradeResult::Refused,
-                            Some("the supervisor is stopping".into()),
-                        ),
-                    });
-                }
+                self.refuse_waiter(waiter, "the supervisor is stopping");
             }
             Mode::Preparing { follow_up, .. }
             | Mode::Starting { follow_up, .. }

@@ -578,22 +578,8 @@ fn validate(state: &Handover, fds: bool) -> Result<(), String> {
     if !fds {
         return Ok(());
     }
-    let mut named: Vec<RawFd> = vec![
-        shell.control.fd,
-        shell.notify.fd,
-        shell.lifeline_read,
-        shell.lifeline_write,
-    ];
-    named.extend(shell.metrics.as_ref().map(|m| m.fd));
-    named.extend(shell.artifacts.iter().map(|a| a.fd));
-    named.extend(shell.waiters.iter().map(|w| w.conn));
-    named.extend(
-        shell
-            .launched
-            .iter()
-            .flat_map(|l| l.workers.iter().filter_map(|w| w.stderr)),
-    );
-    for fd in named {
+    // The listeners too: every fd the state names.
+    for fd in state_fds(state) {
         if !baton_sys::inherit::is_open(fd) {
             return Err(format!("fd {fd} named in the state is not open"));
         }
