@@ -130,13 +130,18 @@ pub async fn serve(
         plugin.drain();
     }
     shared.closing.store(true, Ordering::Relaxed);
+    // Accepting stops before anything is closed: a long-lived client the drain closes
+    // reconnects to the next generation, never to this one (an accept loop that had not
+    // yet seen the drain could take its reconnection and close it again). Accepting is
+    // cancel-safe: a connection not yet accepted stays in the shared backlog.
+    accepting.abort_all();
+    while accepting.join_next().await.is_some() {}
     drain.advance(Phase::Closing);
     if reason == "SIGQUIT" {
         drain.advance(Phase::Forced);
     }
     let spread = Duration::from_millis(shared.settings.drain_spread_ms);
     let ending = tokio::spawn(end_streams(spread, watch.clone()));
-    while accepting.join_next().await.is_some() {}
 
     let drain_timeout = Duration::from_millis(shared.settings.drain_timeout_ms);
     let started = Instant::now();
