@@ -52,7 +52,9 @@ keys, the plugin ABI and operation under systemd.";
 enum Command {
     /// Run the supervisor in the foreground.
     Run(ConfigArg),
-    /// Validate the config without serving; exit 1 and say what is wrong where.
+    /// Check what `run` would refuse at start (config, worker binary, artifact cache, control
+    /// socket directory, listeners, plugins) without serving; exit 1 and say what is wrong
+    /// where.
     Check(ConfigArg),
     /// Start the next generation from what is on disk now; the supervisor first re-execs
     /// itself in place (same pid) when the baton binary on disk is not the one running.
@@ -258,7 +260,7 @@ fn manpages(dir: Option<&Path>) -> anyhow::Result<ExitCode> {
     std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
     let mut written = vec![dir.join("baton.1")];
     clap_mangen::Man::new(command.clone()).render(&mut std::fs::File::create(&written[0])?)?;
-    for sub in command.get_subcommands() {
+    for sub in command.get_subcommands().filter(|s| !s.is_hide_set()) {
         // clap names are 'static; this command runs once and exits.
         let name: &'static str = format!("baton-{}", sub.get_name()).leak();
         let path = dir.join(format!("{name}.1"));
@@ -449,7 +451,7 @@ fn finish(result: Result<(), String>) -> anyhow::Result<ExitCode> {
     }
 }
 
-/// The workers' notify socket lives beside the control socket.
+/// Turns the supervisor's signals into events.
 async fn pump_signals(
     mut signals: signal_hook_tokio::Signals,
     events: tokio::sync::mpsc::UnboundedSender<Event>,

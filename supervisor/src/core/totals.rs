@@ -184,5 +184,7 @@ impl<A: Clone + std::fmt::Debug> Core<A> {
             .supervisor_upgrades
             .entry(label.to_owned())
             .or_default() += 1;
+        // What `systemctl reload` said: a refused supervisor upgrade failed it too.
+        self.totals.last_upgrade_successful = Some(succeeded);
     }
 }
