@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
-"""Baton against nginx and HAProxy (and a bare hyper server, the ceiling), side by side.
+"""Baton against nginx, HAProxy and the seeds' Go stack (net/http + cloudflare/tableflip),
+and a bare hyper server (the ceiling), side by side.
 
-One run installs what it needs (wrk, nginx, haproxy from Debian's packages), builds Baton
+One run installs what it needs (wrk, nginx, haproxy, golang-go and tableflip from Debian's
+packages; the Go server is built offline from tests/bench/http_tableflip.go), builds Baton
 in release mode, then runs every scenario for every server, alternating them, and prints
 one table plus a JSON file. Everything binds to 127.0.0.1 and every step is bounded in
 time. `--quick` shortens every scenario (under 4 minutes in all instead of about 11;
@@ -511,9 +513,102 @@ VARIANTS = {"baton-metrics": "baton", "baton-log-combined": "baton", "baton-log-
             "nginx-log": "nginx"}
 
 
+TABLEFLIP_SRC = "/usr/share/gocode/src/github.com/cloudflare/tableflip"
+
+
+def go_tableflip_binary():
+    """Builds tests/bench/http_tableflip.go once per run, offline from Debian's packages
+    (installing golang-go and golang-github-cloudflare-tableflip-dev if missing)."""
+    if getattr(go_tableflip_binary, "path", None):
+        return go_tableflip_binary.path
+    missing = [pkg for pkg, present in [
+        ("golang-go", shutil.which("go")),
+        ("golang-github-cloudflare-tableflip-dev", os.path.isdir(TABLEFLIP_SRC))] if not present]
+    if missing:
+        log(f"installing {' '.join(missing)} from Debian's packages")
+        subprocess.run(["apt-get", "install", "-y", "-q", *missing], check=True, timeout=600,
+                       stdout=subprocess.DEVNULL, env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+    out = os.path.join(ROOT, "target", "bench")
+    os.makedirs(out, exist_ok=True)
+    binary = os.path.join(out, "http-tableflip")
+    env = dict(os.environ, GO111MODULE="off", GOPATH="/usr/share/gocode",
+               GOCACHE=os.path.join(out, "gocache"))
+    subprocess.run(["go", "build", "-o", binary, os.path.join(ROOT, "tests/bench/http_tableflip.go")],
+                   check=True, timeout=600, env=env)
+    go_tableflip_binary.path = binary
+    return binary
+
+
+class GoTableflip(Server):
+    """The seeds' own stack: Go net/http behind cloudflare/tableflip (fork+exec on SIGUSR2,
+    the old process drains with Shutdown). One process serves; an upgrade replaces it."""
+    name = "go-tableflip"
+    upgrade_kind = "SIGUSR2"
+
+    def __init__(self):
+        super().__init__()
+        self.pidfile = os.path.join(self.dir, "go.pid")
+        self.started = []
+
+    def current(self):
+        try:
+            with open(self.pidfile) as f:
+                return int(f.read().strip() or 0)
+        except (OSError, ValueError):
+            return 0
+
+    def launch(self):
+        binary = go_tableflip_binary()
+        self.argv0 = binary
+        self.proc = subprocess.Popen([binary, "-listen", f"127.0.0.1:{self.port}",
+                                      "-pid-file", self.pidfile],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_until(lambda: self.current() == self.proc.pid, 20)
+        self.started.append(self.proc.pid)
+
+    def master(self):
+        return self.current() or self.proc.pid
+
+    def worker_pids(self):
+        return [self.master()]
+
+    def all_pids(self):
+        return [p for p in self.started if self.ours(p)]
+
+    def ours(self, pid):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                return f.read().split(b"\0")[0].decode() == self.argv0
+        except OSError:
+            return False
+
+    def upgrade(self):
+        old = self.current()
+        os.kill(old, signal.SIGUSR2)
+        # The new process writes the PID file once it is ready (tableflip's Ready).
+        if not wait_until(lambda: self.current() not in (0, old), 20, 0.002):
+            raise RuntimeError(f"go-tableflip: no new process after SIGUSR2 to {old}")
+        self.started.append(self.current())
+
+    def stop(self):
+        # Only the processes this server started that still run it (a reused pid is left alone).
+        for pid in reversed(self.started):
+            if self.ours(pid):
+                try:
+                    os.kill(pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        wait_until(lambda: not any(self.ours(p) for p in self.started), 40, 0.05)
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
 def servers_for(which):
     table = {"hyper": Bare, "baton": Baton, "nginx": lambda: Nginx("HUP"),
              "nginx-binary": lambda: Nginx("binary"), "haproxy": HAProxy,
+             "go-tableflip": GoTableflip,
              # Variants measured in (a) only: the cost of metrics and of access logs.
              "baton-metrics": lambda: Baton(metrics=True),
              "baton-log-combined": lambda: Baton(access_log="combined"),
@@ -990,7 +1085,7 @@ def main():
     parser.add_argument("--json", default=None, help="where to write the results (default: target/bench/results.json)")
     parser.add_argument("--only", default="a,b,c,d,e", help="scenarios to run, e.g. a,c")
     parser.add_argument("--servers", default="hyper,baton,baton-metrics,baton-log-combined,"
-                        "nginx,nginx-log,nginx-binary,haproxy")
+                        "nginx,nginx-log,nginx-binary,haproxy,go-tableflip")
     parser.add_argument("--no-build", action="store_true", help="use the release binaries as they are")
     args = parser.parse_args()
     only = set(args.only.split(","))
