@@ -902,7 +902,11 @@ def scenario_d(server, conns):
     finally:
         for s in socks:
             s.close()
-    return {"idle": idle, f"at_{conns}_connections": busy}
+    # Once they are closed: what the processes give back (a Baton worker trims the
+    # allocator within its 1 s stats tick once its connections fell to half of a peak).
+    time.sleep(2.5)
+    after = mem_of(server)
+    return {"idle": idle, f"at_{conns}_connections": busy, "after_close": after}
 
 
 def scenario_e(server, conns, upgrades):
@@ -1006,15 +1010,17 @@ def report(results, quick):
                 f"{r['failed']:>5} {r['pid_changes']:>8} {gen:>8} {err:>8} {fds:>8} {rss:>10}")
     add("")
     add("(d) memory, MiB (all processes)")
-    add(f"{'server':14} {'idle RSS':>9} {'idle PSS':>9} {'1k RSS':>9} {'1k PSS':>9}  per process (idle RSS)")
+    add(f"{'server':14} {'idle RSS':>9} {'idle PSS':>9} {'1k RSS':>9} {'1k PSS':>9} {'closed RSS':>10}  per process (idle RSS)")
     for n in names:
         d = results["servers"][n].get("d")
         if not d:
             continue
         busy = [v for k, v in d.items() if k.startswith("at_")][0]
+        closed = d.get("after_close", {}).get("rss_kib")
+        closed = f"{closed / 1024:>10.1f}" if closed is not None else f"{'-':>10}"
         per = ", ".join(f"{p['comm']} {p['rss_kib'] / 1024:.1f}" for p in d["idle"]["processes"])
         add(f"{n:14} {d['idle']['rss_kib'] / 1024:>9.1f} {d['idle']['pss_kib'] / 1024:>9.1f} "
-            f"{busy['rss_kib'] / 1024:>9.1f} {busy['pss_kib'] / 1024:>9.1f}  {per}")
+            f"{busy['rss_kib'] / 1024:>9.1f} {busy['pss_kib'] / 1024:>9.1f} {closed}  {per}")
     add("")
     add("(e) 10,000 keep-alive connections across 5 upgrades (wrk -t2 -c10000)")
     add(f"{'server':14} {'requests':>9} {'non-2xx':>8} {'connect':>8} {'read':>6} {'write':>6} {'timeout':>8} {'max ms':>8}")

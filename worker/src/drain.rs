@@ -73,6 +73,8 @@ pub fn spread_offset(key: u64, window: std::time::Duration) -> std::time::Durati
 #[derive(Debug, Default)]
 pub struct Connections {
     open: AtomicU64,
+    /// The most open at once since [`Connections::take_peak`] last read it.
+    peak: AtomicU64,
     idle: Notify,
 }
 
@@ -82,8 +84,16 @@ pub struct ConnectionGuard(Arc<Connections>);
 
 impl Connections {
     pub fn open(self: &Arc<Self>) -> ConnectionGuard {
-        self.open.fetch_add(1, Ordering::Relaxed);
+        let now = self.open.fetch_add(1, Ordering::Relaxed) + 1;
+        self.peak.fetch_max(now, Ordering::Relaxed);
         ConnectionGuard(self.clone())
+    }
+
+    /// The most connections open at once since the last call (at least those open now).
+    pub fn take_peak(&self) -> u64 {
+        self.peak
+            .swap(self.count(), Ordering::Relaxed)
+            .max(self.count())
     }
 
     pub fn count(&self) -> u64 {

@@ -238,16 +238,45 @@ async fn lifeline_closed(lifeline: Option<tokio::net::unix::pipe::Receiver>) {
 async fn report_stats(shared: Arc<Shared>, notifier: Notifier) {
     let mut last = (Stats::default(), None);
     let mut tick = tokio::time::interval(STATS_INTERVAL);
+    let mut trim = Trim::default();
     loop {
         tick.tick().await;
         let now = (
             shared.stats(),
             shared.settings.metrics.then(|| shared.metrics_snapshot()),
         );
+        if trim.due(shared.connections.take_peak(), now.0.connections) {
+            // Off the runtime's threads: trimming a large heap takes milliseconds.
+            tokio::task::spawn_blocking(baton_sys::memory::release_free_memory);
+        }
         if now != last {
             notifier.send(&report_line(&now.0, now.1.as_ref()));
             last = now;
         }
+    }
+}
+
+/// When to hand the allocator's free memory back to the kernel: after the open connections
+/// fell to half of (or less than) the most seen since the last trim, once that was at least
+/// [`TRIM_MIN_PEAK`]. Without it, a worker that once held many connections keeps their
+/// memory (the allocator keeps freed pages for reuse) although it holds few now.
+#[derive(Debug, Default)]
+struct Trim {
+    peak: u64,
+}
+
+/// Connections below which the memory they held is not worth a trim.
+const TRIM_MIN_PEAK: u64 = 256;
+
+impl Trim {
+    /// `peak`: the most open at once since the last call; `connections`: open now.
+    fn due(&mut self, peak: u64, connections: u64) -> bool {
+        self.peak = self.peak.max(peak).max(connections);
+        if self.peak >= TRIM_MIN_PEAK && connections <= self.peak / 2 {
+            self.peak = connections;
+            return true;
+        }
+        false
     }
 }
 
@@ -323,5 +352,29 @@ async fn accept_loop<L: Accept>(listener: L, shared: Arc<Shared>, mut watch: Dra
                 tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod trim_tests {
+    use super::Trim;
+
+    #[test]
+    fn memory_is_trimmed_once_connections_fell_to_half_of_a_large_peak() {
+        let mut t = Trim::default();
+        assert!(
+            !t.due(100, 100) && !t.due(100, 60),
+            "a small peak is never worth it"
+        );
+        assert!(!t.due(8000, 8000) && !t.due(8000, 5000), "still above half");
+        assert!(t.due(5000, 3000), "half of the peak or less");
+        assert!(
+            !t.due(3000, 2000),
+            "the peak is now 3000, 2000 is above half"
+        );
+        assert!(t.due(2000, 10), "then below half of that");
+        assert!(!t.due(10, 0), "and not again for a peak under the minimum");
+        // Connections that came and went between two looks still count.
+        assert!(t.due(1000, 0), "a burst seen only as a peak");
     }
 }
