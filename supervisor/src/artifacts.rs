@@ -486,9 +486,7 @@ impl ArtifactCache {
             path: source.to_owned(),
             error,
         };
-        let (hash, _) = File::open(source)
-            .and_then(|mut f| trust::sha256_stream(&mut f, &mut |_| Ok(())))
-            .map_err(unreadable)?;
+        let hash = trust::sha256_file(source).map_err(unreadable)?;
         let artifact = self.acquire(
             dir,
             &format!("{prefix}{hash}"),

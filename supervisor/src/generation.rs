@@ -69,42 +69,33 @@ pub fn watch(
     on_exit: impl FnOnce(Exit) + Send + 'static,
 ) -> WorkerProcess {
     let pid = child.id().expect("a child that was just spawned has a pid");
-    let (tx, mut rx) = mpsc::unbounded_channel::<Signal>();
-    let tail = Arc::new(Mutex::new(VecDeque::new()));
     let stderr = child.stderr.take();
     let kept = stderr
         .as_ref()
         .and_then(|s| s.as_fd().try_clone_to_owned().ok());
-    let forward = tokio::spawn(forward_stderr(stderr, tail.clone()));
-    let task = async move {
-        let status = loop {
-            tokio::select! {
-                biased;
-                status = child.wait() => break status,
-                Some(signal) = rx.recv() => {
-                    // The child has not been reaped: `wait` above has not returned.
-                    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), signal);
-                }
-            }
-        };
-        let _ = tokio::time::timeout(STDERR_EOF_WAIT, forward).await;
-        let status = match status {
-            Ok(s) => s.to_string(),
-            Err(e) => format!("wait failed: {e}"),
-        };
-        let stderr_tail = tail.lock().expect("tail lock").drain(..).collect();
-        on_exit(Exit {
-            pid,
-            status,
-            stderr_tail,
-        });
-    };
-    tokio::spawn(tracing::Instrument::instrument(task, span));
-    WorkerProcess {
+    supervise(
         pid,
-        signals: tx,
-        stderr: kept,
-    }
+        stderr,
+        kept,
+        span,
+        on_exit,
+        move |mut signals| async move {
+            let status = loop {
+                tokio::select! {
+                    biased;
+                    status = child.wait() => break status,
+                    Some(signal) = signals.recv() => {
+                        // The child has not been reaped: `wait` above has not returned.
+                        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), signal);
+                    }
+                }
+            };
+            match status {
+                Ok(s) => s.to_string(),
+                Err(e) => format!("wait failed: {e}"),
+            }
+        },
+    )
 }
 
 /// Takes over a worker this image inherited across the supervisor's `exec` (it is still
@@ -118,39 +109,63 @@ pub fn adopt(
     on_exit: impl FnOnce(Exit) + Send + 'static,
 ) -> std::io::Result<WorkerProcess> {
     let pidfd = baton_sys::process::PidFd::open(pid)?;
-    let (tx, mut rx) = mpsc::unbounded_channel::<Signal>();
-    let tail = Arc::new(Mutex::new(VecDeque::new()));
     let kept = stderr.as_ref().and_then(|s| s.try_clone().ok());
     let pipe = match stderr {
         Some(fd) => Some(tokio::net::unix::pipe::Receiver::from_owned_fd(fd)?),
         None => None,
     };
-    let forward = tokio::spawn(forward_stderr(pipe, tail.clone()));
     let nix_pid = nix::unistd::Pid::from_raw(pid as i32);
-    let task = async move {
-        let status = loop {
-            tokio::select! {
-                biased;
-                exited = pidfd.exited() => {
-                    if let Err(e) = exited {
-                        break Err(format!("watching it failed: {e}"));
+    Ok(supervise(
+        pid,
+        pipe,
+        kept,
+        span,
+        on_exit,
+        move |mut signals| async move {
+            loop {
+                tokio::select! {
+                    biased;
+                    exited = pidfd.exited() => {
+                        if let Err(e) = exited {
+                            return format!("watching it failed: {e}");
+                        }
+                        match nix::sys::wait::waitpid(nix_pid, Some(nix::sys::wait::WaitPidFlag::WNOHANG)) {
+                            Ok(nix::sys::wait::WaitStatus::StillAlive) => {}
+                            Ok(status) => return describe_wait(status),
+                            Err(e) => return format!("wait failed: {e}"),
+                        }
                     }
-                    match nix::sys::wait::waitpid(nix_pid, Some(nix::sys::wait::WaitPidFlag::WNOHANG)) {
-                        Ok(nix::sys::wait::WaitStatus::StillAlive) => {}
-                        Ok(status) => break Ok(status),
-                        Err(e) => break Err(format!("wait failed: {e}")),
+                    Some(signal) = signals.recv() => {
+                        let _ = pidfd.send_signal(signal as i32);
                     }
-                }
-                Some(signal) = rx.recv() => {
-                    let _ = pidfd.send_signal(signal as i32);
                 }
             }
-        };
+        },
+    ))
+}
+
+/// What [`watch`] and [`adopt`] share: forwards `stderr` and keeps its tail, runs `wait`
+/// (which delivers the signals it receives until the process is reaped, then says how it
+/// ended) in a task of `span`, and calls `on_exit` with the tail once the rest of the
+/// stderr has arrived.
+fn supervise<F>(
+    pid: u32,
+    stderr: Option<impl tokio::io::AsyncRead + Unpin + Send + 'static>,
+    kept: Option<OwnedFd>,
+    span: tracing::Span,
+    on_exit: impl FnOnce(Exit) + Send + 'static,
+    wait: impl FnOnce(mpsc::UnboundedReceiver<Signal>) -> F,
+) -> WorkerProcess
+where
+    F: std::future::Future<Output = String> + Send + 'static,
+{
+    let (tx, rx) = mpsc::unbounded_channel::<Signal>();
+    let tail = Arc::new(Mutex::new(VecDeque::new()));
+    let forward = tokio::spawn(forward_stderr(stderr, tail.clone()));
+    let waited = wait(rx);
+    let task = async move {
+        let status = waited.await;
         let _ = tokio::time::timeout(STDERR_EOF_WAIT, forward).await;
-        let status = match status {
-            Ok(status) => describe_wait(status),
-            Err(e) => e,
-        };
         let stderr_tail = tail.lock().expect("tail lock").drain(..).collect();
         on_exit(Exit {
             pid,
@@ -159,11 +174,11 @@ pub fn adopt(
         });
     };
     tokio::spawn(tracing::Instrument::instrument(task, span));
-    Ok(WorkerProcess {
+    WorkerProcess {
         pid,
         signals: tx,
         stderr: kept,
-    })
+    }
 }
 
 /// A wait status as `std::process::ExitStatus` shows it ("exit status: 3",

@@ -30,6 +30,12 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
     hex(&Sha256::digest(bytes))
 }
 
+/// The SHA-256 (hex) of the file at `path`, streamed.
+pub fn sha256_file(path: &Path) -> std::io::Result<String> {
+    let mut file = std::fs::File::open(path)?;
+    sha256_stream(&mut file, &mut |_| Ok(())).map(|(hash, _)| hash)
+}
+
 /// Reads `reader` to its end in chunks, handing each to `each`; returns the SHA-256 (hex)
 /// and the length. Never holds more than one chunk.
 pub fn sha256_stream(

@@ -82,22 +82,23 @@ fn stamp(meta: &std::fs::Metadata) -> Stamp {
     )
 }
 
-fn sha256_of(path: &Path) -> std::io::Result<String> {
-    let mut file = std::fs::File::open(path)?;
-    crate::trust::sha256_stream(&mut file, &mut |_| Ok(())).map(|(hash, _)| hash)
-}
-
 impl Image {
     /// The image of a supervisor that started from `path` (this process's binary).
     pub fn first(path: PathBuf) -> Self {
-        let sha256 = sha256_of(Path::new("/proc/self/exe")).unwrap_or_else(|e| {
+        let running = Path::new("/proc/self/exe");
+        let sha256 = crate::trust::sha256_file(running).unwrap_or_else(|e| {
             tracing::warn!("cannot hash the running baton binary: {e}");
             String::new()
         });
-        let same_on_disk = std::fs::metadata(&path)
-            .ok()
-            .filter(|_| sha256_of(&path).is_ok_and(|h| h == sha256))
-            .map(|m| stamp(&m));
+        // The file on disk is the running one if it is the same inode: no second hash at
+        // start (a binary replaced since is hashed at the next upgrade).
+        let same_on_disk = match (std::fs::metadata(&path), std::fs::metadata(running)) {
+            (Ok(disk), Ok(exe)) => {
+                use std::os::unix::fs::MetadataExt;
+                (disk.dev() == exe.dev() && disk.ino() == exe.ino()).then(|| stamp(&disk))
+            }
+            _ => None,
+        };
         let now = SystemTime::now();
         Self {
             path,
@@ -123,7 +124,7 @@ impl Image {
         if self.same_on_disk == Some(now) {
             return false;
         }
-        match sha256_of(&self.path) {
+        match crate::trust::sha256_file(&self.path) {
             Ok(hash) if hash == self.build.sha256 => {
                 self.same_on_disk = Some(now);
                 false
