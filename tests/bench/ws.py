@@ -22,23 +22,14 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from wscommon import RELEASE, ROOT, free_port, wait_port, rss_kib, children, logger
+from wscommon import RELEASE, ROOT, build_baton_and_plugin, free_port, wait_port, rss_kib, children, logger
 
 log = logger("ws-bench")
 
 
 def build(tmp):
     log("building Baton (release), the bare server and the load generator")
-    subprocess.run(["cargo", "build", "--release", "--quiet", "-p", "baton", "-p", "baton-worker",
-                    "-p", "baton-tests", "--bins"], cwd=ROOT, check=True, timeout=1800)
-    plugins = os.path.join(tmp, "plugins")
-    os.makedirs(plugins, mode=0o755)
-    os.chmod(tmp, 0o755)
-    os.chmod(plugins, 0o755)
-    subprocess.run(["cc", "-std=c11", "-O2", "-fPIC", "-shared", "-I",
-                    os.path.join(ROOT, "plugins/api/include"),
-                    os.path.join(ROOT, "tests/harness/ws_plugin.c"),
-                    "-o", os.path.join(plugins, "ws_test.so")], check=True, timeout=120)
+    plugins = build_baton_and_plugin(tmp)
     if shutil.which("go") is None:
         log("installing golang-go and golang-github-gorilla-websocket-dev")
         subprocess.run(["apt-get", "install", "-y", "-q", "golang-go",

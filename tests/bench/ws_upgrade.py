@@ -35,7 +35,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from wscommon import RELEASE, ROOT, free_port, wait_port, logger
+from wscommon import RELEASE, ROOT, build_baton_and_plugin, free_port, wait_port, logger
 
 log = logger("ws-upgrade")
 
@@ -45,16 +45,7 @@ GORILLA_SRC = "/usr/share/gocode/src/github.com/gorilla/websocket"
 
 def build(tmp):
     log("building Baton (release) and the load generator")
-    subprocess.run(["cargo", "build", "--release", "--quiet", "-p", "baton", "-p", "baton-worker",
-                    "-p", "baton-tests", "--bins"], cwd=ROOT, check=True, timeout=1800)
-    plugins = os.path.join(tmp, "plugins")
-    os.makedirs(plugins, mode=0o755)
-    os.chmod(tmp, 0o755)
-    os.chmod(plugins, 0o755)
-    subprocess.run(["cc", "-std=c11", "-O2", "-fPIC", "-shared", "-I",
-                    os.path.join(ROOT, "plugins/api/include"),
-                    os.path.join(ROOT, "tests/harness/ws_plugin.c"),
-                    "-o", os.path.join(plugins, "ws_test.so")], check=True, timeout=120)
+    plugins = build_baton_and_plugin(tmp)
     missing = [pkg for pkg, present in [
         ("golang-go", shutil.which("go")),
         ("golang-github-gorilla-websocket-dev", os.path.isdir(GORILLA_SRC)),

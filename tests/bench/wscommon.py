@@ -1,5 +1,6 @@
-"""What the WebSocket benchmarks (ws.py, ws_upgrade.py) share: where things are, ports,
-and the memory of processes. Nothing here starts or stops a process."""
+"""What the WebSocket benchmarks (ws.py, ws_upgrade.py) share: where things are, the build
+of Baton and the C test plugin, ports, and the memory of processes. Nothing here starts or
+stops a server."""
 
 import os
 import socket
@@ -9,6 +10,23 @@ import time
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 RELEASE = os.path.join(ROOT, "target", "release")
+
+
+def build_baton_and_plugin(tmp):
+    """Builds Baton, its worker and the test binaries in release mode, and the WebSocket
+    test plugin (tests/harness/ws_plugin.c) into TMP/plugins (both directories 0755, so
+    that workers reach them); returns that directory."""
+    subprocess.run(["cargo", "build", "--release", "--quiet", "-p", "baton", "-p", "baton-worker",
+                    "-p", "baton-tests", "--bins"], cwd=ROOT, check=True, timeout=1800)
+    plugins = os.path.join(tmp, "plugins")
+    os.makedirs(plugins, mode=0o755)
+    os.chmod(tmp, 0o755)
+    os.chmod(plugins, 0o755)
+    subprocess.run(["cc", "-std=c11", "-O2", "-fPIC", "-shared", "-I",
+                    os.path.join(ROOT, "plugins/api/include"),
+                    os.path.join(ROOT, "tests/harness/ws_plugin.c"),
+                    "-o", os.path.join(plugins, "ws_test.so")], check=True, timeout=120)
+    return plugins
 
 
 def logger(prefix):
