@@ -556,6 +556,14 @@ fn check(path: &Path, env: &Env) -> anyhow::Result<ExitCode> {
         Ok(p) => p,
         Err(e) => return failed(&e),
     };
+    let now = std::time::SystemTime::now();
+    let tls = crate::tls::new_ticket_chain(now)
+        .map_err(crate::tls::TlsError::Memfd)
+        .and_then(|tickets| crate::tls::prepare(&config, &tickets, now));
+    let tls = match tls {
+        Ok(tls) => tls,
+        Err(e) => return failed(&e),
+    };
     let report = match check_plugins(&config, &binary, &plugins) {
         Ok(report) => report,
         Err(e) => return failed(&format!("{e:#}")),
@@ -568,7 +576,32 @@ fn check(path: &Path, env: &Env) -> anyhow::Result<ExitCode> {
             .map_or("(from systemd socket activation)".to_owned(), |a| {
                 a.to_string()
             });
-        println!("  listener {:?}: {addr}", l.name);
+        println!(
+            "  listener {:?}: {addr}{}",
+            l.name,
+            if l.tls.is_some() { " (TLS)" } else { "" }
+        );
+        let certificates = tls
+            .iter()
+            .flat_map(|t| &t.listeners)
+            .filter(|c| c.listener == l.name)
+            .flat_map(|c| &c.certificates);
+        for c in certificates {
+            let days = c.days_left(now);
+            println!(
+                "    certificate {} ({}; {}), sha256 {}, valid until {}: {days} day(s) left{}",
+                c.chain,
+                c.subject,
+                c.names.join(", "),
+                c.sha256,
+                crate::tls::time_text(c.not_after),
+                if days < crate::tls::EXPIRY_WARNING_DAYS {
+                    " (expires soon)"
+                } else {
+                    ""
+                }
+            );
+        }
     }
     println!(
         "  worker: {} x{} (ready_timeout {}, drain_timeout {}, max_generations {})",
@@ -635,7 +668,7 @@ fn check_plugins(
         return Ok(Vec::new());
     }
     let specs = crate::spawn::numbered(plugins, baton_proto::LISTEN_FDS_START);
-    let mut cmd = crate::spawn::worker_command(binary, plugins, Vec::new())?;
+    let mut cmd = crate::spawn::worker_command(binary, plugins, Vec::new(), None)?;
     let mut child = cmd
         .arg("--check")
         .env(

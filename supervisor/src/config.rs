@@ -82,6 +82,28 @@ pub struct ListenerConfig {
     pub address: Option<Address>,
     /// The line of the `[[listener]]` entry, for messages.
     pub line: usize,
+    /// `[listener.tls]`: serve HTTPS.
+    pub tls: Option<TlsConfig>,
+}
+
+/// `[listener.tls]` of a listener.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsConfig {
+    /// The first is served to clients without SNI or naming none of them.
+    pub certificates: Vec<CertificateFiles>,
+    pub tls13_only: bool,
+    pub alpn: Vec<String>,
+    pub handshake_timeout: Duration,
+    pub session_tickets: bool,
+}
+
+/// One `[[listener.tls.certificate]]`: its files, resolved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertificateFiles {
+    pub chain: PathBuf,
+    pub key: PathBuf,
+    /// Its line in the config, for messages.
+    pub line: usize,
 }
 
 /// `[worker]`.
@@ -206,6 +228,20 @@ impl Config {
                 .expect("TOML tables serialise as JSON"),
             metrics: self.metrics_address.is_some(),
             access_log: self.access_log.clone(),
+            tls: self
+                .listeners
+                .iter()
+                .filter_map(|l| {
+                    let tls = l.tls.as_ref()?;
+                    Some(baton_proto::tls::TlsSettings {
+                        listener: l.name.clone(),
+                        tls13_only: tls.tls13_only,
+                        alpn: tls.alpn.clone(),
+                        handshake_timeout_ms: millis(tls.handshake_timeout),
+                        session_tickets: tls.session_tickets,
+                    })
+                })
+                .collect(),
         }
     }
 }

@@ -34,6 +34,8 @@ pub struct Artifacts {
     pub config: Arc<Config>,
     pub binary: WorkerBinary,
     pub plugins: Vec<crate::plugins::CachedPlugin>,
+    /// Its TLS listeners' certificates and keys (sealed), if it has any.
+    pub tls: Option<crate::tls::GenerationTls>,
 }
 
 impl Artifacts {

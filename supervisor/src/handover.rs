@@ -119,6 +119,9 @@ pub struct ShellState {
     pub next_waiter: u64,
     /// The self-upgrade being carried out.
     pub request: SelfUpgrade,
+    /// The session-ticket key chain (absent from a release before TLS: a new one starts).
+    #[serde(default)]
+    pub tickets: Option<baton_proto::tls::TicketKeys>,
 }
 
 /// A socket with the path (or abstract name) it is bound to.
@@ -152,6 +155,9 @@ pub struct SetState {
     pub binary_source: PathBuf,
     pub binary: usize,
     pub plugins: Vec<(PluginSpec, usize)>,
+    /// The sealed memfd of its TLS material, if it has TLS listeners.
+    #[serde(default)]
+    pub tls: Option<RawFd>,
 }
 
 /// A launched generation's resources.
@@ -208,9 +214,23 @@ impl Handover {
 
 /// A sealed memfd holding `bytes`, inheritable (not close-on-exec).
 pub fn seal(bytes: &[u8]) -> std::io::Result<OwnedFd> {
+    sealed("baton-handover", bytes, false)
+}
+
+/// A sealed memfd holding `bytes`, close-on-exec: passed on only where it is placed on
+/// purpose (a worker's TLS material).
+pub fn seal_private(name: &str, bytes: &[u8]) -> std::io::Result<OwnedFd> {
+    sealed(name, bytes, true)
+}
+
+fn sealed(name: &str, bytes: &[u8], cloexec: bool) -> std::io::Result<OwnedFd> {
     use nix::fcntl::{FcntlArg, SealFlag, fcntl};
     use nix::sys::memfd::{MFdFlags, memfd_create};
-    let fd = memfd_create("baton-handover", MFdFlags::MFD_ALLOW_SEALING)?;
+    let mut flags = MFdFlags::MFD_ALLOW_SEALING;
+    if cloexec {
+        flags |= MFdFlags::MFD_CLOEXEC;
+    }
+    let fd = memfd_create(name, flags)?;
     let mut file = std::fs::File::from(fd);
     file.write_all(bytes)?;
     file.rewind()?;

@@ -6,7 +6,7 @@
 //!
 //! Errors: each concern returns its own `thiserror` enum (`config::ConfigError`,
 //! `listeners::ListenerError`, `trust::TrustError`, `artifacts::CacheError` and
-//! `WorkerBinaryError`, `plugins::PluginError`, `spawn::SpawnError`) whose variants carry
+//! `WorkerBinaryError`, `plugins::PluginError`, `spawn::SpawnError`, `tls::TlsError`) whose variants carry
 //! the data and whose `#[error]` is the whole message a user reads, cause included. So a
 //! cause is kept as a field, never also as `source()`: `{:#}` prints it once. Only the
 //! commands use `anyhow`; the supervisor hands the core a message where it crosses into it.
@@ -29,5 +29,6 @@ pub mod release;
 pub mod spawn;
 pub mod status;
 pub mod supervisor;
+pub mod tls;
 pub mod trust;
 pub mod watch;

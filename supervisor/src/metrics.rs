@@ -221,6 +221,8 @@ pub struct ImageInfo<'a> {
     pub build: &'a Build,
     pub reexecs: u64,
     pub service_started_at: SystemTime,
+    /// The TLS certificates the serving generation serves.
+    pub certificates: &'a [crate::tls::ListenerCertificates],
 }
 
 /// The text of one scrape.
@@ -236,7 +238,47 @@ pub fn render<A: Clone + std::fmt::Debug>(core: &Core<A>, image: &ImageInfo<'_>)
     generations(&mut out, core);
     upgrades(&mut out, core, image);
     processes(&mut out, core, image);
+    certificates(&mut out, image.certificates, SystemTime::now());
     out.0
+}
+
+/// The serving generation's certificates: when each ends, and the days left.
+fn certificates(out: &mut Text, served: &[crate::tls::ListenerCertificates], now: SystemTime) {
+    if served.is_empty() {
+        return;
+    }
+    for (name, help, days) in [
+        (
+            "baton_tls_certificate_not_after_timestamp_seconds",
+            "When a served TLS certificate expires (Unix time).",
+            false,
+        ),
+        (
+            "baton_tls_certificate_days_left",
+            "Whole days until a served TLS certificate expires.",
+            true,
+        ),
+    ] {
+        out.family(name, "gauge", help);
+        for l in served {
+            for c in &l.certificates {
+                let value = if days {
+                    c.days_left(now) as f64
+                } else {
+                    c.not_after as f64
+                };
+                out.sample_f64(
+                    name,
+                    &[
+                        ("listener", &l.listener),
+                        ("subject", &c.subject),
+                        ("sha256", &c.sha256),
+                    ],
+                    value,
+                );
+            }
+        }
+    }
 }
 
 fn requests(out: &mut Text, w: &WorkerMetrics) {
@@ -330,6 +372,16 @@ fn requests(out: &mut Text, w: &WorkerMetrics) {
             "baton_access_log_dropped_lines_total",
             "Access log lines dropped because the writer could not keep up.",
             w.access_log_dropped,
+        ),
+        (
+            "baton_tls_handshakes_total",
+            "TLS handshakes completed.",
+            w.tls_handshakes,
+        ),
+        (
+            "baton_tls_handshake_failures_total",
+            "TLS handshakes that failed or did not finish within listener.tls.handshake_timeout.",
+            w.tls_handshake_failures,
         ),
     ] {
         out.family(name, "counter", help);

@@ -2,7 +2,7 @@
 //!
 //! The worker gets the generation's listener fds at `3..3+n`, the lifeline pipe's read
 //! end at `3+n`, its plugins' checked cache files from `4+n` on (named by fd in the
-//! settings), and the checked worker binary's own file last, which is what is exec'd (as
+//! settings), the sealed memfd of its TLS material if it has TLS listeners, and the checked worker binary's own file last, which is what is exec'd (as
 //! `/proc/self/fd/N`, the way `fexecve` does it): no path is looked up again after the
 //! supervisor hashed the file. It also gets systemd's socket-activation variables, and
 //! `NOTIFY_SOCKET` pointing at the supervisor's own notify socket. systemd's `NOTIFY_SOCKET`, `WATCHDOG_*` and `LISTEN_*`
@@ -70,6 +70,8 @@ pub struct SpawnSpec<'a> {
     pub settings_json: &'a str,
     /// Run the worker as this user and group (`worker.user`/`worker.group`).
     pub credentials: Option<&'a crate::config::Credentials>,
+    /// The sealed memfd of the generation's TLS material, placed after the plugins.
+    pub tls: Option<BorrowedFd<'a>>,
 }
 
 /// Forks and execs a worker. Its stderr is piped (the caller keeps a tail of it for
@@ -89,7 +91,7 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> Result<tokio::process::Child, SpawnError> 
     let names: Vec<&str> = spec.listeners.iter().map(|(name, _)| *name).collect();
     let mut fds: Vec<BorrowedFd<'_>> = spec.listeners.iter().map(|(_, fd)| *fd).collect();
     fds.push(spec.lifeline);
-    let mut cmd = worker_command(spec.binary, spec.plugins, fds).map_err(exec)?;
+    let mut cmd = worker_command(spec.binary, spec.plugins, fds, spec.tls).map_err(exec)?;
     use std::os::unix::process::CommandExt;
     cmd.env("LISTEN_FDS", n.to_string())
         .env("LISTEN_FDNAMES", names.join(":"))
@@ -137,15 +139,21 @@ pub fn numbered(plugins: &[CachedPlugin], first: RawFd) -> Vec<PluginSpec> {
 }
 
 /// A command that execs the checked worker binary itself, with `fds` placed at `3..`,
-/// then each plugin's checked file, then the binary's file (named in `BATON_EXE_FD`, so
+/// then each plugin's checked file, then the TLS material's memfd (named in
+/// `BATON_TLS_FD`), then the binary's file (named in `BATON_EXE_FD`, so
 /// that the worker closes it). systemd's variables are removed; the caller adds its own.
 pub fn worker_command(
     binary: &WorkerBinary,
     plugins: &[CachedPlugin],
     fds: Vec<BorrowedFd<'_>>,
+    tls: Option<BorrowedFd<'_>>,
 ) -> std::io::Result<std::process::Command> {
     let mut sources: Vec<BorrowedFd<'_>> = fds;
     sources.extend(plugins.iter().map(|p| p.artifact.fd()));
+    let tls_fd = tls.map(|fd| {
+        sources.push(fd);
+        LISTEN_FDS_START + sources.len() as RawFd - 1
+    });
     sources.push(binary.artifact.fd());
     let exe = LISTEN_FDS_START + sources.len() as RawFd - 1;
     // The file checked, not a path looked up again; the process shows the cache's path.
@@ -155,6 +163,9 @@ pub fn worker_command(
         cmd.env_remove(var);
     }
     cmd.env(ENV_EXE_FD, exe.to_string());
+    if let Some(fd) = tls_fd {
+        cmd.env(baton_proto::tls::ENV_TLS_FD, fd.to_string());
+    }
     // In the child: `sources` at 3.., no ambient capabilities.
     baton_sys::child::prepare(&mut cmd, &sources)?;
     Ok(cmd)

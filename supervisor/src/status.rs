@@ -55,6 +55,42 @@ pub struct ListenerInfo {
     /// `systemd` (socket activation) or `config` (bound by the supervisor).
     pub origin: String,
     pub fds: usize,
+    /// With TLS: the certificates the serving generation serves on it, the default first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub certificates: Vec<ServedCertificate>,
+}
+
+/// A TLS certificate served.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ServedCertificate {
+    pub chain: String,
+    pub subject: String,
+    /// Subject alternative names (DNS names, IP addresses): what SNI picks it by.
+    pub names: Vec<String>,
+    /// RFC 3339.
+    pub not_before: String,
+    pub not_after: String,
+    pub days_left: i64,
+    /// Fewer than `tls::EXPIRY_WARNING_DAYS` days left.
+    pub expires_soon: bool,
+    /// SHA-256 fingerprint of the certificate (DER), hex.
+    pub sha256: String,
+}
+
+impl ServedCertificate {
+    pub fn of(c: &crate::tls::CertificateInfo, now: std::time::SystemTime) -> Self {
+        let days_left = c.days_left(now);
+        Self {
+            chain: c.chain.clone(),
+            subject: c.subject.clone(),
+            names: c.names.clone(),
+            not_before: crate::tls::time_text(c.not_before),
+            not_after: crate::tls::time_text(c.not_after),
+            days_left,
+            expires_soon: days_left < crate::tls::EXPIRY_WARNING_DAYS,
+            sha256: c.sha256.clone(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -298,9 +334,29 @@ impl StatusReport {
         for l in &self.listeners {
             let _ = writeln!(
                 out,
-                "listener {:<12} {} ({}, {} fd)",
-                l.name, l.address, l.origin, l.fds
+                "listener {:<12} {} ({}, {} fd{})",
+                l.name,
+                l.address,
+                l.origin,
+                l.fds,
+                if l.certificates.is_empty() {
+                    ""
+                } else {
+                    ", TLS"
+                }
             );
+            for c in &l.certificates {
+                let _ = writeln!(
+                    out,
+                    "  certificate {} [{}] sha256 {} until {} ({} day(s) left{})",
+                    c.subject,
+                    c.names.join(", "),
+                    &c.sha256[..c.sha256.len().min(16)],
+                    c.not_after,
+                    c.days_left,
+                    if c.expires_soon { ", EXPIRES SOON" } else { "" }
+                );
+            }
         }
         for g in &self.generations {
             let _ = writeln!(

@@ -49,6 +49,8 @@ enum PrepareError {
     WorkerBinary(#[from] WorkerBinaryError),
     #[error(transparent)]
     Plugins(#[from] PluginError),
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
 }
 
 /// A generation's resources, made when the core launches it.
@@ -89,9 +91,20 @@ pub struct Supervisor {
     started_at: SystemTime,
     /// The plugin directory being watched (`plugins.watch`), and the watching task.
     watcher: Option<(PathBuf, tokio::task::JoinHandle<()>)>,
+    /// The session-ticket key chain every generation's TLS listeners share
+    /// (`baton_proto::tls`): moved along at each prepare, handed over by a re-exec.
+    tickets: baton_proto::tls::TicketKeys,
 }
 
 impl Supervisor {
+    /// Goes on with the ticket key chain a previous image held.
+    pub fn with_tickets(mut self, tickets: Option<baton_proto::tls::TicketKeys>) -> Self {
+        if let Some(t) = tickets {
+            self.tickets = t;
+        }
+        self
+    }
+
     /// Serves metrics: `dup` is a duplicate of the listener's fd, kept for a re-exec.
     pub fn with_metrics(mut self, dup: Option<(OwnedFd, String)>) -> Self {
         self.metrics = dup;
@@ -163,6 +176,8 @@ impl Supervisor {
             exit: None,
             started_at,
             watcher: None,
+            tickets: crate::tls::new_ticket_chain(SystemTime::now())
+                .expect("getrandom(2) gives random bytes once the kernel's pool is ready"),
         }
     }
 
@@ -251,6 +266,7 @@ impl Supervisor {
                     build: &self.image.build,
                     reexecs: self.image.reexecs,
                     service_started_at: self.image.service_started_at,
+                    certificates: self.served_certificates(),
                 };
                 let _ = reply.send(crate::metrics::render(&self.core, &image));
             }
@@ -421,6 +437,12 @@ impl Supervisor {
 
     /// Checks, hashes and caches the worker binary and the plugins of `config`.
     fn prepare_artifacts(&mut self, config: Arc<Config>) -> Result<(Set, Limits), PrepareError> {
+        let now = SystemTime::now();
+        self.tickets = crate::tls::ticket_keys_at(&self.tickets, now);
+        let tls = crate::tls::prepare(&config, &self.tickets, now)?;
+        if let Some(tls) = &tls {
+            crate::tls::warn_expiring(tls, now);
+        }
         let binary = self.cache.worker_binary(&config)?;
         let plugins = crate::plugins::prepare(&config, &mut self.cache);
         baton_sys::memory::release_free_memory();
@@ -430,6 +452,7 @@ impl Supervisor {
                 config,
                 binary,
                 plugins: plugins?,
+                tls,
             }),
             limits,
         ))
@@ -508,6 +531,7 @@ impl Supervisor {
             notify_socket: self.notify.path(),
             settings_json: &launched.settings_json,
             credentials: artifacts.config.worker.credentials.as_ref(),
+            tls: artifacts.tls.as_ref().map(|t| t.memfd.as_fd()),
         };
         let child = spawn(&spec)?;
         let events = self.events.clone();
@@ -595,6 +619,15 @@ impl Supervisor {
         }
     }
 
+    /// The TLS certificates of the serving generation (none while none serves).
+    fn served_certificates(&self) -> &[crate::tls::ListenerCertificates] {
+        self.core
+            .generations()
+            .find(|g| g.state == GenerationState::Serving)
+            .and_then(|g| g.artifacts.tls.as_ref())
+            .map_or(&[], |t| t.listeners.as_slice())
+    }
+
     fn report(&self) -> StatusReport {
         let now = Instant::now();
         let canary = self.core.canary_info(now);
@@ -630,6 +663,13 @@ impl Supervisor {
                             .and_then(|v| v.as_str().map(str::to_owned))
                             .unwrap_or_default(),
                         fds: l.fd_count(),
+                        certificates: self
+                            .served_certificates()
+                            .iter()
+                            .filter(|c| c.listener == l.name)
+                            .flat_map(|c| &c.certificates)
+                            .map(|c| crate::status::ServedCertificate::of(c, SystemTime::now()))
+                            .collect(),
                     })
                     .collect();
                 l.sort_by(|a, b| a.name.cmp(&b.name));

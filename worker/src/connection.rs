@@ -144,14 +144,18 @@ pub(crate) async fn connection<I: Socket>(
     };
     // Biased: when the first bytes and the drain's deadline are both there (a worker kept
     // off the CPU past `drain_idle_grace`), the request that arrived is served.
-    let h2 = tokio::select! {
-        biased;
-        sniffed = io.sniff() => match sniffed {
-            Ok(h2) => h2,
-            Err(e) => return tracing::debug!("connection ended: {e}"),
-        },
-        // Closed before its first request: the drain, or no head within the timeout.
-        _ = side.as_mut() => return,
+    let h2 = if io.io.negotiated_h2() {
+        true
+    } else {
+        tokio::select! {
+            biased;
+            sniffed = io.sniff() => match sniffed {
+                Ok(h2) => h2,
+                Err(e) => return tracing::debug!("connection ended: {e}"),
+            },
+            // Closed before its first request: the drain, or no head within the timeout.
+            _ = side.as_mut() => return,
+        }
     };
     let service = {
         let ctx = ctx.clone();
@@ -212,6 +216,17 @@ const LINGER_BYTES: usize = 1 << 20;
 /// have nothing to set.
 pub(crate) trait Socket: AsyncRead + AsyncWrite + Unpin + Send + 'static {
     fn set_nodelay(&self) {}
+
+    /// The connection negotiated HTTP/2 already (TLS ALPN `h2`): no need to sniff.
+    fn negotiated_h2(&self) -> bool {
+        false
+    }
+
+    /// Closing must be announced in the stream itself (TLS `close_notify`): hyper's
+    /// shutdown is always passed on.
+    fn close_notify(&self) -> bool {
+        false
+    }
 }
 
 impl Socket for tokio::net::TcpStream {
@@ -403,6 +418,9 @@ impl<I: Socket> AsyncWrite for ConnIo<I> {
             // that follows does the rest.
             std::task::ready!(std::pin::Pin::new(&mut this.io).poll_flush(cx))?;
             if !this.ctx.state.input_pending() {
+                if this.io.close_notify() {
+                    return std::pin::Pin::new(&mut this.io).poll_shutdown(cx);
+                }
                 return std::task::Poll::Ready(Ok(()));
             }
             std::task::ready!(std::pin::Pin::new(&mut this.io).poll_shutdown(cx))?;

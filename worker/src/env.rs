@@ -19,6 +19,8 @@ pub struct WorkerEnv {
     pub lifeline_fd: Option<String>,
     /// The fd of the worker binary's file that the supervisor exec'd.
     pub exe_fd: Option<String>,
+    /// `BATON_TLS_FD`: the sealed memfd of the TLS material.
+    pub tls_fd: Option<String>,
     pub supervisor_pid: Option<String>,
     /// The worker protocol of the supervisor that started us, if it said.
     pub supervisor_protocol: Option<String>,
@@ -41,6 +43,7 @@ impl WorkerEnv {
             settings_json: var(ENV_SETTINGS),
             lifeline_fd: var(ENV_LIFELINE_FD),
             exe_fd: var(ENV_EXE_FD),
+            tls_fd: var(baton_proto::tls::ENV_TLS_FD),
             supervisor_pid: var(ENV_SUPERVISOR_PID),
             supervisor_protocol: var(baton_proto::ENV_WORKER_PROTOCOL),
             journal: std::env::var_os("JOURNAL_STREAM").is_some(),

@@ -30,6 +30,7 @@ mod router;
 mod serve;
 mod shared;
 mod stream;
+mod tls;
 mod websocket;
 
 use std::process::ExitCode;
@@ -77,6 +78,7 @@ fn run(env: env::WorkerEnv, notifier: &notify::Notifier) -> anyhow::Result<()> {
     );
     let listeners = inherit::listeners(&env)?;
     let lifeline = inherit::lifeline(&env)?;
+    let tls = tls::load(env.tls_fd.as_deref(), &settings.tls)?;
     let router = span.in_scope(|| load_plugins(&settings, env.generation, notifier))?;
     let threads = match settings.threads {
         0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
@@ -101,6 +103,7 @@ fn run(env: env::WorkerEnv, notifier: &notify::Notifier) -> anyhow::Result<()> {
             listeners,
             lifeline,
             router,
+            tls,
             notifier.clone(),
         ),
         span,

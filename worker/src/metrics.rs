@@ -34,8 +34,11 @@ pub(crate) enum Global {
     StreamsClosed,
     /// Connections still open when the drain was cut short (`drain_timeout`, `SIGQUIT`).
     ForceClosed,
+    /// TLS handshakes completed, and failed or timed out.
+    TlsHandshakes,
+    TlsHandshakeFailures,
 }
-const GLOBALS: usize = 8;
+const GLOBALS: usize = 10;
 
 /// Per route: five status classes, the duration buckets and overflow, the duration sum.
 const CLASSES: usize = 5;
@@ -199,6 +202,8 @@ impl Metrics {
             streams_closed: global(Global::StreamsClosed),
             access_log_dropped: 0,
             force_closed: global(Global::ForceClosed),
+            tls_handshakes: global(Global::TlsHandshakes),
+            tls_handshake_failures: global(Global::TlsHandshakeFailures),
         }
     }
 }

@@ -26,6 +26,7 @@ use crate::metrics::Global;
 use crate::notify::Notifier;
 use crate::router::Router;
 use crate::shared::Shared;
+use crate::tls::TlsListener;
 use baton_proto::{Stats, WorkerSettings};
 use std::future::Future;
 use std::os::fd::OwnedFd;
@@ -55,6 +56,7 @@ pub async fn serve(
     listeners: Vec<NamedListener>,
     lifeline: Option<OwnedFd>,
     router: Router,
+    mut tls: std::collections::HashMap<String, TlsListener>,
     notifier: Notifier,
 ) -> anyhow::Result<()> {
     let mut term = signal(SignalKind::terminate())?;
@@ -90,21 +92,27 @@ pub async fn serve(
 
     let mut accepting = tokio::task::JoinSet::new();
     let names: Vec<String> = listeners.iter().map(|l| l.name.clone()).collect();
-    for NamedListener { listener, .. } in listeners {
+    for NamedListener { listener, name } in listeners {
         let (shared, watch) = (shared.clone(), watch.clone());
+        // Every fd of a listener (systemd may pass several under one name) serves TLS.
+        let tls = tls.get(&name).cloned();
         match listener {
             Listener::Tcp(l) => {
                 l.set_nonblocking(true)?;
                 let l = tokio::net::TcpListener::from_std(l)?;
-                accepting.spawn(accept_loop(l, shared, watch).in_current_span());
+                accepting.spawn(accept_loop(l, tls, shared, watch).in_current_span());
             }
             Listener::Unix(l) => {
                 l.set_nonblocking(true)?;
                 let l = tokio::net::UnixListener::from_std(l)?;
-                accepting.spawn(accept_loop(l, shared, watch).in_current_span());
+                accepting.spawn(accept_loop(l, tls, shared, watch).in_current_span());
             }
         }
     }
+    if let Some(name) = tls.keys().find(|n| !names.contains(n)) {
+        anyhow::bail!("TLS settings name listener {name:?}, which this worker was not given");
+    }
+    tls.clear();
     notifier.send(&format!(
         "READY=1\nSTATUS=serving generation {generation} on {}\n{}",
         names.join(", "),
@@ -330,7 +338,12 @@ impl Accept for tokio::net::UnixListener {
 
 /// Accepts until the drain begins. Above `max_connections` it stops accepting, so new
 /// connections wait in the shared backlog instead of being refused.
-async fn accept_loop<L: Accept>(listener: L, shared: Arc<Shared>, mut watch: DrainWatch) {
+async fn accept_loop<L: Accept>(
+    listener: L,
+    tls: Option<TlsListener>,
+    shared: Arc<Shared>,
+    mut watch: DrainWatch,
+) {
     loop {
         let permit = tokio::select! {
             permit = shared.slots.clone().acquire_owned() => permit.expect("semaphore never closes"),
@@ -344,8 +357,19 @@ async fn accept_loop<L: Accept>(listener: L, shared: Arc<Shared>, mut watch: Dra
             Ok((io, peer)) => {
                 shared.metrics.add(Global::Accepted, 1);
                 let guard = shared.connections.open();
-                let conn = connection(io, peer, shared.clone(), watch.clone(), guard, permit);
-                tokio::spawn(conn);
+                let (shared, watch) = (shared.clone(), watch.clone());
+                match &tls {
+                    None => tokio::spawn(connection(io, peer, shared, watch, guard, permit)),
+                    Some(tls) => tokio::spawn(crate::tls::serve(
+                        tls.clone(),
+                        io,
+                        peer,
+                        shared,
+                        watch,
+                        guard,
+                        permit,
+                    )),
+                };
             }
             Err(e) => {
                 tracing::warn!("accept failed: {e}");

@@ -4,6 +4,15 @@
 //! [`KEYS`] by the tests below: change a default here and they name the line to change
 //! there. Nothing here reads the environment or the file system.
 
+/// `listener.tls.min_version`: TLS 1.2 and 1.3.
+pub const TLS_MIN_VERSION: &str = "1.2";
+/// `listener.tls.alpn`: the protocols offered, in order of preference.
+pub const TLS_ALPN: &[&str] = &["h2", "http/1.1"];
+/// `listener.tls.handshake_timeout`: a TLS handshake must finish within this.
+pub const TLS_HANDSHAKE_TIMEOUT: &str = "10s";
+/// `listener.tls.session_tickets`: issue session tickets (resumption across upgrades).
+pub const TLS_SESSION_TICKETS: bool = true;
+
 /// `worker.path`: the worker binary, looked up next to the `baton` binary.
 pub const WORKER_PATH: &str = "baton-worker";
 /// `worker.processes`: worker processes per generation.
@@ -101,6 +110,8 @@ pub enum DefaultValue {
     Float(f64),
     /// What writing this string would do (a duration, a path, an HTTP path).
     Str(&'static str),
+    /// What writing this list of strings would do.
+    StrList(&'static [&'static str]),
     /// `$VAR/subdir` when systemd sets `VAR`, else `otherwise` next to the config file.
     FromEnv {
         var: &'static str,
@@ -116,6 +127,12 @@ pub const KEYS: &[(&str, DefaultValue)] = {
     &[
         ("listener.name", Required),
         ("listener.address", Required),
+        ("listener.tls.certificate.chain", Required),
+        ("listener.tls.certificate.key", Required),
+        ("listener.tls.min_version", Str(TLS_MIN_VERSION)),
+        ("listener.tls.alpn", StrList(TLS_ALPN)),
+        ("listener.tls.handshake_timeout", Str(TLS_HANDSHAKE_TIMEOUT)),
+        ("listener.tls.session_tickets", Bool(TLS_SESSION_TICKETS)),
         ("worker.path", Str(WORKER_PATH)),
         ("worker.processes", Int(PROCESSES as u64)),
         ("worker.threads", Int(THREADS as u64)),
@@ -195,6 +212,7 @@ mod tests {
                 Bool(b) => b.to_string(),
                 Float(f) => f.to_string(),
                 Str(s) => format!("`{s:?}`"),
+                StrList(list) => format!("`{list:?}`"),
                 FromEnv {
                     var,
                     subdir,
@@ -211,6 +229,11 @@ mod tests {
                 Bool(b) => Some(toml::Value::Boolean(b)),
                 Float(f) => Some(toml::Value::Float(f)),
                 Str(s) | FromEnv { otherwise: s, .. } => Some(toml::Value::String(s.into())),
+                StrList(list) => Some(toml::Value::Array(
+                    list.iter()
+                        .map(|s| toml::Value::String((*s).into()))
+                        .collect(),
+                )),
             }
         }
     }
@@ -300,6 +323,33 @@ mod tests {
         keys
     }
 
+    /// The keys the example writes in comments (`# key = value`) under a commented-out
+    /// `# [section]` header: the TLS listener, which needs certificate files a fresh clone
+    /// does not have.
+    fn example_commented_keys() -> BTreeMap<String, toml::Value> {
+        let mut keys = BTreeMap::new();
+        let mut current = String::new();
+        for line in EXAMPLE.lines().map(str::trim) {
+            let Some(line) = line.strip_prefix("# ") else {
+                if !line.starts_with('#') {
+                    current.clear();
+                }
+                continue;
+            };
+            let head = line.split(" #").next().unwrap_or(line).trim();
+            if head.starts_with('[') && head.ends_with(']') {
+                current = head.trim_matches(|c| c == '[' || c == ']').to_owned();
+            } else if !current.is_empty()
+                && let Ok(table) = line.parse::<toml::Table>()
+            {
+                for (name, value) in table {
+                    keys.insert(format!("{current}.{name}"), value);
+                }
+            }
+        }
+        keys
+    }
+
     /// The comment on the line that sets `key` in the example (the first such line).
     fn comment_of(key: &str) -> String {
         let (section, name) = key.split_once('.').unwrap();
@@ -328,6 +378,15 @@ mod tests {
             let Some(want) = default.toml() else {
                 continue;
             };
+            if key.starts_with("listener.tls.") {
+                // The TLS listener is commented out: it needs certificate files.
+                assert_eq!(
+                    example_commented_keys().get(key),
+                    Some(&want),
+                    "examples/baton.toml's commented-out TLS listener and {key}'s default"
+                );
+                continue;
+            }
             let Some((value, comment)) = example.get(key) else {
                 panic!("examples/baton.toml lacks {key} (default {want})");
             };
@@ -345,6 +404,12 @@ mod tests {
         let mut accepted = Vec::new();
         for (section, fields) in sections::field_names() {
             for field in fields {
+                // Tables of their own, whose keys are listed under their names.
+                if [("listener", "tls"), ("listener.tls", "certificate")]
+                    .contains(&(section, field))
+                {
+                    continue;
+                }
                 accepted.push(match (section, field) {
                     ("plugins", "settings") => "plugins.settings.NAME".to_owned(),
                     _ => format!("{section}.{field}"),
@@ -373,6 +438,10 @@ mod tests {
             let Some(value) = default.toml() else {
                 continue;
             };
+            if table == "listener" {
+                // A listener's (TLS) keys: see the_tls_defaults_are_the_parsers.
+                continue;
+            }
             if table != section {
                 written.push_str(&format!("[{table}]\n"));
                 section = table;

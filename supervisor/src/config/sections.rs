@@ -7,8 +7,8 @@
 use super::defaults;
 use super::values::{Validator, millis};
 use super::{
-    ConfigError, ListenerConfig, PathContext, PluginsConfig, UpgradeConfig, WorkerConfig,
-    control_path,
+    Address, CertificateFiles, ConfigError, ListenerConfig, PathContext, PluginsConfig, TlsConfig,
+    UpgradeConfig, WorkerConfig, control_path,
 };
 use baton_proto::{HttpSettings, WebSocketSettings};
 use serde::Deserialize;
@@ -45,6 +45,117 @@ pub(super) struct Raw {
 pub(super) struct RawListener {
     name: Spanned<String>,
     address: Option<Spanned<String>>,
+    tls: Option<Spanned<RawTls>>,
+}
+
+/// `[listener.tls]` of one `[[listener]]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawTls {
+    #[serde(default)]
+    certificate: Vec<Spanned<RawCertificate>>,
+    min_version: Option<Spanned<String>>,
+    alpn: Option<Spanned<Vec<String>>>,
+    handshake_timeout: Option<Spanned<String>>,
+    session_tickets: Option<Spanned<bool>>,
+}
+
+/// One `[[listener.tls.certificate]]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawCertificate {
+    chain: Spanned<String>,
+    key: Spanned<String>,
+}
+
+impl RawTls {
+    /// Files resolve against `base`, the config file's directory. Only the settings are
+    /// checked here: the files are read when a generation is prepared (`crate::tls`).
+    fn validate(
+        &self,
+        v: &Validator,
+        at: &Spanned<RawTls>,
+        base: &Path,
+    ) -> Result<TlsConfig, ConfigError> {
+        if self.certificate.is_empty() {
+            return Err(v.invalid(
+                at,
+                "listener.tls.certificate",
+                "a TLS listener needs at least one [[listener.tls.certificate]] with chain and key",
+            ));
+        }
+        let mut certificates = Vec::new();
+        for c in &self.certificate {
+            let file = |value: &Spanned<String>, key: &str| {
+                if value.get_ref().is_empty() {
+                    return Err(v.invalid(value, key, "must not be empty"));
+                }
+                Ok(base.join(value.get_ref()))
+            };
+            certificates.push(CertificateFiles {
+                chain: file(&c.get_ref().chain, "listener.tls.certificate.chain")?,
+                key: file(&c.get_ref().key, "listener.tls.certificate.key")?,
+                line: v.line(c),
+            });
+        }
+        let tls13_only = match self.min_version.as_ref().map(|m| (m, m.get_ref().as_str())) {
+            None | Some((_, "1.2")) => false,
+            Some((_, "1.3")) => true,
+            Some((m, other)) => {
+                return Err(v.invalid(
+                    m,
+                    "listener.tls.min_version",
+                    &format!(
+                        "{other:?}: write \"1.2\" (TLS 1.2 and 1.3) or \"1.3\" (TLS 1.3 only)"
+                    ),
+                ));
+            }
+        };
+        let alpn = match &self.alpn {
+            None => defaults::TLS_ALPN.iter().map(|s| (*s).to_owned()).collect(),
+            Some(list) => {
+                let protocols = list.get_ref();
+                if protocols.is_empty() {
+                    return Err(v.invalid(
+                        list,
+                        "listener.tls.alpn",
+                        "must name at least one protocol",
+                    ));
+                }
+                for (i, p) in protocols.iter().enumerate() {
+                    if !defaults::TLS_ALPN.contains(&p.as_str()) {
+                        return Err(v.invalid(
+                            list,
+                            "listener.tls.alpn",
+                            &format!("{p:?} is not offered: \"h2\" and \"http/1.1\" are"),
+                        ));
+                    }
+                    if protocols[..i].contains(p) {
+                        return Err(v.invalid(
+                            list,
+                            "listener.tls.alpn",
+                            &format!("{p:?} is named twice"),
+                        ));
+                    }
+                }
+                protocols.clone()
+            }
+        };
+        Ok(TlsConfig {
+            certificates,
+            tls13_only,
+            alpn,
+            handshake_timeout: v.duration(
+                &self.handshake_timeout,
+                "listener.tls.handshake_timeout",
+                defaults::TLS_HANDSHAKE_TIMEOUT,
+            )?,
+            session_tickets: self
+                .session_tickets
+                .as_ref()
+                .map_or(defaults::TLS_SESSION_TICKETS, |b| *b.get_ref()),
+        })
+    }
 }
 
 /// Every `[[listener]]`: names and addresses unique, at least one listener. Relative
@@ -83,10 +194,24 @@ pub(super) fn listeners(
                 Some(addr)
             }
         };
+        let tls = match &l.tls {
+            None => None,
+            Some(t) => {
+                if matches!(address, Some(Address::Unix(_))) {
+                    return Err(v.invalid(
+                        t,
+                        "listener.tls",
+                        "TLS is offered on TCP listeners only",
+                    ));
+                }
+                Some(t.get_ref().validate(v, t, base)?)
+            }
+        };
         listeners.push(ListenerConfig {
             name,
             address,
             line,
+            tls,
         });
     }
     if listeners.is_empty() {
@@ -512,6 +637,8 @@ impl RawLog {
 pub(super) fn field_names() -> Vec<(&'static str, Vec<&'static str>)> {
     vec![
         ("listener", fields_of::<RawListener>()),
+        ("listener.tls", fields_of::<RawTls>()),
+        ("listener.tls.certificate", fields_of::<RawCertificate>()),
         ("worker", fields_of::<RawWorker>()),
         ("plugins", fields_of::<RawPlugins>()),
         ("http", fields_of::<RawHttp>()),

@@ -277,8 +277,10 @@ impl Supervisor {
                     .iter()
                     .map(|p| (p.spec.clone(), artifact_index(&p.artifact)))
                     .collect(),
+                tls: set.tls.as_ref().map(|t| t.memfd.as_raw_fd()),
             })
             .collect();
+        fds.extend(sets.iter().filter_map(|s| s.tls));
         let (listeners, all) = self.listeners.export();
         for l in &all {
             fds.extend(l.fds().map(|fd| fd.as_raw_fd()));
@@ -369,6 +371,7 @@ impl Supervisor {
                 waiters,
                 next_waiter: self.next_waiter,
                 request: request.clone(),
+                tickets: Some(self.tickets.clone()),
             },
             core,
         })
@@ -680,6 +683,7 @@ fn state_fds(state: &Handover) -> Vec<RawFd> {
     ];
     fds.extend(shell.metrics.as_ref().map(|m| m.fd));
     fds.extend(shell.artifacts.iter().map(|a| a.fd));
+    fds.extend(shell.sets.iter().filter_map(|s| s.tls));
     fds.extend(shell.waiters.iter().map(|w| w.conn));
     fds.extend(
         shell
@@ -727,6 +731,13 @@ fn take_over(
                     artifact: artifacts[i].clone(),
                 })
                 .collect(),
+            tls: match set.tls {
+                Some(fd) => Some(
+                    crate::tls::describe(take(fd)?)
+                        .map_err(|e| format!("a generation's TLS material: {e}"))?,
+                ),
+                None => None,
+            },
         }));
     }
     let core: Core<Set> =
@@ -792,7 +803,8 @@ fn take_over(
         systemd,
         events.clone(),
     )
-    .with_metrics(metrics_dup);
+    .with_metrics(metrics_dup)
+    .with_tickets(shell.tickets);
     supervisor.cache = cache;
     supervisor.next_waiter = shell.next_waiter;
     for l in shell.launched {

@@ -12,6 +12,7 @@
 pub mod metrics;
 pub mod notify;
 pub mod settings;
+pub mod tls;
 
 pub use metrics::{RouteMetrics, WorkerMetrics};
 pub use notify::{NotifyMessage, Stats, WorkerBuild};

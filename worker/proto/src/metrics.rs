@@ -59,6 +59,13 @@ pub struct WorkerMetrics {
     /// force-close), closed then.
     #[serde(rename = "fc")]
     pub force_closed: u64,
+    /// TLS handshakes completed, and those that failed (a bad or hostile client, a
+    /// protocol or SNI the listener does not offer) or did not finish within
+    /// `handshake_timeout`.
+    #[serde(rename = "th")]
+    pub tls_handshakes: u64,
+    #[serde(rename = "tf")]
+    pub tls_handshake_failures: u64,
 }
 
 /// One route's requests.
@@ -120,6 +127,8 @@ impl WorkerMetrics {
         self.streams_closed += other.streams_closed;
         self.access_log_dropped += other.access_log_dropped;
         self.force_closed += other.force_closed;
+        self.tls_handshakes += other.tls_handshakes;
+        self.tls_handshake_failures += other.tls_handshake_failures;
     }
 
     /// Requests answered, over every route.

@@ -40,6 +40,10 @@ pub struct WorkerSettings {
     /// The access log (`[log] access`), if on; left out of the JSON when off.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub access_log: Option<AccessLogSettings>,
+    /// The TLS listeners; left out of the JSON when there is none. Their certificates,
+    /// keys and ticket keys come in the memfd named by [`crate::tls::ENV_TLS_FD`].
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tls: Vec<crate::tls::TlsSettings>,
 }
 
 /// Where and how a worker writes its access log.
@@ -147,6 +151,7 @@ impl Default for WorkerSettings {
             plugin_settings_json: "{}".to_owned(),
             metrics: false,
             access_log: None,
+            tls: Vec::new(),
         }
     }
 }

@@ -84,6 +84,13 @@ pub fn pidfd_open(pid: u32) -> std::io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
+/// Sets whether this process may be dumped (`PR_SET_DUMPABLE`): off, no core dump is
+/// written and processes of the same user can neither ptrace it nor read its memory
+/// through `/proc/PID/mem` (a worker holding TLS private keys).
+pub fn set_dumpable(dumpable: bool) -> std::io::Result<()> {
+    nix::sys::prctl::set_dumpable(dumpable).map_err(std::io::Error::from)
+}
+
 #[cfg(test)]
 mod tests {
     use super::pidfd_open;
