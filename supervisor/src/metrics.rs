@@ -247,23 +247,23 @@ fn certificates(out: &mut Text, served: &[crate::tls::ListenerCertificates], now
     if served.is_empty() {
         return;
     }
-    for (name, help, days) in [
+    for (name, help, left) in [
         (
             "baton_tls_certificate_not_after_timestamp_seconds",
             "When a served TLS certificate expires (Unix time).",
             false,
         ),
         (
-            "baton_tls_certificate_days_left",
-            "Whole days until a served TLS certificate expires.",
+            "baton_tls_certificate_expiry_remaining_seconds",
+            "Seconds until a served TLS certificate expires (negative once it has).",
             true,
         ),
     ] {
         out.family(name, "gauge", help);
         for l in served {
             for c in &l.certificates {
-                let value = if days {
-                    c.days_left(now) as f64
+                let value = if left {
+                    (c.not_after - unix_seconds(now) as i64) as f64
                 } else {
                     c.not_after as f64
                 };

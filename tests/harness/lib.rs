@@ -10,6 +10,7 @@ pub mod load;
 pub mod procfs;
 pub mod scrape;
 pub mod sdh;
+pub mod tls;
 
 use serde_json::Value;
 use std::path::{Path, PathBuf};
@@ -528,7 +529,7 @@ pub async fn get_unix(socket: &Path, path: &str) -> anyhow::Result<(u16, String)
     request_on(stream, path).await
 }
 
-async fn request_on<S>(stream: S, path: &str) -> anyhow::Result<(u16, String)>
+pub async fn request_on<S>(stream: S, path: &str) -> anyhow::Result<(u16, String)>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {

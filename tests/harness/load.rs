@@ -1,6 +1,7 @@
 //! Load generators that count every answer: keep-alive HTTP/1.1 connections, HTTP/1.0
 //! keep-alive connections (as `ab -k` speaks it), a client that opens a new connection
-//! per request, and HTTP/2 (prior knowledge) clients.
+//! per request, and HTTP/2 (prior knowledge) clients; the keep-alive and per-request ones
+//! over TLS too (`LoadSpec::tls`).
 //!
 //! The clients follow HTTP: a response with `Connection: close` ends its connection (an
 //! HTTP/1.0 one is reused only if its answer says `keep-alive`), a connection the server
@@ -36,6 +37,33 @@ pub struct LoadSpec {
     /// Count a complete 5xx answer in [`Counts::server_errors`] instead of as a failed
     /// request (a test of a release that answers 500 on purpose).
     pub server_errors_apart: bool,
+    /// Speak TLS (the keep-alive and per-request clients; the others are not started).
+    pub tls: Option<TlsTarget>,
+}
+
+/// What TLS clients connect with: their config, and the name they ask for (SNI).
+#[derive(Debug, Clone)]
+pub struct TlsTarget {
+    pub config: Arc<rustls::ClientConfig>,
+    pub name: String,
+}
+
+/// A client connection, plain or TLS.
+trait Stream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Stream for T {}
+
+/// Connects to `addr`, and shakes hands when `tls` says so.
+async fn connect(addr: SocketAddr, tls: &Option<TlsTarget>) -> std::io::Result<Box<dyn Stream>> {
+    let tcp = TcpStream::connect(addr).await?;
+    let Some(tls) = tls else {
+        return Ok(Box::new(tcp));
+    };
+    let name =
+        rustls::pki_types::ServerName::try_from(tls.name.clone()).map_err(std::io::Error::other)?;
+    let stream = tokio_rustls::TlsConnector::from(tls.config.clone())
+        .connect(name, tcp)
+        .await?;
+    Ok(Box::new(stream))
 }
 
 impl Default for LoadSpec {
@@ -48,6 +76,7 @@ impl Default for LoadSpec {
             path: "/_baton/health".into(),
             max_duration: Duration::from_secs(240),
             server_errors_apart: false,
+            tls: None,
         }
     }
 }
@@ -166,13 +195,15 @@ impl Load {
         for _ in 0..spec.keepalive {
             tasks.push(tokio::spawn(keepalive(
                 addr,
+                spec.tls.clone(),
                 spec.path.clone(),
                 stop.clone(),
                 deadline,
                 apart,
             )));
         }
-        for _ in 0..spec.keepalive_10 {
+        let plain_only = if spec.tls.is_some() { 0 } else { 1 };
+        for _ in 0..spec.keepalive_10 * plain_only {
             tasks.push(tokio::spawn(keepalive_10(
                 addr,
                 spec.path.clone(),
@@ -183,13 +214,14 @@ impl Load {
         for _ in 0..spec.per_request {
             tasks.push(tokio::spawn(per_request(
                 addr,
+                spec.tls.clone(),
                 spec.path.clone(),
                 stop.clone(),
                 deadline,
                 apart,
             )));
         }
-        if spec.h2 > 0 {
+        if spec.h2 * plain_only > 0 {
             let client = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
                 .http2_only(true)
                 .build_http::<Empty<Bytes>>();
@@ -230,6 +262,7 @@ fn get(path: &str, close: bool) -> Request<Empty<Bytes>> {
 
 async fn keepalive(
     addr: SocketAddr,
+    tls: Option<TlsTarget>,
     path: String,
     stop: Arc<AtomicBool>,
     deadline: Instant,
@@ -237,7 +270,7 @@ async fn keepalive(
 ) -> Counts {
     let mut c = Counts::default();
     'connection: while running(&stop, deadline) {
-        let stream = match TcpStream::connect(addr).await {
+        let stream = match connect(addr, &tls).await {
             Ok(s) => s,
             Err(e) => {
                 c.fail(format!("keep-alive connect: {e}"));
@@ -442,6 +475,7 @@ async fn exchange_10(stream: &mut TcpStream, request: &str) -> Result<Answer10, 
 
 async fn per_request(
     addr: SocketAddr,
+    tls: Option<TlsTarget>,
     path: String,
     stop: Arc<AtomicBool>,
     deadline: Instant,
@@ -450,7 +484,7 @@ async fn per_request(
     let mut c = Counts::default();
     while running(&stop, deadline) {
         let attempt = async {
-            let stream = TcpStream::connect(addr)
+            let stream = connect(addr, &tls)
                 .await
                 .map_err(|e| format!("connect: {e}"))?;
             let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))

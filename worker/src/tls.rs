@@ -22,7 +22,6 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use std::collections::HashMap;
-use std::io::Read;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::OwnedSemaphorePermit;
@@ -116,10 +115,20 @@ fn read_bundle(fd: &str) -> anyhow::Result<TlsBundle> {
     );
     let owned = baton_sys::inherit::adopt(raw)
         .with_context(|| format!("{}={raw}", baton_proto::tls::ENV_TLS_FD))?;
+    // Every worker of the generation has this same open file (one offset): read by
+    // position, from the start.
+    let file = std::fs::File::from(owned);
     let mut bytes = Vec::new();
-    std::fs::File::from(owned)
-        .read_to_end(&mut bytes)
-        .context("reading the TLS material")?;
+    let mut chunk = [0u8; 16 * 1024];
+    loop {
+        let n = std::os::unix::fs::FileExt::read_at(&file, &mut chunk, bytes.len() as u64)
+            .context("reading the TLS material")?;
+        if n == 0 {
+            break;
+        }
+        bytes.extend_from_slice(&chunk[..n]);
+    }
+    drop(file);
     TlsBundle::from_json(&bytes).context("the TLS material does not parse")
 }
 
