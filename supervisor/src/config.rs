@@ -350,6 +350,110 @@ mod tests {
         assert_eq!(c.listeners[2].address, None);
     }
 
+    const TLS: &str =
+        "[[listener]]\nname = \"https\"\naddress = \"127.0.0.1:8443\"\n[listener.tls]\n";
+    const CERT: &str = "[[listener.tls.certificate]]\nchain = \"tls/a.pem\"\nkey = \"tls/a.key\"\n";
+
+    #[test]
+    fn a_tls_listener_takes_its_defaults_and_resolves_its_files() {
+        let c = parse(&format!("{TLS}{CERT}{CERT}")).unwrap();
+        let tls = c.listeners[0].tls.as_ref().unwrap();
+        assert_eq!(tls.certificates.len(), 2);
+        assert_eq!(
+            tls.certificates[0].chain,
+            PathBuf::from("/etc/baton/tls/a.pem")
+        );
+        assert_eq!(
+            tls.certificates[0].key,
+            PathBuf::from("/etc/baton/tls/a.key")
+        );
+        assert_eq!(tls.certificates[0].line, 5);
+        assert!(!tls.tls13_only && tls.session_tickets);
+        assert_eq!(tls.alpn, ["h2", "http/1.1"]);
+        assert_eq!(tls.handshake_timeout, Duration::from_secs(10));
+        let settings = c.worker_settings(Vec::new());
+        assert_eq!(settings.tls.len(), 1);
+        assert_eq!(settings.tls[0].listener, "https");
+        assert_eq!(settings.tls[0].handshake_timeout_ms, 10_000);
+        // Without TLS, workers are told nothing of it (older workers read the settings).
+        let plain = parse(MINIMAL).unwrap().worker_settings(Vec::new());
+        assert!(!plain.to_json().contains("tls"));
+        let c = parse(&format!(
+            "{TLS}min_version = \"1.3\"\nalpn = [\"http/1.1\"]\nsession_tickets = false\n{CERT}"
+        ))
+        .unwrap();
+        let tls = c.listeners[0].tls.as_ref().unwrap();
+        assert!(tls.tls13_only && !tls.session_tickets);
+        assert_eq!(tls.alpn, ["http/1.1"]);
+    }
+
+    #[test]
+    fn bad_tls_settings_name_the_key_and_line() {
+        for (text, key, line, says) in [
+            (
+                format!("{TLS}"),
+                "listener.tls.certificate",
+                4,
+                "at least one",
+            ),
+            (
+                format!("{TLS}min_version = \"1.1\"\n{CERT}"),
+                "listener.tls.min_version",
+                5,
+                "\"1.1\"",
+            ),
+            (
+                format!("{TLS}alpn = [\"h3\"]\n{CERT}"),
+                "listener.tls.alpn",
+                5,
+                "\"h3\" is not offered",
+            ),
+            (
+                format!("{TLS}alpn = []\n{CERT}"),
+                "listener.tls.alpn",
+                5,
+                "at least one",
+            ),
+            (
+                format!("{TLS}alpn = [\"h2\", \"h2\"]\n{CERT}"),
+                "listener.tls.alpn",
+                5,
+                "twice",
+            ),
+            (
+                format!("{TLS}handshake_timeout = \"soon\"\n{CERT}"),
+                "listener.tls.handshake_timeout",
+                5,
+                "not a duration",
+            ),
+            (
+                format!("{TLS}[[listener.tls.certificate]]\nchain = \"\"\nkey = \"k\"\n"),
+                "listener.tls.certificate.chain",
+                6,
+                "must not be empty",
+            ),
+            (
+                format!(
+                    "[[listener]]\nname = \"u\"\naddress = \"unix:u.sock\"\n[listener.tls]\n{CERT}"
+                ),
+                "listener.tls",
+                4,
+                "TCP listeners only",
+            ),
+        ] {
+            let msg = parse(&text).unwrap_err().to_string();
+            let want = format!("/etc/baton/baton.toml:{line}: {key}:");
+            assert!(
+                msg.starts_with(&want) && msg.contains(says),
+                "{text}\n→ {msg}"
+            );
+        }
+        let msg = parse(&format!("{TLS}{CERT}ciphers = \"all\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("ciphers"), "{msg}");
+    }
+
     #[test]
     fn unknown_key_names_key_and_line() {
         let err = parse(&format!(
