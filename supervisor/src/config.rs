@@ -391,7 +391,7 @@ mod tests {
     fn bad_tls_settings_name_the_key_and_line() {
         for (text, key, line, says) in [
             (
-                format!("{TLS}"),
+                TLS.to_string(),
                 "listener.tls.certificate",
                 4,
                 "at least one",
