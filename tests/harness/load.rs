@@ -37,11 +37,13 @@ pub struct LoadSpec {
     /// Count a complete 5xx answer in [`Counts::server_errors`] instead of as a failed
     /// request (a test of a release that answers 500 on purpose).
     pub server_errors_apart: bool,
-    /// Speak TLS (the keep-alive and per-request clients; the others are not started).
+    /// Speak TLS: the keep-alive and per-request clients, and `h2` clients over TLS with
+    /// ALPN (the HTTP/1.0 ones are not started).
     pub tls: Option<TlsTarget>,
 }
 
-/// What TLS clients connect with: their config, and the name they ask for (SNI).
+/// What TLS clients connect with: their config (its ALPN for HTTP/1.1; the `h2` clients
+/// offer `h2` only), and the name they ask for (SNI).
 #[derive(Debug, Clone)]
 pub struct TlsTarget {
     pub config: Arc<rustls::ClientConfig>,
@@ -203,6 +205,18 @@ impl Load {
             )));
         }
         let plain_only = if spec.tls.is_some() { 0 } else { 1 };
+        if let Some(tls) = &spec.tls {
+            for _ in 0..spec.h2 {
+                tasks.push(tokio::spawn(h2_tls(
+                    addr,
+                    tls.clone(),
+                    spec.path.clone(),
+                    stop.clone(),
+                    deadline,
+                    apart,
+                )));
+            }
+        }
         for _ in 0..spec.keepalive_10 * plain_only {
             tasks.push(tokio::spawn(keepalive_10(
                 addr,
@@ -544,6 +558,83 @@ async fn h2(
             Ok(Ok(Answer::ServerError(body))) => c.record_answer(&body, true, false),
             Ok(Err(e)) => c.fail(format!("h2 {e}")),
             Err(_) => c.fail("h2 timed out".into()),
+        }
+    }
+    c
+}
+
+/// HTTP/2 over TLS (ALPN `h2`, as browsers speak it): one connection at a time, requests
+/// one after another. A connection the server is closing (GOAWAY) is replaced, and a
+/// stream it refused is sent again on the new one.
+async fn h2_tls(
+    addr: SocketAddr,
+    tls: TlsTarget,
+    path: String,
+    stop: Arc<AtomicBool>,
+    deadline: Instant,
+    apart: bool,
+) -> Counts {
+    let mut c = Counts::default();
+    let mut config = (*tls.config).clone();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let target = Some(TlsTarget {
+        config: Arc::new(config),
+        name: tls.name.clone(),
+    });
+    let url = format!("https://{}{path}", tls.name);
+    'connection: while running(&stop, deadline) {
+        let stream = match connect(addr, &target).await {
+            Ok(s) => s,
+            Err(e) => {
+                c.fail(format!("h2 TLS connect: {e}"));
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        let (mut sender, conn) =
+            match hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+                .await
+            {
+                Ok(x) => x,
+                Err(e) => {
+                    c.fail(format!("h2 TLS handshake: {e}"));
+                    continue;
+                }
+            };
+        tokio::spawn(conn);
+        while running(&stop, deadline) {
+            if sender.ready().await.is_err() {
+                // Closed by the server (GOAWAY) before this request: open another.
+                c.reconnects += 1;
+                continue 'connection;
+            }
+            let request = Request::get(url.as_str())
+                .body(Empty::<Bytes>::new())
+                .expect("request");
+            let response =
+                match tokio::time::timeout(REQUEST_TIMEOUT, sender.send_request(request)).await {
+                    Err(_) => {
+                        c.fail("h2 TLS request timed out".into());
+                        continue 'connection;
+                    }
+                    Ok(Err(e)) if refused_by_goaway(&e) => {
+                        c.reconnects += 1;
+                        continue 'connection;
+                    }
+                    Ok(Err(e)) => {
+                        c.fail(format!("h2 TLS request: {e:?}"));
+                        continue 'connection;
+                    }
+                    Ok(Ok(r)) => r,
+                };
+            match success_body(response, apart).await {
+                Ok(Answer::Ok(body)) => {
+                    c.ok_h2 += 1;
+                    c.record_answer(&body, false, false);
+                }
+                Ok(Answer::ServerError(body)) => c.record_answer(&body, true, false),
+                Err(e) => c.fail(format!("h2 TLS {e}")),
+            }
         }
     }
     c
