@@ -135,11 +135,55 @@ fn read_bundle(fd: &str) -> anyhow::Result<TlsBundle> {
 /// Chooses a listener's certificate by SNI: an exact DNS name, then a wildcard covering
 /// one label (`*.example.org` covers `a.example.org`), else the first certificate.
 #[derive(Debug)]
-struct SniResolver {
-    default: Arc<CertifiedKey>,
-    exact: HashMap<String, Arc<CertifiedKey>>,
-    wildcard: HashMap<String, Arc<CertifiedKey>>,
+struct SniTable<T> {
+    default: T,
+    exact: HashMap<String, T>,
+    wildcard: HashMap<String, T>,
 }
+
+impl<T: Clone> SniTable<T> {
+    /// `entries`: each certificate with its names, the default first (none: `None`).
+    fn new<'a>(entries: impl IntoIterator<Item = (T, &'a [String])>) -> Option<Self> {
+        let mut entries = entries.into_iter().peekable();
+        let default = entries.peek()?.0.clone();
+        let (mut exact, mut wildcard) = (HashMap::new(), HashMap::new());
+        for (value, names) in entries {
+            for name in names {
+                let name = name.to_ascii_lowercase();
+                // The first certificate naming it wins, in the config's order.
+                match name.strip_prefix("*.") {
+                    Some(parent) => wildcard.entry(parent.to_owned()),
+                    None => exact.entry(name),
+                }
+                .or_insert_with(|| value.clone());
+            }
+        }
+        Some(Self {
+            default,
+            exact,
+            wildcard,
+        })
+    }
+
+    fn choose(&self, sni: Option<&str>) -> &T {
+        let Some(name) = sni.map(str::to_ascii_lowercase) else {
+            return &self.default;
+        };
+        if let Some(value) = self.exact.get(&name) {
+            return value;
+        }
+        if let Some((_, parent)) = name.split_once('.')
+            && let Some(value) = self.wildcard.get(parent)
+        {
+            return value;
+        }
+        &self.default
+    }
+}
+
+/// A listener's certificates, chosen by [`SniTable`].
+#[derive(Debug)]
+struct SniResolver(SniTable<Arc<CertifiedKey>>);
 
 impl SniResolver {
     fn new(material: &baton_proto::tls::ListenerMaterial) -> anyhow::Result<Self> {
@@ -152,47 +196,18 @@ impl SniResolver {
                 .with_context(|| format!("private key {}", c.key_file))?;
             let signing = rustls::crypto::aws_lc_rs::sign::any_supported_type(&key)
                 .with_context(|| format!("private key {}", c.key_file))?;
-            keys.push((Arc::new(CertifiedKey::new(chain, signing)), &c.names));
+            keys.push((
+                Arc::new(CertifiedKey::new(chain, signing)),
+                c.names.as_slice(),
+            ));
         }
-        let default = keys.first().context("no certificate")?.0.clone();
-        let (mut exact, mut wildcard) = (HashMap::new(), HashMap::new());
-        for (key, names) in &keys {
-            for name in names.iter() {
-                let name = name.to_ascii_lowercase();
-                // The first certificate naming it wins, as in the config's order.
-                match name.strip_prefix("*.") {
-                    Some(parent) => wildcard.entry(parent.to_owned()),
-                    None => exact.entry(name),
-                }
-                .or_insert_with(|| key.clone());
-            }
-        }
-        Ok(Self {
-            default,
-            exact,
-            wildcard,
-        })
-    }
-
-    fn choose(&self, sni: Option<&str>) -> Arc<CertifiedKey> {
-        let Some(name) = sni.map(str::to_ascii_lowercase) else {
-            return self.default.clone();
-        };
-        if let Some(key) = self.exact.get(&name) {
-            return key.clone();
-        }
-        if let Some((_, parent)) = name.split_once('.')
-            && let Some(key) = self.wildcard.get(parent)
-        {
-            return key.clone();
-        }
-        self.default.clone()
+        SniTable::new(keys).map(Self).context("no certificate")
     }
 }
 
 impl ResolvesServerCert for SniResolver {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        Some(self.choose(hello.server_name()))
+        Some(self.0.choose(hello.server_name()).clone())
     }
 }
 
@@ -389,6 +404,35 @@ mod tests {
                 .unwrap()
                 .as_secs(),
         )
+    }
+
+    #[test]
+    fn sni_picks_exact_names_then_one_label_wildcards_then_the_first() {
+        let names = |list: &[&str]| list.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+        let (a, b, c) = (
+            names(&["a.test", "www.a.test"]),
+            names(&["*.b.test", "b.test"]),
+            names(&["A.TEST", "*.a.test"]),
+        );
+        let t = SniTable::new([
+            ("a", a.as_slice()),
+            ("b", b.as_slice()),
+            ("c", c.as_slice()),
+        ])
+        .unwrap();
+        assert_eq!(*t.choose(None), "a", "no SNI: the first");
+        assert_eq!(*t.choose(Some("WWW.A.test")), "a", "case does not matter");
+        assert_eq!(*t.choose(Some("b.test")), "b");
+        assert_eq!(
+            *t.choose(Some("x.b.test")),
+            "b",
+            "a wildcard covers one label"
+        );
+        assert_eq!(*t.choose(Some("y.x.b.test")), "a", "not two");
+        assert_eq!(*t.choose(Some("a.test")), "a", "the first naming it wins");
+        assert_eq!(*t.choose(Some("m.a.test")), "c");
+        assert_eq!(*t.choose(Some("other.test")), "a");
+        assert!(SniTable::<&str>::new([]).is_none());
     }
 
     #[test]
