@@ -412,3 +412,43 @@ pub fn ticket_keys_at(keys: &TicketKeys, now: SystemTime) -> TicketKeys {
     keys.at(baton_proto::tls::period_of(unix(now) as u64))
         .unwrap_or_else(|| keys.clone())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn at(secs: i64) -> SystemTime {
+        UNIX_EPOCH + Duration::from_secs(secs as u64)
+    }
+
+    #[test]
+    fn days_left_are_whole_days_and_negative_once_expired() {
+        let c = CertificateInfo {
+            chain: String::new(),
+            key: String::new(),
+            subject: String::new(),
+            names: Vec::new(),
+            not_before: 0,
+            not_after: 30 * 86_400,
+            sha256: String::new(),
+        };
+        assert_eq!(c.days_left(at(0)), 30);
+        assert_eq!(c.days_left(at(86_400 + 1)), 28, "29 days less a second");
+        assert_eq!(c.days_left(at(30 * 86_400)), 0);
+        assert_eq!(c.days_left(at(30 * 86_400 + 1)), -1);
+        assert_eq!(time_text(30 * 86_400), "1970-01-31T00:00:00Z");
+    }
+
+    #[test]
+    fn ticket_keys_move_with_the_clock_and_stay_when_it_goes_back() {
+        let period = baton_proto::tls::TICKET_PERIOD_SECS as i64;
+        let start = new_ticket_chain(at(10 * period)).unwrap();
+        assert_eq!(start.period, 10);
+        let later = ticket_keys_at(&start, at(12 * period + 5));
+        assert_eq!(later.period, 12);
+        assert_eq!(later, start.at(12).unwrap());
+        assert_eq!(ticket_keys_at(&later, at(3 * period)), later);
+        assert_ne!(new_ticket_chain(at(0)).unwrap().current, start.current);
+    }
+}
