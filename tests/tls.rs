@@ -8,7 +8,7 @@
 
 use baton_tests::load::{Load, LoadSpec, TlsTarget};
 use baton_tests::tls::{Ca, Issued, KeyKind, VALID, handshake, listener, write};
-use baton_tests::{Baton, TestConfig, free_port, heavy, request_on};
+use baton_tests::{Baton, TestConfig, free_port, heavy, request_on, traversable_tempdir};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -21,24 +21,10 @@ struct Tls {
     tls_port: u16,
 }
 
-/// The certificate directory: private to root (or the test's user), as Baton asks.
-fn cert_dir() -> tempfile::TempDir {
-    let dir = tempfile::Builder::new()
-        .prefix("baton-tls")
-        .tempdir()
-        .unwrap();
-    std::fs::set_permissions(
-        dir.path(),
-        std::os::unix::fs::PermissionsExt::from_mode(0o755),
-    )
-    .unwrap();
-    dir
-}
-
 /// Starts Baton with `certs` (name, certificate) on its TLS listener, plus `tls` lines
 /// in `[listener.tls]` and `extra` config.
 async fn start(certs: &[(&str, Issued)], tls: &str, config: TestConfig, ca: Ca) -> Tls {
-    let dir = cert_dir();
+    let dir = traversable_tempdir("baton-tls");
     let files: Vec<(PathBuf, PathBuf)> = certs
         .iter()
         .map(|(name, issued)| write(dir.path(), name, issued))
@@ -423,7 +409,7 @@ async fn workers_running_as_another_user_serve_tls_without_reading_the_key() {
         eprintln!("skipping: needs root to run workers as nobody");
         return;
     }
-    let bin = cert_dir();
+    let bin = traversable_tempdir("baton-bin");
     let worker = bin.path().join("baton-worker");
     std::fs::copy(&baton_tests::bins().worker, &worker).unwrap();
     let ca = Ca::new();

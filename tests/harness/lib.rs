@@ -247,17 +247,9 @@ impl Baton {
 
     /// Starts `baton run` without waiting; `env` is added to its environment.
     pub async fn spawn(config: TestConfig, env: &[(&str, &str)]) -> Baton {
-        let dir = tempfile::Builder::new()
-            .prefix("baton-test")
-            .tempdir()
-            .expect("temp dir");
         // Traversable by every user, so that workers running as `worker.user` reach the
         // notify socket and the plugin cache.
-        std::fs::set_permissions(
-            dir.path(),
-            std::os::unix::fs::PermissionsExt::from_mode(0o755),
-        )
-        .expect("chmod temp dir");
+        let dir = traversable_tempdir("baton-test");
         let config_path = dir.path().join("baton.toml");
         std::fs::write(&config_path, config.render()).expect("write config");
         let log_path = dir.path().join("baton.log");
@@ -508,6 +500,22 @@ pub fn slow_start_worker_script(dir: &Path, delay: &str) -> PathBuf {
     .expect("write wrapper");
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod wrapper");
     path
+}
+
+/// A temporary directory every user may enter (mode 0755), for files a worker running
+/// as `worker.user` must reach, or that Baton checks like its own (parents not writable
+/// by others).
+pub fn traversable_tempdir(prefix: &str) -> tempfile::TempDir {
+    let dir = tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir()
+        .expect("temp dir");
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .expect("chmod temp dir");
+    dir
 }
 
 /// Serialises tests that put the machine under load, so that two of them never compete

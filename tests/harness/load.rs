@@ -68,6 +68,23 @@ async fn connect(addr: SocketAddr, tls: &Option<TlsTarget>) -> std::io::Result<B
     Ok(Box::new(stream))
 }
 
+/// [`connect`]; a failure is counted (as `what`'s) and paused after, briefly.
+async fn connect_counted(
+    addr: SocketAddr,
+    tls: &Option<TlsTarget>,
+    c: &mut Counts,
+    what: &str,
+) -> Option<Box<dyn Stream>> {
+    match connect(addr, tls).await {
+        Ok(s) => Some(s),
+        Err(e) => {
+            c.fail(format!("{what} connect: {e}"));
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            None
+        }
+    }
+}
+
 impl Default for LoadSpec {
     fn default() -> Self {
         Self {
@@ -284,13 +301,8 @@ async fn keepalive(
 ) -> Counts {
     let mut c = Counts::default();
     'connection: while running(&stop, deadline) {
-        let stream = match connect(addr, &tls).await {
-            Ok(s) => s,
-            Err(e) => {
-                c.fail(format!("keep-alive connect: {e}"));
-                tokio::time::sleep(Duration::from_millis(10)).await;
-                continue;
-            }
+        let Some(stream) = connect_counted(addr, &tls, &mut c, "keep-alive").await else {
+            continue;
         };
         let (mut sender, conn) =
             match hyper::client::conn::http1::handshake(TokioIo::new(stream)).await {
@@ -583,13 +595,8 @@ async fn h2_tls(
     });
     let url = format!("https://{}{path}", tls.name);
     'connection: while running(&stop, deadline) {
-        let stream = match connect(addr, &target).await {
-            Ok(s) => s,
-            Err(e) => {
-                c.fail(format!("h2 TLS connect: {e}"));
-                tokio::time::sleep(Duration::from_millis(10)).await;
-                continue;
-            }
+        let Some(stream) = connect_counted(addr, &target, &mut c, "h2 TLS").await else {
+            continue;
         };
         let (mut sender, conn) =
             match hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
@@ -617,7 +624,9 @@ async fn h2_tls(
                         c.fail("h2 TLS request timed out".into());
                         continue 'connection;
                     }
-                    Ok(Err(e)) if refused_by_goaway(&e) => {
+                    // Refused by the GOAWAY, or never sent (the connection ended first,
+                    // hyper's `Canceled`): the request was not processed; send it again.
+                    Ok(Err(e)) if refused_by_goaway(&e) || e.is_canceled() => {
                         c.reconnects += 1;
                         continue 'connection;
                     }
