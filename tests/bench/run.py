@@ -6,10 +6,10 @@ One run installs what it needs (wrk, nginx, haproxy, golang-go and tableflip fro
 packages; the Go server is built offline from tests/bench/http_tableflip.go), builds Baton
 in release mode, then runs every scenario for every server, alternating them, and prints
 one table plus a JSON file. Everything binds to 127.0.0.1 and every step is bounded in
-time. `--quick` shortens every scenario (under 4 minutes in all instead of about 11;
+time. `--quick` shortens (a) to (c) (under 6 minutes in all instead of about 14;
 the variants of (a) add 40 s each).
 
-    python3 tests/bench/run.py [--quick] [--json PATH] [--only a,b,c,d,e]
+    python3 tests/bench/run.py [--quick] [--json PATH] [--only a,b,c,d,e,f] [--conns 1000,5000,15000]
 
 Scenarios:
   a  steady throughput and latency: wrk -t2 -c64, keep-alive and Connection: close
@@ -26,6 +26,13 @@ Scenarios:
      answers; WINCH and QUIT to the old master, whose pid the new one does not keep)
   d  RSS and PSS of every process, idle and holding 1,000 connections
   e  10,000 keep-alive connections (wrk -c10000) carried across 5 upgrades
+  f  idle keep-alive connections (HTTP/1.1, one request each) held at 1,000, 5,000 and
+     15,000 (--conns): the workers' RSS and PSS per connection; then one upgrade with
+     15,000 held: how they were closed (FIN or reset, as the client sees it), when the
+     old workers were gone, and the clients reconnecting at once (peak per 100 ms,
+     failures). Baton, nginx and go-tableflip; bare hyper for memory only
+Each server is sized for the connections a scenario holds, as its users would size it
+(SCENARIO_CONNS: nginx's worker_connections, HAProxy's maxconn, Baton's max_connections).
 Variants, measured in (a) only, next to the server they vary: baton-metrics ([metrics]
 on, scraped every second), baton-log-combined / baton-log-json (the access log to a
 file), nginx-log (nginx's access_log to a file, combined format).
@@ -46,6 +53,8 @@ import sys
 import tempfile
 import threading
 import time
+
+import idle_conns
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 RELEASE = os.path.join(ROOT, "target", "release")
@@ -183,8 +192,15 @@ def get(port, path, timeout=2.0):
 
 # ------------------------------------------------------------------------- servers
 
+# The most connections each scenario holds at once. Every server is sized for it the way its
+# own users size it for that load: nginx's worker_connections, HAProxy's maxconn, Baton's
+# http.max_connections (the Go server has no such knob). docs/BENCHMARKS.md says why.
+SCENARIO_CONNS = {"a": 64, "b": 32, "c": 32, "c_self": 32, "d": 1000, "e": 10000, "f": 15000}
+
+
 class Server:
-    """A server under test. `upgrades` names how it is upgraded (None: it is not)."""
+    """A server under test. `upgrades` names how it is upgraded (None: it is not).
+    `conns`: the most connections the scenario holds at once (the server is sized for it)."""
     name = "?"
     path = "/"
     upgrade_kind = None
@@ -194,6 +210,7 @@ class Server:
         self.dir = tempfile.mkdtemp(prefix=f"bench-{self.name}-")
         self.port = free_port()
         self.proc = None
+        self.conns = 64
 
     def ready(self):
         r = get(self.port, self.path, timeout=0.5)
@@ -205,6 +222,13 @@ class Server:
             raise RuntimeError(f"{self.name} did not start")
         # Every worker up before anything is measured (the first to answer is not all).
         wait_until(lambda: len(self.worker_pids()) >= self.workers, 10, 0.02)
+
+    def upgrade_start(self):
+        """Starts an upgrade without waiting for it (scenario f)."""
+        self.upgrade()
+
+    def upgrade_finish(self):
+        pass
 
     def answering_pid(self):
         """The worker pid that answers a fresh connection."""
@@ -317,7 +341,7 @@ path = "{RELEASE}/baton-worker"
 processes = {BATON_PROCESSES}
 threads = {BATON_THREADS}
 drain_timeout = "10s"
-[plugins]
+{self.http_section()}[plugins]
 dir = "{plugins}"
 [control]
 socket = "{self.control_socket}"
@@ -331,6 +355,13 @@ socket = "{self.control_socket}"
         if self.metrics_port:
             self.scraper = threading.Thread(target=self.scrape_every_second, daemon=True)
             self.scraper.start()
+
+    def http_section(self):
+        """The default max_connections (10,000 per worker) for up to 5,000 connections; above
+        that, room for the scenario's connections under the fd limit (e and f)."""
+        if self.conns <= 5000:
+            return ""
+        return f"[http]\nmax_connections = {min(18000, fd_budget() - 2000)}\n"
 
     def scrape_every_second(self):
         """What a Prometheus scraping every second costs, for as long as the server runs
@@ -383,7 +414,10 @@ def control(path, request, timeout=5.0):
 
 
 class Nginx(Server):
-    """nginx 1.22, 2 workers, `return 200`. kind: "HUP" (reload) or "binary" (USR2/WINCH/QUIT)."""
+    """nginx 1.22, 2 workers, `return 200`. kind: "HUP" (reload) or "binary" (USR2/WINCH/QUIT).
+    worker_connections 4096 for up to 4,000 connections; above that 20,000 (the fd limit), as
+    a user expecting 10,000 or 15,000 connections would set it (a worker preallocates its
+    connection slots, so a larger value costs memory and time at every reload)."""
 
     workers = 2
 
@@ -401,11 +435,12 @@ class Nginx(Server):
             os.makedirs(os.path.join(self.dir, d))
         self.conf = os.path.join(self.dir, "nginx.conf")
         with open(self.conf, "w") as f:
+            big = self.conns > 4000
+            rlimit = f"worker_rlimit_nofile {fd_budget()};\n" if big else ""
             f.write(f"""worker_processes 2;
-worker_rlimit_nofile {fd_budget()};
-pid {self.dir}/nginx.pid;
+{rlimit}pid {self.dir}/nginx.pid;
 error_log {self.dir}/logs/error.log warn;
-events {{ worker_connections 20000; }}
+events {{ worker_connections {min(20000, fd_budget()) if big else 4096}; }}
 http {{
     access_log {f"{self.dir}/logs/access.log combined" if self.access_log else "off"};
     client_body_temp_path {self.dir}/tmp;
@@ -479,9 +514,15 @@ http {{
 
 
 class HAProxy(Server):
-    """HAProxy 2.6 in master-worker mode, 2 threads, `http-request return`; reload: USR2."""
+    """HAProxy 2.6 in master-worker mode, 2 threads, `http-request return`; reload: USR2.
+    maxconn 4096 for up to 4,000 connections; above that as many as the fd limit allows:
+    HAProxy counts two fds per connection (a proxy's two sides) and refuses to start when
+    ulimit-n is below that (9,900 with a limit of 20,000)."""
     name = "haproxy"
     upgrade_kind = "USR2"
+
+    def maxconn(self):
+        return 4096 if self.conns <= 4000 else fd_budget() // 2 - 100
 
     def launch(self):
         self.conf = os.path.join(self.dir, "haproxy.cfg")
@@ -489,7 +530,7 @@ class HAProxy(Server):
             f.write(f"""global
     master-worker
     nbthread 2
-    maxconn {fd_budget() // 2 - 100}
+    maxconn {self.maxconn()}
     ulimit-n {fd_budget()}
 defaults
     mode http
@@ -511,6 +552,13 @@ frontend fe
 # Servers that are another server with one feature on, compared with it in (a).
 VARIANTS = {"baton-metrics": "baton", "baton-log-combined": "baton", "baton-log-json": "baton",
             "nginx-log": "nginx"}
+
+
+# (f) holds up to 15,000 connections: the bare server (memory only, the ceiling), Baton, nginx
+# (HUP) and the Go stack. HAProxy cannot take 15,000 under this machine's fd limit (its
+# maxconn counts two fds per connection); nginx's binary upgrade closes idle connections
+# as its HUP does.
+F_SERVERS = ("hyper", "baton", "nginx", "go-tableflip")
 
 
 TABLEFLIP_SRC = "/usr/share/gocode/src/github.com/cloudflare/tableflip"
@@ -583,8 +631,15 @@ class GoTableflip(Server):
             return False
 
     def upgrade(self):
-        old = self.current()
-        os.kill(old, signal.SIGUSR2)
+        self.upgrade_start()
+        self.upgrade_finish()
+
+    def upgrade_start(self):
+        self.upgrading = self.current()
+        os.kill(self.upgrading, signal.SIGUSR2)
+
+    def upgrade_finish(self):
+        old = self.upgrading
         # The new process writes the PID file once it is ready (tableflip's Ready).
         if not wait_until(lambda: self.current() not in (0, old), 20, 0.002):
             raise RuntimeError(f"go-tableflip: no new process after SIGUSR2 to {old}")
@@ -929,6 +984,134 @@ def scenario_e(server, conns, upgrades):
     return r
 
 
+def kernel_memory():
+    """Kernel memory that grows with sockets, KiB: slab (struct sock, file, epoll items, ...)
+    and TCP's buffers (sockstat's mem, in pages). System-wide; on loopback both ends count."""
+    slab = tcp = 0
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("Slab:"):
+                slab = int(line.split()[1])
+    with open("/proc/net/sockstat") as f:
+        for line in f:
+            if line.startswith("TCP:"):
+                fields = line.split()
+                tcp = int(fields[fields.index("mem") + 1]) * os.sysconf("SC_PAGE_SIZE") // 1024
+    return {"slab_kib": slab, "tcp_mem_kib": tcp}
+
+
+def tcp_counters():
+    """The kernel's TcpExt counters that tell a listener's queue overflowed (system-wide)."""
+    with open("/proc/net/netstat") as f:
+        lines = [line.split() for line in f if line.startswith("TcpExt:")]
+    values = dict(zip(lines[0][1:], map(int, lines[1][1:])))
+    return {k: values.get(k, 0) for k in ("ListenOverflows", "ListenDrops", "TCPSynRetrans",
+                                           "SyncookiesSent", "TCPReqQFullDrop")}
+
+
+def workers_memory(pids):
+    procs = []
+    for pid in pids:
+        rss, pss = memory(pid)
+        procs.append({"pid": pid, "rss_kib": rss, "pss_kib": pss, "fds": fd_count(pid)})
+    return {"processes": procs, "rss_kib": sum(p["rss_kib"] for p in procs),
+            "pss_kib": sum(p["pss_kib"] for p in procs)}
+
+
+def scenario_f(server, levels, upgrade, grace_ms=1000):
+    """Idle keep-alive connections (HTTP/1.1, one request each) held at each of `levels`:
+    the workers' RSS and PSS (and the kernel's socket memory) at each, per connection.
+    Then, at the last level, one upgrade: how the old generation closes the connections
+    (FIN or reset, seen by the client), when its workers are gone, and the reconnects
+    (every client reconnects as soon as it sees its close): their peak per 100 ms and
+    any that failed."""
+    idle = workers_memory(server.worker_pids())
+    kernel0 = kernel_memory()
+    out = {"idle": idle, "levels": {}}
+    clients = idle_conns.Clients(server.port, server.path)
+    try:
+        for n in sorted(levels):
+            t = time.monotonic()
+            got = clients.fill(n, deadline=t + 120)
+            seconds = time.monotonic() - t
+            time.sleep(1.5)  # past the workers' 1 s stats tick; nothing is in flight
+            clients.poll(0)
+            m = workers_memory(server.worker_pids())
+            k = kernel_memory()
+            per = lambda key: (m[key] - idle[key]) / got if got else None  # noqa: E731
+            out["levels"][str(n)] = {
+                **m, "open": clients.idle, "failed": dict(clients.failed), "fill_s": round(seconds, 2),
+                "rss_kib_per_conn": per("rss_kib"), "pss_kib_per_conn": per("pss_kib"),
+                "all_rss_kib_per_conn": m["rss_kib"] / got if got else None,
+                "kernel_kib_per_conn": ((k["slab_kib"] + k["tcp_mem_kib"]) -
+                                        (kernel0["slab_kib"] + kernel0["tcp_mem_kib"])) / got if got else None,
+                "kernel": k}
+            log(f"(f) {server.name}: {clients.idle} idle connections in {seconds:.1f} s, workers "
+                f"{m['rss_kib'] / 1024:.1f} MiB RSS ({out['levels'][str(n)]['rss_kib_per_conn'] or 0:.2f} KiB each)")
+        if upgrade:
+            out["upgrade"] = upgrade_under_idle(server, clients, grace_ms)
+    finally:
+        clients.close_all()
+    return out
+
+
+def upgrade_under_idle(server, clients, grace_ms):
+    held = clients.idle
+    old = set(server.worker_pids())
+    counters = tcp_counters()
+    clients.reconnect = True
+    gone = []
+    done = threading.Event()
+
+    def watch_old():
+        # A thread of its own, so a burst of closes for the client loop to handle does not
+        # delay the check (every 2 ms, bounded by the run's deadline).
+        while not done.is_set():
+            if not any(alive(p) for p in old):
+                gone.append(time.monotonic())
+                return
+            time.sleep(0.002)
+    t0 = time.monotonic()
+    server.upgrade_start()
+    watcher = threading.Thread(target=watch_old, daemon=True)
+    watcher.start()
+    deadline = t0 + grace_ms / 1000 + 30
+    while time.monotonic() < deadline:
+        clients.poll(0.005)
+        closed = sum(clients.closes.values())
+        if gone and closed >= held and clients.in_flight() == 0:
+            break
+    done.set()
+    watcher.join()
+    gone_at = gone[0] if gone else None
+    after = tcp_counters()
+    server.upgrade_finish()
+    ms = lambda t: None if t is None else round((t - t0) * 1000.0, 1)  # noqa: E731
+    closes = clients.close_times
+    reconnected = clients.connected_times
+    new = [p for p in server.worker_pids() if p not in old]
+    r = {
+        "held": held, "fin": clients.closes["fin"], "reset": clients.closes["reset"],
+        "not_closed": held - sum(clients.closes.values()),
+        "data_on_idle": clients.data_on_idle,
+        "reconnects_closed_again": dict(clients.closes_of_reconnects),
+        "first_close_ms": ms(min(closes, default=None)), "last_close_ms": ms(max(closes, default=None)),
+        "old_gone_ms": ms(gone_at), "grace_ms": grace_ms,
+        "reconnects": clients.reconnects_started, "reconnects_answered": len(clients.answered_times),
+        "reconnect_failed": dict(clients.reconnect_failed),
+        "reconnect_peak_per_100ms": idle_conns.peak_per(reconnected, t0, 0.1),
+        "answered_peak_per_100ms": idle_conns.peak_per(clients.answered_times, t0, 0.1),
+        "last_reconnect_answered_ms": ms(max(clients.answered_times, default=None)),
+        "new_workers": workers_memory(new),
+        "kernel_counters": {k: after[k] - counters[k] for k in counters},
+    }
+    log(f"(f) {server.name}: upgrade at {held}: {r['fin']} FIN, {r['reset']} reset, {r['not_closed']} not "
+        f"closed; old gone at {r['old_gone_ms']} ms; reconnect peak {r['reconnect_peak_per_100ms']}/100 ms, "
+        f"answered peak {r['answered_peak_per_100ms']}/100 ms, failed {r['reconnect_failed']}; "
+        f"kernel: {r['kernel_counters']}")
+    return r
+
+
 # ------------------------------------------------------------------------ report
 
 def fmt(v, digits=1):
@@ -1030,9 +1213,41 @@ def report(results, quick):
             continue
         add(f"{n:14} {e['requests']:>9} {e['non2xx']:>8} {e['connect']:>8} {e['read']:>6} {e['write']:>6} "
             f"{e['timeout']:>8} {fmt(e['max_ms'], 1):>8}")
-    add("")
-    add(goals(results))
-    return "\n".join(lines)
+    f_rows = [(n, results["servers"][n]["f"]) for n in names if results["servers"][n].get("f")]
+    if f_rows:
+        add("")
+        add("(f) idle HTTP/1.1 keep-alive connections (one request each): the workers' memory. marginal:")
+        add("    (RSS at N - idle RSS) / N; all: RSS at N / N (what the workers preallocate included);")
+        add("    kernel: slab + TCP buffers, system-wide, both ends on loopback")
+        add(f"{'server':14} {'conns':>6} {'RSS MiB':>8} {'PSS MiB':>8} {'KiB/conn':>9} {'PSS KiB/c':>9} "
+            f"{'all KiB/c':>9} {'kernel KiB/c':>12} {'fill s':>7}")
+        for n, f in f_rows:
+            add(f"{n:14} {0:>6} {f['idle']['rss_kib'] / 1024:>8.1f} {f['idle']['pss_kib'] / 1024:>8.1f}")
+            for level, r in f["levels"].items():
+                add(f"{'':14} {level:>6} {r['rss_kib'] / 1024:>8.1f} {r['pss_kib'] / 1024:>8.1f} "
+                    f"{fmt(r['rss_kib_per_conn'], 2):>9} {fmt(r['pss_kib_per_conn'], 2):>9} "
+                    f"{fmt(r['all_rss_kib_per_conn'], 2):>9} {fmt(r['kernel_kib_per_conn'], 2):>12} {r['fill_s']:>7.1f}")
+        add("")
+        add("(f) one upgrade with the last level held: closes seen by the clients (ms after the signal), old")
+        add("    workers gone, and the reconnects (each client reconnects as soon as it sees its close): how many")
+        add("    were answered, failed (no answer within 10 s, refused, reset), the most connected (handshake")
+        add("    done) and answered in any 100 ms, when the last was answered, and the listener's queue")
+        add("    overflows the kernel counted meanwhile (ListenOverflows)")
+        add(f"{'server':14} {'held':>6} {'FIN':>6} {'reset':>6} {'open':>5} {'1st close':>9} {'last cl':>8} "
+            f"{'old gone':>9} {'answered':>8} {'failed':>7} {'conn/100ms':>10} {'answ/100ms':>10} {'last answ':>9} {'overflows':>9}")
+        for n, f in f_rows:
+            u = f.get("upgrade")
+            if not u:
+                continue
+            add(f"{n:14} {u['held']:>6} {u['fin']:>6} {u['reset']:>6} {u['not_closed']:>5} "
+                f"{fmt(u['first_close_ms'], 0):>9} {fmt(u['last_close_ms'], 0):>8} {fmt(u['old_gone_ms'], 0):>9} "
+                f"{u['reconnects_answered']:>8} {sum(u['reconnect_failed'].values()):>7} "
+                f"{u['reconnect_peak_per_100ms']:>10} {u['answered_peak_per_100ms']:>10} "
+                f"{fmt(u['last_reconnect_answered_ms'], 0):>9} {u['kernel_counters']['ListenOverflows']:>9}")
+    # Sections of scenarios that did not run (their last line is the column header) go.
+    blocks = "\n".join(lines).split("\n\n")
+    kept = [b for b in blocks if not b.splitlines()[-1].startswith(("server ", "variant "))]
+    return "\n\n".join(kept + [goals(results)])
 
 
 def goals(results):
@@ -1072,6 +1287,49 @@ def goals(results):
         during = b["b"]["keepalive"]["p99_ms"]
         if steady and during:
             line(during <= 1.5 * steady, f"p99 during upgrades {during:.2f} ms <= 1.5x steady p99 {steady:.2f} ms")
+    g = s.get("go-tableflip", {})
+    if b.get("a") and g.get("a"):
+        for mode in ("keepalive", "close"):
+            x = b["a"][mode]["rps"] / g["a"][mode]["rps"]
+            line(x >= 1.0, f"{mode} throughput {x:.2f}x go-tableflip (>= 1.0)")
+    if b.get("b") and g.get("b"):
+        theirs = sum(g["b"][m]["errors"] for m in ("keepalive", "close"))
+        mine = sum(b["b"][m]["errors"] for m in ("keepalive", "close"))
+        line(mine <= theirs, f"failed requests across upgrades {mine} vs go-tableflip {theirs}")
+    if b.get("c") and g.get("c"):
+        for mode in ("idle", "load"):
+            mine = b["c"][mode]["new_answers_ms"]["median"]
+            theirs = g["c"][mode]["new_answers_ms"]["median"]
+            if mine is not None and theirs is not None:
+                line(mine <= theirs, f"upgrade latency ({mode}) median {mine:.1f} ms vs go-tableflip {theirs:.1f} ms")
+    if b.get("e"):
+        for other in ("nginx", "haproxy", "go-tableflip"):
+            if s.get(other, {}).get("e"):
+                x = b["e"]["requests"] / max(1, s[other]["e"]["requests"])
+                line(x >= 1.0, f"(e) requests at 10,000 connections {x:.2f}x {other} (>= 1.0); "
+                               f"failed {b['e']['errors']} vs {s[other]['e']['errors']}")
+    if b.get("f"):
+        f = b["f"]
+        top = list(f["levels"])[-1]
+        mine = f["levels"][top]["rss_kib_per_conn"]
+        line(mine is not None and mine <= 2.0, f"(f) memory per idle connection at {top}: {fmt(mine, 2)} KiB (<= 2)")
+        for other in ("nginx", "go-tableflip"):
+            o = s.get(other, {}).get("f")
+            if o and top in o["levels"]:
+                theirs = o["levels"][top]
+                line(mine is not None and mine <= theirs["all_rss_kib_per_conn"],
+                     f"(f) {fmt(mine, 2)} KiB per connection vs {other} {fmt(theirs['rss_kib_per_conn'], 2)} "
+                     f"marginal, {fmt(theirs['all_rss_kib_per_conn'], 2)} with what it preallocates")
+        u = f.get("upgrade")
+        if u:
+            line(u["fin"] == u["held"] and u["reset"] == 0,
+                 f"(f) upgrade at {u['held']}: {u['fin']} closed with a FIN, {u['reset']} reset, {u['not_closed']} not closed")
+            limit = u["grace_ms"] + 500
+            line(u["old_gone_ms"] is not None and u["old_gone_ms"] <= limit,
+                 f"(f) old generation gone after {fmt(u['old_gone_ms'], 0)} ms (<= drain_idle_grace + 500 ms = {limit})")
+            failed = sum(u["reconnect_failed"].values())
+            line(failed == 0, f"(f) reconnects failed: {failed} of {u['reconnects']} "
+                              f"(peak {u['reconnect_peak_per_100ms']} new connections per 100 ms)")
     if b.get("d"):
         procs = b["d"]["idle"]["processes"]
         sup = procs[0]["rss_kib"] / 1024
@@ -1089,18 +1347,23 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="short runs (about 3 minutes)")
     parser.add_argument("--json", default=None, help="where to write the results (default: target/bench/results.json)")
-    parser.add_argument("--only", default="a,b,c,d,e", help="scenarios to run, e.g. a,c")
+    parser.add_argument("--only", default="a,b,c,d,e,f", help="scenarios to run, e.g. a,c")
     parser.add_argument("--servers", default="hyper,baton,baton-metrics,baton-log-combined,"
                         "nginx,nginx-log,nginx-binary,haproxy,go-tableflip")
     parser.add_argument("--no-build", action="store_true", help="use the release binaries as they are")
+    parser.add_argument("--conns", default="1000,5000,15000",
+                        help="(f): levels of idle connections measured; the upgrade happens at the last")
     args = parser.parse_args()
     only = set(args.only.split(","))
     q = args.quick
+    levels = sorted(int(x) for x in args.conns.split(","))
     plan = {
         "a_seconds": 2, "a_turns": 2 if q else 10,
         "b_seconds": 8 if q else 30, "c_upgrades": 10 if q else 50, "c_self_upgrades": 5 if q else 20,
         "d_connections": 1000, "e_connections": 10000, "e_upgrades": 5,
+        "f_levels": levels,
     }
+    SCENARIO_CONNS["f"] = levels[-1]
 
     ensure_tools()
     if not args.no_build:
@@ -1121,8 +1384,9 @@ def main():
     for n in names:
         results["servers"][n] = {}
 
-    def with_server(cls, fn):
+    def with_server(cls, fn, key):
         server = cls()
+        server.conns = SCENARIO_CONNS[key]
         server.start()
         try:
             return fn(server)
@@ -1137,6 +1401,7 @@ def main():
                 if n == "nginx-binary":
                     continue
                 server = cls()
+                server.conns = SCENARIO_CONNS["a"]
                 up.append(server)
                 server.start()
             log(f"(a) {plan['a_turns']} turns of {plan['a_seconds']} s per server and mode")
@@ -1148,18 +1413,21 @@ def main():
     for key, fn in (("b", lambda s: scenario_b(s, plan["b_seconds"])),
                     ("c", lambda s: scenario_c(s, plan["c_upgrades"])),
                     ("d", lambda s: scenario_d(s, plan["d_connections"])),
-                    ("e", lambda s: scenario_e(s, plan["e_connections"], plan["e_upgrades"]))):
+                    ("e", lambda s: scenario_e(s, plan["e_connections"], plan["e_upgrades"])),
+                    ("f", lambda s: scenario_f(s, plan["f_levels"], upgrade=s.upgrade_kind is not None))):
         if key not in only:
             continue
         for n, cls in servers_for(names):
             if n in VARIANTS:
                 continue  # measured in (a) only
-            if key != "d" and cls is Bare:
+            if key not in ("d", "f") and cls is Bare:
                 continue  # the bare server cannot be upgraded
             if key == "d" and n == "nginx-binary":
                 continue
+            if key == "f" and n not in F_SERVERS:
+                continue
             log(f"({key}) {n}")
-            results["servers"][n][key] = with_server(cls, fn)
+            results["servers"][n][key] = with_server(cls, fn, key)
         if key == "c":
             # The supervisor upgrading itself: Baton's re-exec next to nginx's binary upgrade.
             for n, cls in servers_for(names):
@@ -1168,7 +1436,7 @@ def main():
                 log(f"(c) {n}: supervisor upgrade in place, {plan['c_self_upgrades']} times idle and under load")
                 results["servers"][n]["c_self"] = with_server(
                     (lambda: Baton(own_binary=True)) if n == "baton" else cls,
-                    lambda s: scenario_c_self(s, plan["c_self_upgrades"]))
+                    lambda s: scenario_c_self(s, plan["c_self_upgrades"]), "c_self")
     results["seconds"] = round(time.time() - started)
 
     table = report(results, q)
