@@ -131,7 +131,6 @@ pub async fn serve(
         "draining ({reason}): {} connection(s) open",
         shared.connections.count()
     );
-    notifier.send("STOPPING=1\nSTATUS=draining");
     // Plugins hear of the drain before any long-lived connection is closed, so that what
     // they send their clients from `on_drain` is queued ahead of the close frame.
     for plugin in &shared.router.plugins {
@@ -144,6 +143,9 @@ pub async fn serve(
     // cancel-safe: a connection not yet accepted stays in the shared backlog.
     accepting.abort_all();
     while accepting.join_next().await.is_some() {}
+    // Said once nothing is accepted any more: the supervisor answers the upgrade that
+    // replaced this generation then, so a connection made after that meets the new one.
+    notifier.send("STOPPING=1\nSTATUS=draining");
     drain.advance(Phase::Closing);
     if reason == "SIGQUIT" {
         drain.advance(Phase::Forced);

@@ -58,6 +58,11 @@ pub use totals::{Totals, UPGRADE_BUCKETS, UpgradeKind};
 
 /// After `drain_timeout`, how long a worker gets to exit by itself before SIGKILL.
 pub const DRAIN_KILL_MARGIN: Duration = Duration::from_secs(2);
+/// How long the answer to an upgrade waits for the generation it replaced to stop
+/// accepting (its workers say `STOPPING=1` once their accept loops ended): so that a
+/// connection made after `upgrade --wait` returned meets the new generation (a new TLS
+/// certificate, say). An older worker that does not say it is waited for this long.
+pub const ACCEPT_CLOSE_WAIT: Duration = Duration::from_secs(1);
 /// After a force-close (SIGQUIT), how long a worker gets before SIGKILL.
 pub const FORCE_CLOSE_KILL_AFTER: Duration = Duration::from_secs(1);
 /// First back-off before replacing a crashed worker; doubles per crash in a row.
@@ -408,6 +413,9 @@ pub struct Slot {
     /// The worker's last `BATON_METRICS=`: its totals since it started.
     #[serde(default)]
     pub metrics: Option<baton_proto::WorkerMetrics>,
+    /// The worker said `STOPPING=1`: it accepts no more connections.
+    #[serde(default)]
+    pub stopped_accepting: bool,
 }
 
 /// A worker slot's state.
@@ -440,6 +448,7 @@ impl Slot {
             stats_at: None,
             build: None,
             metrics: None,
+            stopped_accepting: false,
         }
     }
 
@@ -491,6 +500,10 @@ pub struct Generation<A> {
     pub previous: Option<Target<A>>,
     /// This generation runs the exact artifacts of that generation, after a crash loop.
     pub restored: Option<Restored>,
+    /// Answers to the upgrade that replaced this generation, given once it stopped
+    /// accepting (or [`ACCEPT_CLOSE_WAIT`] after it was told to drain).
+    #[serde(default)]
+    pub answers_when_closed: Vec<(WaiterId, UpgradeOutcome)>,
     #[serde(skip, default = "tracing::Span::none")]
     pub span: tracing::Span,
 }
@@ -502,6 +515,13 @@ impl<A> Generation<A> {
 
     pub fn all_ready(&self) -> bool {
         self.workers.iter().all(Slot::ready)
+    }
+
+    /// Every worker process left said it stopped accepting.
+    pub fn stopped_accepting(&self) -> bool {
+        self.workers
+            .iter()
+            .all(|w| w.pid().is_none() || w.stopped_accepting)
     }
 
     /// No worker process is left (or about to be started).
@@ -586,6 +606,11 @@ enum Timer {
     CanaryEnd {
         generation: u64,
     },
+    /// Answer the upgrade that replaced this generation, whether it stopped accepting
+    /// or not.
+    AcceptClosed {
+        generation: u64,
+    },
     StopTick,
 }
 
@@ -598,7 +623,8 @@ impl Timer {
             | Timer::ForceKill { generation }
             | Timer::ReplacementReady { generation, .. }
             | Timer::Restart { generation, .. }
-            | Timer::CanaryEnd { generation } => Some(generation),
+            | Timer::CanaryEnd { generation }
+            | Timer::AcceptClosed { generation } => Some(generation),
             Timer::StopTick => None,
         }
     }
@@ -622,6 +648,9 @@ pub struct Core<A> {
     totals: Totals,
     /// When the upgrade in progress was asked for.
     upgrade_started: Option<Instant>,
+    /// The generation an upgrade being decided told to drain: its answers wait until
+    /// that generation stopped accepting (set by `promote`, taken by `finish_with`).
+    answer_after_close: Option<u64>,
 }
 
 impl<A: Clone + std::fmt::Debug> Core<A> {
@@ -639,6 +668,7 @@ impl<A: Clone + std::fmt::Debug> Core<A> {
             self_upgrade: None,
             totals: Totals::default(),
             upgrade_started: None,
+            answer_after_close: None,
         }
     }
 
@@ -678,6 +708,7 @@ impl<A: Clone + std::fmt::Debug> Core<A> {
             }
             Input::SelfUpgraded { request, change } => self.on_self_upgraded(request, change),
         }
+        self.release_closed_answers();
         self.exit_if_stopped();
         self.re_exec_if_idle();
         std::mem::take(&mut self.effects)
@@ -823,13 +854,38 @@ impl<A: Clone + std::fmt::Debug> Core<A> {
                 }
                 Timer::Restart { generation, slot } => self.on_restart(generation, slot),
                 Timer::CanaryEnd { generation } => self.on_canary_end(generation),
+                Timer::AcceptClosed { generation } => self.release_answers(generation),
                 Timer::StopTick => self.on_stop_tick(),
             }
         }
     }
 
+    /// Answers what waited for a generation that has now stopped accepting.
+    fn release_closed_answers(&mut self) {
+        let closed: Vec<u64> = self
+            .generations
+            .values()
+            .filter(|g| !g.answers_when_closed.is_empty() && g.stopped_accepting())
+            .map(|g| g.number)
+            .collect();
+        for number in closed {
+            self.release_answers(number);
+        }
+    }
+
+    /// Gives the answers that waited for generation `number` to stop accepting.
+    fn release_answers(&mut self, number: u64) {
+        let Some(g) = self.generations.get_mut(&number) else {
+            return;
+        };
+        for (waiter, outcome) in std::mem::take(&mut g.answers_when_closed) {
+            self.emit(Effect::Answer { waiter, outcome });
+        }
+    }
+
     /// Every worker of `number` has exited: forget it, and start what waited for room.
     fn reap(&mut self, number: u64) {
+        self.release_answers(number);
         let Some(g) = self.generations.remove(&number) else {
             return;
         };

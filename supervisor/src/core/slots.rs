@@ -40,6 +40,7 @@ impl<A: Clone + std::fmt::Debug> Core<A> {
                 w.stats = Default::default();
                 w.stats_at = None;
                 w.metrics = None;
+                w.stopped_accepting = false;
                 let _e = g.span.enter();
                 tracing::info!("worker {pid} started in slot {slot}");
                 drop(_e);
@@ -81,6 +82,9 @@ impl<A: Clone + std::fmt::Debug> Core<A> {
         }
         if let Some(status) = &message.status {
             w.status = Some(status.clone());
+        }
+        if message.stopping {
+            w.stopped_accepting = true;
         }
         if let Some(build) = &message.worker {
             w.build = Some(build.clone());

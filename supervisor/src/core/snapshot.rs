@@ -122,6 +122,7 @@ impl<A> Generation<A> {
                 limits: p.limits.clone(),
             }),
             restored: self.restored.clone(),
+            answers_when_closed: self.answers_when_closed.clone(),
             span: self.span.clone(),
         }
     }

@@ -60,6 +60,9 @@ struct Sim {
     reexecs: usize,
     /// Inputs queued when the next re-exec is about to happen.
     before_reexec: Vec<Input<Set>>,
+    /// Workers told to drain say `STOPPING=1` at once (as real ones do once their
+    /// accept loops ended); off: they say nothing (an older worker, a stuck one).
+    drain_says_stopping: bool,
 }
 
 impl Sim {
@@ -93,6 +96,7 @@ impl Sim {
             reexec_fails: false,
             reexecs: 0,
             before_reexec: Vec::new(),
+            drain_says_stopping: true,
         };
         let first = sim.fresh_set();
         sim.feed(Input::First(Ok((first, sim.limits.clone()))));
@@ -225,7 +229,13 @@ impl Sim {
                     "signal {signal:?} for pid {pid}, which is not a live worker of generation {generation}"
                 );
                 self.signals.push((pid, signal));
-                None
+                (signal == Sig::Drain && self.drain_says_stopping).then(|| Input::Notify {
+                    pid,
+                    message: NotifyMessage {
+                        stopping: true,
+                        ..NotifyMessage::default()
+                    },
+                })
             }
             Effect::Answer { waiter, outcome } => {
                 self.answers.entry(waiter).or_default().push(outcome);
@@ -610,6 +620,61 @@ fn an_upgrade_promotes_the_new_generation_and_drains_the_old_one() {
     );
     sim.exit_all(1);
     assert_eq!(sim.numbers(), vec![2]);
+}
+
+#[test]
+fn the_answer_waits_until_the_old_generation_stopped_accepting() {
+    let mut sim = Sim::serving(2, 4);
+    sim.drain_says_stopping = false;
+    let old = sim.pids(1);
+    let waiter = sim.upgrade();
+    sim.ready(2);
+    assert_eq!(sim.state(2), Some(GenerationState::Serving));
+    assert!(old.iter().all(|&p| sim.signalled(p, Sig::Drain)));
+    assert!(
+        sim.answers.is_empty(),
+        "answered while generation 1 accepts"
+    );
+    let stopping = |pid| Input::Notify {
+        pid,
+        message: NotifyMessage {
+            stopping: true,
+            ..NotifyMessage::default()
+        },
+    };
+    sim.feed(stopping(old[0]));
+    assert!(sim.answers.is_empty(), "one of two workers still accepts");
+    sim.feed(stopping(old[1]));
+    assert_eq!(sim.answer(waiter).result, UpgradeResult::Succeeded);
+    sim.advance(ACCEPT_CLOSE_WAIT);
+    assert_eq!(sim.answers[&waiter].len(), 1, "answered once");
+
+    // A worker that exits stopped accepting too.
+    let old = sim.pids(2);
+    let waiter = sim.upgrade();
+    sim.ready(3);
+    sim.feed(stopping(old[0]));
+    assert!(!sim.answers.contains_key(&waiter));
+    sim.exit(old[1]);
+    assert_eq!(sim.answer(waiter).result, UpgradeResult::Succeeded);
+
+    // A worker that never says so is waited for ACCEPT_CLOSE_WAIT.
+    let waiter = sim.upgrade();
+    sim.ready(4);
+    sim.advance(ACCEPT_CLOSE_WAIT - Duration::from_millis(1));
+    assert!(!sim.answers.contains_key(&waiter));
+    sim.advance(Duration::from_millis(1));
+    assert_eq!(sim.answer(waiter).result, UpgradeResult::Succeeded);
+    // Without waiters (a signal), nothing is held.
+    for g in 1..=3 {
+        sim.exit_all(g);
+    }
+    sim.feed(Input::Upgrade {
+        source: "signal",
+        waiter: None,
+    });
+    sim.ready(5);
+    assert_eq!(sim.state(5), Some(GenerationState::Serving));
 }
 
 #[test]

@@ -139,6 +139,7 @@ impl<A: Clone + std::fmt::Debug> Core<A> {
                 crashes_after_promotion: 0,
                 previous,
                 restored,
+                answers_when_closed: Vec::new(),
                 span,
             },
         );
@@ -247,6 +248,7 @@ impl<A: Clone + std::fmt::Debug> Core<A> {
         let artifacts = g.artifacts.clone();
         if let Some(old) = previous {
             self.drain(old);
+            self.answer_after_close = Some(old);
         }
         self.emit(Effect::Watch { artifacts });
         self.emit(Effect::Prune);
@@ -378,11 +380,31 @@ impl<A: Clone + std::fmt::Debug> Core<A> {
                 (Vec::new(), None)
             }
         };
-        for waiter in waiters {
-            self.emit(Effect::Answer {
-                waiter,
-                outcome: result.clone(),
-            });
+        // After a promotion, the answer waits until the old generation stopped accepting
+        // (bounded by ACCEPT_CLOSE_WAIT).
+        let hold = self.answer_after_close.take().filter(|old| {
+            self.generations
+                .get(old)
+                .is_some_and(|g| !g.stopped_accepting())
+        });
+        match hold {
+            Some(old) if !waiters.is_empty() => {
+                let g = self.generations.get_mut(&old).expect("checked above");
+                g.answers_when_closed
+                    .extend(waiters.into_iter().map(|w| (w, result.clone())));
+                self.after(
+                    super::ACCEPT_CLOSE_WAIT,
+                    Timer::AcceptClosed { generation: old },
+                );
+            }
+            _ => {
+                for waiter in waiters {
+                    self.emit(Effect::Answer {
+                        waiter,
+                        outcome: result.clone(),
+                    });
+                }
+            }
         }
         // Generation 1 starting is not an upgrade.
         if result.generation != Some(1) {
