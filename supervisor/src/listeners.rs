@@ -23,8 +23,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 use thiserror::Error;
 
-/// Accept backlog for sockets we bind (the kernel caps it at `net.core.somaxconn`).
-const BACKLOG: i32 = 4096;
+/// Accept backlog for sockets we bind: as long as the kernel allows, which is
+/// `net.core.somaxconn` (Linux caps a larger value at it, silently; 4096 by default since
+/// Linux 5.4), so that an operator raises it with that sysctl alone, as for a socket unit's
+/// `Backlog=`. Read when the socket is bound: a later change takes a new listener.
+const BACKLOG: i32 = 65_535;
 
 #[derive(Debug, Error)]
 pub enum ListenerError {
