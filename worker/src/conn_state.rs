@@ -53,6 +53,9 @@ pub(crate) struct ConnState {
     /// The connection is being taken out of hyper to wait idle ([`ConnState::request_park`]):
     /// the [`ConnState::activity`] mark at that moment, or [`NO_PARK`].
     park: AtomicU64,
+    /// The connection's clock found it idle for a whole tick: the [`ConnState::activity`]
+    /// mark then, or [`NO_PARK`].
+    park_due: AtomicU64,
 }
 
 /// [`ConnState::park`] when no park was requested.
@@ -70,6 +73,7 @@ impl ConnState {
             body_left: AtomicBool::new(false),
             read_blocked: AtomicBool::new(false),
             park: AtomicU64::new(NO_PARK),
+            park_due: AtomicU64::new(NO_PARK),
         }
     }
 
@@ -154,19 +158,34 @@ impl ConnState {
         }
     }
 
-    /// An HTTP/1 connection that hyper serves is idle between requests, as far as its
-    /// requests and socket show: a request was served since `entered` (the
+    /// An HTTP/1 connection that hyper serves is idle between requests, after its first
+    /// request or once its clock says it has been idle for a tick ([`ConnState::park_due`]),
+    /// as far as its requests and socket show: a request was served since `entered` (the
     /// [`ConnState::activity`] mark when hyper took the connection, so hyper has been
     /// through a whole exchange and is between two), nothing is in flight or still being
     /// written, no head or body is arriving, and hyper's last read found nothing. Hyper
     /// may still hold the beginning of a pipelined request it read along with the last
     /// one: taking the connection out of hyper gives those bytes back.
     pub(crate) fn idle_in_hyper(&self, entered: u64) -> bool {
-        self.activity() != entered
+        let now = self.activity();
+        // After the first request at once: most connections of a large idle crowd go
+        // quiet after their first exchange, and buffers freed at once are reused by the
+        // next connection instead of leaving holes in the heap between the small
+        // allocations of connections that stay (which a trim can only partly return).
+        (now == 1 || self.park_due.load(Ordering::Relaxed) == now)
+            && now != entered
             && self.read_blocked.load(Ordering::Relaxed)
             && !self.active()
             && !self.input_pending()
             && !self.h2()
+    }
+
+    /// The connection's clock found it idle for a whole tick: it is to leave hyper (at
+    /// once if it is idle in hyper, see [`ConnState::idle_in_hyper`]) unless a request
+    /// starts first. Not at every pause between requests: a new hyper connection per
+    /// request cost a tenth of the keep-alive throughput.
+    pub(crate) fn park_due(&self) {
+        self.park_due.store(self.activity(), Ordering::Relaxed);
     }
 
     /// The connection is about to be taken out of hyper, idle.

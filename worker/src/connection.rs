@@ -23,6 +23,7 @@ use hyper_util::rt::TokioIo;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::OwnedSemaphorePermit;
@@ -121,6 +122,16 @@ impl ConnClock {
                 idle_run += 1;
                 if idle_run >= self.idle_ticks {
                     return Some(Expired::Idle);
+                }
+                if idle_run == 1 && !state.h2() {
+                    // Idle for a tick: out of hyper it goes. The task is woken for it
+                    // (this future's waker wakes the task, which then polls hyper's side).
+                    state.park_due();
+                    std::future::poll_fn(|cx| {
+                        cx.waker().wake_by_ref();
+                        std::task::Poll::Ready(())
+                    })
+                    .await;
                 }
             }
         }
@@ -261,6 +272,7 @@ fn serve<I: Socket>(
                 if !std::mem::take(&mut io.parked) {
                     return;
                 }
+                ctx.shared.parked.fetch_add(1, Ordering::Relaxed);
                 #[cfg(test)]
                 tests::PARKS.with(|p| p.set(p.get() + 1));
                 // The beginning of a pipelined request: served at once.
@@ -700,7 +712,14 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     fn one_connection() -> OneConnection {
-        let settings = WorkerSettings::default();
+        one_connection_with(WorkerSettings::default().http.header_read_timeout_ms)
+    }
+
+    /// With `header_read_timeout` in ms: half of it (at least 25 ms) is the tick of the
+    /// connection's clock, after which an idle connection leaves hyper.
+    fn one_connection_with(header_read_timeout_ms: u64) -> OneConnection {
+        let mut settings = WorkerSettings::default();
+        settings.http.header_read_timeout_ms = header_read_timeout_ms;
         let router = Router::build(Vec::new(), &settings.http.health_path).expect("router");
         OneConnection::new(settings, router)
     }
@@ -818,7 +837,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_idle_connection_leaves_hyper_and_comes_back_for_its_next_request() {
-        let (mut client, serving) = tcp_connection().await;
+        let (mut client, serving) = fast_clock_connection().await;
         for round in 1..=3 {
             client.write_all(HEALTH).await.unwrap();
             let answer = read_response(&mut client).await;
@@ -836,7 +855,7 @@ mod tests {
 
     #[tokio::test]
     async fn pipelined_requests_left_in_hyper_are_served_after_it_gives_them_back() {
-        let (mut client, _serving) = tcp_connection().await;
+        let (mut client, _serving) = fast_clock_connection().await;
         // Two whole requests and the beginning of a third in one write: hyper answers
         // two and keeps the third's beginning, which the connection gets back when it
         // leaves hyper idle.
@@ -845,7 +864,8 @@ mod tests {
         client.write_all(&burst).await.unwrap();
         let answers = read_answers(&mut client, 2).await;
         assert_eq!(answers.matches("HTTP/1.1 200").count(), 2, "{answers}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        // The connection leaves hyper (within two ticks) with the third's beginning.
+        parked(1).await;
         client
             .write_all(b"TP/1.1\r\nHost: x\r\n\r\n")
             .await
@@ -860,13 +880,16 @@ mod tests {
 
     #[tokio::test]
     async fn requests_sent_the_moment_the_connection_goes_idle_are_all_answered() {
-        // Each request follows its answer at once, so that it arrives while the
-        // connection is leaving hyper or waiting outside it.
-        let (mut client, _serving) = tcp_connection().await;
-        for _ in 0..300 {
+        // A clock tick of 25 ms, and pauses of 0 to 30 ms between requests: ticks find the
+        // connection idle while the next request is on its way, and it leaves hyper while
+        // a request arrives or waits outside when one does.
+        let server = Arc::new(one_connection_with(50));
+        let (mut client, _serving) = tcp_connection_of(server).await;
+        for i in 0..400u64 {
             client.write_all(HEALTH).await.unwrap();
             let answer = read_response(&mut client).await;
             assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+            tokio::time::sleep(Duration::from_millis(i % 7 * 5)).await;
         }
         assert!(parks() > 0, "the connection never left hyper");
     }
@@ -893,7 +916,7 @@ mod tests {
         tokio::net::TcpStream,
         tokio::task::JoinHandle<()>,
     ) {
-        let server = Arc::new(one_connection());
+        let server = Arc::new(one_connection_with(200));
         let (mut client, serving) = tcp_connection_of(server.clone()).await;
         client.write_all(HEALTH).await.unwrap();
         read_response(&mut client).await;
@@ -945,6 +968,11 @@ mod tests {
     /// task serving the other.
     async fn tcp_connection() -> (tokio::net::TcpStream, tokio::task::JoinHandle<()>) {
         tcp_connection_of(Arc::new(one_connection())).await
+    }
+
+    /// A connection whose clock ticks every 100 ms: idle, it leaves hyper within 200 ms.
+    async fn fast_clock_connection() -> (tokio::net::TcpStream, tokio::task::JoinHandle<()>) {
+        tcp_connection_of(Arc::new(one_connection_with(200))).await
     }
 
     #[tokio::test]
