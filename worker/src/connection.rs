@@ -168,8 +168,9 @@ pub(crate) fn connection<I: Socket>(
 
 /// Serves a connection: its first bytes say which HTTP it speaks.
 ///
-/// HTTP/1: whenever the connection is idle between two requests, it is taken out of
-/// hyper. Hyper's connection ends without closing the socket (asked to while idle, it
+/// HTTP/1: when the connection is idle after its first request, and later once its clock
+/// found it idle for a tick ([`ConnState::idle_in_hyper`]), it is taken out of hyper.
+/// Hyper's connection ends without closing the socket (asked to while idle, it
 /// gives the socket back with whatever it had read and not parsed), and the connection
 /// waits for its next bytes holding no buffer at all; a new hyper connection then serves
 /// them. Hyper keeps a read buffer of 8 KiB and a write buffer of 8 KiB for as long as its
