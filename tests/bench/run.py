@@ -39,6 +39,7 @@ file), nginx-log (nginx's access_log to a file, combined format).
 """
 
 import argparse
+import base64
 import http.client
 import json
 import os
@@ -325,7 +326,7 @@ class Baton(Server):
 
     def launch(self):
         plugins = os.path.join(self.dir, "plugins.d")
-        os.makedirs(plugins, mode=0o755)
+        os.makedirs(plugins, mode=0o755, exist_ok=True)
         os.chmod(self.dir, 0o755)
         shutil.copy(os.path.join(RELEASE, "libbaton_hello.so"), plugins)
         if self.own_binary:
@@ -431,6 +432,8 @@ class Nginx(Server):
         self.current_master = None
 
     def launch(self):
+        # HTTP/2 with prior knowledge on a port of its own (scenario d).
+        self.h2_port = free_port()
         for d in ("logs", "tmp"):
             os.makedirs(os.path.join(self.dir, d))
         self.conf = os.path.join(self.dir, "nginx.conf")
@@ -451,6 +454,7 @@ http {{
     keepalive_requests 1000000;
     server {{
         listen 127.0.0.1:{self.port} backlog=4096;
+        listen 127.0.0.1:{self.h2_port} http2;
         location / {{
             add_header X-Pid $pid always;
             return 200 "hello\\n";
@@ -942,17 +946,96 @@ def mem_of(server):
             "pss_kib": sum(p["pss_kib"] for p in procs)}
 
 
-def scenario_d(server, conns):
-    idle = mem_of(server)
+# (d) holds idle connections of three kinds, each after one exchange: HTTP/1.1 keep-alive,
+# HTTP/2 with prior knowledge (h2c, one request on stream 1) and WebSocket (the upgrade
+# and one echoed message). Servers that do not speak a kind on their port get "-": nginx
+# speaks h2c on a port of its own (D_H2_PORT), HAProxy detects the HTTP/2 preface on its
+# HTTP/1 port, Go's net/http (1.19, without golang.org/x/net) has no h2c; only Baton
+# terminates WebSockets here (a Baton with the C test plugin's echo route).
+D_KINDS = ("h1", "h2", "ws")
+
+
+def d_h2_request(path):
+    """The HTTP/2 preface, an empty SETTINGS frame and a GET of `path` on stream 1."""
+    def literal(index, value):  # literal header field without indexing, indexed name
+        return bytes([index, len(value)]) + value.encode()
+    block = b"\x82\x86" + literal(0x04, path) + literal(0x01, "127.0.0.1")  # GET, http
+    headers = len(block).to_bytes(3, "big") + b"\x01\x05" + (1).to_bytes(4, "big") + block
+    return b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00" + headers
+
+
+def d_h2_answered(s):
+    """Reads frames until stream 1 ends; acknowledges the server's SETTINGS."""
+    buf, acked = b"", False
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        while len(buf) >= 9 and len(buf) >= 9 + int.from_bytes(buf[:3], "big"):
+            length, kind, flags = int.from_bytes(buf[:3], "big"), buf[3], buf[4]
+            stream = int.from_bytes(buf[5:9], "big") & 0x7FFFFFFF
+            buf = buf[9 + length:]
+            if kind == 4 and not flags & 1 and not acked:
+                s.sendall(b"\x00\x00\x00\x04\x01\x00\x00\x00\x00")
+                acked = True
+            if stream == 1 and kind in (0, 1) and flags & 1:
+                return True
+            if kind == 7:  # GOAWAY
+                return False
+        chunk = s.recv(65536)
+        if not chunk:
+            return False
+        buf += chunk
+    return False
+
+
+def d_open(kind, port, path):
+    """One connection of `kind` after its exchange, or None if the server refused it."""
+    try:
+        s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    except OSError:
+        return None
+    try:
+        if kind == "h1":
+            s.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+            head = s.recv(65536)
+            ok = head.startswith(b"HTTP/1.1 200")
+        elif kind == "h2":
+            s.sendall(d_h2_request(path))
+            ok = d_h2_answered(s)
+        else:
+            key = base64.b64encode(os.urandom(16)).decode()
+            s.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+                      f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+                      f"Sec-WebSocket-Version: 13\r\n\r\n".encode())
+            ok = s.recv(65536).startswith(b"HTTP/1.1 101")
+            if ok:
+                mask = os.urandom(4)
+                s.sendall(bytes([0x81, 0x82]) + mask + bytes(b ^ mask[i] for i, b in enumerate(b"hi")))
+                ok = len(s.recv(64)) > 0
+    except OSError:
+        ok = False
+    if not ok:
+        s.close()
+        return None
+    return s
+
+
+def d_hold(server, kind, port, path, conns):
+    """RSS before, while holding `conns` idle connections of `kind`, and 2.5 s after they
+    closed; None if the server does not speak `kind`."""
+    probe = d_open(kind, port, path)
+    if probe is None:
+        return None
+    probe.close()
+    time.sleep(0.5)
+    before = mem_of(server)
     socks = []
-    request = f"GET {server.path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode()
     try:
         for _ in range(conns):
-            s = socket.create_connection(("127.0.0.1", server.port), timeout=5)
-            s.sendall(request)
+            s = d_open(kind, port, path)
+            if s is None:
+                raise RuntimeError(f"{server.name}: {kind} connection {len(socks) + 1} refused")
             socks.append(s)
-        for s in socks:
-            s.recv(4096)
+        time.sleep(1.0)
         busy = mem_of(server)
     finally:
         for s in socks:
@@ -961,7 +1044,46 @@ def scenario_d(server, conns):
     # allocator within its 1 s stats tick once its connections fell to half of a peak).
     time.sleep(2.5)
     after = mem_of(server)
-    return {"idle": idle, f"at_{conns}_connections": busy, "after_close": after}
+    return {"connections": conns, "before": before, "holding": busy, "after_close": after,
+            "bytes_per_connection": round((busy["rss_kib"] - before["rss_kib"]) * 1024 / conns)}
+
+
+class BatonWs(Baton):
+    """Baton with the C test plugin (tests/harness/ws_plugin.c), for (d)'s WebSockets."""
+    name = "baton-ws"
+    path = "/ws/echo"
+
+    def ready(self):
+        return d_open("ws", self.port, self.path) is not None
+
+
+def d_baton_ws(conns):
+    server = BatonWs()
+    plugins = os.path.join(server.dir, "plugins.d")
+    os.makedirs(plugins, mode=0o755)
+    subprocess.run(["cc", "-std=c11", "-O2", "-fPIC", "-shared", "-I",
+                    os.path.join(ROOT, "plugins/api/include"), os.path.join(ROOT, "tests/harness/ws_plugin.c"),
+                    "-o", os.path.join(plugins, "ws_test.so")], check=True, timeout=120)
+    try:
+        server.start()
+        return d_hold(server, "ws", server.port, server.path, conns)
+    finally:
+        server.stop()
+
+
+def scenario_d(server, conns):
+    idle = mem_of(server)
+    out = {"idle": idle}
+    for kind in D_KINDS:
+        if kind == "ws":
+            r = d_baton_ws(conns) if isinstance(server, Baton) else None
+        else:
+            port = getattr(server, "h2_port", server.port) if kind == "h2" else server.port
+            r = d_hold(server, kind, port, server.path, conns)
+        out[kind] = r
+        if r:
+            log(f"(d) {server.name} {kind}: {r['bytes_per_connection']} bytes per idle connection")
+    return out
 
 
 def scenario_e(server, conns, upgrades):
@@ -1192,18 +1314,22 @@ def report(results, quick):
             add(f"{n:14} {mode:6} {r['upgrades']:>3} {fmt(u['median']):>7} {fmt(u['p99']):>7} {fmt(u['max']):>7} "
                 f"{r['failed']:>5} {r['pid_changes']:>8} {gen:>8} {err:>8} {fds:>8} {rss:>10}")
     add("")
-    add("(d) memory, MiB (all processes)")
-    add(f"{'server':14} {'idle RSS':>9} {'idle PSS':>9} {'1k RSS':>9} {'1k PSS':>9} {'closed RSS':>10}  per process (idle RSS)")
+    add("(d) memory: RSS of all processes, MiB; per idle connection (HTTP/1.1 keep-alive, HTTP/2, WebSocket,")
+    add("    each after one exchange), KiB; after: RSS 2.5 s after they closed, MiB")
+    add(f"{'server':14} {'idle RSS':>9} {'idle PSS':>9} {'h1 KiB':>7} {'h2 KiB':>7} {'ws KiB':>7} "
+        f"{'h1 after':>9} {'h2 after':>9} {'ws after':>9}  per process (idle RSS)")
     for n in names:
         d = results["servers"][n].get("d")
         if not d:
             continue
-        busy = [v for k, v in d.items() if k.startswith("at_")][0]
-        closed = d.get("after_close", {}).get("rss_kib")
-        closed = f"{closed / 1024:>10.1f}" if closed is not None else f"{'-':>10}"
+        per_kind, after = [], []
+        for kind in D_KINDS:
+            r = d.get(kind)
+            per_kind.append(f"{r['bytes_per_connection'] / 1024:>7.2f}" if r else f"{'-':>7}")
+            after.append(f"{r['after_close']['rss_kib'] / 1024:>9.1f}" if r else f"{'-':>9}")
         per = ", ".join(f"{p['comm']} {p['rss_kib'] / 1024:.1f}" for p in d["idle"]["processes"])
         add(f"{n:14} {d['idle']['rss_kib'] / 1024:>9.1f} {d['idle']['pss_kib'] / 1024:>9.1f} "
-            f"{busy['rss_kib'] / 1024:>9.1f} {busy['pss_kib'] / 1024:>9.1f} {closed}  {per}")
+            f"{' '.join(per_kind)} {' '.join(after)}  {per}")
     add("")
     add("(e) 10,000 keep-alive connections across 5 upgrades (wrk -t2 -c10000)")
     add(f"{'server':14} {'requests':>9} {'non-2xx':>8} {'connect':>8} {'read':>6} {'write':>6} {'timeout':>8} {'max ms':>8}")

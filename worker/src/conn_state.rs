@@ -48,7 +48,18 @@ pub(crate) struct ConnState {
     /// A request was answered without reading its whole body: the client may still be
     /// sending it.
     body_left: AtomicBool,
+    /// The last read from the socket found nothing to read.
+    read_blocked: AtomicBool,
+    /// The connection is being taken out of hyper to wait idle ([`ConnState::request_park`]):
+    /// the [`ConnState::activity`] mark at that moment, or [`NO_PARK`].
+    park: AtomicU64,
+    /// The connection's clock found it idle for a whole tick: the [`ConnState::activity`]
+    /// mark then, or [`NO_PARK`].
+    park_due: AtomicU64,
 }
+
+/// [`ConnState::park`] when no park was requested.
+const NO_PARK: u64 = u64::MAX;
 
 impl ConnState {
     pub(crate) fn new() -> Self {
@@ -60,6 +71,9 @@ impl ConnState {
             head: AtomicBool::new(true),
             write_blocked: AtomicBool::new(false),
             body_left: AtomicBool::new(false),
+            read_blocked: AtomicBool::new(false),
+            park: AtomicU64::new(NO_PARK),
+            park_due: AtomicU64::new(NO_PARK),
         }
     }
 
@@ -129,6 +143,65 @@ impl ConnState {
     /// An HTTP/1 request head is incomplete (HTTP/2 frames between requests are not heads).
     pub(crate) fn reading_head(&self) -> bool {
         self.head.load(Ordering::Relaxed) && !self.h2.load(Ordering::Relaxed)
+    }
+
+    /// Bytes that begin the next request head are at hand (left over in hyper's buffer
+    /// when the connection was taken out of it).
+    pub(crate) fn head_began(&self) {
+        self.head.store(true, Ordering::Relaxed);
+    }
+
+    /// A read from the socket delivered bytes (`false`) or found none (`true`).
+    pub(crate) fn read_polled(&self, blocked: bool) {
+        if self.read_blocked.load(Ordering::Relaxed) != blocked {
+            self.read_blocked.store(blocked, Ordering::Relaxed);
+        }
+    }
+
+    /// An HTTP/1 connection that hyper serves is idle between requests, after its first
+    /// request or once its clock says it has been idle for a tick ([`ConnState::park_due`]),
+    /// as far as its requests and socket show: a request was served since `entered` (the
+    /// [`ConnState::activity`] mark when hyper took the connection, so hyper has been
+    /// through a whole exchange and is between two), nothing is in flight or still being
+    /// written, no head or body is arriving, and hyper's last read found nothing. Hyper
+    /// may still hold the beginning of a pipelined request it read along with the last
+    /// one: taking the connection out of hyper gives those bytes back.
+    pub(crate) fn idle_in_hyper(&self, entered: u64) -> bool {
+        let now = self.activity();
+        // After the first request at once: most connections of a large idle crowd go
+        // quiet after their first exchange, and buffers freed at once are reused by the
+        // next connection instead of leaving holes in the heap between the small
+        // allocations of connections that stay (which a trim can only partly return).
+        (now == 1 || self.park_due.load(Ordering::Relaxed) == now)
+            && now != entered
+            && self.read_blocked.load(Ordering::Relaxed)
+            && !self.active()
+            && !self.input_pending()
+            && !self.h2()
+    }
+
+    /// The connection's clock found it idle for a whole tick: it is to leave hyper (at
+    /// once if it is idle in hyper, see [`ConnState::idle_in_hyper`]) unless a request
+    /// starts first. Not at every pause between requests: a new hyper connection per
+    /// request cost a tenth of the keep-alive throughput.
+    pub(crate) fn park_due(&self) {
+        self.park_due.store(self.activity(), Ordering::Relaxed);
+    }
+
+    /// The connection is about to be taken out of hyper, idle.
+    pub(crate) fn request_park(&self) {
+        self.park.store(self.activity(), Ordering::Relaxed);
+    }
+
+    /// A park was requested and no request started since: hyper is ending the connection
+    /// because it was asked to while idle, not for a reason of its own.
+    pub(crate) fn parking(&self) -> bool {
+        self.park.load(Ordering::Relaxed) == self.activity()
+    }
+
+    /// The connection is back in hyper (or closing).
+    pub(crate) fn clear_park(&self) {
+        self.park.store(NO_PARK, Ordering::Relaxed);
     }
 }
 

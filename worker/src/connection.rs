@@ -23,6 +23,7 @@ use hyper_util::rt::TokioIo;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::OwnedSemaphorePermit;
@@ -67,15 +68,45 @@ impl ConnClock {
         }
     }
 
-    /// Resolves when the connection has been idle, or has been reading one head, too long.
-    async fn expired(self, state: &ConnState) -> Expired {
-        let mut interval =
-            tokio::time::interval_at(tokio::time::Instant::now() + self.tick, self.tick);
+    /// Resolves when the connection has been idle, or has been reading one head, too long
+    /// (`Some`), or when the drain says to close it (`None`): an HTTP/2 connection at once
+    /// (it gets a GOAWAY), an HTTP/1 one after `grace`, since an idle HTTP/1 connection
+    /// may carry a request right now: it is answered (with `Connection: close`) before
+    /// what is still idle is closed. One timer serves both, so that the connection's task
+    /// stays small.
+    async fn closes(
+        self,
+        state: &ConnState,
+        drain: &mut DrainWatch,
+        grace: Duration,
+    ) -> Option<Expired> {
+        use tokio::time::Instant;
+        let mut interval = tokio::time::interval_at(Instant::now() + self.tick, self.tick);
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut seen = state.activity();
         let (mut header_run, mut idle_run) = (0u32, 0u32);
+        // When the drain's grace ends.
+        let mut closing: Option<Instant> = None;
         loop {
-            interval.tick().await;
+            tokio::select! {
+                () = drain.reached(Phase::Closing), if closing.is_none() => {
+                    if state.h2() {
+                        return None;
+                    }
+                    let at = Instant::now() + grace;
+                    closing = Some(at);
+                    interval.reset_at(at.min(Instant::now() + self.tick));
+                    continue;
+                }
+                _ = interval.tick() => {}
+            }
+            if let Some(at) = closing {
+                let now = Instant::now();
+                if now >= at {
+                    return None;
+                }
+                interval.reset_at(at.min(now + self.tick));
+            }
             let now = state.activity();
             if now != seen || state.active() {
                 seen = now;
@@ -84,27 +115,39 @@ impl ConnClock {
                 idle_run = 0;
                 header_run += 1;
                 if header_run >= self.header_ticks {
-                    return Expired::Header;
+                    return Some(Expired::Header);
                 }
             } else {
                 header_run = 0;
                 idle_run += 1;
                 if idle_run >= self.idle_ticks {
-                    return Expired::Idle;
+                    return Some(Expired::Idle);
+                }
+                if idle_run == 1 && !state.h2() {
+                    // Idle for a tick: out of hyper it goes. The task is woken for it
+                    // (this future's waker wakes the task, which then polls hyper's side).
+                    state.park_due();
+                    std::future::poll_fn(|cx| {
+                        cx.waker().wake_by_ref();
+                        std::task::Poll::Ready(())
+                    })
+                    .await;
                 }
             }
         }
     }
 }
 
-pub(crate) async fn connection<I: Socket>(
+/// Serves an accepted connection until it ends. Built here, not in the task: what the
+/// task keeps for the connection's whole life is only what [`serve`] holds.
+pub(crate) fn connection<I: Socket>(
     io: I,
     peer: Option<std::net::SocketAddr>,
     shared: Arc<Shared>,
-    mut watch: DrainWatch,
-    _guard: ConnectionGuard,
+    watch: DrainWatch,
+    guard: ConnectionGuard,
     permit: OwnedSemaphorePermit,
-) {
+) -> impl Future<Output = ()> + Send + 'static {
     let ctx = Arc::new(ConnCtx {
         shared,
         peer,
@@ -112,78 +155,208 @@ pub(crate) async fn connection<I: Socket>(
         drain: watch.clone(),
         _slot: permit,
     });
-    let (shared, state) = (&ctx.shared, &ctx.state);
-    let clock = ConnClock::new(
-        Duration::from_millis(shared.settings.http.keepalive_timeout_ms),
-        Duration::from_millis(shared.settings.http.header_read_timeout_ms),
-    );
-    let grace = Duration::from_millis(shared.settings.drain_idle_grace_ms);
-    let mut closing_watch = watch.clone();
-    let drain_says_close = async {
-        closing_watch.reached(Phase::Closing).await;
-        if !state.h2() {
-            // An idle HTTP/1 connection may carry a request right now: let it be answered
-            // (with `Connection: close`) before closing what is still idle.
-            tokio::time::sleep(grace).await;
-        }
-    };
-    let side = async {
-        tokio::select! {
-            _ = drain_says_close => None,
-            expired = clock.expired(state) => Some(expired),
-        }
-    };
-    let mut side = std::pin::pin!(side);
-
-    let mut io = ConnIo {
+    let io = ConnIo {
         io,
         ctx: ctx.clone(),
         prefix: Vec::new(),
         nodelay: false,
         linger: None,
+        parked: false,
     };
-    // Biased: when the first bytes and the drain's deadline are both there (a worker kept
-    // off the CPU past `drain_idle_grace`), the request that arrived is served.
-    let h2 = if io.io.negotiated_h2() {
-        true
-    } else {
-        tokio::select! {
-            biased;
-            sniffed = io.sniff() => match sniffed {
-                Ok(h2) => h2,
-                Err(e) => return tracing::debug!("connection ended: {e}"),
-            },
-            // Closed before its first request: the drain, or no head within the timeout.
-            _ = side.as_mut() => return,
+    serve(io, ctx, watch, guard)
+}
+
+/// Serves a connection: its first bytes say which HTTP it speaks.
+///
+/// HTTP/1: when the connection is idle after its first request, and later once its clock
+/// found it idle for a tick ([`ConnState::idle_in_hyper`]), it is taken out of hyper.
+/// Hyper's connection ends without closing the socket (asked to while idle, it
+/// gives the socket back with whatever it had read and not parsed), and the connection
+/// waits for its next bytes holding no buffer at all; a new hyper connection then serves
+/// them. Hyper keeps a read buffer of 8 KiB and a write buffer of 8 KiB for as long as its
+/// connection lives, which made most of an idle keep-alive connection's memory. An idle
+/// connection outside hyper obeys the same rules as one inside: its clock closes it after
+/// `keepalive_timeout`; the drain gives it `drain_idle_grace` to send one more request
+/// (answered with `Connection: close`) and then closes it with a FIN.
+///
+/// This future is the connection's task, alive as long as the connection: everything of
+/// hyper's is boxed, and `io` is the one place the socket lives (hyper's connection takes
+/// it and gives it back into the same slot).
+#[expect(
+    clippy::manual_async_fn,
+    reason = "an async fn keeps its arguments twice in the task"
+)]
+fn serve<I: Socket>(
+    mut io: ConnIo<I>,
+    ctx: Arc<ConnCtx>,
+    mut watch: DrainWatch,
+    guard: ConnectionGuard,
+) -> impl Future<Output = ()> + Send + 'static {
+    // An async block, not an async fn: a function's arguments would be kept twice.
+    async move {
+        let _guard = guard;
+        let settings = &ctx.shared.settings;
+        let clock = ConnClock::new(
+            Duration::from_millis(settings.http.keepalive_timeout_ms),
+            Duration::from_millis(settings.http.header_read_timeout_ms),
+        );
+        let grace = Duration::from_millis(settings.drain_idle_grace_ms);
+        let mut closing_watch = watch.clone();
+        let side = clock.closes(&ctx.state, &mut closing_watch, grace);
+        let mut side = std::pin::pin!(side);
+
+        // Biased: when the first bytes and the drain's deadline are both there (a worker kept
+        // off the CPU past `drain_idle_grace`), the request that arrived is served.
+        let h2 = io.io.negotiated_h2()
+            || tokio::select! {
+                biased;
+                sniffed = io.sniff() => match sniffed {
+                    Ok(h2) => h2,
+                    Err(e) => return tracing::debug!("connection ended: {e}"),
+                },
+                // Closed before its first request: the drain, or no head within the timeout.
+                _ = side.as_mut() => return,
+            };
+        if h2 {
+            ctx.state.set_h2();
+            let service = {
+                let ctx = ctx.clone();
+                service_fn(move |req| handle(req, &ctx))
+            };
+            let conn = Box::pin(ctx.shared.http2.serve_connection(TokioIo::new(io), service));
+            return drive(conn, |c| c.graceful_shutdown(), side, &mut watch).await;
         }
-    };
-    let service = {
-        let ctx = ctx.clone();
-        service_fn(move |req| handle(req, &ctx))
-    };
-    let io = TokioIo::new(io);
-    if h2 {
-        state.set_h2();
-        let conn = shared.http2.serve_connection(io, service);
-        drive(conn, |c| c.graceful_shutdown(), side, &mut watch).await;
-    } else {
-        // With upgrades: a WebSocket route takes the connection over after its 101.
-        let conn = shared.http1.serve_connection(io, service).with_upgrades();
-        drive(conn, |c| c.graceful_shutdown(), side, &mut watch).await;
+        loop {
+            let service = {
+                let ctx = ctx.clone();
+                service_fn(move |req| handle(req, &ctx))
+            };
+            // With upgrades: a WebSocket route takes the connection over after its 101.
+            let mut conn = Box::new(
+                ctx.shared
+                    .http1
+                    .serve_connection(TokioIo::new(io), service)
+                    .with_upgrades(),
+            );
+            let serving = UntilIdle {
+                conn: &mut *conn,
+                state: &ctx.state,
+                entered: ctx.state.activity(),
+                parking: false,
+            };
+            match lazy_select(serving, side.as_mut()).await {
+                Either::Main(Ok(())) => {}
+                Either::Main(result) => return log_end(result),
+                Either::Side(Some(Expired::Header)) => {
+                    // Nothing is in flight; hyper would wait for the head to finish.
+                    tracing::debug!(
+                        "request head not complete within header_read_timeout; closing"
+                    );
+                    return;
+                }
+                Either::Side(_) => {
+                    Pin::new(&mut *conn).graceful_shutdown();
+                    let forced = Box::pin(watch.reached(Phase::Forced));
+                    if let Either::Main(result) = lazy_select(&mut *conn, forced).await {
+                        log_end(result);
+                    }
+                    return;
+                }
+            }
+            // Hyper's connection ended: upgraded (the WebSocket task has the socket), closed,
+            // or given back idle. (Its box is freed here, not kept while the connection idles.)
+            let pipelined = {
+                let Some(parts) = { *conn }.into_parts() else {
+                    return;
+                };
+                io = parts.io.into_inner();
+                ctx.state.clear_park();
+                if !std::mem::take(&mut io.parked) {
+                    return;
+                }
+                ctx.shared.parked.fetch_add(1, Ordering::Relaxed);
+                #[cfg(test)]
+                tests::PARKS.with(|p| p.set(p.get() + 1));
+                // The beginning of a pipelined request: served at once.
+                io.prefix = parts.read_buf.to_vec();
+                !io.prefix.is_empty()
+            };
+            if pipelined {
+                ctx.state.head_began();
+                continue;
+            }
+            // Idle outside hyper until the client sends (or closes). Biased like the first
+            // read: a request that arrived is served even if the drain's grace is over.
+            tokio::select! {
+                biased;
+                ready = io.idle_read() => {
+                    if let Err(e) = ready {
+                        return tracing::debug!("connection ended: {e}");
+                    }
+                }
+                // The drain's grace or keepalive_timeout is over: closed (nothing is unread,
+                // so the close is a FIN).
+                _ = side.as_mut() => return,
+            }
+        }
+    }
+}
+
+/// Polls an HTTP/1 connection in hyper until it ends; once it is idle between requests
+/// ([`ConnState::idle_in_hyper`]), asks hyper to end it (`graceful_shutdown`, which
+/// closes an idle hyper connection at once) and [`ConnIo`] to keep the socket open
+/// ([`ConnState::request_park`]). Should hyper not have been idle after all (a request
+/// under way), the request is answered with `Connection: close` and the connection closes
+/// as it would have at a drain: [`ConnIo::poll_shutdown`] parks a connection only when no
+/// request started since the park was asked for.
+struct UntilIdle<'a, C> {
+    conn: &'a mut C,
+    state: &'a ConnState,
+    /// [`ConnState::activity`] when hyper took the connection.
+    entered: u64,
+    parking: bool,
+}
+
+impl<I, S, B> Future for UntilIdle<'_, hyper::server::conn::http1::UpgradeableConnection<I, S>>
+where
+    hyper::server::conn::http1::UpgradeableConnection<I, S>:
+        Future<Output = hyper::Result<()>> + Unpin,
+    S: hyper::service::HttpService<hyper::body::Incoming, ResBody = B>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin,
+    B: hyper::body::Body + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    type Output = hyper::Result<()>;
+
+    fn poll(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        let this = self.get_mut();
+        loop {
+            if let std::task::Poll::Ready(result) = Pin::new(&mut *this.conn).poll(cx) {
+                return std::task::Poll::Ready(result);
+            }
+            if this.parking || !this.state.idle_in_hyper(this.entered) {
+                return std::task::Poll::Pending;
+            }
+            this.parking = true;
+            this.state.request_park();
+            Pin::new(&mut *this.conn).graceful_shutdown();
+        }
     }
 }
 
 /// Serves `conn` until it ends, or until `side` (the drain, the connection's clock) says
-/// to close it: then HTTP/2 gets a GOAWAY and its open streams finish, HTTP/1 closes once
-/// the request in flight (if any) is answered; the forced phase of the drain cuts that
-/// short.
+/// to close it: then HTTP/2 gets a GOAWAY and its open streams finish; the forced phase
+/// of the drain cuts that short.
 async fn drive<C: Future<Output = hyper::Result<()>>>(
-    conn: C,
+    mut conn: Pin<Box<C>>,
     graceful_shutdown: impl FnOnce(Pin<&mut C>),
     side: Pin<&mut impl Future<Output = Option<Expired>>>,
     watch: &mut DrainWatch,
 ) {
-    let mut conn = std::pin::pin!(conn);
     match lazy_select(conn.as_mut(), side).await {
         Either::Main(result) => return log_end(result),
         Either::Side(Some(Expired::Header)) => {
@@ -194,9 +367,10 @@ async fn drive<C: Future<Output = hyper::Result<()>>>(
         Either::Side(_) => {}
     }
     graceful_shutdown(conn.as_mut());
-    tokio::select! {
-        result = conn.as_mut() => log_end(result),
-        _ = watch.reached(Phase::Forced) => {}
+    // Boxed: this rare wait would otherwise take room in every connection's task.
+    let forced = Box::pin(watch.reached(Phase::Forced));
+    if let Either::Main(result) = lazy_select(conn.as_mut(), forced).await {
+        log_end(result);
     }
 }
 
@@ -227,6 +401,15 @@ pub(crate) trait Socket: AsyncRead + AsyncWrite + Unpin + Send + 'static {
     fn close_notify(&self) -> bool {
         false
     }
+
+    /// Resolves once there is something to read (bytes, the end, an error), leaving it in
+    /// the kernel; `None`: this kind cannot wait so (see [`ConnIo::idle_read`]).
+    fn poll_readable(
+        &self,
+        _: &mut std::task::Context<'_>,
+    ) -> Option<std::task::Poll<std::io::Result<()>>> {
+        None
+    }
 }
 
 impl Socket for tokio::net::TcpStream {
@@ -235,9 +418,23 @@ impl Socket for tokio::net::TcpStream {
             tracing::debug!("TCP_NODELAY: {e}");
         }
     }
+
+    fn poll_readable(
+        &self,
+        cx: &mut std::task::Context<'_>,
+    ) -> Option<std::task::Poll<std::io::Result<()>>> {
+        Some(self.poll_read_ready(cx))
+    }
 }
 
-impl Socket for tokio::net::UnixStream {}
+impl Socket for tokio::net::UnixStream {
+    fn poll_readable(
+        &self,
+        cx: &mut std::task::Context<'_>,
+    ) -> Option<std::task::Poll<std::io::Result<()>>> {
+        Some(self.poll_read_ready(cx))
+    }
+}
 
 impl Socket for tokio::io::DuplexStream {}
 
@@ -262,6 +459,9 @@ struct ConnIo<I> {
     nodelay: bool,
     /// Writing is shut down and what the client still sends is being discarded.
     linger: Option<Linger>,
+    /// Hyper ended the connection while idle, on request ([`UntilIdle`]): the socket
+    /// stays open and the connection waits for its next request outside hyper.
+    parked: bool,
 }
 
 /// A lingering close under way: its deadline and how much more it reads.
@@ -337,6 +537,32 @@ impl<I: Socket> ConnIo<I> {
         }
     }
 
+    /// Waits, holding no buffer, until the client sends more (or closes). A socket leaves
+    /// what arrived in the kernel; other kinds read a few bytes of it into
+    /// [`ConnIo::prefix`]: TLS (whose library may hold decrypted bytes the socket no longer
+    /// shows, and keeps its own buffers), and what tests and fuzzing serve.
+    async fn idle_read(&mut self) -> std::io::Result<()> {
+        std::future::poll_fn(|cx| {
+            if let Some(polled) = self.io.poll_readable(cx) {
+                return polled;
+            }
+            let mut scratch = [0u8; 512];
+            let mut buf = tokio::io::ReadBuf::new(&mut scratch);
+            std::task::ready!(Pin::new(&mut self.io).poll_read(cx, &mut buf))?;
+            self.prefix.extend_from_slice(buf.filled());
+            std::task::Poll::Ready(Ok(()))
+        })
+        .await?;
+        if !self.prefix.is_empty() {
+            self.ctx.state.bytes_arrived();
+            self.ctx
+                .shared
+                .metrics
+                .bytes(Global::BytesIn, self.prefix.len());
+        }
+        Ok(())
+    }
+
     fn before_write(&mut self) {
         if !self.nodelay && self.ctx.state.stays_open() {
             self.nodelay = true;
@@ -359,11 +585,13 @@ impl<I: Socket> AsyncRead for ConnIo<I> {
             if this.prefix.is_empty() {
                 this.prefix = Vec::new();
             }
+            this.ctx.state.read_polled(false);
             return std::task::Poll::Ready(Ok(()));
         }
         let before = buf.filled().len();
         let polled = std::pin::Pin::new(&mut this.io).poll_read(cx, buf);
         let n = buf.filled().len() - before;
+        this.ctx.state.read_polled(polled.is_pending());
         if n > 0 {
             this.ctx.state.bytes_arrived();
             this.ctx.shared.metrics.bytes(Global::BytesIn, n);
@@ -417,6 +645,11 @@ impl<I: Socket> AsyncWrite for ConnIo<I> {
             // Flush what is buffered; unless the client may still be sending, the close
             // that follows does the rest.
             std::task::ready!(std::pin::Pin::new(&mut this.io).poll_flush(cx))?;
+            if this.ctx.state.parking() {
+                // Hyper ends an idle connection on request: the socket stays open.
+                this.parked = true;
+                return std::task::Poll::Ready(Ok(()));
+            }
             if !this.ctx.state.input_pending() {
                 if this.io.close_notify() {
                     return std::pin::Pin::new(&mut this.io).poll_shutdown(cx);
@@ -496,7 +729,14 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     fn one_connection() -> OneConnection {
-        let settings = WorkerSettings::default();
+        one_connection_with(WorkerSettings::default().http.header_read_timeout_ms)
+    }
+
+    /// With `header_read_timeout` in ms: half of it (at least 25 ms) is the tick of the
+    /// connection's clock, after which an idle connection leaves hyper.
+    fn one_connection_with(header_read_timeout_ms: u64) -> OneConnection {
+        let mut settings = WorkerSettings::default();
+        settings.http.header_read_timeout_ms = header_read_timeout_ms;
         let router = Router::build(Vec::new(), &settings.http.health_path).expect("router");
         OneConnection::new(settings, router)
     }
@@ -540,10 +780,142 @@ mod tests {
         assert!(text.starts_with("HTTP/1.1 404"), "{text:?}");
     }
 
-    /// A connection of [`one_connection`] over TCP: the client's end, and the server's
-    /// task serving the other.
-    async fn tcp_connection() -> (tokio::net::TcpStream, tokio::task::JoinHandle<()>) {
-        let server = one_connection();
+    thread_local! {
+        /// Connections taken out of hyper idle on this thread (each test has its own
+        /// runtime on its own thread).
+        pub(super) static PARKS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+    }
+
+    fn parks() -> u64 {
+        PARKS.with(|p| p.get())
+    }
+
+    /// Reads `n` whole sized answers (the health path's), and nothing more.
+    async fn read_answers(client: &mut tokio::net::TcpStream, n: usize) -> String {
+        let mut got = Vec::new();
+        let mut buf = [0u8; 1024];
+        loop {
+            let text = String::from_utf8_lossy(&got).into_owned();
+            // Where each complete answer ends.
+            let (mut at, mut whole) = (0, 0);
+            while let Some(end) = text[at..].find("\r\n\r\n") {
+                let head = &text[at..at + end];
+                let length: usize = head
+                    .lines()
+                    .find_map(|l| {
+                        let l = l.to_ascii_lowercase();
+                        l.strip_prefix("content-length: ")
+                            .map(|v| v.trim().parse().unwrap())
+                    })
+                    .expect("a sized answer");
+                if got.len() < at + end + 4 + length {
+                    break;
+                }
+                at += end + 4 + length;
+                whole += 1;
+            }
+            if whole >= n {
+                assert_eq!((whole, at), (n, got.len()), "more than asked for: {text:?}");
+                return text;
+            }
+            let read = tokio::time::timeout(Duration::from_secs(5), client.read(&mut buf))
+                .await
+                .expect("an answer within 5 s")
+                .unwrap();
+            assert!(read > 0, "the connection closed after {text:?}");
+            got.extend_from_slice(&buf[..read]);
+        }
+    }
+
+    async fn read_response(client: &mut tokio::net::TcpStream) -> String {
+        read_answers(client, 1).await
+    }
+
+    /// Waits for the server's side of a connection to end.
+    async fn ended(serving: tokio::task::JoinHandle<()>, within: Duration, what: &str) {
+        tokio::time::timeout(within, serving)
+            .await
+            .expect(what)
+            .unwrap();
+    }
+
+    const HEALTH: &[u8] = b"GET /_baton/health HTTP/1.1\r\nHost: x\r\n\r\n";
+
+    /// Waits until the server took its connection out of hyper `n` times in all.
+    async fn parked(n: u64) {
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while parks() < n {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        })
+        .await
+        .expect("the idle connection left hyper");
+    }
+
+    #[tokio::test]
+    async fn an_idle_connection_leaves_hyper_and_comes_back_for_its_next_request() {
+        let (mut client, serving) = fast_clock_connection().await;
+        for round in 1..=3 {
+            client.write_all(HEALTH).await.unwrap();
+            let answer = read_response(&mut client).await;
+            assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+            parked(round).await;
+        }
+        drop(client);
+        ended(
+            serving,
+            Duration::from_secs(1),
+            "the connection ended with its client",
+        )
+        .await;
+    }
+
+    #[tokio::test]
+    async fn pipelined_requests_left_in_hyper_are_served_after_it_gives_them_back() {
+        let (mut client, _serving) = fast_clock_connection().await;
+        // Two whole requests and the beginning of a third in one write: hyper answers
+        // two and keeps the third's beginning, which the connection gets back when it
+        // leaves hyper idle.
+        let mut burst = [HEALTH, HEALTH].concat();
+        burst.extend_from_slice(b"GET /_baton/health HT");
+        client.write_all(&burst).await.unwrap();
+        let answers = read_answers(&mut client, 2).await;
+        assert_eq!(answers.matches("HTTP/1.1 200").count(), 2, "{answers}");
+        // The connection leaves hyper (within two ticks) with the third's beginning.
+        parked(1).await;
+        client
+            .write_all(b"TP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let answer = read_response(&mut client).await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert!(
+            !answer.to_ascii_lowercase().contains("connection: close"),
+            "{answer}"
+        );
+    }
+
+    #[tokio::test]
+    async fn requests_sent_the_moment_the_connection_goes_idle_are_all_answered() {
+        // A clock tick of 25 ms, and pauses of 0 to 30 ms between requests: ticks find the
+        // connection idle while the next request is on its way, and it leaves hyper while
+        // a request arrives or waits outside when one does.
+        let server = Arc::new(one_connection_with(50));
+        let (mut client, _serving) = tcp_connection_of(server).await;
+        for i in 0..400u64 {
+            client.write_all(HEALTH).await.unwrap();
+            let answer = read_response(&mut client).await;
+            assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+            tokio::time::sleep(Duration::from_millis(i % 7 * 5)).await;
+        }
+        assert!(parks() > 0, "the connection never left hyper");
+    }
+
+    /// A connection of `server` over TCP: the client's end, and the server's task serving
+    /// the other.
+    async fn tcp_connection_of(
+        server: Arc<OneConnection>,
+    ) -> (tokio::net::TcpStream, tokio::task::JoinHandle<()>) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
             .await
@@ -553,6 +925,71 @@ mod tests {
             client,
             tokio::spawn(async move { server.serve(accepted).await }),
         )
+    }
+
+    /// A connection that served one request and waits idle outside hyper.
+    async fn idle_outside_hyper() -> (
+        Arc<OneConnection>,
+        tokio::net::TcpStream,
+        tokio::task::JoinHandle<()>,
+    ) {
+        let server = Arc::new(one_connection_with(200));
+        let (mut client, serving) = tcp_connection_of(server.clone()).await;
+        client.write_all(HEALTH).await.unwrap();
+        read_response(&mut client).await;
+        parked(1).await;
+        (server, client, serving)
+    }
+
+    #[tokio::test]
+    async fn a_drain_gives_an_idle_connection_outside_hyper_one_request_with_connection_close() {
+        let (server, mut client, serving) = idle_outside_hyper().await;
+        server.drain();
+        // Within drain_idle_grace: answered, with Connection: close, then a FIN.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        client.write_all(HEALTH).await.unwrap();
+        let answer = read_response(&mut client).await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert!(
+            answer.to_ascii_lowercase().contains("connection: close"),
+            "{answer}"
+        );
+        let mut rest = Vec::new();
+        // A reset instead of a FIN would fail the read.
+        client.read_to_end(&mut rest).await.unwrap();
+        assert!(rest.is_empty(), "{rest:?}");
+        ended(serving, Duration::from_secs(1), "the connection ended").await;
+    }
+
+    #[tokio::test]
+    async fn a_drain_closes_a_connection_still_idle_outside_hyper_after_the_grace() {
+        let (server, mut client, serving) = idle_outside_hyper().await;
+        let grace = Duration::from_millis(server.shared.settings.drain_idle_grace_ms);
+        let began = tokio::time::Instant::now();
+        server.drain();
+        let mut rest = Vec::new();
+        tokio::time::timeout(grace * 3, client.read_to_end(&mut rest))
+            .await
+            .expect("closed after the grace")
+            .unwrap();
+        assert!(rest.is_empty(), "{rest:?}");
+        assert!(
+            began.elapsed() >= grace,
+            "closed after {:?}",
+            began.elapsed()
+        );
+        serving.await.unwrap();
+    }
+
+    /// A connection of [`one_connection`] over TCP: the client's end, and the server's
+    /// task serving the other.
+    async fn tcp_connection() -> (tokio::net::TcpStream, tokio::task::JoinHandle<()>) {
+        tcp_connection_of(Arc::new(one_connection())).await
+    }
+
+    /// A connection whose clock ticks every 100 ms: idle, it leaves hyper within 200 ms.
+    async fn fast_clock_connection() -> (tokio::net::TcpStream, tokio::task::JoinHandle<()>) {
+        tcp_connection_of(Arc::new(one_connection_with(200))).await
     }
 
     #[tokio::test]
@@ -576,10 +1013,7 @@ mod tests {
         assert!(text.ends_with("\r\n\r\n"), "{text}");
         // Closing its side ends the server's lingering at once.
         drop(client);
-        tokio::time::timeout(Duration::from_secs(1), serving)
-            .await
-            .expect("the connection ended")
-            .unwrap();
+        ended(serving, Duration::from_secs(1), "the connection ended").await;
     }
 
     #[tokio::test]
@@ -603,9 +1037,11 @@ mod tests {
         let mut answer = Vec::new();
         client.read_to_end(&mut answer).await.unwrap();
         assert!(answer.starts_with(b"HTTP/1.1 400"), "{answer:?}");
-        tokio::time::timeout(LINGER_TIME + Duration::from_secs(1), serving)
-            .await
-            .expect("the lingering close ended")
-            .unwrap();
+        ended(
+            serving,
+            LINGER_TIME + Duration::from_secs(1),
+            "the lingering close ended",
+        )
+        .await;
     }
 }

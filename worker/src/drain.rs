@@ -51,8 +51,15 @@ impl Drain {
 impl DrainWatch {
     /// Resolves once the phase is `phase` or later.
     pub async fn reached(&mut self, phase: Phase) {
-        // The sender lives as long as the worker serves; if it is gone, so is the worker.
-        let _ = self.rx.wait_for(|p| *p >= phase).await;
+        // `changed` rather than `wait_for`: every connection's task holds one of these
+        // futures, and this one is half the size.
+        while *self.rx.borrow_and_update() < phase {
+            if self.rx.changed().await.is_err() {
+                // The sender lives as long as the worker serves; if it is gone, so is the
+                // worker.
+                return;
+            }
+        }
     }
 }
 

@@ -255,7 +255,8 @@ async fn report_stats(shared: Arc<Shared>, notifier: Notifier) {
             shared.stats(),
             shared.settings.metrics.then(|| shared.metrics_snapshot()),
         );
-        if trim.due(shared.connections.take_peak(), now.0.connections) {
+        let parked = shared.parked.swap(0, Ordering::Relaxed);
+        if trim.due(shared.connections.take_peak(), now.0.connections, parked) {
             // Off the runtime's threads: trimming a large heap takes milliseconds.
             tokio::task::spawn_blocking(baton_sys::memory::release_free_memory);
         }
@@ -268,22 +269,39 @@ async fn report_stats(shared: Arc<Shared>, notifier: Notifier) {
 
 /// When to hand the allocator's free memory back to the kernel: after the open connections
 /// fell to half of (or less than) the most seen since the last trim, once that was at least
-/// [`TRIM_MIN_PEAK`]. Without it, a worker that once held many connections keeps their
-/// memory (the allocator keeps freed pages for reuse) although it holds few now.
+/// [`TRIM_MIN_PEAK`]; or after at least [`TRIM_MIN_PEAK`] connections went idle outside
+/// hyper (each freeing 16 KiB of buffers), at most every [`TRIM_PARKED_TICKS`] ticks.
+/// Without it, a worker that once held many connections, or many busy ones, keeps their
+/// memory (the allocator keeps freed pages for reuse, and the buffers of connections now
+/// idle sit between the small allocations of the connections that stay) although it needs
+/// little now.
 #[derive(Debug, Default)]
 struct Trim {
     peak: u64,
+    /// Connections that went idle outside hyper since the last trim.
+    parked: u64,
+    /// Ticks since the last trim.
+    ticks: u32,
 }
 
 /// Connections below which the memory they held is not worth a trim.
 const TRIM_MIN_PEAK: u64 = 256;
+/// Trims for connections gone idle are this many ticks apart at least: `malloc_trim`
+/// holds each arena's lock while it walks it.
+const TRIM_PARKED_TICKS: u32 = 5;
 
 impl Trim {
-    /// `peak`: the most open at once since the last call; `connections`: open now.
-    fn due(&mut self, peak: u64, connections: u64) -> bool {
+    /// `peak`: the most open at once since the last call; `connections`: open now;
+    /// `parked`: connections that went idle outside hyper since the last call.
+    fn due(&mut self, peak: u64, connections: u64, parked: u64) -> bool {
         self.peak = self.peak.max(peak).max(connections);
-        if self.peak >= TRIM_MIN_PEAK && connections <= self.peak / 2 {
+        self.parked += parked;
+        self.ticks = self.ticks.saturating_add(1);
+        let fell = self.peak >= TRIM_MIN_PEAK && connections <= self.peak / 2;
+        let idled = self.parked >= TRIM_MIN_PEAK && self.ticks >= TRIM_PARKED_TICKS;
+        if fell || idled {
             self.peak = connections;
+            (self.parked, self.ticks) = (0, 0);
             return true;
         }
         false
@@ -388,19 +406,35 @@ mod trim_tests {
     #[test]
     fn memory_is_trimmed_once_connections_fell_to_half_of_a_large_peak() {
         let mut t = Trim::default();
+        let small = !t.due(100, 100, 0) && !t.due(100, 60, 0);
+        assert!(small, "a small peak is never worth it");
         assert!(
-            !t.due(100, 100) && !t.due(100, 60),
-            "a small peak is never worth it"
+            !t.due(8000, 8000, 0) && !t.due(8000, 5000, 0),
+            "still above half"
         );
-        assert!(!t.due(8000, 8000) && !t.due(8000, 5000), "still above half");
-        assert!(t.due(5000, 3000), "half of the peak or less");
-        assert!(
-            !t.due(3000, 2000),
-            "the peak is now 3000, 2000 is above half"
-        );
-        assert!(t.due(2000, 10), "then below half of that");
-        assert!(!t.due(10, 0), "and not again for a peak under the minimum");
+        assert!(t.due(5000, 3000, 0), "half of the peak or less");
+        let above = !t.due(3000, 2000, 0);
+        assert!(above, "the peak is now 3000, 2000 is above half");
+        assert!(t.due(2000, 10, 0), "then below half of that");
+        let small = !t.due(10, 0, 0);
+        assert!(small, "and not again for a peak under the minimum");
         // Connections that came and went between two looks still count.
-        assert!(t.due(1000, 0), "a burst seen only as a peak");
+        assert!(t.due(1000, 0, 0), "a burst seen only as a peak");
+    }
+
+    #[test]
+    fn memory_is_trimmed_once_many_connections_went_idle_outside_hyper() {
+        let mut t = Trim::default();
+        // 5,000 connections open and stay; they go idle over two ticks.
+        assert!(!t.due(5000, 5000, 100), "too few idle yet");
+        assert!(
+            !t.due(5000, 5000, 4900),
+            "not before TRIM_PARKED_TICKS ticks"
+        );
+        assert!(!t.due(5000, 5000, 0) && !t.due(5000, 5000, 0));
+        assert!(t.due(5000, 5000, 0), "then once");
+        for _ in 0..10 {
+            assert!(!t.due(5000, 5000, 10), "and not for a few idle ones");
+        }
     }
 }

@@ -39,6 +39,9 @@ pub(crate) struct Shared {
     pub(crate) websockets: AtomicU64,
     /// Streamed (deferred) answers under way right now.
     pub(crate) streams: AtomicU64,
+    /// HTTP/1 connections that went idle outside hyper (freeing its buffers) since the
+    /// allocator was last trimmed.
+    pub(crate) parked: AtomicU64,
     /// The access log, when `[log] access` is on.
     pub(crate) access_log: Option<Arc<AccessLog>>,
 }
@@ -67,6 +70,7 @@ impl Shared {
             closing: AtomicBool::new(false),
             websockets: AtomicU64::new(0),
             streams: AtomicU64::new(0),
+            parked: AtomicU64::new(0),
             generation,
             pid: std::process::id(),
             http1: http1_builder(&settings),
