@@ -74,8 +74,9 @@ def log(msg):
 
 # ---------------------------------------------------------------------------- set-up
 
-def ensure_tools():
-    missing = [pkg for tool, pkg in (("wrk", "wrk"), ("nginx", "nginx"), ("haproxy", "haproxy"))
+def ensure_tools(tools=(("wrk", "wrk"), ("nginx", "nginx"), ("haproxy", "haproxy"))):
+    """Installs the Debian package of each (tool, package) whose tool is missing."""
+    missing = [pkg for tool, pkg in tools
                if shutil.which(tool) is None and not os.path.exists(f"/usr/sbin/{tool}")]
     if not missing:
         return
@@ -88,9 +89,9 @@ def ensure_tools():
             f.write("#!/bin/sh\nexit 101\n")
         os.chmod(policy, 0o755)
     try:
-        subprocess.run(["apt-get", "update", "-qq"], check=True)
+        subprocess.run(["apt-get", "update", "-qq"], check=True, timeout=600)
         subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing],
-                       check=True, env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+                       check=True, timeout=600, env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
     finally:
         if created:
             os.remove(policy)

@@ -56,6 +56,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import run  # noqa: E402
 from run import RELEASE, ROOT, alive, children, free_port, parse_wrk, raise_fd_limit, version_of, wait_until  # noqa: E402
 
 PATH = "/hello/bench"
@@ -755,25 +756,8 @@ def report(results):
 # -------------------------------------------------------------------------- main
 
 def ensure_tools():
-    missing = [pkg for tool, pkg in (("wrk", "wrk"), ("nginx", "nginx"), ("h2load", "nghttp2-client"),
-                                     ("openssl", "openssl"))
-               if shutil.which(tool) is None and not os.path.exists(f"/usr/sbin/{tool}")]
-    if missing:
-        log(f"installing {' '.join(missing)} from Debian's packages")
-        # Keep the packages' maintainer scripts from starting nginx on port 80.
-        policy = "/usr/sbin/policy-rc.d"
-        created = not os.path.exists(policy)
-        if created:
-            with open(policy, "w") as f:
-                f.write("#!/bin/sh\nexit 101\n")
-            os.chmod(policy, 0o755)
-        try:
-            subprocess.run(["apt-get", "install", "-y", "-q", "--no-install-recommends", *missing], check=True,
-                           timeout=600, stdout=subprocess.DEVNULL,
-                           env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
-        finally:
-            if created:
-                os.remove(policy)
+    run.ensure_tools((("wrk", "wrk"), ("nginx", "nginx"), ("h2load", "nghttp2-client"),
+                      ("openssl", "openssl")))
 
 
 def main():
