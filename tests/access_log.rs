@@ -10,15 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 async fn start(format: &str) -> (Baton, tempfile::TempDir) {
-    let plugins = tempfile::Builder::new()
-        .prefix("baton-plugins")
-        .tempdir()
-        .unwrap();
-    std::fs::set_permissions(
-        plugins.path(),
-        std::os::unix::fs::PermissionsExt::from_mode(0o755),
-    )
-    .unwrap();
+    let plugins = baton_tests::traversable_tempdir("baton-plugins");
     let dir = plugin_dir(plugins.path(), "plugins", &["hello"]);
     let baton = Baton::start(TestConfig {
         plugins_dir: Some(dir),

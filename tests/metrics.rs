@@ -379,15 +379,7 @@ async fn prometheus_sees_no_reset_across_ten_upgrades_and_a_crash() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_drain_cut_short_counts_what_it_closed() {
-    let plugins = tempfile::Builder::new()
-        .prefix("baton-plugins")
-        .tempdir()
-        .unwrap();
-    std::fs::set_permissions(
-        plugins.path(),
-        std::os::unix::fs::PermissionsExt::from_mode(0o755),
-    )
-    .unwrap();
+    let plugins = baton_tests::traversable_tempdir("baton-plugins");
     let (config, metrics) = with_metrics();
     let baton = Baton::start(TestConfig {
         processes: 1,

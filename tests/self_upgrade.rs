@@ -25,15 +25,7 @@ struct Builds {
 }
 
 fn builds() -> Builds {
-    let dir = tempfile::Builder::new()
-        .prefix("baton-builds")
-        .tempdir()
-        .unwrap();
-    std::fs::set_permissions(
-        dir.path(),
-        std::os::unix::fs::PermissionsExt::from_mode(0o755),
-    )
-    .unwrap();
+    let dir = baton_tests::traversable_tempdir("baton-builds");
     let root = dir.path().to_owned();
     std::fs::create_dir(root.join("bin")).unwrap();
     let a = root.join("baton-a");

@@ -630,6 +630,7 @@ impl Supervisor {
 
     fn report(&self) -> StatusReport {
         let now = Instant::now();
+        let (served, wall) = (self.served_certificates(), SystemTime::now());
         let canary = self.core.canary_info(now);
         StatusReport {
             version: STATUS_VERSION,
@@ -663,12 +664,11 @@ impl Supervisor {
                             .and_then(|v| v.as_str().map(str::to_owned))
                             .unwrap_or_default(),
                         fds: l.fd_count(),
-                        certificates: self
-                            .served_certificates()
+                        certificates: served
                             .iter()
                             .filter(|c| c.listener == l.name)
                             .flat_map(|c| &c.certificates)
-                            .map(|c| crate::status::ServedCertificate::of(c, SystemTime::now()))
+                            .map(|c| crate::status::ServedCertificate::of(c, wall))
                             .collect(),
                     })
                     .collect();

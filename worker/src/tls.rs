@@ -116,18 +116,12 @@ fn read_bundle(fd: &str) -> anyhow::Result<TlsBundle> {
     let owned = baton_sys::inherit::adopt(raw)
         .with_context(|| format!("{}={raw}", baton_proto::tls::ENV_TLS_FD))?;
     // Every worker of the generation has this same open file (one offset): read by
-    // position, from the start.
+    // position, from the start. Sealed: its length cannot change.
     let file = std::fs::File::from(owned);
-    let mut bytes = Vec::new();
-    let mut chunk = [0u8; 16 * 1024];
-    loop {
-        let n = std::os::unix::fs::FileExt::read_at(&file, &mut chunk, bytes.len() as u64)
-            .context("reading the TLS material")?;
-        if n == 0 {
-            break;
-        }
-        bytes.extend_from_slice(&chunk[..n]);
-    }
+    let len = file.metadata().context("the TLS material")?.len();
+    let mut bytes = vec![0u8; len as usize];
+    std::os::unix::fs::FileExt::read_exact_at(&file, &mut bytes, 0)
+        .context("reading the TLS material")?;
     drop(file);
     TlsBundle::from_json(&bytes).context("the TLS material does not parse")
 }

@@ -648,9 +648,6 @@ pub struct Core<A> {
     totals: Totals,
     /// When the upgrade in progress was asked for.
     upgrade_started: Option<Instant>,
-    /// The generation an upgrade being decided told to drain: its answers wait until
-    /// that generation stopped accepting (set by `promote`, taken by `finish_with`).
-    answer_after_close: Option<u64>,
 }
 
 impl<A: Clone + std::fmt::Debug> Core<A> {
@@ -668,7 +665,6 @@ impl<A: Clone + std::fmt::Debug> Core<A> {
             self_upgrade: None,
             totals: Totals::default(),
             upgrade_started: None,
-            answer_after_close: None,
         }
     }
 

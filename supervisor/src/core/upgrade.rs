@@ -248,11 +248,11 @@ impl<A: Clone + std::fmt::Debug> Core<A> {
         let artifacts = g.artifacts.clone();
         if let Some(old) = previous {
             self.drain(old);
-            self.answer_after_close = Some(old);
         }
         self.emit(Effect::Watch { artifacts });
         self.emit(Effect::Prune);
-        self.finish(result);
+        // The answer waits until the old generation stopped accepting.
+        self.finish_answering_after(result, true, previous);
     }
 
     /// Tells generation `number` to drain; it is killed `drain_timeout` (and a margin)
@@ -362,6 +362,17 @@ impl<A: Clone + std::fmt::Debug> Core<A> {
     }
 
     fn finish_with(&mut self, result: UpgradeOutcome, follow: bool) {
+        self.finish_answering_after(result, follow, None);
+    }
+
+    /// Ends the upgrade in progress with `result`; its waiters are answered now, or, with
+    /// `drained`, once that generation stopped accepting (at most ACCEPT_CLOSE_WAIT).
+    fn finish_answering_after(
+        &mut self,
+        result: UpgradeOutcome,
+        follow: bool,
+        drained: Option<u64>,
+    ) {
         let kind = self.kind_of(&result);
         let (waiters, follow_up) = match std::mem::replace(&mut self.mode, Mode::Idle) {
             Mode::Preparing { waiters, follow_up }
@@ -380,9 +391,7 @@ impl<A: Clone + std::fmt::Debug> Core<A> {
                 (Vec::new(), None)
             }
         };
-        // After a promotion, the answer waits until the old generation stopped accepting
-        // (bounded by ACCEPT_CLOSE_WAIT).
-        let hold = self.answer_after_close.take().filter(|old| {
+        let hold = drained.filter(|old| {
             self.generations
                 .get(old)
                 .is_some_and(|g| !g.stopped_accepting())
