@@ -498,3 +498,93 @@ async fn a_generation_force_closed_for_room_exits_then_even_with_blocking_handle
         request.abort();
     }
 }
+
+/// Sends a request for the health path on `stream` and reads its whole answer (sized).
+async fn health_on(stream: &mut tokio::net::TcpStream) -> String {
+    stream
+        .write_all(b"GET /_baton/health HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 2048];
+    loop {
+        let text = String::from_utf8_lossy(&got).into_owned();
+        if let Some(end) = text.find("\r\n\r\n") {
+            let length: usize = text[..end]
+                .lines()
+                .find_map(|l| {
+                    let l = l.to_ascii_lowercase();
+                    l.strip_prefix("content-length: ")
+                        .map(|v| v.trim().parse().unwrap())
+                })
+                .expect("a sized answer");
+            if got.len() >= end + 4 + length {
+                return text;
+            }
+        }
+        let n = tokio::time::timeout(WAIT, stream.read(&mut buf))
+            .await
+            .expect("an answer")
+            .unwrap();
+        assert!(n > 0, "closed after {text:?}");
+        got.extend_from_slice(&buf[..n]);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_keepalive_connections_wait_in_the_idle_set_and_close_with_a_fin_at_a_drain() {
+    const HELD: usize = 300;
+    let baton = Baton::start(TestConfig {
+        drain_idle_grace: "1s",
+        ..TestConfig::default()
+    })
+    .await;
+    let mut held = Vec::new();
+    for _ in 0..HELD {
+        let mut stream = tokio::net::TcpStream::connect(baton.addr()).await.unwrap();
+        let answer = health_on(&mut stream).await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        held.push(stream);
+    }
+    // The workers report them idle in their idle sets (reports come once a second).
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let status = baton.status().await;
+        let g = &status["generations"][0];
+        if g["idle"].as_u64() == Some(HELD as u64) {
+            assert_eq!(g["connections"].as_u64(), Some(HELD as u64), "{status:#}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "not all idle: {status:#}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Out of the set, each is served again (and goes back).
+    for stream in held.iter_mut().step_by(3) {
+        let answer = health_on(stream).await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert!(answer.contains("\"generation\":1"), "{answer}");
+        assert!(
+            !answer.to_ascii_lowercase().contains("connection: close"),
+            "{answer}"
+        );
+    }
+    // An upgrade: after drain_idle_grace every one is closed with a FIN, never a reset.
+    let began = Instant::now();
+    let out = baton.upgrade_wait().await;
+    assert_eq!(out.code, Some(0), "{out:?}");
+    for mut stream in held {
+        let mut rest = Vec::new();
+        tokio::time::timeout(WAIT, stream.read_to_end(&mut rest))
+            .await
+            .expect("closed after the grace")
+            .expect("a FIN, not a reset");
+        assert!(rest.is_empty(), "{:?}", String::from_utf8_lossy(&rest));
+    }
+    assert!(
+        began.elapsed() >= Duration::from_secs(1),
+        "{:?}",
+        began.elapsed()
+    );
+    let settled = baton.wait_settled().await;
+    assert_eq!(settled["generations"][0]["number"], 2);
+}

@@ -399,6 +399,11 @@ fn connections<A: Clone + std::fmt::Debug>(out: &mut Text, core: &Core<A>) {
             live(|g| g.connections()),
         ),
         (
+            "baton_connections_idle",
+            "Of the open connections, idle keep-alive ones waiting in the workers' idle sets.",
+            live(|g| g.idle()),
+        ),
+        (
             "baton_websockets",
             "WebSocket connections open now.",
             live(|g| g.websockets()),

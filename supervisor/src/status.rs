@@ -105,6 +105,9 @@ pub struct GenerationInfo {
     pub restarts: u64,
     /// Open connections, as last reported by the workers (at most a second old).
     pub connections: u64,
+    /// Of those, idle keep-alive connections waiting in the workers' idle sets.
+    #[serde(default)]
+    pub idle: u64,
     /// Requests served by the generation's workers, including exited ones.
     pub requests: u64,
     /// Requests answered with a 5xx status, including those of exited workers.
@@ -361,7 +364,7 @@ impl StatusReport {
         for g in &self.generations {
             let _ = writeln!(
                 out,
-                "generation {:<4} {:<9} since {} ({}s)  pids {:?}  restarts {}  connections {}  requests {}{}",
+                "generation {:<4} {:<9} since {} ({}s)  pids {:?}  restarts {}  connections {} ({} idle)  requests {}{}",
                 g.number,
                 g.state,
                 g.started_at,
@@ -369,6 +372,7 @@ impl StatusReport {
                 g.pids,
                 g.restarts,
                 g.connections,
+                g.idle,
                 g.requests,
                 if g.websockets + g.streams > 0 {
                     format!("  websockets {}  streams {}", g.websockets, g.streams)

@@ -686,6 +686,7 @@ impl Supervisor {
                     pids: g.pids(),
                     restarts: g.restarts,
                     connections: g.connections(),
+                    idle: g.idle(),
                     requests: g.requests(),
                     errors: g.errors(),
                     websockets: g.websockets(),

@@ -14,6 +14,7 @@
 use crate::conn_state::{ConnCtx, ConnState};
 use crate::drain::{ConnectionGuard, Drain, DrainWatch, Phase};
 use crate::handle::handle;
+use crate::idle::IdleSocket;
 use crate::lazy_select::{Either, lazy_select};
 use crate::metrics::Global;
 use crate::router::Router;
@@ -163,7 +164,44 @@ pub(crate) fn connection<I: Socket>(
         linger: None,
         parked: false,
     };
-    serve(io, ctx, watch, guard)
+    serve(io, ctx, watch, guard, false)
+}
+
+/// Runs the worker's idle set ([`crate::idle`]) until the drain is over: what waits
+/// there is resumed into [`serve`].
+pub(crate) async fn watch_idle(shared: Arc<Shared>, watch: DrainWatch) {
+    let keepalive = Duration::from_millis(shared.settings.http.keepalive_timeout_ms);
+    let grace = Duration::from_millis(shared.settings.drain_idle_grace_ms);
+    let sweep = crate::idle::sweep_every(keepalive);
+    shared.idle.watch(sweep, grace, watch).await;
+}
+
+/// Serves a connection again that waited idle in the worker's idle set
+/// ([`crate::idle`]): its client sent something (or closed).
+fn resume(socket: IdleSocket, ctx: Arc<ConnCtx>, guard: ConnectionGuard, nodelay: bool) {
+    fn spawn<I: Socket>(io: I, ctx: Arc<ConnCtx>, guard: ConnectionGuard, nodelay: bool) {
+        let watch = ctx.drain.clone();
+        let io = ConnIo {
+            io,
+            ctx: ctx.clone(),
+            prefix: Vec::new(),
+            nodelay,
+            linger: None,
+            parked: false,
+        };
+        tokio::spawn(serve(io, ctx, watch, guard, true));
+    }
+    let registered = match socket {
+        IdleSocket::Tcp(s) => {
+            tokio::net::TcpStream::from_std(s).map(|io| spawn(io, ctx, guard, nodelay))
+        }
+        IdleSocket::Unix(s) => {
+            tokio::net::UnixStream::from_std(s).map(|io| spawn(io, ctx, guard, nodelay))
+        }
+    };
+    if let Err(e) = registered {
+        tracing::debug!("connection ended: {e}");
+    }
 }
 
 /// Serves a connection: its first bytes say which HTTP it speaks.
@@ -179,9 +217,13 @@ pub(crate) fn connection<I: Socket>(
 /// `keepalive_timeout`; the drain gives it `drain_idle_grace` to send one more request
 /// (answered with `Connection: close`) and then closes it with a FIN.
 ///
-/// This future is the connection's task, alive as long as the connection: everything of
-/// hyper's is boxed, and `io` is the one place the socket lives (hyper's connection takes
-/// it and gives it back into the same slot).
+/// Out of hyper, a TCP or Unix connection waits in the worker's idle set ([`crate::idle`])
+/// and this task ends; the set starts another (`resumed`) when the client sends. Other
+/// kinds (TLS, whose state lives above the socket) wait in this task.
+///
+/// This future is the connection's task: everything of hyper's is boxed, and `io` is the
+/// one place the socket lives (hyper's connection takes it and gives it back into the
+/// same slot).
 #[expect(
     clippy::manual_async_fn,
     reason = "an async fn keeps its arguments twice in the task"
@@ -191,10 +233,10 @@ fn serve<I: Socket>(
     ctx: Arc<ConnCtx>,
     mut watch: DrainWatch,
     guard: ConnectionGuard,
+    resumed: bool,
 ) -> impl Future<Output = ()> + Send + 'static {
     // An async block, not an async fn: a function's arguments would be kept twice.
     async move {
-        let _guard = guard;
         let settings = &ctx.shared.settings;
         let clock = ConnClock::new(
             Duration::from_millis(settings.http.keepalive_timeout_ms),
@@ -207,16 +249,17 @@ fn serve<I: Socket>(
 
         // Biased: when the first bytes and the drain's deadline are both there (a worker kept
         // off the CPU past `drain_idle_grace`), the request that arrived is served.
-        let h2 = io.io.negotiated_h2()
-            || tokio::select! {
-                biased;
-                sniffed = io.sniff() => match sniffed {
-                    Ok(h2) => h2,
-                    Err(e) => return tracing::debug!("connection ended: {e}"),
-                },
-                // Closed before its first request: the drain, or no head within the timeout.
-                _ = side.as_mut() => return,
-            };
+        let h2 = !resumed
+            && (io.io.negotiated_h2()
+                || tokio::select! {
+                    biased;
+                    sniffed = io.sniff() => match sniffed {
+                        Ok(h2) => h2,
+                        Err(e) => return tracing::debug!("connection ended: {e}"),
+                    },
+                    // Closed before its first request: the drain, or no head within the timeout.
+                    _ = side.as_mut() => return,
+                });
         if h2 {
             ctx.state.set_h2();
             let service = {
@@ -284,6 +327,35 @@ fn serve<I: Socket>(
             if pipelined {
                 ctx.state.head_began();
                 continue;
+            }
+            if io.io.can_idle() && ctx.shared.idle.open() {
+                let ConnIo {
+                    io: socket,
+                    nodelay,
+                    ..
+                } = io;
+                // What is left of keepalive_timeout: after its first request a connection
+                // leaves hyper at once, later once its clock found it idle for a tick.
+                let idled = if ctx.state.activity() == 1 {
+                    Duration::ZERO
+                } else {
+                    clock.tick
+                };
+                let idle_for =
+                    Duration::from_millis(settings.http.keepalive_timeout_ms).saturating_sub(idled);
+                match socket.into_idle() {
+                    Ok(socket) => {
+                        let ctx = ctx.clone();
+                        let shared = ctx.shared.clone();
+                        shared.idle.park(
+                            socket,
+                            idle_for,
+                            Box::new(move |socket| resume(socket, ctx, guard, nodelay)),
+                        );
+                    }
+                    Err(e) => tracing::debug!("connection ended: {e}"),
+                }
+                return;
             }
             // Idle outside hyper until the client sends (or closes). Biased like the first
             // read: a request that arrived is served even if the drain's grace is over.
@@ -410,6 +482,20 @@ pub(crate) trait Socket: AsyncRead + AsyncWrite + Unpin + Send + 'static {
     ) -> Option<std::task::Poll<std::io::Result<()>>> {
         None
     }
+
+    /// An idle connection of this kind can wait in the worker's idle set: its socket is
+    /// all there is to keep.
+    fn can_idle(&self) -> bool {
+        false
+    }
+
+    /// The socket out of tokio, for the idle set (only if [`Socket::can_idle`]).
+    fn into_idle(self) -> std::io::Result<IdleSocket>
+    where
+        Self: Sized,
+    {
+        Err(std::io::ErrorKind::Unsupported.into())
+    }
 }
 
 impl Socket for tokio::net::TcpStream {
@@ -425,6 +511,14 @@ impl Socket for tokio::net::TcpStream {
     ) -> Option<std::task::Poll<std::io::Result<()>>> {
         Some(self.poll_read_ready(cx))
     }
+
+    fn can_idle(&self) -> bool {
+        true
+    }
+
+    fn into_idle(self) -> std::io::Result<IdleSocket> {
+        self.into_std().map(IdleSocket::Tcp)
+    }
 }
 
 impl Socket for tokio::net::UnixStream {
@@ -433,6 +527,14 @@ impl Socket for tokio::net::UnixStream {
         cx: &mut std::task::Context<'_>,
     ) -> Option<std::task::Poll<std::io::Result<()>>> {
         Some(self.poll_read_ready(cx))
+    }
+
+    fn can_idle(&self) -> bool {
+        true
+    }
+
+    fn into_idle(self) -> std::io::Result<IdleSocket> {
+        self.into_std().map(IdleSocket::Unix)
     }
 }
 
@@ -685,8 +787,14 @@ impl OneConnection {
         let mut shared = Shared::new(1, settings, router, None);
         shared.http1.half_close(true);
         let (drain, watch) = Drain::new();
+        let shared = Arc::new(shared);
+        // Inside a runtime (tests), idle TCP connections wait in the idle set, as in a
+        // worker; fuzzing's in-memory connections cannot.
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(watch_idle(shared.clone(), watch.clone()));
+        }
         Self {
-            shared: Arc::new(shared),
+            shared,
             watch,
             _drain: drain,
         }
@@ -852,27 +960,76 @@ mod tests {
         .expect("the idle connection left hyper");
     }
 
+    /// Waits until every connection of `server` ended (its tasks, and what waited in its
+    /// idle set).
+    async fn all_ended(server: &OneConnection, within: Duration, what: &str) {
+        tokio::time::timeout(within, server.shared.connections.all_closed())
+            .await
+            .expect(what);
+    }
+
+    /// Waits until `n` connections of `server` wait in its idle set.
+    async fn held_idle(server: &OneConnection, n: usize) {
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while server.shared.idle.held() != n {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        })
+        .await
+        .expect("the idle connection waits in the idle set");
+    }
+
     #[tokio::test]
     async fn an_idle_connection_leaves_hyper_and_comes_back_for_its_next_request() {
-        let (mut client, serving) = fast_clock_connection().await;
+        let server = Arc::new(one_connection_with(200));
+        let (mut client, _serving) = tcp_connection_of(server.clone()).await;
         for round in 1..=3 {
             client.write_all(HEALTH).await.unwrap();
             let answer = read_response(&mut client).await;
             assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
             parked(round).await;
+            // Without a task: in the worker's idle set.
+            held_idle(&server, 1).await;
         }
         drop(client);
-        ended(
-            serving,
+        all_ended(
+            &server,
             Duration::from_secs(1),
             "the connection ended with its client",
         )
         .await;
+        assert_eq!(server.shared.idle.held(), 0);
+    }
+
+    #[tokio::test]
+    async fn an_idle_connection_is_closed_after_keepalive_timeout_with_a_fin() {
+        let mut settings = WorkerSettings::default();
+        settings.http.keepalive_timeout_ms = 300;
+        let router = Router::build(Vec::new(), &settings.http.health_path).expect("router");
+        let server = Arc::new(OneConnection::new(settings, router));
+        let (mut client, _serving) = tcp_connection_of(server.clone()).await;
+        client.write_all(HEALTH).await.unwrap();
+        read_response(&mut client).await;
+        let answered = tokio::time::Instant::now();
+        held_idle(&server, 1).await;
+        let mut rest = Vec::new();
+        // A reset instead of a FIN would fail the read.
+        tokio::time::timeout(Duration::from_secs(2), client.read_to_end(&mut rest))
+            .await
+            .expect("closed within keepalive_timeout and a sweep")
+            .unwrap();
+        assert!(rest.is_empty(), "{rest:?}");
+        assert!(
+            answered.elapsed() >= Duration::from_millis(300),
+            "closed after {:?}",
+            answered.elapsed()
+        );
+        all_ended(&server, Duration::from_secs(1), "the connection ended").await;
     }
 
     #[tokio::test]
     async fn pipelined_requests_left_in_hyper_are_served_after_it_gives_them_back() {
-        let (mut client, _serving) = fast_clock_connection().await;
+        let (_server, mut client) = fast_clock_connection().await;
         // Two whole requests and the beginning of a third in one write: hyper answers
         // two and keeps the third's beginning, which the connection gets back when it
         // leaves hyper idle.
@@ -901,7 +1058,7 @@ mod tests {
         // connection idle while the next request is on its way, and it leaves hyper while
         // a request arrives or waits outside when one does.
         let server = Arc::new(one_connection_with(50));
-        let (mut client, _serving) = tcp_connection_of(server).await;
+        let (mut client, _serving) = tcp_connection_of(server.clone()).await;
         for i in 0..400u64 {
             client.write_all(HEALTH).await.unwrap();
             let answer = read_response(&mut client).await;
@@ -912,7 +1069,8 @@ mod tests {
     }
 
     /// A connection of `server` over TCP: the client's end, and the server's task serving
-    /// the other.
+    /// the other (until the connection ends or waits in the idle set; keep `server`, or its
+    /// idle set closes what waits there).
     async fn tcp_connection_of(
         server: Arc<OneConnection>,
     ) -> (tokio::net::TcpStream, tokio::task::JoinHandle<()>) {
@@ -938,6 +1096,7 @@ mod tests {
         client.write_all(HEALTH).await.unwrap();
         read_response(&mut client).await;
         parked(1).await;
+        held_idle(&server, 1).await;
         (server, client, serving)
     }
 
@@ -958,7 +1117,8 @@ mod tests {
         // A reset instead of a FIN would fail the read.
         client.read_to_end(&mut rest).await.unwrap();
         assert!(rest.is_empty(), "{rest:?}");
-        ended(serving, Duration::from_secs(1), "the connection ended").await;
+        serving.await.unwrap();
+        all_ended(&server, Duration::from_secs(1), "the connection ended").await;
     }
 
     #[tokio::test]
@@ -979,6 +1139,7 @@ mod tests {
             began.elapsed()
         );
         serving.await.unwrap();
+        all_ended(&server, Duration::from_secs(1), "the connection ended").await;
     }
 
     /// A connection of [`one_connection`] over TCP: the client's end, and the server's
@@ -988,8 +1149,11 @@ mod tests {
     }
 
     /// A connection whose clock ticks every 100 ms: idle, it leaves hyper within 200 ms.
-    async fn fast_clock_connection() -> (tokio::net::TcpStream, tokio::task::JoinHandle<()>) {
-        tcp_connection_of(Arc::new(one_connection_with(200))).await
+    /// The server must be kept: with it go the drain's sender and its idle set's watcher.
+    async fn fast_clock_connection() -> (Arc<OneConnection>, tokio::net::TcpStream) {
+        let server = Arc::new(one_connection_with(200));
+        let (client, _serving) = tcp_connection_of(server.clone()).await;
+        (server, client)
     }
 
     #[tokio::test]

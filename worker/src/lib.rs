@@ -22,6 +22,7 @@ mod drain;
 mod env;
 pub mod fuzzing;
 mod handle;
+mod idle;
 mod inherit;
 mod lazy_select;
 mod metrics;

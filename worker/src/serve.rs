@@ -19,7 +19,7 @@
 //! `drain_timeout`.
 
 use crate::access_log::AccessLog;
-use crate::connection::{Socket, connection};
+use crate::connection::{Socket, connection, watch_idle};
 use crate::drain::{self, Drain, DrainWatch, Phase};
 use crate::inherit::{Listener, NamedListener};
 use crate::metrics::Global;
@@ -89,6 +89,8 @@ pub async fn serve(
         })
     };
     let (drain, watch) = Drain::new();
+    // Idle keep-alive connections wait there, without a task each.
+    let idle = tokio::spawn(watch_idle(shared.clone(), watch.clone()));
 
     let mut accepting = tokio::task::JoinSet::new();
     let names: Vec<String> = listeners.iter().map(|l| l.name.clone()).collect();
@@ -128,8 +130,9 @@ pub async fn serve(
         _ = lifeline_closed(lifeline) => "the supervisor is gone",
     };
     tracing::info!(
-        "draining ({reason}): {} connection(s) open",
-        shared.connections.count()
+        "draining ({reason}): {} connection(s) open, {} of them idle in the idle set",
+        shared.connections.count(),
+        shared.idle.held()
     );
     // Plugins hear of the drain before any long-lived connection is closed, so that what
     // they send their clients from `on_drain` is queued ahead of the close frame.
@@ -175,6 +178,7 @@ pub async fn serve(
         let _ = tokio::time::timeout(FORCED_CLOSE_WAIT, shared.connections.all_closed()).await;
     }
     stats.abort();
+    idle.abort();
     ending.abort();
     reopen.abort();
     // Inline handlers run inside connection tasks: with every connection closed none is

@@ -7,6 +7,7 @@
 
 use crate::access_log::AccessLog;
 use crate::drain::Connections;
+use crate::idle::IdleSet;
 use crate::metrics::Metrics;
 use crate::router::Router;
 use baton_proto::{Stats, WorkerSettings};
@@ -42,6 +43,8 @@ pub(crate) struct Shared {
     /// HTTP/1 connections that went idle outside hyper (freeing its buffers) since the
     /// allocator was last trimmed.
     pub(crate) parked: AtomicU64,
+    /// Idle HTTP/1 connections, waiting without a task of their own.
+    pub(crate) idle: IdleSet,
     /// The access log, when `[log] access` is on.
     pub(crate) access_log: Option<Arc<AccessLog>>,
 }
@@ -71,6 +74,7 @@ impl Shared {
             websockets: AtomicU64::new(0),
             streams: AtomicU64::new(0),
             parked: AtomicU64::new(0),
+            idle: IdleSet::new(),
             generation,
             pid: std::process::id(),
             http1: http1_builder(&settings),
@@ -98,6 +102,7 @@ impl Shared {
             websockets: self.websockets.load(Ordering::Relaxed),
             streams: self.streams.load(Ordering::Relaxed),
             errors,
+            idle: self.idle.held() as u64,
         }
     }
 }

@@ -559,6 +559,16 @@ impl<A> Generation<A> {
             .sum()
     }
 
+    /// Of the open connections, the idle ones in the workers' idle sets, as the running
+    /// workers last reported.
+    pub fn idle(&self) -> u64 {
+        self.workers
+            .iter()
+            .filter(|w| w.pid().is_some())
+            .map(|w| w.stats.idle)
+            .sum()
+    }
+
     pub fn requests(&self) -> u64 {
         self.requests_of_exited + self.workers.iter().map(|w| w.stats.requests).sum::<u64>()
     }

@@ -7,9 +7,9 @@
 use thiserror::Error;
 
 /// Counters a worker reports in `BATON_STATS=<open connections> <requests served>
-/// <open WebSockets> <open streamed answers> <5xx answers>` (WebSockets and streams since
-/// ABI 1.1, 5xx answers since the canary upgrades; a worker that sends fewer numbers has
-/// none of those).
+/// <open WebSockets> <open streamed answers> <5xx answers> <idle connections>` (WebSockets
+/// and streams since ABI 1.1, 5xx answers since the canary upgrades, idle connections since
+/// the idle set; a worker that sends fewer numbers has none of those).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Stats {
     /// Connections open right now.
@@ -23,14 +23,18 @@ pub struct Stats {
     /// Requests answered with a 5xx status since the worker started.
     #[serde(default)]
     pub errors: u64,
+    /// Of the open connections, the idle keep-alive ones waiting in the worker's idle set
+    /// (without a task of their own).
+    #[serde(default)]
+    pub idle: u64,
 }
 
 impl Stats {
     /// The `BATON_STATS=` line for these counters.
     pub fn to_line(self) -> String {
         format!(
-            "BATON_STATS={} {} {} {} {}",
-            self.connections, self.requests, self.websockets, self.streams, self.errors
+            "BATON_STATS={} {} {} {} {} {}",
+            self.connections, self.requests, self.websockets, self.streams, self.errors, self.idle
         )
     }
 }
@@ -240,6 +244,15 @@ fn parse_stats(value: &str) -> Result<Stats, ParseError> {
             websockets,
             streams,
             errors,
+            ..Stats::default()
+        }),
+        [connections, requests, websockets, streams, errors, idle] => Ok(Stats {
+            connections,
+            requests,
+            websockets,
+            streams,
+            errors,
+            idle,
         }),
         _ => Err(bad()),
     }
@@ -315,6 +328,7 @@ mod tests {
             websockets: 3,
             streams: 2,
             errors: 1,
+            idle: 4,
         };
         assert_eq!(
             NotifyMessage::parse(s.to_line().as_bytes()).unwrap().stats,

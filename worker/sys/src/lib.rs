@@ -13,7 +13,8 @@
 //! - [`child`]: placing fds in a child process between `fork` and `exec`;
 //! - [`lease`]: whether some process has a file open for writing;
 //! - [`memory`] and [`random`]: `malloc_trim` and `getrandom`;
-//! - [`process`]: `pidfd_open`, to watch a child inherited across `exec`.
+//! - [`process`]: `pidfd_open`, to watch a child inherited across `exec`;
+//! - [`readiness`]: registering an owned fd with the tokio reactor.
 //!
 //! It decides no policy: which variable names which fd, and what a failure means, is the
 //! caller's.
@@ -25,6 +26,7 @@ pub mod lease;
 pub mod memory;
 pub mod process;
 pub mod random;
+pub mod readiness;
 
 /// A duplicate of `fd` that nothing owns, at a number no other test uses and the process
 /// never hands out itself (it takes the lowest free one): what an fd a parent placed for

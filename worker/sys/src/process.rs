@@ -3,7 +3,6 @@
 #![allow(unsafe_code)]
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 
 /// A child process, by pidfd, registered with the tokio reactor of the caller.
@@ -15,12 +14,7 @@ pub struct PidFd {
 impl PidFd {
     /// Opens a pidfd for `pid` and registers it (call from within a tokio runtime).
     pub fn open(pid: u32) -> std::io::Result<Self> {
-        let fd = pidfd_open(pid)?;
-        // SAFETY: the AsyncFd owns `fd` (an OwnedFd, which nothing else can close) until
-        // it is dropped, so the fd stays open and refers to the same pidfd for as long as
-        // it is registered, which is what `register_with_interest` requires.
-        let fd = unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) }
-            .map_err(|e| e.into_parts().1)?;
+        let fd = crate::readiness::readable(pidfd_open(pid)?)?;
         Ok(Self { fd })
     }
 

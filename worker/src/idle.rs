@@ -1,0 +1,420 @@
+//! Idle keep-alive connections, held by the worker in one place instead of a task each.
+//!
+//! An HTTP/1 connection that went idle outside hyper ([`crate::connection`]) has nothing
+//! to keep but its socket and its share of the worker's state. Waiting in a task of its
+//! own, it still held the task (768 bytes), tokio's registration of the socket (256), a
+//! timer and the allocator's slack around each: about 2.2 KiB per idle connection. Here
+//! the socket leaves tokio and waits in an epoll set of the worker's own, registered with
+//! `EPOLLONESHOT`; the set keeps a small entry per connection (the socket, when its idle
+//! time runs out, and what resumes it). When the client sends (or closes), the entry
+//! leaves the set and the connection gets a new task, served as before.
+//!
+//! One task, [`IdleSet::watch`], waits for the set and applies the same rules as a
+//! connection's own clock: `keepalive_timeout` closes an idle connection; a drain gives
+//! the idle connections `drain_idle_grace` to send one more request (answered with
+//! `Connection: close`) and then closes the rest, with a FIN; the forced phase closes
+//! them at once. It never reads from a socket and never answers a request: what it resumes
+//! is handed back to the connection's code ([`Resume`]).
+
+use crate::drain::{DrainWatch, Phase};
+use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
+use std::os::fd::{AsFd, BorrowedFd};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// A socket out of tokio, waiting idle (non-blocking, as tokio left it).
+#[derive(Debug)]
+pub(crate) enum IdleSocket {
+    Tcp(std::net::TcpStream),
+    Unix(std::os::unix::net::UnixStream),
+}
+
+impl AsFd for IdleSocket {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        match self {
+            IdleSocket::Tcp(s) => s.as_fd(),
+            IdleSocket::Unix(s) => s.as_fd(),
+        }
+    }
+}
+
+/// What brings an idle connection back: called with its socket when the client sent
+/// something (or closed); dropped, with the socket closed, when the connection's idle time
+/// ran out or the drain closes it.
+pub(crate) type Resume = Box<dyn FnOnce(IdleSocket) + Send>;
+
+struct Entry {
+    socket: IdleSocket,
+    resume: Resume,
+    /// When `keepalive_timeout` runs out for it.
+    deadline: Instant,
+    /// Told apart from an earlier entry in the same slot.
+    tag: u32,
+}
+
+#[derive(Default)]
+struct Slots {
+    entries: Vec<Option<Entry>>,
+    free: Vec<u32>,
+    /// The tag the next entry gets.
+    next_tag: u32,
+    held: usize,
+    /// The drain's grace is over (or it was forced): nothing waits idle any more.
+    ended: bool,
+}
+
+impl Slots {
+    fn take(&mut self, index: u32, tag: Option<u32>) -> Option<Entry> {
+        let slot = self.entries.get_mut(index as usize)?;
+        if tag.is_some_and(|tag| slot.as_ref().is_none_or(|e| e.tag != tag)) {
+            return None;
+        }
+        let entry = slot.take()?;
+        self.free.push(index);
+        self.held -= 1;
+        Some(entry)
+    }
+}
+
+/// The worker's idle connections.
+pub(crate) struct IdleSet {
+    /// None if the kernel refused an epoll instance: connections then wait in their tasks.
+    epoll: Option<Epoll>,
+    slots: Mutex<Slots>,
+    /// [`IdleSet::watch`] runs: without it nothing would resume what waits here.
+    watched: AtomicBool,
+}
+
+/// How many events one look at the set takes.
+const BATCH: usize = 256;
+
+/// How often the watcher looks for connections idle too long with `keepalive_timeout`
+/// (a connection is closed at most this late), and the shortest such pause.
+pub(crate) fn sweep_every(keepalive: Duration) -> Duration {
+    (keepalive / 4).max(MIN_SWEEP)
+}
+const MIN_SWEEP: Duration = Duration::from_millis(25);
+
+impl IdleSet {
+    pub(crate) fn new() -> Self {
+        let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)
+            .inspect_err(|e| {
+                tracing::warn!("epoll_create1: {e}; idle connections wait in their own tasks");
+            })
+            .ok();
+        Self {
+            epoll,
+            slots: Mutex::default(),
+            watched: AtomicBool::new(false),
+        }
+    }
+
+    /// Whether connections can wait here (the set exists and is watched).
+    pub(crate) fn open(&self) -> bool {
+        self.epoll.is_some() && self.watched.load(Ordering::Acquire)
+    }
+
+    /// Connections waiting here now.
+    pub(crate) fn held(&self) -> usize {
+        self.lock().held
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Slots> {
+        self.slots.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Holds `socket` until its client sends, `idle_for` passes, or the drain closes it.
+    /// After the drain's grace the socket is closed at once.
+    pub(crate) fn park(&self, socket: IdleSocket, idle_for: Duration, resume: Resume) {
+        let Some(epoll) = &self.epoll else {
+            return;
+        };
+        let mut slots = self.lock();
+        if slots.ended {
+            return;
+        }
+        let index = slots.free.pop().unwrap_or_else(|| {
+            slots.entries.push(None);
+            (slots.entries.len() - 1) as u32
+        });
+        let tag = slots.next_tag;
+        slots.next_tag = tag.wrapping_add(1);
+        let event = EpollEvent::new(
+            EpollFlags::EPOLLIN | EpollFlags::EPOLLRDHUP | EpollFlags::EPOLLONESHOT,
+            (u64::from(tag) << 32) | u64::from(index),
+        );
+        // Still holding the lock: the watcher cannot look for the entry before it is there.
+        if let Err(e) = epoll.add(&socket, event) {
+            tracing::debug!("idle connection closed: epoll_ctl: {e}");
+            slots.free.push(index);
+            return;
+        }
+        slots.entries[index as usize] = Some(Entry {
+            socket,
+            resume,
+            deadline: Instant::now() + idle_for,
+            tag,
+        });
+        slots.held += 1;
+    }
+
+    /// Resumes the connections whose sockets became readable, `BATCH` at most; true if
+    /// there may be more.
+    fn resume_ready(&self, epoll: &Epoll, events: &mut [EpollEvent]) -> std::io::Result<bool> {
+        let n = epoll.wait(events, EpollTimeout::ZERO)?;
+        let mut ready = Vec::with_capacity(n);
+        {
+            let mut slots = self.lock();
+            for event in &events[..n] {
+                let (index, tag) = (event.data() as u32, (event.data() >> 32) as u32);
+                if let Some(entry) = slots.take(index, Some(tag)) {
+                    // Out of the set before tokio takes it (closing would remove it too,
+                    // but the socket lives on).
+                    let _ = epoll.delete(&entry.socket);
+                    ready.push(entry);
+                }
+            }
+        }
+        for entry in ready {
+            (entry.resume)(entry.socket);
+        }
+        Ok(n == events.len())
+    }
+
+    /// Closes what waits here whose idle time ran out by `now` (all if `all`), each with
+    /// a FIN: nothing was left unread. Afterwards, with `all`, nothing is held any more.
+    fn close(&self, now: Instant, all: bool) -> usize {
+        let closed: Vec<Entry> = {
+            let mut slots = self.lock();
+            if all {
+                slots.ended = true;
+            }
+            let due: Vec<u32> = (0..slots.entries.len() as u32)
+                .filter(|&i| {
+                    slots.entries[i as usize]
+                        .as_ref()
+                        .is_some_and(|e| all || e.deadline <= now)
+                })
+                .collect();
+            due.into_iter()
+                .filter_map(|i| slots.take(i, None))
+                .collect()
+        };
+        // Dropped outside the lock: each drop closes a socket and releases its connection.
+        closed.len()
+    }
+
+    /// Watches the set until the drain is over: resumes the connections whose clients
+    /// sent, closes those idle for too long, and applies the drain (see the module).
+    /// `sweep`: how often idle times are checked (a connection closes at most this late);
+    /// `grace`: `drain_idle_grace`.
+    pub(crate) async fn watch(&self, sweep: Duration, grace: Duration, drain: DrainWatch) {
+        let Some(epoll) = &self.epoll else {
+            return;
+        };
+        let ready = match epoll.0.try_clone().and_then(baton_sys::readiness::readable) {
+            Ok(fd) => fd,
+            Err(e) => {
+                return tracing::warn!("idle connections wait in their own tasks: {e}");
+            }
+        };
+        self.watched.store(true, Ordering::Release);
+        let _unwatched = Unwatched(&self.watched, self);
+        let mut events = vec![EpollEvent::empty(); BATCH];
+        let mut tick = tokio::time::interval(sweep);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut grace_ends: Option<Instant> = None;
+        let (mut closing, mut forced) = (drain.clone(), drain);
+        loop {
+            tokio::select! {
+                guard = ready.readable() => {
+                    let mut guard = match guard {
+                        Ok(guard) => guard,
+                        Err(e) => return tracing::warn!("idle connections: {e}"),
+                    };
+                    match self.resume_ready(epoll, &mut events) {
+                        Ok(true) => tokio::task::yield_now().await,
+                        Ok(false) => guard.clear_ready(),
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                        Err(e) => return tracing::warn!("idle connections: epoll_wait: {e}"),
+                    }
+                }
+                _ = tick.tick() => {
+                    self.close(Instant::now(), false);
+                }
+                () = closing.reached(Phase::Closing), if grace_ends.is_none() => {
+                    grace_ends = Some(Instant::now() + grace);
+                }
+                () = forced.reached(Phase::Forced) => {
+                    self.close(Instant::now(), true);
+                    return;
+                }
+                () = tokio::time::sleep_until(grace_ends.unwrap_or_else(Instant::now)),
+                    if grace_ends.is_some() => {
+                    self.close(Instant::now(), true);
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Once the watcher is gone (the drain is over, or it failed), nothing parks here and
+/// whatever waited is closed.
+struct Unwatched<'a>(&'a AtomicBool, &'a IdleSet);
+
+impl Drop for Unwatched<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+        self.1.close(Instant::now(), true);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::drain::Drain;
+    use std::io::{Read, Write};
+    use std::sync::Arc;
+    use std::sync::atomic::AtomicUsize;
+
+    /// A connected pair: the client's end (blocking) and the server's (non-blocking, as
+    /// tokio leaves a socket).
+    fn pair() -> (std::net::TcpStream, IdleSocket) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (server, _) = listener.accept().unwrap();
+        server.set_nonblocking(true).unwrap();
+        client
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        (client, IdleSocket::Tcp(server))
+    }
+
+    /// A resume that counts, and sends the first bytes it finds back to the client.
+    fn echo_once(resumed: &Arc<AtomicUsize>) -> Resume {
+        let resumed = resumed.clone();
+        Box::new(move |socket| {
+            resumed.fetch_add(1, Ordering::SeqCst);
+            if let IdleSocket::Tcp(mut s) = socket {
+                s.set_nonblocking(false).unwrap();
+                let mut buf = [0u8; 64];
+                let n = s.read(&mut buf).unwrap();
+                s.write_all(&buf[..n]).unwrap();
+            }
+        })
+    }
+
+    async fn watched(
+        set: &Arc<IdleSet>,
+        sweep: Duration,
+        grace: Duration,
+    ) -> (Drain, tokio::task::JoinHandle<()>) {
+        let (drain, watch) = Drain::new();
+        let watcher = {
+            let set = set.clone();
+            tokio::spawn(async move { set.watch(sweep, grace, watch).await })
+        };
+        while !set.open() {
+            tokio::task::yield_now().await;
+        }
+        (drain, watcher)
+    }
+
+    /// Waits (up to 5 s) until `f` holds.
+    async fn until(what: &str, f: impl Fn() -> bool) {
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while !f() {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("{what}"));
+    }
+
+    #[tokio::test]
+    async fn a_connection_whose_client_sends_is_resumed_with_its_bytes_unread() {
+        let set = Arc::new(IdleSet::new());
+        let (_drain, _watcher) =
+            watched(&set, Duration::from_secs(60), Duration::from_secs(1)).await;
+        let resumed = Arc::new(AtomicUsize::new(0));
+        let mut clients = Vec::new();
+        // More than one batch, so that a full batch is followed by another look.
+        for _ in 0..BATCH + 44 {
+            let (client, socket) = pair();
+            set.park(socket, Duration::from_secs(60), echo_once(&resumed));
+            clients.push(client);
+        }
+        assert_eq!(set.held(), BATCH + 44);
+        for (i, client) in clients.iter_mut().enumerate() {
+            client.write_all(format!("ping {i}").as_bytes()).unwrap();
+        }
+        until("every connection resumed", || {
+            resumed.load(Ordering::SeqCst) == BATCH + 44
+        })
+        .await;
+        for (i, client) in clients.iter_mut().enumerate() {
+            let mut buf = [0u8; 64];
+            let n = client.read(&mut buf).unwrap();
+            assert_eq!(&buf[..n], format!("ping {i}").as_bytes());
+        }
+        assert_eq!(set.held(), 0);
+    }
+
+    #[tokio::test]
+    async fn an_idle_connection_is_closed_with_a_fin_once_its_idle_time_ran_out() {
+        let set = Arc::new(IdleSet::new());
+        let (_drain, _watcher) =
+            watched(&set, Duration::from_millis(20), Duration::from_secs(1)).await;
+        let resumed = Arc::new(AtomicUsize::new(0));
+        let (mut client, socket) = pair();
+        let began = std::time::Instant::now();
+        set.park(socket, Duration::from_millis(150), echo_once(&resumed));
+        let mut rest = Vec::new();
+        let n = tokio::task::spawn_blocking(move || client.read_to_end(&mut rest))
+            .await
+            .unwrap()
+            .expect("a FIN, not a reset");
+        assert_eq!(n, 0);
+        assert!(
+            began.elapsed() >= Duration::from_millis(150),
+            "{:?}",
+            began.elapsed()
+        );
+        assert_eq!(resumed.load(Ordering::SeqCst), 0);
+        assert_eq!(set.held(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_drain_resumes_what_sends_within_the_grace_and_closes_the_rest_after_it() {
+        let set = Arc::new(IdleSet::new());
+        let grace = Duration::from_millis(300);
+        let (drain, watcher) = watched(&set, Duration::from_secs(60), grace).await;
+        let resumed = Arc::new(AtomicUsize::new(0));
+        let (mut sender, socket) = pair();
+        set.park(socket, Duration::from_secs(60), echo_once(&resumed));
+        let (mut silent, socket) = pair();
+        set.park(socket, Duration::from_secs(60), echo_once(&resumed));
+        let began = std::time::Instant::now();
+        drain.advance(Phase::Closing);
+        tokio::time::sleep(grace / 3).await;
+        sender.write_all(b"last").unwrap();
+        until("the sender resumed", || resumed.load(Ordering::SeqCst) == 1).await;
+        let mut rest = Vec::new();
+        let n = tokio::task::spawn_blocking(move || silent.read_to_end(&mut rest))
+            .await
+            .unwrap()
+            .expect("a FIN, not a reset");
+        assert_eq!(n, 0);
+        assert!(began.elapsed() >= grace, "{:?}", began.elapsed());
+        watcher.await.unwrap();
+        // The grace is over: a connection that goes idle now is closed, not held.
+        assert!(!set.open());
+        let (mut late, socket) = pair();
+        set.park(socket, Duration::from_secs(60), echo_once(&resumed));
+        assert_eq!(set.held(), 0);
+        assert_eq!(late.read(&mut [0u8; 8]).unwrap(), 0);
+    }
+}
