@@ -1082,6 +1082,7 @@ def scenario_d(server, conns):
             # before (and kept by an allocator that does not trim) would be reused, and
             # the kind after would look cheaper than it is.
             server.stop()
+            os.makedirs(server.dir, mode=0o755, exist_ok=True)  # stop() removed it
             server.start()
         if kind == "ws":
             r = d_baton_ws(conns) if isinstance(server, Baton) else None

@@ -10,7 +10,9 @@
 //! leaves the set and the connection gets a new task, served as before.
 //!
 //! One task, [`IdleSet::watch`], waits for the set and applies the same rules as a
-//! connection's own clock: `keepalive_timeout` closes an idle connection; a drain gives
+//! connection's own clock: `keepalive_timeout` closes an idle connection (the set checks
+//! deadlines every quarter of it, so with the time a connection idled before it came here,
+//! between one and one and three quarters of the timeout after its last request); a drain gives
 //! the idle connections `drain_idle_grace` to send one more request (answered with
 //! `Connection: close`) and then closes the rest, with a FIN; the forced phase closes
 //! them at once. It never reads from a socket and never answers a request: what it resumes
@@ -18,6 +20,8 @@
 
 use crate::drain::{DrainWatch, Phase};
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
 use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -57,7 +61,9 @@ struct Entry {
 #[derive(Default)]
 struct Slots {
     entries: Vec<Option<Entry>>,
-    free: Vec<u32>,
+    /// Free slots, lowest first: entries gather at the front, so the tail can be given
+    /// back once many connections are gone ([`Slots::compact`]).
+    free: BinaryHeap<Reverse<u32>>,
     /// The tag the next entry gets.
     next_tag: u32,
     held: usize,
@@ -72,9 +78,34 @@ impl Slots {
             return None;
         }
         let entry = slot.take()?;
-        self.free.push(index);
+        self.free.push(Reverse(index));
         self.held -= 1;
         Some(entry)
+    }
+
+    fn slot(&mut self) -> u32 {
+        match self.free.pop() {
+            Some(Reverse(index)) => index,
+            None => {
+                self.entries.push(None);
+                (self.entries.len() - 1) as u32
+            }
+        }
+    }
+
+    /// Gives back the room of free slots at the end, and the memory of a table mostly
+    /// empty (after a crowd of idle connections left).
+    fn compact(&mut self) {
+        while matches!(self.entries.last(), Some(None)) {
+            self.entries.pop();
+        }
+        let len = self.entries.len() as u32;
+        self.free.retain(|&Reverse(i)| i < len);
+        if self.entries.capacity() > 2 * self.entries.len() + 64 {
+            self.entries
+                .shrink_to(self.entries.len() + self.entries.len() / 2);
+            self.free.shrink_to_fit();
+        }
     }
 }
 
@@ -135,10 +166,7 @@ impl IdleSet {
         if slots.ended {
             return;
         }
-        let index = slots.free.pop().unwrap_or_else(|| {
-            slots.entries.push(None);
-            (slots.entries.len() - 1) as u32
-        });
+        let index = slots.slot();
         let tag = slots.next_tag;
         slots.next_tag = tag.wrapping_add(1);
         let event = EpollEvent::new(
@@ -148,7 +176,7 @@ impl IdleSet {
         // Still holding the lock: the watcher cannot look for the entry before it is there.
         if let Err(e) = epoll.add(&socket, event) {
             tracing::debug!("idle connection closed: epoll_ctl: {e}");
-            slots.free.push(index);
+            slots.free.push(Reverse(index));
             return;
         }
         slots.entries[index as usize] = Some(Entry {
@@ -198,9 +226,12 @@ impl IdleSet {
                         .is_some_and(|e| all || e.deadline <= now)
                 })
                 .collect();
-            due.into_iter()
+            let closed = due
+                .into_iter()
                 .filter_map(|i| slots.take(i, None))
-                .collect()
+                .collect();
+            slots.compact();
+            closed
         };
         // Dropped outside the lock: each drop closes a socket and releases its connection.
         closed.len()
@@ -361,6 +392,31 @@ mod tests {
             assert_eq!(&buf[..n], format!("ping {i}").as_bytes());
         }
         assert_eq!(set.held(), 0);
+        // The next sweep gives the table's room back.
+        set.close(Instant::now(), false);
+        let slots = set.lock();
+        assert_eq!((slots.entries.len(), slots.free.len()), (0, 0));
+        assert!(
+            slots.entries.capacity() <= 64,
+            "{}",
+            slots.entries.capacity()
+        );
+    }
+
+    #[test]
+    fn slots_are_taken_lowest_first_and_the_free_tail_is_given_back() {
+        let mut slots = Slots::default();
+        let taken: Vec<u32> = (0..8).map(|_| slots.slot()).collect();
+        assert_eq!(taken, (0..8).collect::<Vec<_>>());
+        // Slots 2 and 5 freed (as `take` does): the lowest comes back first.
+        slots.free.push(Reverse(5));
+        slots.free.push(Reverse(2));
+        assert_eq!(slots.slot(), 2);
+        slots.free.push(Reverse(2));
+        // Entries 0..8 are all empty (none was filled): compacting empties the table.
+        slots.compact();
+        assert_eq!((slots.entries.len(), slots.free.len()), (0, 0));
+        assert_eq!(slots.slot(), 0);
     }
 
     #[tokio::test]
