@@ -11,12 +11,12 @@
 //!
 //! One task, [`IdleSet::watch`], waits for the set and applies the same rules as a
 //! connection's own clock: `keepalive_timeout` closes an idle connection (the set checks
-//! deadlines every quarter of it, so with the time a connection idled before it came here,
-//! between one and one and three quarters of the timeout after its last request); a drain gives
-//! the idle connections `drain_idle_grace` to send one more request (answered with
-//! `Connection: close`) and then closes the rest, with a FIN; the forced phase closes
-//! them at once. It never reads from a socket and never answers a request: what it resumes
-//! is handed back to the connection's code ([`Resume`]).
+//! deadlines every quarter of it, so with the time a connection idled before it came
+//! here, between one and one and three quarters of the timeout after its last request);
+//! a drain gives the idle connections `drain_idle_grace` to send one more request
+//! (answered with `Connection: close`) and then closes the rest, with a FIN; the forced
+//! phase closes them at once. It never reads from a socket and never answers a request:
+//! what it resumes is handed back to the connection's code ([`Resume`]).
 
 use crate::drain::{DrainWatch, Phase};
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
