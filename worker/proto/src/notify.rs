@@ -9,7 +9,8 @@ use thiserror::Error;
 /// Counters a worker reports in `BATON_STATS=<open connections> <requests served>
 /// <open WebSockets> <open streamed answers> <5xx answers> <idle connections>` (WebSockets
 /// and streams since ABI 1.1, 5xx answers since the canary upgrades, idle connections since
-/// the idle set; a worker that sends fewer numbers has none of those).
+/// the idle set; a worker that sends fewer numbers has none of those, and numbers after
+/// these are a newer worker's, ignored).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Stats {
     /// Connections open right now.
@@ -246,7 +247,8 @@ fn parse_stats(value: &str) -> Result<Stats, ParseError> {
             errors,
             ..Stats::default()
         }),
-        [connections, requests, websockets, streams, errors, idle] => Ok(Stats {
+        // More numbers: a newer worker's counters this supervisor does not know yet.
+        [connections, requests, websockets, streams, errors, idle, ..] => Ok(Stats {
             connections,
             requests,
             websockets,
@@ -332,6 +334,12 @@ mod tests {
         };
         assert_eq!(
             NotifyMessage::parse(s.to_line().as_bytes()).unwrap().stats,
+            Some(s)
+        );
+        // A newer worker's line with a counter more.
+        let newer = format!("{} 11", s.to_line());
+        assert_eq!(
+            NotifyMessage::parse(newer.as_bytes()).unwrap().stats,
             Some(s)
         );
     }
