@@ -334,15 +334,10 @@ fn serve<I: Socket>(
                     nodelay,
                     ..
                 } = io;
-                // What is left of keepalive_timeout: after its first request a connection
-                // leaves hyper at once, later once its clock found it idle for a tick.
-                let idled = if ctx.state.activity() == 1 {
-                    Duration::ZERO
-                } else {
-                    clock.tick
-                };
-                let idle_for =
-                    Duration::from_millis(settings.http.keepalive_timeout_ms).saturating_sub(idled);
+                // All of keepalive_timeout from now: how long it idled before is known
+                // only to a tick (it may be nothing), and closing before the timeout
+                // would surprise a client (or a load balancer) that counts on it.
+                let idle_for = Duration::from_millis(settings.http.keepalive_timeout_ms);
                 match socket.into_idle() {
                     Ok(socket) => {
                         let ctx = ctx.clone();

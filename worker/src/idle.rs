@@ -10,9 +10,10 @@
 //! leaves the set and the connection gets a new task, served as before.
 //!
 //! One task, [`IdleSet::watch`], waits for the set and applies the same rules as a
-//! connection's own clock: `keepalive_timeout` closes an idle connection (the set checks
-//! deadlines every quarter of it, so with the time a connection idled before it came
-//! here, between one and one and three quarters of the timeout after its last request);
+//! connection's own clock: `keepalive_timeout` closes an idle connection (counted from
+//! when it came here, which is up to two ticks of its clock after its last request, and
+//! checked every quarter of the timeout: never before the timeout, and at most 2.25
+//! times it, 1.4 times with the defaults);
 //! a drain gives the idle connections `drain_idle_grace` to send one more request
 //! (answered with `Connection: close`) and then closes the rest, with a FIN; the forced
 //! phase closes them at once. It never reads from a socket and never answers a request:
@@ -41,6 +42,21 @@ impl AsFd for IdleSocket {
             IdleSocket::Tcp(s) => s.as_fd(),
             IdleSocket::Unix(s) => s.as_fd(),
         }
+    }
+}
+
+impl IdleSocket {
+    /// Whether the client sent something that is not read yet. Closing the socket then
+    /// would send a reset (and lose a request): such a connection is resumed instead.
+    fn has_unread(&self) -> bool {
+        use nix::sys::socket::{MsgFlags, recv};
+        use std::os::fd::AsRawFd;
+        let mut byte = [0u8; 1];
+        let fd = self.as_fd().as_raw_fd();
+        matches!(
+            recv(fd, &mut byte, MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT),
+            Ok(1)
+        )
     }
 }
 
@@ -164,6 +180,12 @@ impl IdleSet {
         };
         let mut slots = self.lock();
         if slots.ended {
+            drop(slots);
+            // The drain's grace is over; a request that arrived meanwhile is still served
+            // (with `Connection: close`), as in a connection's own task.
+            if socket.has_unread() {
+                resume(socket);
+            }
             return;
         }
         let index = slots.slot();
@@ -175,8 +197,11 @@ impl IdleSet {
         );
         // Still holding the lock: the watcher cannot look for the entry before it is there.
         if let Err(e) = epoll.add(&socket, event) {
-            tracing::debug!("idle connection closed: epoll_ctl: {e}");
+            // It waits in a task of its own again.
+            tracing::debug!("idle set: epoll_ctl: {e}");
             slots.free.push(Reverse(index));
+            drop(slots);
+            resume(socket);
             return;
         }
         slots.entries[index as usize] = Some(Entry {
@@ -211,30 +236,39 @@ impl IdleSet {
         Ok(n == events.len())
     }
 
-    /// Closes what waits here whose idle time ran out by `now` (all if `all`), each with
-    /// a FIN: nothing was left unread. Afterwards, with `all`, nothing is held any more.
-    fn close(&self, now: Instant, all: bool) -> usize {
-        let closed: Vec<Entry> = {
+    /// Closes what waits here whose idle time ran out by `now` (all if `all`), each with a
+    /// FIN. With an `epoll` (the watcher's), one whose client sent something meanwhile
+    /// (its event not handled yet) is resumed instead, so that its request is served,
+    /// never reset. Afterwards, with `all`, nothing is held any more.
+    fn close(&self, epoll: Option<&Epoll>, now: Instant, all: bool) {
+        let due: Vec<Entry> = {
             let mut slots = self.lock();
             if all {
                 slots.ended = true;
             }
-            let due: Vec<u32> = (0..slots.entries.len() as u32)
+            let indices: Vec<u32> = (0..slots.entries.len() as u32)
                 .filter(|&i| {
                     slots.entries[i as usize]
                         .as_ref()
                         .is_some_and(|e| all || e.deadline <= now)
                 })
                 .collect();
-            let closed = due
+            let due = indices
                 .into_iter()
                 .filter_map(|i| slots.take(i, None))
                 .collect();
             slots.compact();
-            closed
+            due
         };
-        // Dropped outside the lock: each drop closes a socket and releases its connection.
-        closed.len()
+        // Outside the lock: each drop closes a socket and releases its connection.
+        for entry in due {
+            if let Some(epoll) = epoll
+                && entry.socket.has_unread()
+            {
+                let _ = epoll.delete(&entry.socket);
+                (entry.resume)(entry.socket);
+            }
+        }
     }
 
     /// Watches the set until the drain is over: resumes the connections whose clients
@@ -259,7 +293,9 @@ impl IdleSet {
         let mut grace_ends: Option<Instant> = None;
         let (mut closing, mut forced) = (drain.clone(), drain);
         loop {
+            // Biased: sockets whose clients sent are resumed before any deadline closes.
             tokio::select! {
+                biased;
                 guard = ready.readable() => {
                     let mut guard = match guard {
                         Ok(guard) => guard,
@@ -273,18 +309,18 @@ impl IdleSet {
                     }
                 }
                 _ = tick.tick() => {
-                    self.close(Instant::now(), false);
+                    self.close(Some(epoll), Instant::now(), false);
                 }
                 () = closing.reached(Phase::Closing), if grace_ends.is_none() => {
                     grace_ends = Some(Instant::now() + grace);
                 }
                 () = forced.reached(Phase::Forced) => {
-                    self.close(Instant::now(), true);
+                    self.close(Some(epoll), Instant::now(), true);
                     return;
                 }
                 () = tokio::time::sleep_until(grace_ends.unwrap_or_else(Instant::now)),
                     if grace_ends.is_some() => {
-                    self.close(Instant::now(), true);
+                    self.close(Some(epoll), Instant::now(), true);
                     return;
                 }
             }
@@ -299,7 +335,8 @@ struct Unwatched<'a>(&'a AtomicBool, &'a IdleSet);
 impl Drop for Unwatched<'_> {
     fn drop(&mut self) {
         self.0.store(false, Ordering::Release);
-        self.1.close(Instant::now(), true);
+        // Not resumed: the watcher may be gone because the worker is stopping.
+        self.1.close(None, Instant::now(), true);
     }
 }
 
@@ -393,7 +430,7 @@ mod tests {
         }
         assert_eq!(set.held(), 0);
         // The next sweep gives the table's room back.
-        set.close(Instant::now(), false);
+        set.close(None, Instant::now(), false);
         let slots = set.lock();
         assert_eq!((slots.entries.len(), slots.free.len()), (0, 0));
         assert!(
@@ -401,6 +438,43 @@ mod tests {
             "{}",
             slots.entries.capacity()
         );
+    }
+
+    #[tokio::test]
+    async fn a_request_that_arrived_as_its_deadline_or_the_grace_ended_is_served_not_reset() {
+        // No watcher: its events wait, as when a sweep or the grace's end comes first.
+        let set = IdleSet::new();
+        let resumed = Arc::new(AtomicUsize::new(0));
+        let (mut late, socket) = pair();
+        set.park(socket, Duration::ZERO, echo_once(&resumed));
+        let (mut silent, socket) = pair();
+        set.park(socket, Duration::ZERO, echo_once(&resumed));
+        late.write_all(b"late").unwrap();
+        // Until the bytes are there to peek at.
+        until("the bytes arrived", || {
+            set.lock()
+                .entries
+                .iter()
+                .flatten()
+                .any(|e| e.socket.has_unread())
+        })
+        .await;
+        set.close(set.epoll.as_ref(), Instant::now(), true);
+        assert_eq!(resumed.load(Ordering::SeqCst), 1);
+        let mut buf = [0u8; 8];
+        let n = late.read(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"late");
+        assert_eq!(silent.read(&mut buf).expect("a FIN, not a reset"), 0);
+        // After the grace: a connection going idle with a request already there is
+        // served; one without is closed.
+        let (mut late, socket) = pair();
+        late.write_all(b"later").unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        set.park(socket, Duration::from_secs(60), echo_once(&resumed));
+        assert_eq!(resumed.load(Ordering::SeqCst), 2);
+        let n = late.read(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"later");
+        assert_eq!(set.held(), 0);
     }
 
     #[test]
