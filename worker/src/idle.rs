@@ -293,9 +293,9 @@ impl IdleSet {
         let mut grace_ends: Option<Instant> = None;
         let (mut closing, mut forced) = (drain.clone(), drain);
         loop {
-            // Biased: sockets whose clients sent are resumed before any deadline closes.
+            // Not biased, so that a steady stream of ready sockets cannot hold off the
+            // deadlines: `close` resumes a due socket whose client sent meanwhile.
             tokio::select! {
-                biased;
                 guard = ready.readable() => {
                     let mut guard = match guard {
                         Ok(guard) => guard,
