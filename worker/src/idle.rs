@@ -223,14 +223,14 @@ impl IdleSet {
             for event in &events[..n] {
                 let (index, tag) = (event.data() as u32, (event.data() >> 32) as u32);
                 if let Some(entry) = slots.take(index, Some(tag)) {
-                    // Out of the set before tokio takes it (closing would remove it too,
-                    // but the socket lives on).
-                    let _ = epoll.delete(&entry.socket);
                     ready.push(entry);
                 }
             }
         }
         for entry in ready {
+            // Out of the set before tokio takes it (closing would remove it too, but the
+            // socket lives on). Outside the lock: parks need not wait for the system calls.
+            let _ = epoll.delete(&entry.socket);
             (entry.resume)(entry.socket);
         }
         Ok(n == events.len())
