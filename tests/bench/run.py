@@ -253,7 +253,8 @@ class Server:
     def all_pids(self):
         return [self.master(), *self.worker_pids()]
 
-    def stop(self):
+    def end(self):
+        """Stops the server's processes; its directory stays (see `stop`, `restart`)."""
         if self.proc and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGQUIT if self.name.startswith("nginx") else signal.SIGTERM)
             try:
@@ -261,7 +262,15 @@ class Server:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+    def stop(self):
+        self.end()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+    def restart(self):
+        """The same server in fresh processes (same directory, ports and settings)."""
+        self.end()
+        self.start()
 
 
 class Bare(Server):
@@ -511,12 +520,11 @@ http {{
         os.kill(old, signal.SIGQUIT)
         self.current_master = new
 
-    def stop(self):
+    def end(self):
         if self.current_master and alive(self.current_master):
             os.kill(self.current_master, signal.SIGQUIT)
             if not wait_until(lambda: not alive(self.current_master), 10):
                 os.kill(self.current_master, signal.SIGKILL)
-        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 class HAProxy(Server):
@@ -651,7 +659,7 @@ class GoTableflip(Server):
             raise RuntimeError(f"go-tableflip: no new process after SIGUSR2 to {old}")
         self.started.append(self.current())
 
-    def stop(self):
+    def end(self):
         # Only the processes this server started that still run it (a reused pid is left alone).
         for pid in reversed(self.started):
             if self.ours(pid):
@@ -663,7 +671,13 @@ class GoTableflip(Server):
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait()
-        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def write_results(results, path):
+    """Writes a run's results as JSON to `path`, making its directory if needed."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(results, f, indent=2)
 
 
 def servers_for(which):
@@ -1081,9 +1095,7 @@ def scenario_d(server, conns):
             # Each kind in a fresh process: memory freed by the connections of the kind
             # before (and kept by an allocator that does not trim) would be reused, and
             # the kind after would look cheaper than it is.
-            server.stop()
-            os.makedirs(server.dir, mode=0o755, exist_ok=True)  # stop() removed it
-            server.start()
+            server.restart()
         if kind == "ws":
             r = d_baton_ws(conns) if isinstance(server, Baton) else None
         else:
@@ -1577,9 +1589,7 @@ def main():
     table = report(results, q)
     print(table)
     path = args.json or os.path.join(ROOT, "target", "bench", "results.json")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(results, f, indent=2)
+    write_results(results, path)
     log(f"results in {path}; the run took {results['seconds']} s")
 
 

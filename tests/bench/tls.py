@@ -830,9 +830,7 @@ def main():
     print(text)
     print(f"\n(load average before: {load_before[0]:.2f}; took {results['took_s']} s)")
     path = args.json or os.path.join(ROOT, "target", "bench", "tls.json")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(results, f, indent=2)
+    run.write_results(results, path)
     log(f"wrote {path}")
 
 

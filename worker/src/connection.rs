@@ -340,12 +340,11 @@ fn serve<I: Socket>(
                 let idle_for = Duration::from_millis(settings.http.keepalive_timeout_ms);
                 match socket.into_idle() {
                     Ok(socket) => {
-                        let ctx = ctx.clone();
-                        let shared = ctx.shared.clone();
-                        shared.idle.park(
+                        let kept = ctx.clone();
+                        ctx.shared.idle.park(
                             socket,
                             idle_for,
-                            Box::new(move |socket| resume(socket, ctx, guard, nodelay)),
+                            Box::new(move |socket| resume(socket, kept, guard, nodelay)),
                         );
                     }
                     Err(e) => tracing::debug!("connection ended: {e}"),

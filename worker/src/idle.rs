@@ -246,17 +246,15 @@ impl IdleSet {
             if all {
                 slots.ended = true;
             }
-            let indices: Vec<u32> = (0..slots.entries.len() as u32)
-                .filter(|&i| {
-                    slots.entries[i as usize]
-                        .as_ref()
-                        .is_some_and(|e| all || e.deadline <= now)
-                })
-                .collect();
-            let due = indices
-                .into_iter()
-                .filter_map(|i| slots.take(i, None))
-                .collect();
+            let mut due = Vec::new();
+            for i in 0..slots.entries.len() as u32 {
+                let expired = slots.entries[i as usize]
+                    .as_ref()
+                    .is_some_and(|e| all || e.deadline <= now);
+                if expired {
+                    due.extend(slots.take(i, None));
+                }
+            }
             slots.compact();
             due
         };
@@ -286,7 +284,7 @@ impl IdleSet {
             }
         };
         self.watched.store(true, Ordering::Release);
-        let _unwatched = Unwatched(&self.watched, self);
+        let _unwatched = Unwatched(self);
         let mut events = vec![EpollEvent::empty(); BATCH];
         let mut tick = tokio::time::interval(sweep);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -330,13 +328,13 @@ impl IdleSet {
 
 /// Once the watcher is gone (the drain is over, or it failed), nothing parks here and
 /// whatever waited is closed.
-struct Unwatched<'a>(&'a AtomicBool, &'a IdleSet);
+struct Unwatched<'a>(&'a IdleSet);
 
 impl Drop for Unwatched<'_> {
     fn drop(&mut self) {
-        self.0.store(false, Ordering::Release);
+        self.0.watched.store(false, Ordering::Release);
         // Not resumed: the watcher may be gone because the worker is stopping.
-        self.1.close(None, Instant::now(), true);
+        self.0.close(None, Instant::now(), true);
     }
 }
 

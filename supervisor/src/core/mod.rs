@@ -533,40 +533,33 @@ impl<A> Generation<A> {
         self.workers.iter().position(|w| w.pid() == Some(pid))
     }
 
-    pub fn connections(&self) -> u64 {
+    /// The sum of a gauge over the running workers, as they last reported it.
+    fn reported(&self, gauge: impl Fn(&Stats) -> u64) -> u64 {
         self.workers
             .iter()
             .filter(|w| w.pid().is_some())
-            .map(|w| w.stats.connections)
+            .map(|w| gauge(&w.stats))
             .sum()
+    }
+
+    pub fn connections(&self) -> u64 {
+        self.reported(|s| s.connections)
     }
 
     /// Open WebSockets, as the running workers last reported.
     pub fn websockets(&self) -> u64 {
-        self.workers
-            .iter()
-            .filter(|w| w.pid().is_some())
-            .map(|w| w.stats.websockets)
-            .sum()
+        self.reported(|s| s.websockets)
     }
 
     /// Streamed answers under way, as the running workers last reported.
     pub fn streams(&self) -> u64 {
-        self.workers
-            .iter()
-            .filter(|w| w.pid().is_some())
-            .map(|w| w.stats.streams)
-            .sum()
+        self.reported(|s| s.streams)
     }
 
     /// Of the open connections, the idle ones in the workers' idle sets, as the running
     /// workers last reported.
     pub fn idle(&self) -> u64 {
-        self.workers
-            .iter()
-            .filter(|w| w.pid().is_some())
-            .map(|w| w.stats.idle)
-            .sum()
+        self.reported(|s| s.idle)
     }
 
     pub fn requests(&self) -> u64 {
