@@ -386,6 +386,141 @@ async fn a_draining_chat_tells_its_rooms_then_they_reconnect_to_the_new_generati
     assert_eq!(baton.serving().await.map(|s| s.0), Some(2));
 }
 
+/// Waits until `n` connections of generation `number` wait in its idle set.
+async fn wait_idle(baton: &Baton, number: u64, n: u64) {
+    let deadline = Instant::now() + WAIT;
+    while baton.generation_count(number, "idle").await != Some(n) {
+        assert!(
+            Instant::now() < deadline,
+            "not {n} idle in generation {number}: {:#}",
+            baton.status().await
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A chat client that reads all the time (answering pings, as a browser does): what it
+/// hears, and how many pings.
+struct Member {
+    send: futures_util::stream::SplitSink<Ws, Message>,
+    heard: tokio::sync::mpsc::UnboundedReceiver<Message>,
+    pings: Arc<AtomicU64>,
+}
+
+impl Member {
+    async fn join(baton: &Baton, path: &str) -> Member {
+        let (send, mut read) = ws_connect(baton, path).await.split();
+        let (tx, heard) = tokio::sync::mpsc::unbounded_channel();
+        let pings = Arc::new(AtomicU64::new(0));
+        let counted = pings.clone();
+        tokio::spawn(async move {
+            while let Some(Ok(message)) = read.next().await {
+                match message {
+                    Message::Ping(_) => {
+                        counted.fetch_add(1, Ordering::SeqCst);
+                    }
+                    message => {
+                        let _ = tx.send(message);
+                    }
+                }
+            }
+        });
+        Member { send, heard, pings }
+    }
+
+    async fn next(&mut self) -> Message {
+        tokio::time::timeout(WAIT, self.heard.recv())
+            .await
+            .expect("no message within WAIT")
+            .expect("the connection ended")
+    }
+
+    async fn text(&mut self) -> String {
+        match self.next().await {
+            Message::Text(text) => text.to_string(),
+            other => panic!("expected a text message, got {other:?}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quiet_chat_clients_wait_in_the_idle_set_and_miss_no_message_ping_or_1012() {
+    const CLIENTS: usize = 40;
+    const SPREAD: Duration = Duration::from_secs(2);
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = plugin_dir(tmp.path(), "plugins", &["chat"]);
+    // Pinged every 2 s: quiet for a second, a connection leaves its task.
+    let baton = Baton::start(TestConfig {
+        plugins_dir: Some(dir),
+        processes: 1,
+        extra: "drain_spread = \"2s\"\n[websocket]\nping_interval = \"2s\"\n".into(),
+        ..TestConfig::default()
+    })
+    .await;
+    let mut members = Vec::new();
+    for i in 0..CLIENTS {
+        members.push(Member::join(&baton, &format!("/chat/lobby?name=c{i}")).await);
+    }
+    for member in &mut members {
+        while member.text().await != format!("* c{} joined", CLIENTS - 1) {}
+    }
+    // Quiet: every connection waits in the idle set, none in a task of its own.
+    wait_idle(&baton, 1, CLIENTS as u64).await;
+
+    // A message to the room reaches everyone: the plugin's sends bring each quiet
+    // connection back from the idle set.
+    members[0].send.send(Message::text("hello")).await.unwrap();
+    for member in &mut members {
+        assert_eq!(member.text().await, "c0: hello");
+    }
+    wait_idle(&baton, 1, CLIENTS as u64).await;
+
+    // Pings still go out to the connections that wait there, and they stay open.
+    let deadline = Instant::now() + WAIT;
+    while members.iter().any(|m| m.pings.load(Ordering::SeqCst) == 0) {
+        assert!(Instant::now() < deadline, "not every client was pinged");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    wait_idle(&baton, 1, CLIENTS as u64).await;
+
+    // The drain: the plugin's farewell, then 1012, spread over the window.
+    let upgraded = Instant::now();
+    let tasks: Vec<_> = members
+        .into_iter()
+        .map(|mut member| {
+            tokio::spawn(async move {
+                assert_eq!(member.text().await, "* server restarting");
+                // Those closed before it leave the room meanwhile.
+                loop {
+                    match member.next().await {
+                        Message::Close(Some(frame)) => {
+                            assert_eq!(frame.code, CloseCode::Restart);
+                            break;
+                        }
+                        Message::Text(t) if t.ends_with(" left") => {}
+                        other => panic!("expected a close frame 1012, got {other:?}"),
+                    }
+                }
+                upgraded.elapsed()
+            })
+        })
+        .collect();
+    let out = baton.upgrade_wait().await;
+    assert_eq!(out.code, Some(0), "{}", out.text());
+    let mut closes = Vec::new();
+    for task in tasks {
+        closes.push(task.await.expect("client task"));
+    }
+    closes.sort();
+    let (first, last) = (closes[0], closes[CLIENTS - 1]);
+    assert!(
+        last - first > SPREAD / 3,
+        "closes from {first:?} to {last:?}: not spread"
+    );
+    let log = baton.log();
+    assert!(!log.contains("drain forced"), "{log}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn panics_after_defer_and_in_websocket_callbacks_stay_inside_the_plugin() {
     let (_tmp, baton) = start(&["faulty"]).await;

@@ -388,20 +388,11 @@ async fn a_client_gone_while_a_blocking_open_runs_still_gets_its_close_callback(
     wait_websockets(&baton, 1, 0).await;
 }
 
-/// The `websockets` count of generation `number` in `baton status --json`.
-async fn websockets_of(baton: &Baton, number: u64) -> Option<u64> {
-    let status = baton.status().await;
-    status["generations"]
-        .as_array()?
-        .iter()
-        .find(|g| g["number"].as_u64() == Some(number))?["websockets"]
-        .as_u64()
-}
-
+/// Waits until generation `number` has `n` WebSockets open (`baton status --json`).
 async fn wait_websockets(baton: &Baton, number: u64, n: u64) {
     let deadline = Instant::now() + WAIT;
     loop {
-        let now = websockets_of(baton, number).await;
+        let now = baton.generation_count(number, "websockets").await;
         if now == Some(n) {
             return;
         }

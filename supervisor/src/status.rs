@@ -105,7 +105,8 @@ pub struct GenerationInfo {
     pub restarts: u64,
     /// Open connections, as last reported by the workers (at most a second old).
     pub connections: u64,
-    /// Of those, idle keep-alive connections waiting in the workers' idle sets.
+    /// Of those, idle keep-alive connections and quiet WebSockets waiting in the workers'
+    /// idle sets.
     #[serde(default)]
     pub idle: u64,
     /// Requests served by the generation's workers, including exited ones.

@@ -31,7 +31,8 @@ Scenarios:
      15,000 (--conns): the workers' RSS and PSS per connection; then one upgrade with
      15,000 held: how they were closed (FIN or reset, as the client sees it), when the
      old workers were gone, and the clients reconnecting at once (peak per 100 ms,
-     failures). Baton, nginx and go-tableflip; bare hyper for memory only
+     failures). Baton, nginx and go-tableflip; bare hyper for memory only. Then idle
+     WebSockets (one message echoed each) held by Baton at the same levels: its memory
 Each server is sized for the connections a scenario holds, as its users would size it
 (SCENARIO_CONNS: nginx's worker_connections, HAProxy's maxconn, Baton's max_connections).
 Variants, measured in (a) only, next to the server they vary: baton-metrics ([metrics]
@@ -1051,7 +1052,10 @@ def d_hold(server, kind, port, path, conns):
             if s is None:
                 raise RuntimeError(f"{server.name}: {kind} connection {len(socks) + 1} refused")
             socks.append(s)
-        time.sleep(1.0)
+        # A WebSocket counts as idle once it has been quiet for a while: Baton's leaves
+        # its task after a second without a message (and the worker trims the allocator
+        # at its next 1 s tick).
+        time.sleep(3.0 if kind == "ws" else 1.0)
         busy = mem_of(server)
     finally:
         for s in socks:
@@ -1073,17 +1077,57 @@ class BatonWs(Baton):
         return d_open("ws", self.port, self.path) is not None
 
 
-def d_baton_ws(conns):
+def baton_ws(conns):
+    """A BatonWs sized for `conns`, its plugin built, not started."""
     server = BatonWs()
+    server.conns = conns
     plugins = os.path.join(server.dir, "plugins.d")
     os.makedirs(plugins, mode=0o755)
     subprocess.run(["cc", "-std=c11", "-O2", "-fPIC", "-shared", "-I",
                     os.path.join(ROOT, "plugins/api/include"), os.path.join(ROOT, "tests/harness/ws_plugin.c"),
                     "-o", os.path.join(plugins, "ws_test.so")], check=True, timeout=120)
+    return server
+
+
+def d_baton_ws(conns):
+    server = baton_ws(conns)
     try:
         server.start()
         return d_hold(server, "ws", server.port, server.path, conns)
     finally:
+        server.stop()
+
+
+def f_baton_ws(levels):
+    """Idle WebSockets (one message echoed each) held at each of `levels` by Baton (the C
+    test plugin): the worker's RSS and PSS per connection at each, as (f) measures HTTP/1.1.
+    Opened one after another; measured 3 s after the last opened (quiet, out of their
+    tasks, and past the worker's trim tick)."""
+    server = baton_ws(max(levels))
+    socks = []
+    try:
+        server.start()
+        idle = workers_memory(server.worker_pids())
+        out = {"idle": idle, "levels": {}}
+        for n in sorted(levels):
+            t = time.monotonic()
+            while len(socks) < n:
+                s = d_open("ws", server.port, server.path)
+                if s is None:
+                    raise RuntimeError(f"WebSocket {len(socks) + 1} refused")
+                socks.append(s)
+            seconds = time.monotonic() - t
+            time.sleep(3.0)
+            m = workers_memory(server.worker_pids())
+            per = lambda key: (m[key] - idle[key]) / n  # noqa: E731
+            out["levels"][str(n)] = {**m, "open": len(socks), "fill_s": round(seconds, 2),
+                                     "rss_kib_per_conn": per("rss_kib"), "pss_kib_per_conn": per("pss_kib")}
+            log(f"(f) baton: {n} idle WebSockets in {seconds:.1f} s, worker {m['rss_kib'] / 1024:.1f} MiB RSS "
+                f"({per('rss_kib'):.2f} KiB each)")
+        return out
+    finally:
+        for s in socks:
+            s.close()
         server.stop()
 
 
@@ -1374,6 +1418,15 @@ def report(results, quick):
                 add(f"{'':14} {level:>6} {r['rss_kib'] / 1024:>8.1f} {r['pss_kib'] / 1024:>8.1f} "
                     f"{fmt(r['rss_kib_per_conn'], 2):>9} {fmt(r['pss_kib_per_conn'], 2):>9} "
                     f"{fmt(r['all_rss_kib_per_conn'], 2):>9} {fmt(r['kernel_kib_per_conn'], 2):>12} {r['fill_s']:>7.1f}")
+        ws = results["servers"].get("baton", {}).get("f_ws")
+        if ws:
+            add("")
+            add("(f) idle WebSockets (one message echoed each), Baton's worker: marginal KiB per connection")
+            add(f"{'server':14} {'conns':>6} {'RSS MiB':>8} {'PSS MiB':>8} {'KiB/conn':>9} {'PSS KiB/c':>9} {'fill s':>7}")
+            add(f"{'baton':14} {0:>6} {ws['idle']['rss_kib'] / 1024:>8.1f} {ws['idle']['pss_kib'] / 1024:>8.1f}")
+            for level, r in ws["levels"].items():
+                add(f"{'':14} {level:>6} {r['rss_kib'] / 1024:>8.1f} {r['pss_kib'] / 1024:>8.1f} "
+                    f"{fmt(r['rss_kib_per_conn'], 2):>9} {fmt(r['pss_kib_per_conn'], 2):>9} {r['fill_s']:>7.1f}")
         add("")
         add("(f) one upgrade with the last level held: closes seen by the clients (ms after the signal), old")
         add("    workers gone, and the reconnects (each client reconnects as soon as it sees its close): how many")
@@ -1467,6 +1520,11 @@ def goals(results):
                 line(mine is not None and mine <= theirs["all_rss_kib_per_conn"],
                      f"(f) {fmt(mine, 2)} KiB per connection vs {other} {fmt(theirs['rss_kib_per_conn'], 2)} "
                      f"marginal, {fmt(theirs['all_rss_kib_per_conn'], 2)} with what it preallocates")
+        ws = b.get("f_ws")
+        if ws:
+            top_ws = list(ws["levels"])[-1]
+            per = ws["levels"][top_ws]["rss_kib_per_conn"]
+            line(per is not None and per <= 2.0, f"(f) memory per idle WebSocket at {top_ws}: {fmt(per, 2)} KiB (<= 2)")
         u = f.get("upgrade")
         if u:
             line(u["fin"] == u["held"] and u["reset"] == 0,
@@ -1575,6 +1633,9 @@ def main():
                 continue
             log(f"({key}) {n}")
             results["servers"][n][key] = with_server(cls, fn, key)
+            if key == "f" and n == "baton":
+                log("(f) baton: idle WebSockets")
+                results["servers"][n]["f_ws"] = f_baton_ws(plan["f_levels"])
         if key == "c":
             # The supervisor upgrading itself: Baton's re-exec next to nginx's binary upgrade.
             for n, cls in servers_for(names):

@@ -312,6 +312,17 @@ impl Baton {
         serde_json::from_str(&out.stdout).expect("status is JSON")
     }
 
+    /// A number `baton status --json` shows for generation `number` (`"idle"`,
+    /// `"websockets"`, ...); `None` while it has no such generation.
+    pub async fn generation_count(&self, number: u64, field: &str) -> Option<u64> {
+        let status = self.status().await;
+        status["generations"]
+            .as_array()?
+            .iter()
+            .find(|g| g["number"].as_u64() == Some(number))?[field]
+            .as_u64()
+    }
+
     /// Pids of the serving generation (number, pids).
     pub async fn serving(&self) -> Option<(u64, Vec<u32>)> {
         let status = self.status().await;

@@ -14,7 +14,7 @@
 use crate::conn_state::{ConnCtx, ConnState};
 use crate::drain::{ConnectionGuard, Drain, DrainWatch, Phase};
 use crate::handle::handle;
-use crate::idle::IdleSocket;
+use crate::idle::{IdleSocket, Waiting};
 use crate::lazy_select::{Either, lazy_select};
 use crate::metrics::Global;
 use crate::router::Router;
@@ -156,14 +156,7 @@ pub(crate) fn connection<I: Socket>(
         drain: watch.clone(),
         _slot: permit,
     });
-    let io = ConnIo {
-        io,
-        ctx: ctx.clone(),
-        prefix: Vec::new(),
-        nodelay: false,
-        linger: None,
-        parked: false,
-    };
+    let io = ConnIo::new(io, ctx.clone(), false);
     serve(io, ctx, watch, guard, false)
 }
 
@@ -171,8 +164,10 @@ pub(crate) fn connection<I: Socket>(
 /// there is resumed into [`serve`].
 pub(crate) async fn watch_idle(shared: Arc<Shared>, watch: DrainWatch) {
     let keepalive = Duration::from_millis(shared.settings.http.keepalive_timeout_ms);
+    // A quiet WebSocket waits there until its ping is due.
+    let ping = Duration::from_millis(shared.settings.websocket.ping_interval_ms.max(1));
     let grace = Duration::from_millis(shared.settings.drain_idle_grace_ms);
-    let sweep = crate::idle::sweep_every(keepalive);
+    let sweep = crate::idle::sweep_every(keepalive.min(ping));
     shared.idle.watch(sweep, grace, watch).await;
 }
 
@@ -181,14 +176,7 @@ pub(crate) async fn watch_idle(shared: Arc<Shared>, watch: DrainWatch) {
 fn resume(socket: IdleSocket, ctx: Arc<ConnCtx>, guard: ConnectionGuard, nodelay: bool) {
     fn spawn<I: Socket>(io: I, ctx: Arc<ConnCtx>, guard: ConnectionGuard, nodelay: bool) {
         let watch = ctx.drain.clone();
-        let io = ConnIo {
-            io,
-            ctx: ctx.clone(),
-            prefix: Vec::new(),
-            nodelay,
-            linger: None,
-            parked: false,
-        };
+        let io = ConnIo::new(io, ctx.clone(), nodelay);
         tokio::spawn(serve(io, ctx, watch, guard, true));
     }
     let registered = match socket {
@@ -344,6 +332,7 @@ fn serve<I: Socket>(
                         ctx.shared.idle.park(
                             socket,
                             idle_for,
+                            Waiting::Request,
                             Box::new(move |socket| resume(socket, kept, guard, nodelay)),
                         );
                     }
@@ -490,6 +479,14 @@ pub(crate) trait Socket: AsyncRead + AsyncWrite + Unpin + Send + 'static {
     {
         Err(std::io::ErrorKind::Unsupported.into())
     }
+
+    /// The socket back from the idle set, registered with tokio again.
+    fn from_idle(_: IdleSocket) -> std::io::Result<Self>
+    where
+        Self: Sized,
+    {
+        Err(std::io::ErrorKind::Unsupported.into())
+    }
 }
 
 impl Socket for tokio::net::TcpStream {
@@ -513,6 +510,13 @@ impl Socket for tokio::net::TcpStream {
     fn into_idle(self) -> std::io::Result<IdleSocket> {
         self.into_std().map(IdleSocket::Tcp)
     }
+
+    fn from_idle(socket: IdleSocket) -> std::io::Result<Self> {
+        match socket {
+            IdleSocket::Tcp(s) => Self::from_std(s),
+            IdleSocket::Unix(_) => Err(std::io::ErrorKind::InvalidInput.into()),
+        }
+    }
 }
 
 impl Socket for tokio::net::UnixStream {
@@ -530,6 +534,13 @@ impl Socket for tokio::net::UnixStream {
     fn into_idle(self) -> std::io::Result<IdleSocket> {
         self.into_std().map(IdleSocket::Unix)
     }
+
+    fn from_idle(socket: IdleSocket) -> std::io::Result<Self> {
+        match socket {
+            IdleSocket::Unix(s) => Self::from_std(s),
+            IdleSocket::Tcp(_) => Err(std::io::ErrorKind::InvalidInput.into()),
+        }
+    }
 }
 
 impl Socket for tokio::io::DuplexStream {}
@@ -546,7 +557,7 @@ impl Socket for tokio::io::DuplexStream {}
 /// (HTTP/2, or an HTTP/1 request that keeps the connection alive), as nginx does: the
 /// kernel sends a response followed by the close whole anyway, so those connections are
 /// spared the `setsockopt`.
-struct ConnIo<I> {
+pub(crate) struct ConnIo<I> {
     io: I,
     ctx: Arc<ConnCtx>,
     /// Read by [`ConnIo::sniff`], not yet by hyper (freed once it has all of it).
@@ -603,6 +614,51 @@ impl Linger {
 }
 
 impl<I: Socket> ConnIo<I> {
+    fn new(io: I, ctx: Arc<ConnCtx>, nodelay: bool) -> Self {
+        ConnIo {
+            io,
+            ctx,
+            prefix: Vec::new(),
+            nodelay,
+            linger: None,
+            parked: false,
+        }
+    }
+
+    /// The socket of a connection hyper upgraded (a WebSocket), if it is of this kind,
+    /// with what hyper had read and not parsed.
+    pub(crate) fn upgraded(
+        upgraded: hyper::upgrade::Upgraded,
+    ) -> Result<Self, hyper::upgrade::Upgraded> {
+        let parts = upgraded.downcast::<TokioIo<ConnIo<I>>>()?;
+        let mut io = parts.io.into_inner();
+        if !parts.read_buf.is_empty() {
+            io.prefix.splice(0..0, parts.read_buf);
+        }
+        Ok(io)
+    }
+
+    /// Whether a socket of this kind can wait in the idle set.
+    pub(crate) fn can_idle(&self) -> bool {
+        self.io.can_idle()
+    }
+
+    /// Whether the socket can wait in the idle set now: its kind can, and nothing is
+    /// left unread in [`ConnIo::prefix`].
+    pub(crate) fn can_detach(&self) -> bool {
+        self.prefix.is_empty() && self.io.can_idle()
+    }
+
+    /// The socket out of tokio for the idle set, and what it shares with its connection
+    /// until it comes back ([`Detached::attach`]). Only if [`ConnIo::can_detach`].
+    pub(crate) fn detach(self) -> std::io::Result<(IdleSocket, Detached)> {
+        let detached = Detached {
+            ctx: self.ctx,
+            nodelay: self.nodelay,
+        };
+        Ok((self.io.into_idle()?, detached))
+    }
+
     /// Reads the connection's first bytes (as many as arrived, up to [`FIRST_READ`]) and
     /// says whether they begin HTTP/2 with prior knowledge. Usually one read, where
     /// sniffing the 24 bytes of the preface apart from what follows took two; more only
@@ -760,6 +816,20 @@ impl<I: Socket> AsyncWrite for ConnIo<I> {
     }
 }
 
+/// What an upgraded connection's socket shares with its connection (its state, its slot
+/// under `max_connections`) while the socket waits in the idle set.
+pub(crate) struct Detached {
+    ctx: Arc<ConnCtx>,
+    nodelay: bool,
+}
+
+impl Detached {
+    /// The socket back from the idle set, as it was.
+    pub(crate) fn attach<I: Socket>(self, socket: IdleSocket) -> std::io::Result<ConnIo<I>> {
+        Ok(ConnIo::new(I::from_idle(socket)?, self.ctx, self.nodelay))
+    }
+}
+
 fn log_end(result: hyper::Result<()>) {
     if let Err(e) = result {
         tracing::debug!("connection ended: {e}");
@@ -817,9 +887,7 @@ impl OneConnection {
     /// Begins the drain, as a worker does when told to stop.
     #[cfg(test)]
     pub(crate) fn drain(&self) {
-        self.shared
-            .closing
-            .store(true, std::sync::atomic::Ordering::Relaxed);
+        self.shared.begin_closing();
         self._drain.advance(Phase::Closing);
     }
 }

@@ -18,6 +18,14 @@
 //! (answered with `Connection: close`) and then closes the rest, with a FIN; the forced
 //! phase closes them at once. It never reads from a socket and never answers a request:
 //! what it resumes is handed back to the connection's code ([`Resume`]).
+//!
+//! Quiet WebSockets wait here too ([`Waiting::WebSocket`], from [`crate::websocket`]),
+//! without their task and tungstenite's buffers. The set never closes one: it resumes it
+//! when its client sends, when its ping is due (checked every quarter of the shorter of
+//! `keepalive_timeout` and `websocket.ping_interval`), when its plugin sends
+//! ([`IdleSet::wake`]), at its place in the drain's spread (kept in order from when the
+//! drain began, so that each comes back on time and the watcher stays until the last), and
+//! at the forced phase. The connection's task does the rest (the ping, the 1012).
 
 use crate::drain::{DrainWatch, Phase};
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
@@ -61,17 +69,50 @@ impl IdleSocket {
 }
 
 /// What brings an idle connection back: called with its socket when the client sent
-/// something (or closed); dropped, with the socket closed, when the connection's idle time
-/// ran out or the drain closes it.
+/// something (or closed), and for a WebSocket also when its deadline comes, its plugin
+/// sends or the drain reaches it; dropped, with the socket closed, when a keep-alive
+/// connection's idle time ran out or the drain closes it.
 pub(crate) type Resume = Box<dyn FnOnce(IdleSocket) + Send>;
+
+/// What a connection waits for, and so what its deadline and the drain do to it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Waiting {
+    /// An HTTP/1 keep-alive connection, for its next request: closed (with a FIN) when its
+    /// idle time runs out, or when the drain's grace ends.
+    Request,
+    /// A quiet WebSocket: resumed when its client sends, when its deadline comes (a ping
+    /// is due), when its plugin sends ([`IdleSet::wake`]), `spread` after the drain began
+    /// (its task then closes it with 1012) or at the forced phase. Never closed here.
+    WebSocket { spread: Duration },
+}
+
+/// An entry's place in the set, for [`IdleSet::wake`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Parked {
+    index: u32,
+    tag: u32,
+}
 
 struct Entry {
     socket: IdleSocket,
     resume: Resume,
-    /// When `keepalive_timeout` runs out for it.
+    /// When `keepalive_timeout` runs out for it, or a WebSocket's ping is due.
     deadline: Instant,
     /// Told apart from an earlier entry in the same slot.
     tag: u32,
+    waiting: Waiting,
+}
+
+/// What a look through the whole set does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Sweep {
+    /// Takes what is due by then: keep-alive connections are closed, WebSockets resumed.
+    Due(Instant),
+    /// The drain's grace is over: every keep-alive connection is closed, and none parks
+    /// any more; WebSockets wait for their place in the drain's spread.
+    GraceOver,
+    /// Everything goes.
+    All,
 }
 
 #[derive(Default)]
@@ -83,7 +124,10 @@ struct Slots {
     /// The tag the next entry gets.
     next_tag: u32,
     held: usize,
-    /// The drain's grace is over (or it was forced): nothing waits idle any more.
+    /// The drain began: WebSockets no longer park (they are about to be closed).
+    draining: bool,
+    /// The drain's grace is over (or it was forced): no keep-alive connection waits idle
+    /// any more.
     ended: bool,
 }
 
@@ -172,21 +216,32 @@ impl IdleSet {
         self.slots.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Holds `socket` until its client sends, `idle_for` passes, or the drain closes it.
-    /// After the drain's grace the socket is closed at once.
-    pub(crate) fn park(&self, socket: IdleSocket, idle_for: Duration, resume: Resume) {
-        let Some(epoll) = &self.epoll else {
-            return;
-        };
+    /// Holds `socket` until its client sends, `idle_for` passes, or the drain closes it
+    /// (see [`Waiting`] for what each kind waits for). After the drain's grace a keep-alive
+    /// connection is closed at once; once the drain began a WebSocket is resumed at once.
+    /// Where it waits, if it does.
+    pub(crate) fn park(
+        &self,
+        socket: IdleSocket,
+        idle_for: Duration,
+        waiting: Waiting,
+        resume: Resume,
+    ) -> Option<Parked> {
+        let epoll = self.epoll.as_ref()?;
         let mut slots = self.lock();
-        if slots.ended {
+        let refused = match waiting {
+            Waiting::Request => slots.ended,
+            Waiting::WebSocket { .. } => slots.draining || slots.ended,
+        };
+        if refused {
             drop(slots);
-            // The drain's grace is over; a request that arrived meanwhile is still served
-            // (with `Connection: close`), as in a connection's own task.
-            if socket.has_unread() {
+            // A request that arrived after the drain's grace is still served (with
+            // `Connection: close`), as in a connection's own task; a WebSocket goes back
+            // to its task, which closes it.
+            if waiting != Waiting::Request || socket.has_unread() {
                 resume(socket);
             }
-            return;
+            return None;
         }
         let index = slots.slot();
         let tag = slots.next_tag;
@@ -202,15 +257,57 @@ impl IdleSet {
             slots.free.push(Reverse(index));
             drop(slots);
             resume(socket);
-            return;
+            return None;
         }
         slots.entries[index as usize] = Some(Entry {
             socket,
             resume,
             deadline: Instant::now() + idle_for,
             tag,
+            waiting,
         });
         slots.held += 1;
+        Some(Parked { index, tag })
+    }
+
+    /// Resumes the connection parked at `parked`, if it still waits there (for a plugin
+    /// that sent on a quiet WebSocket). Within the runtime: the resume registers the
+    /// socket with tokio again.
+    pub(crate) fn wake(&self, parked: Parked) {
+        let Some(epoll) = &self.epoll else {
+            return;
+        };
+        let entry = self.lock().take(parked.index, Some(parked.tag));
+        if let Some(entry) = entry {
+            let _ = epoll.delete(&entry.socket);
+            (entry.resume)(entry.socket);
+        }
+    }
+
+    /// The drain began: WebSockets park no more, and those waiting here are to be resumed
+    /// at their places in the drain's spread, from `now`. Their slots, in that order.
+    fn begin_drain(&self, now: Instant) -> std::collections::VecDeque<(Instant, Parked)> {
+        let mut slots = self.lock();
+        slots.draining = true;
+        let mut spread: Vec<(Instant, Parked)> = slots
+            .entries
+            .iter()
+            .enumerate()
+            .filter_map(|(index, entry)| {
+                let entry = entry.as_ref()?;
+                let Waiting::WebSocket { spread } = entry.waiting else {
+                    return None;
+                };
+                let parked = Parked {
+                    index: index as u32,
+                    tag: entry.tag,
+                };
+                Some(((now + spread).min(entry.deadline), parked))
+            })
+            .collect();
+        drop(slots);
+        spread.sort_unstable_by_key(|(at, _)| *at);
+        spread.into()
     }
 
     /// Resumes the connections whose sockets became readable, `BATCH` at most; true if
@@ -236,22 +333,27 @@ impl IdleSet {
         Ok(n == events.len())
     }
 
-    /// Closes what waits here whose idle time ran out by `now` (all if `all`), each with a
-    /// FIN. With an `epoll` (the watcher's), one whose client sent something meanwhile
-    /// (its event not handled yet) is resumed instead, so that its request is served,
-    /// never reset. Afterwards, with `all`, nothing is held any more.
-    fn close(&self, epoll: Option<&Epoll>, now: Instant, all: bool) {
+    /// Looks through the whole set (see [`Sweep`]): closes each keep-alive connection it
+    /// takes with a FIN and resumes each WebSocket. With an `epoll` (the watcher's), a
+    /// keep-alive connection whose client sent something meanwhile (its event not handled
+    /// yet) is resumed instead, so that its request is served, never reset; without one
+    /// (the watcher is gone) everything taken is closed.
+    fn sweep(&self, epoll: Option<&Epoll>, sweep: Sweep) {
         let due: Vec<Entry> = {
             let mut slots = self.lock();
-            if all {
+            if !matches!(sweep, Sweep::Due(_)) {
                 slots.ended = true;
             }
             let mut due = Vec::new();
             for i in 0..slots.entries.len() as u32 {
-                let expired = slots.entries[i as usize]
+                let taken = slots.entries[i as usize]
                     .as_ref()
-                    .is_some_and(|e| all || e.deadline <= now);
-                if expired {
+                    .is_some_and(|e| match sweep {
+                        Sweep::Due(now) => e.deadline <= now,
+                        Sweep::GraceOver => e.waiting == Waiting::Request,
+                        Sweep::All => true,
+                    });
+                if taken {
                     due.extend(slots.take(i, None));
                 }
             }
@@ -261,7 +363,7 @@ impl IdleSet {
         // Outside the lock: each drop closes a socket and releases its connection.
         for entry in due {
             if let Some(epoll) = epoll
-                && entry.socket.has_unread()
+                && (entry.waiting != Waiting::Request || entry.socket.has_unread())
             {
                 let _ = epoll.delete(&entry.socket);
                 (entry.resume)(entry.socket);
@@ -271,8 +373,8 @@ impl IdleSet {
 
     /// Watches the set until the drain is over: resumes the connections whose clients
     /// sent, closes those idle for too long, and applies the drain (see the module).
-    /// `sweep`: how often idle times are checked (a connection closes at most this late);
-    /// `grace`: `drain_idle_grace`.
+    /// `sweep`: how often deadlines are checked (a connection closes, or a WebSocket's
+    /// ping goes out, at most this late); `grace`: `drain_idle_grace`.
     pub(crate) async fn watch(&self, sweep: Duration, grace: Duration, drain: DrainWatch) {
         let Some(epoll) = &self.epoll else {
             return;
@@ -289,10 +391,14 @@ impl IdleSet {
         let mut tick = tokio::time::interval(sweep);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut grace_ends: Option<Instant> = None;
+        let mut grace_over = false;
+        // WebSockets waiting for their places in the drain's spread, soonest first.
+        let mut spread = std::collections::VecDeque::new();
         let (mut closing, mut forced) = (drain.clone(), drain);
         loop {
+            let next_spread = spread.front().map(|(at, _)| *at);
             // Not biased, so that a steady stream of ready sockets cannot hold off the
-            // deadlines: `close` resumes a due socket whose client sent meanwhile.
+            // deadlines: a sweep resumes a due socket whose client sent meanwhile.
             tokio::select! {
                 guard = ready.readable() => {
                     let mut guard = match guard {
@@ -306,21 +412,33 @@ impl IdleSet {
                         Err(e) => return tracing::warn!("idle connections: epoll_wait: {e}"),
                     }
                 }
-                _ = tick.tick() => {
-                    self.close(Some(epoll), Instant::now(), false);
-                }
+                _ = tick.tick() => self.sweep(Some(epoll), Sweep::Due(Instant::now())),
                 () = closing.reached(Phase::Closing), if grace_ends.is_none() => {
-                    grace_ends = Some(Instant::now() + grace);
+                    let now = Instant::now();
+                    grace_ends = Some(now + grace);
+                    spread = self.begin_drain(now);
+                }
+                () = tokio::time::sleep_until(next_spread.unwrap_or_else(Instant::now)),
+                    if next_spread.is_some() => {
+                    let now = Instant::now();
+                    while let Some(&(at, parked)) = spread.front() && at <= now {
+                        spread.pop_front();
+                        self.wake(parked);
+                    }
                 }
                 () = forced.reached(Phase::Forced) => {
-                    self.close(Some(epoll), Instant::now(), true);
+                    self.sweep(Some(epoll), Sweep::All);
                     return;
                 }
                 () = tokio::time::sleep_until(grace_ends.unwrap_or_else(Instant::now)),
-                    if grace_ends.is_some() => {
-                    self.close(Some(epoll), Instant::now(), true);
-                    return;
+                    if grace_ends.is_some() && !grace_over => {
+                    self.sweep(Some(epoll), Sweep::GraceOver);
+                    grace_over = true;
                 }
+            }
+            // After the grace only WebSockets wait for their turn in the spread.
+            if grace_over && self.held() == 0 {
+                return;
             }
         }
     }
@@ -334,7 +452,7 @@ impl Drop for Unwatched<'_> {
     fn drop(&mut self) {
         self.0.watched.store(false, Ordering::Release);
         // Not resumed: the watcher may be gone because the worker is stopping.
-        self.0.close(None, Instant::now(), true);
+        self.0.sweep(None, Sweep::All);
     }
 }
 
@@ -343,8 +461,8 @@ mod tests {
     use super::*;
     use crate::drain::Drain;
     use std::io::{Read, Write};
-    use std::sync::Arc;
     use std::sync::atomic::AtomicUsize;
+    use std::sync::{Arc, Mutex};
 
     /// A connected pair: the client's end (blocking) and the server's (non-blocking, as
     /// tokio leaves a socket).
@@ -410,7 +528,12 @@ mod tests {
         // More than one batch, so that a full batch is followed by another look.
         for _ in 0..BATCH + 44 {
             let (client, socket) = pair();
-            set.park(socket, Duration::from_secs(60), echo_once(&resumed));
+            set.park(
+                socket,
+                Duration::from_secs(60),
+                Waiting::Request,
+                echo_once(&resumed),
+            );
             clients.push(client);
         }
         assert_eq!(set.held(), BATCH + 44);
@@ -428,7 +551,7 @@ mod tests {
         }
         assert_eq!(set.held(), 0);
         // The next sweep gives the table's room back.
-        set.close(None, Instant::now(), false);
+        set.sweep(None, Sweep::Due(Instant::now()));
         let slots = set.lock();
         assert_eq!((slots.entries.len(), slots.free.len()), (0, 0));
         assert!(
@@ -444,9 +567,19 @@ mod tests {
         let set = IdleSet::new();
         let resumed = Arc::new(AtomicUsize::new(0));
         let (mut late, socket) = pair();
-        set.park(socket, Duration::ZERO, echo_once(&resumed));
+        set.park(
+            socket,
+            Duration::ZERO,
+            Waiting::Request,
+            echo_once(&resumed),
+        );
         let (mut silent, socket) = pair();
-        set.park(socket, Duration::ZERO, echo_once(&resumed));
+        set.park(
+            socket,
+            Duration::ZERO,
+            Waiting::Request,
+            echo_once(&resumed),
+        );
         late.write_all(b"late").unwrap();
         // Until the bytes are there to peek at.
         until("the bytes arrived", || {
@@ -457,7 +590,7 @@ mod tests {
                 .any(|e| e.socket.has_unread())
         })
         .await;
-        set.close(set.epoll.as_ref(), Instant::now(), true);
+        set.sweep(set.epoll.as_ref(), Sweep::All);
         assert_eq!(resumed.load(Ordering::SeqCst), 1);
         let mut buf = [0u8; 8];
         let n = late.read(&mut buf).unwrap();
@@ -468,7 +601,12 @@ mod tests {
         let (mut late, socket) = pair();
         late.write_all(b"later").unwrap();
         tokio::time::sleep(Duration::from_millis(20)).await;
-        set.park(socket, Duration::from_secs(60), echo_once(&resumed));
+        set.park(
+            socket,
+            Duration::from_secs(60),
+            Waiting::Request,
+            echo_once(&resumed),
+        );
         assert_eq!(resumed.load(Ordering::SeqCst), 2);
         let n = late.read(&mut buf).unwrap();
         assert_eq!(&buf[..n], b"later");
@@ -499,7 +637,12 @@ mod tests {
         let resumed = Arc::new(AtomicUsize::new(0));
         let (mut client, socket) = pair();
         let began = std::time::Instant::now();
-        set.park(socket, Duration::from_millis(150), echo_once(&resumed));
+        set.park(
+            socket,
+            Duration::from_millis(150),
+            Waiting::Request,
+            echo_once(&resumed),
+        );
         let mut rest = Vec::new();
         let n = tokio::task::spawn_blocking(move || client.read_to_end(&mut rest))
             .await
@@ -522,9 +665,19 @@ mod tests {
         let (drain, watcher) = watched(&set, Duration::from_secs(60), grace).await;
         let resumed = Arc::new(AtomicUsize::new(0));
         let (mut sender, socket) = pair();
-        set.park(socket, Duration::from_secs(60), echo_once(&resumed));
+        set.park(
+            socket,
+            Duration::from_secs(60),
+            Waiting::Request,
+            echo_once(&resumed),
+        );
         let (mut silent, socket) = pair();
-        set.park(socket, Duration::from_secs(60), echo_once(&resumed));
+        set.park(
+            socket,
+            Duration::from_secs(60),
+            Waiting::Request,
+            echo_once(&resumed),
+        );
         let began = std::time::Instant::now();
         drain.advance(Phase::Closing);
         tokio::time::sleep(grace / 3).await;
@@ -541,8 +694,133 @@ mod tests {
         // The grace is over: a connection that goes idle now is closed, not held.
         assert!(!set.open());
         let (mut late, socket) = pair();
-        set.park(socket, Duration::from_secs(60), echo_once(&resumed));
+        set.park(
+            socket,
+            Duration::from_secs(60),
+            Waiting::Request,
+            echo_once(&resumed),
+        );
         assert_eq!(set.held(), 0);
         assert_eq!(late.read(&mut [0u8; 8]).unwrap(), 0);
+    }
+
+    /// A resume that records its name and when it ran (dropping the socket).
+    fn record(log: &Arc<Mutex<Vec<(&'static str, Instant)>>>, name: &'static str) -> Resume {
+        let log = log.clone();
+        Box::new(move |_| log.lock().unwrap().push((name, Instant::now())))
+    }
+
+    const WEBSOCKET: Waiting = Waiting::WebSocket {
+        spread: Duration::ZERO,
+    };
+
+    #[tokio::test]
+    async fn a_websocket_comes_back_when_its_deadline_comes_or_it_is_woken_never_closed() {
+        let set = Arc::new(IdleSet::new());
+        let (_drain, _watcher) =
+            watched(&set, Duration::from_millis(25), Duration::from_secs(1)).await;
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (_ping_due, socket) = pair();
+        set.park(
+            socket,
+            Duration::from_millis(50),
+            WEBSOCKET,
+            record(&log, "due"),
+        );
+        until("resumed when its ping was due", || {
+            log.lock().unwrap().len() == 1
+        })
+        .await;
+        let (_woken, socket) = pair();
+        let parked = set
+            .park(
+                socket,
+                Duration::from_secs(60),
+                WEBSOCKET,
+                record(&log, "woken"),
+            )
+            .expect("parked");
+        set.wake(parked);
+        let names: Vec<_> = log.lock().unwrap().iter().map(|(n, _)| *n).collect();
+        assert_eq!(names, ["due", "woken"]);
+        assert_eq!(set.held(), 0);
+        // Woken again, a slot left (or taken by another connection since) is not touched.
+        let (_other, socket) = pair();
+        set.park(
+            socket,
+            Duration::from_secs(60),
+            WEBSOCKET,
+            record(&log, "other"),
+        );
+        set.wake(parked);
+        assert_eq!((log.lock().unwrap().len(), set.held()), (2, 1));
+    }
+
+    #[tokio::test]
+    async fn at_a_drain_websockets_come_back_at_their_places_in_the_spread_in_order() {
+        let set = Arc::new(IdleSet::new());
+        let grace = Duration::from_millis(50);
+        let (drain, watcher) = watched(&set, Duration::from_secs(60), grace).await;
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let spread = |ms| Waiting::WebSocket {
+            spread: Duration::from_millis(ms),
+        };
+        let (_late, socket) = pair();
+        set.park(
+            socket,
+            Duration::from_secs(60),
+            spread(300),
+            record(&log, "late"),
+        );
+        let (_soon, socket) = pair();
+        set.park(
+            socket,
+            Duration::from_secs(60),
+            spread(100),
+            record(&log, "soon"),
+        );
+        let (mut keepalive, socket) = pair();
+        set.park(
+            socket,
+            Duration::from_secs(60),
+            Waiting::Request,
+            record(&log, "no"),
+        );
+        let began = Instant::now();
+        drain.advance(Phase::Closing);
+        // Once the set saw the drain, a WebSocket that goes quiet goes straight back.
+        until("the drain seen", || set.lock().draining).await;
+        let (_refused, socket) = pair();
+        assert!(
+            set.park(
+                socket,
+                Duration::from_secs(60),
+                spread(0),
+                record(&log, "refused")
+            )
+            .is_none()
+        );
+        // The keep-alive connection is closed (a FIN) after the grace; the WebSockets wait.
+        let read = tokio::task::spawn_blocking(move || keepalive.read(&mut [0u8; 8]));
+        assert_eq!(read.await.unwrap().expect("a FIN, not a reset"), 0);
+        until("both WebSockets back", || log.lock().unwrap().len() == 3).await;
+        let log = log.lock().unwrap().clone();
+        let names: Vec<_> = log.iter().map(|(n, _)| *n).collect();
+        assert_eq!(names, ["refused", "soon", "late"]);
+        assert!(
+            log[1].1 - began >= Duration::from_millis(100),
+            "{:?}",
+            log[1].1 - began
+        );
+        assert!(
+            log[2].1 - began >= Duration::from_millis(300),
+            "{:?}",
+            log[2].1 - began
+        );
+        // Nothing waits any more: the watcher is done.
+        tokio::time::timeout(Duration::from_secs(5), watcher)
+            .await
+            .expect("the watcher ended")
+            .unwrap();
     }
 }

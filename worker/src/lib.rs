@@ -33,6 +33,7 @@ mod shared;
 mod stream;
 mod tls;
 mod websocket;
+mod ws_frames;
 
 use std::process::ExitCode;
 

@@ -139,7 +139,7 @@ pub async fn serve(
     for plugin in &shared.router.plugins {
         plugin.drain();
     }
-    shared.closing.store(true, Ordering::Relaxed);
+    shared.begin_closing();
     // Accepting stops before anything is closed: a long-lived client the drain closes
     // reconnects to the next generation, never to this one (an accept loop that had not
     // yet seen the drain could take its reconnection and close it again). Accepting is

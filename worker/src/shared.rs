@@ -36,20 +36,28 @@ pub(crate) struct Shared {
     pub(crate) plugin_calls: Arc<AtomicUsize>,
     /// The drain began: HTTP/1 responses carry `Connection: close`.
     pub(crate) closing: AtomicBool,
+    /// When it began: long-lived connections are closed spread out from then.
+    pub(crate) closing_at: std::sync::OnceLock<tokio::time::Instant>,
     /// WebSocket connections open right now.
     pub(crate) websockets: AtomicU64,
     /// Streamed (deferred) answers under way right now.
     pub(crate) streams: AtomicU64,
-    /// HTTP/1 connections that went idle outside hyper (freeing its buffers) since the
-    /// allocator was last trimmed.
+    /// HTTP/1 connections that went idle outside hyper, and WebSockets that went quiet
+    /// outside tungstenite (freeing their buffers), since the allocator was last trimmed.
     pub(crate) parked: AtomicU64,
-    /// Idle HTTP/1 connections, waiting without a task of their own.
+    /// Idle HTTP/1 connections and quiet WebSockets, waiting without a task of their own.
     pub(crate) idle: IdleSet,
     /// The access log, when `[log] access` is on.
     pub(crate) access_log: Option<Arc<AccessLog>>,
 }
 
 impl Shared {
+    /// The drain begins: from now on HTTP/1 responses close their connections.
+    pub(crate) fn begin_closing(&self) {
+        self.closing_at.get_or_init(tokio::time::Instant::now);
+        self.closing.store(true, Ordering::Relaxed);
+    }
+
     /// What every connection of a worker shares, for `router` and `settings`.
     pub(crate) fn new(
         generation: u64,
@@ -71,6 +79,7 @@ impl Shared {
             blocking,
             plugin_calls: Arc::new(AtomicUsize::new(0)),
             closing: AtomicBool::new(false),
+            closing_at: std::sync::OnceLock::new(),
             websockets: AtomicU64::new(0),
             streams: AtomicU64::new(0),
             parked: AtomicU64::new(0),

@@ -83,6 +83,17 @@ struct Queue {
     items: VecDeque<Outgoing>,
     bytes: usize,
     state: QueueState,
+    /// Called at the next change, for a connection waiting without its task.
+    on_change: Option<OnChange>,
+}
+
+/// What [`Changes::call_on_change`] registered.
+struct OnChange(Box<dyn FnOnce() + Send>);
+
+impl std::fmt::Debug for OnChange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("OnChange")
+    }
 }
 
 #[derive(Debug)]
@@ -112,14 +123,12 @@ impl Entry {
             q.items = VecDeque::new();
             q.bytes = 0;
             q.state = QueueState::Overflowed;
-            drop(q);
-            self.wake.notify_one();
+            self.changed(q);
             return BATON_E_CLOSED;
         }
         q.bytes += len;
         q.items.push_back(message);
-        drop(q);
-        self.wake.notify_one();
+        self.changed(q);
         BATON_OK
     }
 
@@ -129,9 +138,19 @@ impl Entry {
             return BATON_E_CLOSED;
         }
         q.state = QueueState::Closing(code, reason);
+        self.changed(q);
+        BATON_OK
+    }
+
+    /// Wakes the connection task after a change made under `q`, and whatever waits for
+    /// a connection without its task (outside the lock).
+    fn changed(&self, mut q: std::sync::MutexGuard<'_, Queue>) {
+        let on_change = q.on_change.take();
         drop(q);
         self.wake.notify_one();
-        BATON_OK
+        if let Some(OnChange(f)) = on_change {
+            f();
+        }
     }
 }
 
@@ -153,6 +172,7 @@ impl Outbox {
                 items: VecDeque::new(),
                 bytes: 0,
                 state: QueueState::Open,
+                on_change: None,
             }),
             limit: send_queue_bytes,
             wake: Notify::new(),
@@ -206,6 +226,7 @@ impl Outbox {
         q.items = VecDeque::new();
         q.bytes = 0;
         q.state = QueueState::Shut;
+        q.on_change = None;
     }
 
     /// The client let the queue overflow.
@@ -222,6 +243,36 @@ impl Outbox {
     /// Bytes queued right now.
     pub fn queued_bytes(&self) -> usize {
         self.entry.lock().bytes
+    }
+
+    /// The queue's changes, for a connection that waits without its task (the outbox
+    /// itself waits with it).
+    pub fn changes(&self) -> Changes {
+        Changes(self.entry.clone())
+    }
+}
+
+/// The changes of one [`Outbox`], watched while its connection waits without a task.
+#[derive(Debug)]
+pub struct Changes(Arc<Entry>);
+
+impl Changes {
+    /// Calls `f` once, from the thread that queues the next message or closes (the plugin's
+    /// `ws_send` or `ws_close`, or an overflow). `false`, and `f` dropped, if something is
+    /// queued or the queue is not open any more: the connection has work now.
+    pub fn call_on_change(&self, f: Box<dyn FnOnce() + Send>) -> bool {
+        let mut q = self.0.lock();
+        if !q.items.is_empty() || !matches!(q.state, QueueState::Open) {
+            return false;
+        }
+        q.on_change = Some(OnChange(f));
+        true
+    }
+
+    /// Forgets what [`Changes::call_on_change`] registered (the connection has its task
+    /// again).
+    pub fn forget(&self) {
+        self.0.lock().on_change = None;
     }
 }
 
@@ -397,6 +448,37 @@ mod tests {
     fn close(ws: BatonHandle, code: u16, reason: &str) -> i64 {
         // SAFETY: the view is valid for the call.
         unsafe { host_ws_close(ws, code, BatonStr::new(reason.as_bytes())) }
+    }
+
+    #[test]
+    fn a_quiet_connection_hears_of_the_next_send_or_close_once() {
+        use std::sync::atomic::AtomicUsize;
+        let outbox = Outbox::register(1024);
+        let ws = outbox.handle();
+        let heard = Arc::new(AtomicUsize::new(0));
+        let hear = || -> Box<dyn FnOnce() + Send> {
+            let heard = heard.clone();
+            Box::new(move || {
+                heard.fetch_add(1, Ordering::SeqCst);
+            })
+        };
+        let changes = outbox.changes();
+        assert!(changes.call_on_change(hear()));
+        assert_eq!(send(ws, abi::ws::TEXT, b"one"), BATON_OK);
+        assert_eq!(send(ws, abi::ws::TEXT, b"two"), BATON_OK);
+        assert_eq!(heard.load(Ordering::SeqCst), 1, "called once");
+        // Something is queued: the connection has work now, nothing is registered.
+        assert!(!changes.call_on_change(hear()));
+        while outbox.take_message().is_some() {}
+        assert!(changes.call_on_change(hear()));
+        changes.forget();
+        assert_eq!(send(ws, abi::ws::TEXT, b"three"), BATON_OK);
+        assert_eq!(heard.load(Ordering::SeqCst), 1, "forgotten");
+        while outbox.take_message().is_some() {}
+        assert!(changes.call_on_change(hear()));
+        assert_eq!(close(ws, 1000, "bye"), BATON_OK);
+        assert_eq!(heard.load(Ordering::SeqCst), 2, "a close is a change");
+        assert!(!changes.call_on_change(hear()), "closing: not open");
     }
 
     #[test]
