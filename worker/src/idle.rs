@@ -181,6 +181,9 @@ pub(crate) struct IdleSet {
 /// How many events one look at the set takes.
 const BATCH: usize = 256;
 
+/// How many entries a sweep looks at under one hold of the lock.
+const SWEEP_CHUNK: usize = 4096;
+
 /// How often the watcher looks for connections idle too long with `keepalive_timeout`
 /// (a connection is closed at most this late), and the shortest such pause.
 pub(crate) fn sweep_every(keepalive: Duration) -> Duration {
@@ -339,34 +342,51 @@ impl IdleSet {
     /// yet) is resumed instead, so that its request is served, never reset; without one
     /// (the watcher is gone) everything taken is closed.
     fn sweep(&self, epoll: Option<&Epoll>, sweep: Sweep) {
-        let due: Vec<Entry> = {
-            let mut slots = self.lock();
-            if !matches!(sweep, Sweep::Due(_)) {
-                slots.ended = true;
-            }
-            let mut due = Vec::new();
-            for i in 0..slots.entries.len() as u32 {
-                let taken = slots.entries[i as usize]
-                    .as_ref()
-                    .is_some_and(|e| match sweep {
-                        Sweep::Due(now) => e.deadline <= now,
-                        Sweep::GraceOver => e.waiting == Waiting::Request,
-                        Sweep::All => true,
-                    });
-                if taken {
-                    due.extend(slots.take(i, None));
+        self.sweep_by(epoll, sweep, SWEEP_CHUNK);
+    }
+
+    /// [`IdleSet::sweep`], `chunk` entries at a time: a park or a resume on another thread
+    /// waits for one chunk at most, not for a look through a million entries.
+    fn sweep_by(&self, epoll: Option<&Epoll>, sweep: Sweep, chunk: usize) {
+        if !matches!(sweep, Sweep::Due(_)) {
+            self.lock().ended = true;
+        }
+        let mut due = Vec::new();
+        let mut next = 0;
+        loop {
+            let more = {
+                let mut slots = self.lock();
+                let end = (next + chunk).min(slots.entries.len());
+                for i in next as u32..end as u32 {
+                    let taken = slots.entries[i as usize]
+                        .as_ref()
+                        .is_some_and(|e| match sweep {
+                            Sweep::Due(now) => e.deadline <= now,
+                            Sweep::GraceOver => e.waiting == Waiting::Request,
+                            Sweep::All => true,
+                        });
+                    if taken {
+                        due.extend(slots.take(i, None));
+                    }
+                }
+                next = end;
+                let more = end < slots.entries.len();
+                if !more {
+                    slots.compact();
+                }
+                more
+            };
+            // Outside the lock: each drop closes a socket and releases its connection.
+            for entry in due.drain(..) {
+                if let Some(epoll) = epoll
+                    && (entry.waiting != Waiting::Request || entry.socket.has_unread())
+                {
+                    let _ = epoll.delete(&entry.socket);
+                    (entry.resume)(entry.socket);
                 }
             }
-            slots.compact();
-            due
-        };
-        // Outside the lock: each drop closes a socket and releases its connection.
-        for entry in due {
-            if let Some(epoll) = epoll
-                && (entry.waiting != Waiting::Request || entry.socket.has_unread())
-            {
-                let _ = epoll.delete(&entry.socket);
-                (entry.resume)(entry.socket);
+            if !more {
+                return;
             }
         }
     }
@@ -702,6 +722,27 @@ mod tests {
         );
         assert_eq!(set.held(), 0);
         assert_eq!(late.read(&mut [0u8; 8]).unwrap(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_sweep_in_chunks_takes_what_is_due_in_every_chunk_and_nothing_else() {
+        let set = IdleSet::new();
+        let resumed = Arc::new(AtomicUsize::new(0));
+        let mut clients = Vec::new();
+        for i in 0..7 {
+            let (client, socket) = pair();
+            let idle_for = Duration::from_secs(if i % 3 == 0 { 60 } else { 0 });
+            set.park(socket, idle_for, Waiting::Request, echo_once(&resumed));
+            clients.push((i % 3 == 0, client));
+        }
+        set.sweep_by(set.epoll.as_ref(), Sweep::Due(Instant::now()), 2);
+        assert_eq!(set.held(), 3, "the three not due are left");
+        for (kept, client) in &mut clients {
+            if !*kept {
+                assert_eq!(client.read(&mut [0u8; 8]).expect("a FIN, not a reset"), 0);
+            }
+        }
+        assert_eq!(resumed.load(Ordering::SeqCst), 0);
     }
 
     /// A resume that records its name and when it ran (dropping the socket).
