@@ -449,11 +449,12 @@ async fn quiet_chat_clients_wait_in_the_idle_set_and_miss_no_message_ping_or_101
     const SPREAD: Duration = Duration::from_secs(2);
     let tmp = tempfile::tempdir().unwrap();
     let dir = plugin_dir(tmp.path(), "plugins", &["chat"]);
-    // Pinged every 2 s: quiet for a second, a connection leaves its task.
+    // Pinged every 4 s: quiet for a second, a connection leaves its task, and waits
+    // there about 3 s of every 4 (all at once, as the gauge must see them).
     let baton = Baton::start(TestConfig {
         plugins_dir: Some(dir),
         processes: 1,
-        extra: "drain_spread = \"2s\"\n[websocket]\nping_interval = \"2s\"\n".into(),
+        extra: "drain_spread = \"2s\"\n[websocket]\nping_interval = \"4s\"\n".into(),
         ..TestConfig::default()
     })
     .await;
@@ -483,7 +484,8 @@ async fn quiet_chat_clients_wait_in_the_idle_set_and_miss_no_message_ping_or_101
     }
     wait_idle(&baton, 1, CLIENTS as u64).await;
 
-    // The drain: the plugin's farewell, then 1012, spread over the window.
+    // The drain: the plugin's farewell (which brings each back from the idle set), then
+    // 1012, spread over the window.
     let upgraded = Instant::now();
     let tasks: Vec<_> = members
         .into_iter()

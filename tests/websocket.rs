@@ -422,6 +422,13 @@ async fn across_an_upgrade_every_client_gets_1012_spread_out_and_reconnects() {
         clients.push(ws);
     }
     wait_websockets(&baton, 1, CLIENTS as u64).await;
+    // Quiet, they wait in the idle sets: the drain brings each back at its place in the
+    // spread, to be closed.
+    let deadline = Instant::now() + WAIT;
+    while baton.generation_count(1, "idle").await != Some(CLIENTS as u64) {
+        assert!(Instant::now() < deadline, "{:#}", baton.status().await);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 
     let upgraded = Instant::now();
     let tasks: Vec<_> = clients

@@ -447,7 +447,7 @@ class Nginx(Server):
         # HTTP/2 with prior knowledge on a port of its own (scenario d).
         self.h2_port = free_port()
         for d in ("logs", "tmp"):
-            os.makedirs(os.path.join(self.dir, d))
+            os.makedirs(os.path.join(self.dir, d), exist_ok=True)
         self.conf = os.path.join(self.dir, "nginx.conf")
         with open(self.conf, "w") as f:
             big = self.conns > 4000

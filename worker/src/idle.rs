@@ -340,7 +340,7 @@ impl IdleSet {
     /// takes with a FIN and resumes each WebSocket. With an `epoll` (the watcher's), a
     /// keep-alive connection whose client sent something meanwhile (its event not handled
     /// yet) is resumed instead, so that its request is served, never reset; without one
-    /// (the watcher is gone) everything taken is closed.
+    /// (the watcher is gone) every keep-alive connection taken is closed.
     fn sweep(&self, epoll: Option<&Epoll>, sweep: Sweep) {
         self.sweep_by(epoll, sweep, SWEEP_CHUNK);
     }
@@ -378,10 +378,20 @@ impl IdleSet {
             };
             // Outside the lock: each drop closes a socket and releases its connection.
             for entry in due.drain(..) {
-                if let Some(epoll) = epoll
-                    && (entry.waiting != Waiting::Request || entry.socket.has_unread())
-                {
-                    let _ = epoll.delete(&entry.socket);
+                let resumed = match epoll {
+                    Some(_) => entry.waiting != Waiting::Request || entry.socket.has_unread(),
+                    // The watcher is gone (it failed, or the worker stops): a WebSocket
+                    // still goes back to a task, while the runtime runs, so that it is
+                    // closed properly and its plugin hears of it.
+                    None => {
+                        entry.waiting != Waiting::Request
+                            && tokio::runtime::Handle::try_current().is_ok()
+                    }
+                };
+                if resumed {
+                    if let Some(epoll) = &self.epoll {
+                        let _ = epoll.delete(&entry.socket);
+                    }
                     (entry.resume)(entry.socket);
                 }
             }
@@ -471,7 +481,8 @@ struct Unwatched<'a>(&'a IdleSet);
 impl Drop for Unwatched<'_> {
     fn drop(&mut self) {
         self.0.watched.store(false, Ordering::Release);
-        // Not resumed: the watcher may be gone because the worker is stopping.
+        // Keep-alive connections are closed, not resumed: the watcher may be gone because
+        // the worker is stopping.
         self.0.sweep(None, Sweep::All);
     }
 }

@@ -29,7 +29,7 @@
 use crate::conn_state::{ConnCtx, InFlight, has_token};
 use crate::connection::{ConnIo, Detached, Socket};
 use crate::drain::{ConnectionGuard, DrainWatch, Phase, spread_offset};
-use crate::idle::{IdleSocket, Resume, Waiting};
+use crate::idle::{IdleSocket, Parked, Resume, Waiting};
 use crate::metrics::Global;
 use crate::router::Lookup;
 use crate::shared::{CallGuard, Shared};
@@ -45,8 +45,8 @@ use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::Semaphore;
@@ -441,13 +441,25 @@ async fn live<I: Socket>(
     let (code, reason) = loop {
         match run(io, &conn, last_heard, quiet).await {
             Ended::Closed(code, reason) => break (code, reason),
-            Ended::Quiet(quiet, heard) if quiet.can_detach() => match quiet.detach() {
-                Ok((socket, detached)) => return park::<I>(socket, detached, conn, heard),
-                Err(e) => {
-                    tracing::debug!("WebSocket connection ended: {e}");
-                    break (ABNORMAL, String::new());
+            Ended::Quiet(quiet, heard) if quiet.can_detach() => {
+                // Registered before it parks: a send from now on brings it back.
+                let cell = Arc::new(Mutex::new(WakeCell::default()));
+                if !(conn.outbox.changes()).call_on_change(on_change(&conn.shared, &cell)) {
+                    // The plugin sent (or closed) meanwhile: on with a new tungstenite.
+                    (io, last_heard) = (quiet, heard);
+                    continue;
                 }
-            },
+                match quiet.detach() {
+                    Ok((socket, detached)) => {
+                        return park::<I>(socket, detached, conn, heard, &cell);
+                    }
+                    Err(e) => {
+                        conn.outbox.changes().forget();
+                        tracing::debug!("WebSocket connection ended: {e}");
+                        break (ABNORMAL, String::new());
+                    }
+                }
+            }
             // Bytes hyper read along with the upgrade request, still unread (not seen:
             // a quiet connection has read everything): on with a new tungstenite.
             Ended::Quiet(quiet, heard) => (io, last_heard) = (quiet, heard),
@@ -458,14 +470,19 @@ async fn live<I: Socket>(
 
 /// A quiet connection waits in the worker's idle set holding its socket and `conn`, no
 /// task, no tungstenite and none of their buffers. It comes back to [`live`] when its
-/// client sends, when its ping is due, when its plugin sends or closes (the outbox's
-/// change wakes it), at its place in the drain's spread, or at the forced phase.
-fn park<I: Socket>(socket: IdleSocket, detached: Detached, conn: Box<Conn>, last_heard: Instant) {
+/// client sends, when its ping is due, when its plugin sends or closes (through `cell`,
+/// whose wake-up the outbox holds), at its place in the drain's spread, or at the forced
+/// phase.
+fn park<I: Socket>(
+    socket: IdleSocket,
+    detached: Detached,
+    conn: Box<Conn>,
+    last_heard: Instant,
+    cell: &Mutex<WakeCell>,
+) {
     let shared = conn.shared.clone();
-    let ping_interval = ping_interval(&shared);
-    let ping_due = (last_heard + ping_interval).saturating_duration_since(Instant::now());
+    let ping_due = (last_heard + ping_interval(&shared)).saturating_duration_since(Instant::now());
     let spread = spread_offset(conn.session.handle(), spread_window(&shared));
-    let changes = conn.outbox.changes();
     let resume: Resume = Box::new(move |socket| {
         conn.outbox.changes().forget();
         match detached.attach::<I>(socket) {
@@ -482,18 +499,45 @@ fn park<I: Socket>(socket: IdleSocket, detached: Detached, conn: Box<Conn>, last
     };
     // Its buffers were freed: counted towards the next trim of the allocator.
     shared.parked.fetch_add(1, Ordering::Relaxed);
-    let weak = Arc::downgrade(&shared);
-    let runtime = tokio::runtime::Handle::current();
-    // From the thread that sends (a plugin's own, maybe): resumed within the runtime.
-    let on_change = Box::new(move || {
-        if let Some(shared) = weak.upgrade() {
-            runtime.spawn(async move { shared.idle.wake(parked) });
-        }
-    });
-    if !changes.call_on_change(on_change) {
-        // Sent (or closed) meanwhile.
+    let early = {
+        let mut cell = lock(cell);
+        cell.parked = Some(parked);
+        cell.early
+    };
+    if early {
+        // The plugin sent while it was parking.
         shared.idle.wake(parked);
     }
+}
+
+/// Where a connection parks, for the wake-up its outbox calls when the plugin sends.
+#[derive(Debug, Default)]
+struct WakeCell {
+    parked: Option<Parked>,
+    /// Called before the connection was parked: [`park`] wakes it itself.
+    early: bool,
+}
+
+fn lock(cell: &Mutex<WakeCell>) -> std::sync::MutexGuard<'_, WakeCell> {
+    // Two plain fields, consistent after any panic.
+    cell.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The outbox's wake-up for a connection about to park at `cell`: called from the thread
+/// that sends (a plugin's own, maybe), it resumes the connection within the runtime.
+fn on_change(shared: &Arc<Shared>, cell: &Arc<Mutex<WakeCell>>) -> Box<dyn FnOnce() + Send> {
+    let (weak, cell) = (Arc::downgrade(shared), cell.clone());
+    let runtime = tokio::runtime::Handle::current();
+    Box::new(move || {
+        let parked = {
+            let mut cell = lock(&cell);
+            cell.early = cell.parked.is_none();
+            cell.parked
+        };
+        if let (Some(parked), Some(shared)) = (parked, weak.upgrade()) {
+            runtime.spawn(async move { shared.idle.wake(parked) });
+        }
+    })
 }
 
 /// Calls the plugin's `ws_close` (last) and unregisters the connection's handle.
@@ -700,6 +744,8 @@ where
             }
             () = async { pending.as_mut().expect("guarded").await }, if pending.is_some() => {
                 pending = None;
+                // Quiet from the end of the callback on.
+                active = Instant::now();
                 // Pongs waited unread meanwhile: the timeout starts again.
                 if link.ping_sent.is_some() {
                     link.ping_sent = Some(Instant::now());

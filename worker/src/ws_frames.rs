@@ -26,6 +26,10 @@ pub(crate) struct FrameEdges<S> {
     left: u64,
     /// A data frame without FIN began a message that has not ended yet.
     fragmented: bool,
+    /// The last read found nothing to read. tungstenite reads only once the frames it
+    /// holds are used up: after a read that found nothing, it holds at most the beginning
+    /// of a frame (whole frames read along with others are parsed before it reads again).
+    starved: bool,
 }
 
 impl<S> FrameEdges<S> {
@@ -36,6 +40,7 @@ impl<S> FrameEdges<S> {
             have: 0,
             left: 0,
             fragmented: false,
+            starved: false,
         }
     }
 
@@ -43,10 +48,11 @@ impl<S> FrameEdges<S> {
         self.io
     }
 
-    /// Every byte read so far belongs to a whole frame, and no fragmented message is
-    /// under way: a reader that parsed everything it was given holds nothing.
+    /// The reader above holds nothing of the client's: its last read found nothing (so
+    /// it had parsed every whole frame it was given), every byte read so far belongs to a
+    /// whole frame, and no fragmented message is under way.
     pub(crate) fn at_rest(&self) -> bool {
-        self.have == 0 && self.left == 0 && !self.fragmented
+        self.starved && self.have == 0 && self.left == 0 && !self.fragmented
     }
 
     fn saw(&mut self, mut bytes: &[u8]) {
@@ -108,6 +114,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for FrameEdges<S> {
     ) -> Poll<std::io::Result<()>> {
         let before = buf.filled().len();
         let polled = Pin::new(&mut self.io).poll_read(cx, buf);
+        self.starved = polled.is_pending();
         let filled = &buf.filled()[before..];
         if !filled.is_empty() {
             self.saw(filled);
@@ -169,9 +176,16 @@ mod tests {
         f
     }
 
+    /// Edges whose reads found nothing after each piece: only frames decide.
+    fn starved() -> FrameEdges<()> {
+        let mut edges = FrameEdges::new(());
+        edges.starved = true;
+        edges
+    }
+
     /// Feeds `bytes` in pieces of `step`, and says after each piece whether it was at rest.
     fn rests(bytes: &[u8], step: usize) -> Vec<bool> {
-        let mut edges = FrameEdges::new(());
+        let mut edges = starved();
         bytes
             .chunks(step)
             .map(|piece| {
@@ -201,7 +215,7 @@ mod tests {
     fn two_frames_in_one_read_and_one_cut_in_its_header() {
         let mut bytes = frame(true, 1, 5);
         bytes.extend(frame(true, 1, 200));
-        let mut edges = FrameEdges::new(());
+        let mut edges = starved();
         edges.saw(&bytes);
         assert!(edges.at_rest());
         let third = frame(true, 1, 300);
@@ -213,7 +227,7 @@ mod tests {
 
     #[test]
     fn a_fragmented_message_is_under_way_until_its_final_fragment_even_across_pings() {
-        let mut edges = FrameEdges::new(());
+        let mut edges = starved();
         edges.saw(&frame(false, 1, 10));
         assert!(!edges.at_rest(), "first fragment");
         edges.saw(&frame(true, 9, 4));
@@ -222,6 +236,35 @@ mod tests {
         assert!(!edges.at_rest(), "a middle fragment");
         edges.saw(&frame(true, 0, 10));
         assert!(edges.at_rest(), "the final fragment");
+    }
+
+    #[tokio::test]
+    async fn a_frame_tungstenite_read_along_with_another_is_never_taken_for_rest() {
+        use futures_util::StreamExt;
+        use tokio::io::AsyncWriteExt;
+        use tokio_tungstenite::WebSocketStream;
+        use tokio_tungstenite::tungstenite::protocol::Role;
+        let (mut client, server) = tokio::io::duplex(4096);
+        // Two whole messages in one write: tungstenite reads both at once.
+        let mut two = frame(true, 1, 3);
+        two.extend(frame(true, 1, 4));
+        client.write_all(&two).await.unwrap();
+        let mut ws =
+            WebSocketStream::from_raw_socket(FrameEdges::new(server), Role::Server, None).await;
+        assert!(ws.next().await.unwrap().is_ok());
+        assert!(
+            !ws.get_ref().at_rest(),
+            "the second message waits in tungstenite's buffer"
+        );
+        assert!(ws.next().await.unwrap().is_ok());
+        // Only once a read found nothing is its buffer known to be empty.
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        assert!(ws.poll_next_unpin(&mut cx).is_pending());
+        assert!(ws.get_ref().at_rest());
+        // A frame cut short is not rest either.
+        client.write_all(&frame(true, 1, 10)[..5]).await.unwrap();
+        assert!(ws.poll_next_unpin(&mut cx).is_pending());
+        assert!(!ws.get_ref().at_rest());
     }
 
     #[tokio::test]
@@ -234,7 +277,6 @@ mod tests {
         let mut got = vec![0; f.len()];
         edges.read_exact(&mut got).await.unwrap();
         assert_eq!(got, f);
-        assert!(edges.at_rest());
         edges.write_all(b"back").await.unwrap();
         let mut back = [0; 4];
         a.read_exact(&mut back).await.unwrap();
