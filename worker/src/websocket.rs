@@ -13,9 +13,9 @@
 //! once (and counted in the log). A connection counts as an open connection of the
 //! worker ([`ConnectionGuard`]) until its plugin's `ws_close` returned.
 //!
-//! A TCP or Unix connection quiet for a second (no message either way; half the ping
-//! interval if that is shorter), with nothing under way and nothing of the client's in
-//! tungstenite's hands ([`crate::ws_frames`]), leaves its task: its socket waits in the
+//! A TCP or Unix connection quiet for a while (no message either way: see
+//! [`quiet_after`]), with nothing under way and nothing of the client's in tungstenite's
+//! hands ([`crate::ws_frames`]), leaves its task: its socket waits in the
 //! worker's idle set ([`crate::idle`]) with what the connection needs (the plugin's
 //! session, its outbox), and tungstenite, its buffers and the task are freed (8.6 KiB of
 //! an idle connection's memory). It comes back, with a new task and a new tungstenite
@@ -582,8 +582,8 @@ fn spread_window(shared: &Shared) -> Duration {
 enum Ended<S> {
     /// The connection is over: the plugin is told this code and reason.
     Closed(u16, String),
-    /// Quiet for [`QUIET_AFTER`] with nothing of the client's held: its socket, and when
-    /// the client was last heard.
+    /// Quiet for long enough ([`quiet_after`]) with nothing of the client's held: its
+    /// socket, and when the client was last heard.
     Quiet(S, Instant),
 }
 
