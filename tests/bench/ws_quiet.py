@@ -26,7 +26,8 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from wscommon import RELEASE, ROOT, build_baton_and_plugin, free_port, wait_port, rss_kib, logger
+from wscommon import (RELEASE, ROOT, build_baton_and_plugin, free_port, wait_port, rss_kib, logger,
+                      write_baton_config)
 
 log = logger("ws-quiet")
 
@@ -53,21 +54,8 @@ class Baton:
         control = os.path.join(tmp, "control")
         os.makedirs(control, mode=0o700)
         self.config = os.path.join(tmp, "baton.toml")
-        with open(self.config, "w") as f:
-            f.write(f"""[[listener]]
-name = "http"
-address = "127.0.0.1:{self.port}"
-[worker]
-path = "{RELEASE}/baton-worker"
-processes = 1
-drain_spread = "{spread}s"
-[http]
-max_connections = 18000
-[plugins]
-dir = "{plugins}"
-[control]
-socket = "{control}/baton.sock"
-""")
+        write_baton_config(self.config, self.port, plugins, 18000, f"{spread}s",
+                           extra=f'[control]\nsocket = "{control}/baton.sock"\n')
         self.proc = subprocess.Popen([os.path.join(RELEASE, "baton"), "run", "-c", self.config],
                                      env={**os.environ, "BATON_LOG": "warn"})
         wait_port(self.port)

@@ -35,7 +35,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from wscommon import RELEASE, ROOT, build_baton_and_plugin, free_port, wait_port, logger
+from wscommon import RELEASE, ROOT, build_baton_and_plugin, free_port, wait_port, logger, write_baton_config
 
 log = logger("ws-upgrade")
 
@@ -69,23 +69,8 @@ class Baton:
         self.url = f"ws://127.0.0.1:{self.port}/ws/echo"
         self.tmp = tmp
         self.config = os.path.join(tmp, "baton.toml")
-        with open(self.config, "w") as f:
-            f.write(f"""[[listener]]
-name = "http"
-address = "127.0.0.1:{self.port}"
-
-[http]
-max_connections = {2 * connections + 100}
-
-[worker]
-path = "{RELEASE}/baton-worker"
-processes = 1
-drain_spread = "5s"
-
-[plugins]
-dir = "{plugins}"
-cache_dir = "{tmp}/cache"
-""")
+        write_baton_config(self.config, self.port, plugins, 2 * connections + 100, "5s",
+                           extra=f'cache_dir = "{tmp}/cache"\n')
         self.proc = None
 
     def start(self):

@@ -29,6 +29,28 @@ def build_baton_and_plugin(tmp):
     return plugins
 
 
+def write_baton_config(path, port, plugins, max_connections, drain_spread, extra=""):
+    """A Baton config at `path`: one listener on 127.0.0.1:`port`, one worker process of the
+    release build, the plugins in `plugins`, `drain_spread` (a duration), and `extra` lines
+    (more tables) at the end."""
+    with open(path, "w") as f:
+        f.write(f"""[[listener]]
+name = "http"
+address = "127.0.0.1:{port}"
+
+[http]
+max_connections = {max_connections}
+
+[worker]
+path = "{RELEASE}/baton-worker"
+processes = 1
+drain_spread = "{drain_spread}"
+
+[plugins]
+dir = "{plugins}"
+{extra}""")
+
+
 def logger(prefix):
     """A function that prints `[prefix HH:MM:SS] message` to stderr."""
     def log(msg):
