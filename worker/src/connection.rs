@@ -165,7 +165,7 @@ pub(crate) fn connection<I: Socket>(
 pub(crate) async fn watch_idle(shared: Arc<Shared>, watch: DrainWatch) {
     let keepalive = Duration::from_millis(shared.settings.http.keepalive_timeout_ms);
     // A quiet WebSocket waits there until its ping is due.
-    let ping = Duration::from_millis(shared.settings.websocket.ping_interval_ms.max(1));
+    let ping = crate::websocket::ping_interval(&shared);
     let grace = Duration::from_millis(shared.settings.drain_idle_grace_ms);
     let sweep = crate::idle::sweep_every(keepalive.min(ping));
     shared.idle.watch(sweep, grace, watch).await;
@@ -173,22 +173,14 @@ pub(crate) async fn watch_idle(shared: Arc<Shared>, watch: DrainWatch) {
 
 /// Serves a connection again that waited idle in the worker's idle set
 /// ([`crate::idle`]): its client sent something (or closed).
-fn resume(socket: IdleSocket, ctx: Arc<ConnCtx>, guard: ConnectionGuard, nodelay: bool) {
-    fn spawn<I: Socket>(io: I, ctx: Arc<ConnCtx>, guard: ConnectionGuard, nodelay: bool) {
-        let watch = ctx.drain.clone();
-        let io = ConnIo::new(io, ctx.clone(), nodelay);
-        tokio::spawn(serve(io, ctx, watch, guard, true));
-    }
-    let registered = match socket {
-        IdleSocket::Tcp(s) => {
-            tokio::net::TcpStream::from_std(s).map(|io| spawn(io, ctx, guard, nodelay))
+fn resume<I: Socket>(socket: IdleSocket, detached: Detached, guard: ConnectionGuard) {
+    match detached.attach::<I>(socket) {
+        Ok(io) => {
+            let ctx = io.ctx.clone();
+            let watch = ctx.drain.clone();
+            tokio::spawn(serve(io, ctx, watch, guard, true));
         }
-        IdleSocket::Unix(s) => {
-            tokio::net::UnixStream::from_std(s).map(|io| spawn(io, ctx, guard, nodelay))
-        }
-    };
-    if let Err(e) = registered {
-        tracing::debug!("connection ended: {e}");
+        Err(e) => tracing::debug!("connection ended: {e}"),
     }
 }
 
@@ -316,24 +308,18 @@ fn serve<I: Socket>(
                 ctx.state.head_began();
                 continue;
             }
-            if io.io.can_idle() && ctx.shared.idle.open() {
-                let ConnIo {
-                    io: socket,
-                    nodelay,
-                    ..
-                } = io;
+            if io.can_detach() && ctx.shared.idle.open() {
                 // All of keepalive_timeout from now: how long it idled before is known
                 // only to a tick (it may be nothing), and closing before the timeout
                 // would surprise a client (or a load balancer) that counts on it.
                 let idle_for = Duration::from_millis(settings.http.keepalive_timeout_ms);
-                match socket.into_idle() {
-                    Ok(socket) => {
-                        let kept = ctx.clone();
+                match io.detach() {
+                    Ok((socket, detached)) => {
                         ctx.shared.idle.park(
                             socket,
                             idle_for,
                             Waiting::Request,
-                            Box::new(move |socket| resume(socket, kept, guard, nodelay)),
+                            Box::new(move |socket| resume::<I>(socket, detached, guard)),
                         );
                     }
                     Err(e) => tracing::debug!("connection ended: {e}"),
@@ -650,7 +636,8 @@ impl<I: Socket> ConnIo<I> {
     }
 
     /// The socket out of tokio for the idle set, and what it shares with its connection
-    /// until it comes back ([`Detached::attach`]). Only if [`ConnIo::can_detach`].
+    /// until it comes back ([`Detached::attach`]). Only if [`ConnIo::can_detach`]: what is
+    /// left in [`ConnIo::prefix`] would be lost.
     pub(crate) fn detach(self) -> std::io::Result<(IdleSocket, Detached)> {
         let detached = Detached {
             ctx: self.ctx,
@@ -816,8 +803,8 @@ impl<I: Socket> AsyncWrite for ConnIo<I> {
     }
 }
 
-/// What an upgraded connection's socket shares with its connection (its state, its slot
-/// under `max_connections`) while the socket waits in the idle set.
+/// What a connection's socket shares with its connection (its state, its slot under
+/// `max_connections`) while the socket waits in the idle set.
 pub(crate) struct Detached {
     ctx: Arc<ConnCtx>,
     nodelay: bool,

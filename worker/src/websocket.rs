@@ -567,7 +567,7 @@ async fn finish(conn: Box<Conn>, code: u16, reason: String) {
 }
 
 /// `websocket.ping_interval`.
-fn ping_interval(shared: &Shared) -> Duration {
+pub(crate) fn ping_interval(shared: &Shared) -> Duration {
     Duration::from_millis(shared.settings.websocket.ping_interval_ms.max(1))
 }
 
