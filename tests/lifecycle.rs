@@ -588,3 +588,128 @@ async fn idle_keepalive_connections_wait_in_the_idle_set_and_close_with_a_fin_at
     let settled = baton.wait_settled().await;
     assert_eq!(settled["generations"][0]["number"], 2);
 }
+
+/// The generation's `idle` count, while `until` runs: the highest seen.
+async fn most_idle(baton: &Baton, number: u64, until: impl std::future::Future) -> u64 {
+    let mut most = 0;
+    let watch = async {
+        loop {
+            most = most.max(baton.generation_count(number, "idle").await.unwrap_or(0));
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    tokio::select! {
+        _ = until => {}
+        () = watch => {}
+    }
+    most
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_http2_connections_leave_h2_between_requests_of_a_real_client() {
+    // h2load (nghttp2): 40 clients over HTTP/2 with prior knowledge, 4 requests each, a
+    // second apart. The connection's clock ticks every 200 ms, so each pause is long enough
+    // for the connection to leave h2 and wait in the idle set.
+    const CLIENTS: u64 = 40;
+    let baton = Baton::start(TestConfig {
+        extra: "[http]\nheader_read_timeout = \"400ms\"\n".into(),
+        ..TestConfig::default()
+    })
+    .await;
+    let url = format!("http://{}/_baton/health", baton.addr());
+    let n = (CLIENTS * 4).to_string();
+    let clients = CLIENTS.to_string();
+    let run = tokio::process::Command::new("h2load")
+        .args(["-c", &clients, "-n", &n, "--rps", "1", &url])
+        .kill_on_drop(true)
+        .output();
+    let run = tokio::time::timeout(Duration::from_secs(30), run);
+    let (idle, out) = {
+        let mut out = None;
+        let idle = most_idle(&baton, 1, async {
+            out = Some(
+                run.await
+                    .expect("h2load within 30 s")
+                    .expect("h2load (Debian package nghttp2-client)"),
+            );
+        })
+        .await;
+        (idle, out.expect("h2load ran"))
+    };
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains(&format!(
+            "{n} total, {n} started, {n} done, {n} succeeded, 0 failed"
+        )),
+        "{text}"
+    );
+    // Between requests the clients wait in the idle set (the count is reported once a
+    // second, so a few may be under way each time).
+    assert!(
+        idle >= CLIENTS * 3 / 4,
+        "at most {idle} of {CLIENTS} idle: {text}"
+    );
+    // Every request was served by this generation (counts come once a second).
+    let deadline = Instant::now() + WAIT;
+    while baton.generation_count(1, "requests").await != Some(CLIENTS * 4) {
+        assert!(Instant::now() < deadline, "{:#}", baton.status().await);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_http2_connections_get_a_goaway_at_once_when_a_drain_begins() {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    const HELD: u64 = 100;
+    let baton = Baton::start(TestConfig {
+        // Long, so that a close after the grace would show.
+        drain_idle_grace: "5s",
+        ..TestConfig::default()
+    })
+    .await;
+    let mut held = Vec::new();
+    for _ in 0..HELD {
+        let stream = tokio::net::TcpStream::connect(baton.addr()).await.unwrap();
+        let (mut sender, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+                .await
+                .unwrap();
+        let conn = tokio::spawn(conn);
+        let request = http::Request::get(format!("http://{}/_baton/health", baton.addr()))
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .unwrap();
+        let response = sender.send_request(request).await.unwrap();
+        assert_eq!(response.status(), 200);
+        held.push((sender, conn));
+    }
+    let deadline = Instant::now() + WAIT;
+    while baton.generation_count(1, "idle").await != Some(HELD) {
+        assert!(
+            Instant::now() < deadline,
+            "not all idle: {:#}",
+            baton.status().await
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Each client's connection ends without an error: a GOAWAY, then the close. Before
+    // the grace is over: a GOAWAY tells an HTTP/2 client to go elsewhere at once.
+    let began = Instant::now();
+    let out = baton.upgrade_wait().await;
+    assert_eq!(out.code, Some(0), "{out:?}");
+    for (sender, conn) in held {
+        let ended = tokio::time::timeout(WAIT, conn)
+            .await
+            .expect("the connection ended")
+            .unwrap();
+        assert!(ended.is_ok(), "{ended:?}");
+        assert!(sender.is_closed());
+    }
+    assert!(
+        began.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        began.elapsed()
+    );
+    assert_eq!(baton.generation_count(1, "requests").await, None);
+    assert_eq!(baton.wait_settled().await["generations"][0]["number"], 2);
+}

@@ -56,6 +56,9 @@ pub(crate) struct ConnState {
     /// The connection's clock found it idle for a whole tick: the [`ConnState::activity`]
     /// mark then, or [`NO_PARK`].
     park_due: AtomicU64,
+    /// An HTTP/2 connection is closing (its GOAWAY may be on its way): it no longer leaves
+    /// h2 to wait idle.
+    h2_closing: AtomicBool,
 }
 
 /// [`ConnState::park`] when no park was requested.
@@ -74,6 +77,7 @@ impl ConnState {
             read_blocked: AtomicBool::new(false),
             park: AtomicU64::new(NO_PARK),
             park_due: AtomicU64::new(NO_PARK),
+            h2_closing: AtomicBool::new(false),
         }
     }
 
@@ -186,6 +190,31 @@ impl ConnState {
     /// request cost a tenth of the keep-alive throughput.
     pub(crate) fn park_due(&self) {
         self.park_due.store(self.activity(), Ordering::Relaxed);
+    }
+
+    /// No request started since the connection's clock last found it idle for a whole
+    /// tick.
+    pub(crate) fn quiet(&self) -> bool {
+        self.park_due.load(Ordering::Relaxed) == self.activity()
+    }
+
+    /// An HTTP/2 connection begins to close: it stays in h2 until it ends.
+    pub(crate) fn h2_closes(&self) {
+        self.h2_closing.store(true, Ordering::Relaxed);
+    }
+
+    pub(crate) fn h2_closing(&self) -> bool {
+        self.h2_closing.load(Ordering::Relaxed)
+    }
+
+    /// The last read from the socket found nothing to read.
+    pub(crate) fn read_blocked(&self) -> bool {
+        self.read_blocked.load(Ordering::Relaxed)
+    }
+
+    /// The last write to the socket could not complete.
+    pub(crate) fn write_blocked(&self) -> bool {
+        self.write_blocked.load(Ordering::Relaxed)
     }
 
     /// The connection is about to be taken out of hyper, idle.

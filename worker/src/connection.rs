@@ -13,6 +13,7 @@
 
 use crate::conn_state::{ConnCtx, ConnState};
 use crate::drain::{ConnectionGuard, Drain, DrainWatch, Phase};
+use crate::h2_idle::{H2Idle, Rest};
 use crate::handle::handle;
 use crate::idle::{IdleSocket, Waiting};
 use crate::lazy_select::{Either, lazy_select};
@@ -23,8 +24,8 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::OwnedSemaphorePermit;
@@ -124,9 +125,10 @@ impl ConnClock {
                 if idle_run >= self.idle_ticks {
                     return Some(Expired::Idle);
                 }
-                if idle_run == 1 && !state.h2() {
-                    // Idle for a tick: out of hyper it goes. The task is woken for it
-                    // (this future's waker wakes the task, which then polls hyper's side).
+                if idle_run == 1 {
+                    // Idle for a tick: out of hyper (or h2) it goes. The task is woken for
+                    // it (this future's waker wakes the task, which then polls hyper's
+                    // side).
                     state.park_due();
                     std::future::poll_fn(|cx| {
                         cx.waker().wake_by_ref();
@@ -172,7 +174,8 @@ pub(crate) async fn watch_idle(shared: Arc<Shared>, watch: DrainWatch) {
 }
 
 /// Serves a connection again that waited idle in the worker's idle set
-/// ([`crate::idle`]): its client sent something (or closed).
+/// ([`crate::idle`]): its client sent something (or closed). An HTTP/2 connection goes
+/// back to a new h2 connection ([`crate::h2_idle`]).
 fn resume<I: Socket>(socket: IdleSocket, detached: Detached, guard: ConnectionGuard) {
     match detached.attach::<I>(socket) {
         Ok(io) => {
@@ -200,6 +203,11 @@ fn resume<I: Socket>(socket: IdleSocket, detached: Detached, guard: ConnectionGu
 /// Out of hyper, a TCP or Unix connection waits in the worker's idle set ([`crate::idle`])
 /// and this task ends; the set starts another (`resumed`) when the client sends. Other
 /// kinds (TLS, whose state lives above the socket) wait in this task.
+///
+/// HTTP/2 over TCP or a Unix socket leaves h2 the same way, at the same moments, once its
+/// frames show it at rest ([`crate::h2_idle`], [`ConnIo::try_hand_off`]): h2 cannot give
+/// its connection back, so it is dropped, and the next request is served by a new h2
+/// connection that first reads a replay of the client's preface and settings.
 ///
 /// This future is the connection's task: everything of hyper's is boxed, and `io` is the
 /// one place the socket lives (hyper's connection takes it and gives it back into the
@@ -229,8 +237,10 @@ fn serve<I: Socket>(
 
         // Biased: when the first bytes and the drain's deadline are both there (a worker kept
         // off the CPU past `drain_idle_grace`), the request that arrived is served.
-        let h2 = !resumed
-            && (io.io.negotiated_h2()
+        let h2 = if resumed {
+            io.h2.is_some()
+        } else {
+            io.io.negotiated_h2()
                 || tokio::select! {
                     biased;
                     sniffed = io.sniff() => match sniffed {
@@ -239,15 +249,48 @@ fn serve<I: Socket>(
                     },
                     // Closed before its first request: the drain, or no head within the timeout.
                     _ = side.as_mut() => return,
-                });
+                }
+        };
         if h2 {
             ctx.state.set_h2();
+            if !resumed && io.can_idle() {
+                io.begin_h2();
+            }
             let service = {
                 let ctx = ctx.clone();
                 service_fn(move |req| handle(req, &ctx))
             };
-            let conn = Box::pin(ctx.shared.http2.serve_connection(TokioIo::new(io), service));
-            return drive(conn, |c| c.graceful_shutdown(), side, &mut watch).await;
+            let slot = io.h2.as_ref().map(|h2| h2.slot.clone());
+            let builder = match slot {
+                Some(_) => &ctx.shared.http2_idle,
+                None => &ctx.shared.http2,
+            };
+            let conn = Box::pin(builder.serve_connection(TokioIo::new(io), service));
+            let shutdown =
+                |c: Pin<&mut _>| hyper::server::conn::http2::Connection::graceful_shutdown(c);
+            let driven = drive_h2(
+                conn,
+                shutdown,
+                side,
+                &mut watch,
+                &ctx.state,
+                slot.as_deref(),
+            );
+            let Some((socket, detached)) = driven.await else {
+                return;
+            };
+            ctx.shared.parked.fetch_add(1, Ordering::Relaxed);
+            #[cfg(test)]
+            tests::PARKS.with(|p| p.set(p.get() + 1));
+            let last_stream = detached.h2.as_ref().map_or(0, |h2| h2.last_stream());
+            let idle_for = Duration::from_millis(settings.http.keepalive_timeout_ms);
+            ctx.shared.idle.park(
+                socket,
+                idle_for,
+                Waiting::Http2 { last_stream },
+                Box::new(move |socket| resume::<I>(socket, detached, guard)),
+            );
+            return;
         }
         loop {
             let service = {
@@ -389,29 +432,77 @@ where
     }
 }
 
-/// Serves `conn` until it ends, or until `side` (the drain, the connection's clock) says
-/// to close it: then HTTP/2 gets a GOAWAY and its open streams finish; the forced phase
-/// of the drain cuts that short.
-async fn drive<C: Future<Output = hyper::Result<()>>>(
+/// Serves an HTTP/2 connection until it ends, or until `side` (the drain, the
+/// connection's clock) says to close it: then it gets a GOAWAY and its open streams
+/// finish; the forced phase of the drain cuts that short. A connection that can wait idle
+/// (`slot`) may leave h2 meanwhile ([`ConnIo::try_hand_off`]): then h2's connection is
+/// dropped here and its socket returned, to wait in the idle set.
+async fn drive_h2<C: Future<Output = hyper::Result<()>>>(
     mut conn: Pin<Box<C>>,
     graceful_shutdown: impl FnOnce(Pin<&mut C>),
     side: Pin<&mut impl Future<Output = Option<Expired>>>,
     watch: &mut DrainWatch,
-) {
-    match lazy_select(conn.as_mut(), side).await {
-        Either::Main(result) => return log_end(result),
+    state: &ConnState,
+    slot: Option<&Mutex<Option<HandOff>>>,
+) -> Option<HandOff> {
+    let serving = H2Serving {
+        conn: conn.as_mut(),
+        slot,
+    };
+    match lazy_select(serving, side).await {
+        Either::Main(H2End::Parked(handoff)) => {
+            // h2's connection goes, and its socket with it (the idle set has a copy).
+            drop(conn);
+            return Some(handoff);
+        }
+        Either::Main(H2End::Ended(result)) => {
+            log_end(result);
+            return None;
+        }
         Either::Side(Some(Expired::Header)) => {
             // Nothing is in flight; hyper would wait for the head to finish.
             tracing::debug!("request head not complete within header_read_timeout; closing");
-            return;
+            return None;
         }
         Either::Side(_) => {}
     }
+    // The GOAWAY may wait in h2's buffer: the connection must not leave h2 now.
+    state.h2_closes();
     graceful_shutdown(conn.as_mut());
     // Boxed: this rare wait would otherwise take room in every connection's task.
     let forced = Box::pin(watch.reached(Phase::Forced));
     if let Either::Main(result) = lazy_select(conn.as_mut(), forced).await {
         log_end(result);
+    }
+    None
+}
+
+/// How an HTTP/2 connection left [`drive_h2`]'s main future.
+enum H2End {
+    Ended(hyper::Result<()>),
+    Parked(HandOff),
+}
+
+/// h2's connection, watched for its socket being handed off ([`ConnIo::try_hand_off`]).
+struct H2Serving<'a, C> {
+    conn: Pin<&'a mut C>,
+    slot: Option<&'a Mutex<Option<HandOff>>>,
+}
+
+impl<C: Future<Output = hyper::Result<()>>> Future for H2Serving<'_, C> {
+    type Output = H2End;
+
+    fn poll(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        let polled = self.conn.as_mut().poll(cx);
+        if let Some(slot) = self.slot
+            && let Some(handoff) = slot.lock().unwrap_or_else(|e| e.into_inner()).take()
+        {
+            return std::task::Poll::Ready(H2End::Parked(handoff));
+        }
+        polled.map(H2End::Ended)
     }
 }
 
@@ -473,6 +564,12 @@ pub(crate) trait Socket: AsyncRead + AsyncWrite + Unpin + Send + 'static {
     {
         Err(std::io::ErrorKind::Unsupported.into())
     }
+
+    /// A second descriptor of the socket, for the idle set (only if [`Socket::can_idle`]):
+    /// for a connection whose socket h2 owns ([`ConnIo::try_hand_off`]).
+    fn try_clone_idle(&self) -> std::io::Result<IdleSocket> {
+        Err(std::io::ErrorKind::Unsupported.into())
+    }
 }
 
 impl Socket for tokio::net::TcpStream {
@@ -503,6 +600,12 @@ impl Socket for tokio::net::TcpStream {
             IdleSocket::Unix(_) => Err(std::io::ErrorKind::InvalidInput.into()),
         }
     }
+
+    fn try_clone_idle(&self) -> std::io::Result<IdleSocket> {
+        use std::os::fd::AsFd;
+        let fd = self.as_fd().try_clone_to_owned()?;
+        Ok(IdleSocket::Tcp(fd.into()))
+    }
 }
 
 impl Socket for tokio::net::UnixStream {
@@ -526,6 +629,12 @@ impl Socket for tokio::net::UnixStream {
             IdleSocket::Unix(s) => Self::from_std(s),
             IdleSocket::Tcp(_) => Err(std::io::ErrorKind::InvalidInput.into()),
         }
+    }
+
+    fn try_clone_idle(&self) -> std::io::Result<IdleSocket> {
+        use std::os::fd::AsFd;
+        let fd = self.as_fd().try_clone_to_owned()?;
+        Ok(IdleSocket::Unix(fd.into()))
     }
 }
 
@@ -555,6 +664,42 @@ pub(crate) struct ConnIo<I> {
     /// Hyper ended the connection while idle, on request ([`UntilIdle`]): the socket
     /// stays open and the connection waits for its next request outside hyper.
     parked: bool,
+    /// HTTP/2 on a socket that can wait idle: its frames followed ([`crate::h2_idle`]).
+    h2: Option<Box<H2Conn>>,
+    /// The socket went to the idle set while h2 had it ([`ConnIo::try_hand_off`]): h2
+    /// reads nothing more, and what it still writes is not sent.
+    handed_off: bool,
+}
+
+/// An HTTP/2 connection's part of [`ConnIo`] when its socket can wait idle.
+struct H2Conn {
+    idle: Box<H2Idle>,
+    /// The beginning of a frame header that the last read cut off: given to h2 with what
+    /// follows it (see [`H2Idle::inbound`]).
+    held: Vec<u8>,
+    /// Bytes for the client that h2 counts as written, not yet sent: only while the first
+    /// frames of a resumed connection are adjusted ([`H2Idle::filter_out`]).
+    staging: Vec<u8>,
+    /// The first read after the replayed preface finds nothing, so that h2 sends its
+    /// first WINDOW_UPDATE before it reads what the client sent meanwhile.
+    yield_once: bool,
+    /// Where [`ConnIo::try_hand_off`] leaves the socket for [`drive_h2`].
+    slot: Arc<Mutex<Option<HandOff>>>,
+}
+
+/// A socket handed off by h2 to wait idle, and what its connection keeps meanwhile.
+type HandOff = (IdleSocket, Detached);
+
+impl H2Conn {
+    fn new(idle: Box<H2Idle>, resumed: bool) -> Box<Self> {
+        Box::new(Self {
+            idle,
+            held: Vec::new(),
+            staging: Vec::new(),
+            yield_once: resumed,
+            slot: Arc::new(Mutex::new(None)),
+        })
+    }
 }
 
 /// A lingering close under way: its deadline and how much more it reads.
@@ -608,6 +753,216 @@ impl<I: Socket> ConnIo<I> {
             nodelay,
             linger: None,
             parked: false,
+            h2: None,
+            handed_off: false,
+        }
+    }
+
+    /// An HTTP/2 connection begins on a socket that can wait idle: its frames are followed
+    /// from here, beginning with those already read.
+    fn begin_h2(&mut self) {
+        let mut idle = Box::new(H2Idle::new());
+        idle.inbound(&mut self.prefix, false);
+        self.h2 = Some(H2Conn::new(idle, false));
+    }
+
+    /// Gives the socket to the idle set if the HTTP/2 connection is at rest: nothing left
+    /// to read or write, in h2 or here ([`H2Idle::rest`]), the last read found nothing,
+    /// and either it is the first time or the connection's clock found it idle for a tick
+    /// ([`ConnState::quiet`]). The socket is copied (h2 owns this one, and closes it when
+    /// its connection is dropped) and left with the connection's state in the slot that
+    /// [`drive_h2`] watches.
+    fn try_hand_off(&mut self) -> bool {
+        let Some(h2) = self.h2.as_deref() else {
+            return false;
+        };
+        let state = &self.ctx.state;
+        let settled = self.prefix.is_empty()
+            && h2.held.is_empty()
+            && h2.staging.is_empty()
+            && state.read_blocked()
+            && !state.write_blocked()
+            && !state.busy()
+            && !state.h2_closing();
+        let due = settled && may_go(&h2.idle, state);
+        if !due || !self.ctx.shared.idle.open() {
+            return false;
+        }
+        let socket = match self.io.try_clone_idle() {
+            Ok(socket) => socket,
+            Err(e) => {
+                tracing::debug!("HTTP/2 connection stays in h2: {e}");
+                return false;
+            }
+        };
+        let h2 = self.h2.take().expect("checked above");
+        let H2Conn { mut idle, slot, .. } = *h2;
+        idle.park();
+        let detached = Detached {
+            ctx: self.ctx.clone(),
+            nodelay: self.nodelay,
+            h2: Some(idle),
+        };
+        *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some((socket, detached));
+        self.handed_off = true;
+        true
+    }
+
+    /// h2's read of an HTTP/2 connection that can wait idle: the bytes are followed (and a
+    /// frame on a stream closed before the last park is made one h2 ignores, which needs its
+    /// header whole in one piece); at rest, the socket is handed off instead.
+    fn poll_read_h2(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        use std::task::Poll;
+        loop {
+            if !self.prefix.is_empty() {
+                return self.read_prefix(buf);
+            }
+            let h2 = self.h2.as_deref_mut().expect("an HTTP/2 connection");
+            if std::mem::take(&mut h2.yield_once) {
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+            if self.try_hand_off() {
+                return Poll::Pending;
+            }
+            let h2 = self.h2.as_deref_mut().expect("not handed off");
+            if !h2.held.is_empty() {
+                // A header cut off last time: read into a buffer of this side's, so that it
+                // passes whole, and give h2 what is whole from [`ConnIo::prefix`].
+                let mut scratch = [0u8; 2048];
+                let mut read = tokio::io::ReadBuf::new(&mut scratch);
+                let polled = Pin::new(&mut self.io).poll_read(cx, &mut read);
+                self.ctx.state.read_polled(polled.is_pending());
+                std::task::ready!(polled)?;
+                let mut piece = std::mem::take(&mut h2.held);
+                if !read.filled().is_empty() {
+                    arrived(&self.ctx, read.filled().len());
+                    piece.extend_from_slice(read.filled());
+                    let keep = h2.idle.inbound(&mut piece, true);
+                    h2.held = piece.split_off(piece.len() - keep);
+                }
+                // At the end of the stream h2 gets the cut header as it is, then the end.
+                self.prefix = piece;
+                continue;
+            }
+            let before = buf.filled().len();
+            let polled = Pin::new(&mut self.io).poll_read(cx, buf);
+            self.ctx.state.read_polled(polled.is_pending());
+            if polled.is_pending() {
+                // Everything h2 read is used (it reads only for more): the moment to go.
+                self.try_hand_off();
+                return Poll::Pending;
+            }
+            let n = buf.filled().len() - before;
+            if n == 0 {
+                return polled;
+            }
+            arrived(&self.ctx, n);
+            let piece = &mut buf.filled_mut()[before..];
+            let keep = h2.idle.inbound(piece, true);
+            if keep > 0 {
+                h2.held = piece[n - keep..].to_vec();
+                buf.set_filled(before + n - keep);
+            }
+            if buf.filled().len() > before {
+                return Poll::Ready(Ok(()));
+            }
+        }
+    }
+
+    /// Gives h2 what [`ConnIo::prefix`] holds.
+    fn read_prefix(
+        &mut self,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let n = self.prefix.len().min(buf.remaining());
+        buf.put_slice(&self.prefix[..n]);
+        self.prefix.drain(..n);
+        if self.prefix.is_empty() {
+            self.prefix = Vec::new();
+        }
+        self.ctx.state.read_polled(false);
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    /// h2's write while a resumed connection's first frames are adjusted (or what was
+    /// adjusted still waits): all of `bufs` is taken, through [`H2Idle::filter_out`],
+    /// once what waited before is sent.
+    fn poll_write_staged(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::task::ready!(self.poll_send_staged(cx))?;
+        let h2 = self.h2.as_deref_mut().expect("an HTTP/2 connection");
+        let mut taken = 0;
+        for buf in bufs {
+            h2.idle.filter_out(buf, &mut h2.staging);
+            taken += buf.len();
+        }
+        if let std::task::Poll::Ready(Err(e)) = self.poll_send_staged(cx) {
+            return std::task::Poll::Ready(Err(e));
+        }
+        std::task::Poll::Ready(Ok(taken))
+    }
+
+    /// Sends what [`ConnIo::poll_write_staged`] took and could not send yet.
+    fn poll_send_staged(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let Some(h2) = self.h2.as_deref_mut() else {
+            return std::task::Poll::Ready(Ok(()));
+        };
+        while !h2.staging.is_empty() {
+            let polled = Pin::new(&mut self.io).poll_write(cx, &h2.staging);
+            self.ctx.state.write_polled(&polled);
+            let n = std::task::ready!(polled)?;
+            if n == 0 {
+                return std::task::Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()));
+            }
+            self.ctx.shared.metrics.bytes(Global::BytesOut, n);
+            h2.staging.drain(..n);
+        }
+        if !h2.idle.filtering() {
+            h2.staging = Vec::new();
+        }
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    /// h2's write goes through [`ConnIo::poll_write_staged`].
+    fn staged(&self) -> bool {
+        self.h2
+            .as_deref()
+            .is_some_and(|h2| h2.idle.filtering() || !h2.staging.is_empty())
+    }
+
+    /// Follows what h2 wrote directly: the first `n` bytes of `bufs`. Once that ends the
+    /// last stream under way, h2 is polled once more, so that it reads, and
+    /// [`ConnIo::try_hand_off`] can see whether the connection is at rest.
+    fn wrote(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+        mut n: usize,
+    ) {
+        let Some(h2) = self.h2.as_deref_mut() else {
+            return;
+        };
+        for buf in bufs {
+            let take = n.min(buf.len());
+            h2.idle.outbound(&buf[..take]);
+            n -= take;
+            if n == 0 {
+                break;
+            }
+        }
+        if may_go(&h2.idle, &self.ctx.state) {
+            cx.waker().wake_by_ref();
         }
     }
 
@@ -642,6 +997,7 @@ impl<I: Socket> ConnIo<I> {
         let detached = Detached {
             ctx: self.ctx,
             nodelay: self.nodelay,
+            h2: None,
         };
         Ok((self.io.into_idle()?, detached))
     }
@@ -717,15 +1073,14 @@ impl<I: Socket> AsyncRead for ConnIo<I> {
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
         let this = &mut *self;
+        if this.handed_off {
+            return std::task::Poll::Pending;
+        }
+        if this.h2.is_some() {
+            return this.poll_read_h2(cx, buf);
+        }
         if !this.prefix.is_empty() {
-            let n = this.prefix.len().min(buf.remaining());
-            buf.put_slice(&this.prefix[..n]);
-            this.prefix.drain(..n);
-            if this.prefix.is_empty() {
-                this.prefix = Vec::new();
-            }
-            this.ctx.state.read_polled(false);
-            return std::task::Poll::Ready(Ok(()));
+            return this.read_prefix(buf);
         }
         let before = buf.filled().len();
         let polled = std::pin::Pin::new(&mut this.io).poll_read(cx, buf);
@@ -745,10 +1100,16 @@ impl<I: Socket> AsyncWrite for ConnIo<I> {
         cx: &mut std::task::Context<'_>,
         buf: &[u8],
     ) -> std::task::Poll<std::io::Result<usize>> {
+        if self.handed_off || self.staged() {
+            return self.poll_write_vectored(cx, &[std::io::IoSlice::new(buf)]);
+        }
         self.before_write();
         let polled = std::pin::Pin::new(&mut self.io).poll_write(cx, buf);
         self.ctx.state.write_polled(&polled);
         self.count_written(&polled);
+        if let std::task::Poll::Ready(Ok(n)) = polled {
+            self.wrote(cx, &[std::io::IoSlice::new(buf)], n);
+        }
         polled
     }
 
@@ -757,10 +1118,20 @@ impl<I: Socket> AsyncWrite for ConnIo<I> {
         cx: &mut std::task::Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> std::task::Poll<std::io::Result<usize>> {
+        if self.handed_off {
+            // The client never gets these: the connection goes on elsewhere.
+            return std::task::Poll::Ready(Ok(bufs.iter().map(|b| b.len()).sum()));
+        }
         self.before_write();
+        if self.staged() {
+            return self.poll_write_staged(cx, bufs);
+        }
         let polled = std::pin::Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
         self.ctx.state.write_polled(&polled);
         self.count_written(&polled);
+        if let std::task::Poll::Ready(Ok(n)) = polled {
+            self.wrote(cx, bufs, n);
+        }
         polled
     }
 
@@ -772,6 +1143,10 @@ impl<I: Socket> AsyncWrite for ConnIo<I> {
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
+        if self.handed_off {
+            return std::task::Poll::Ready(Ok(()));
+        }
+        std::task::ready!(self.poll_send_staged(cx))?;
         std::pin::Pin::new(&mut self.io).poll_flush(cx)
     }
 
@@ -780,6 +1155,10 @@ impl<I: Socket> AsyncWrite for ConnIo<I> {
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
         let this = &mut *self;
+        if this.handed_off {
+            return std::task::Poll::Ready(Ok(()));
+        }
+        std::task::ready!(this.poll_send_staged(cx))?;
         if this.linger.is_none() {
             // Flush what is buffered; unless the client may still be sending, the close
             // that follows does the rest.
@@ -804,17 +1183,43 @@ impl<I: Socket> AsyncWrite for ConnIo<I> {
 }
 
 /// What a connection's socket shares with its connection (its state, its slot under
-/// `max_connections`) while the socket waits in the idle set.
+/// `max_connections`) while the socket waits in the idle set; for HTTP/2, its state on
+/// the wire.
 pub(crate) struct Detached {
     ctx: Arc<ConnCtx>,
     nodelay: bool,
+    h2: Option<Box<H2Idle>>,
 }
 
 impl Detached {
-    /// The socket back from the idle set, as it was.
+    /// The socket back from the idle set, as it was. An HTTP/2 connection's next h2
+    /// connection first reads the preface [`H2Idle::resume`] replays.
     pub(crate) fn attach<I: Socket>(self, socket: IdleSocket) -> std::io::Result<ConnIo<I>> {
-        Ok(ConnIo::new(I::from_idle(socket)?, self.ctx, self.nodelay))
+        let mut io = ConnIo::new(I::from_idle(socket)?, self.ctx, self.nodelay);
+        if let Some(mut idle) = self.h2 {
+            io.prefix = idle.resume();
+            io.h2 = Some(H2Conn::new(idle, true));
+        }
+        Ok(io)
     }
+}
+
+/// Whether an HTTP/2 connection at rest as far as its frames show may leave h2: the first
+/// time at once (most connections of an idle crowd go quiet after their first exchange),
+/// later once its clock found it idle for a tick (a new h2 connection per request would
+/// cost more than it saves); after a reset stream, only then.
+fn may_go(idle: &H2Idle, state: &ConnState) -> bool {
+    match idle.rest() {
+        Rest::Yes => idle.parks() == 0 || state.quiet(),
+        Rest::AfterReset => state.quiet(),
+        Rest::No => false,
+    }
+}
+
+/// `n` bytes came from the client.
+fn arrived(ctx: &ConnCtx, n: usize) {
+    ctx.state.bytes_arrived();
+    ctx.shared.metrics.bytes(Global::BytesIn, n);
 }
 
 fn log_end(result: hyper::Result<()>) {
@@ -1026,6 +1431,170 @@ mod tests {
         })
         .await
         .expect("the idle connection waits in the idle set");
+    }
+
+    /// hyper's HTTP/2 client (h2's) on `client`, and the task that drives its connection.
+    async fn h2_client(
+        client: tokio::net::TcpStream,
+    ) -> (
+        hyper::client::conn::http2::SendRequest<http_body_util::Empty<bytes::Bytes>>,
+        tokio::task::JoinHandle<hyper::Result<()>>,
+    ) {
+        let (send, conn) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            TokioIo::new(client),
+        )
+        .await
+        .expect("HTTP/2 handshake");
+        (send, tokio::spawn(conn))
+    }
+
+    /// GETs the health path; its status.
+    async fn h2_health(
+        send: &mut hyper::client::conn::http2::SendRequest<http_body_util::Empty<bytes::Bytes>>,
+    ) -> http::StatusCode {
+        use http_body_util::BodyExt;
+        send.ready().await.expect("the connection takes a request");
+        let request = http::Request::get("http://x/_baton/health")
+            .body(http_body_util::Empty::new())
+            .unwrap();
+        let response = tokio::time::timeout(Duration::from_secs(5), send.send_request(request))
+            .await
+            .expect("an answer within 5 s")
+            .expect("an answer");
+        let status = response.status();
+        response.into_body().collect().await.expect("the body");
+        status
+    }
+
+    #[tokio::test]
+    async fn an_idle_http2_connection_leaves_h2_and_comes_back_for_its_next_request() {
+        let server = Arc::new(one_connection_with(200));
+        let (client, _serving) = tcp_connection_of(server.clone()).await;
+        let (mut send, driving) = h2_client(client).await;
+        for round in 1..=4 {
+            assert_eq!(h2_health(&mut send).await, 200);
+            parked(round).await;
+            // Without a task and without h2: in the worker's idle set.
+            held_idle(&server, 1).await;
+        }
+        // Streams at once on a connection that came back.
+        let mut again = send.clone();
+        let mut third = send.clone();
+        let (a, b, c) = tokio::join!(
+            h2_health(&mut send),
+            h2_health(&mut again),
+            h2_health(&mut third)
+        );
+        assert_eq!([a, b, c], [http::StatusCode::OK; 3]);
+        parked(5).await;
+        drop((send, again, third));
+        driving
+            .await
+            .unwrap()
+            .expect("the client's connection ends cleanly");
+        all_ended(&server, Duration::from_secs(1), "the connection ended").await;
+    }
+
+    #[tokio::test]
+    async fn a_drain_closes_an_idle_http2_connection_with_a_goaway() {
+        let server = Arc::new(one_connection_with(200));
+        let (client, _serving) = tcp_connection_of(server.clone()).await;
+        let (mut send, driving) = h2_client(client).await;
+        assert_eq!(h2_health(&mut send).await, 200);
+        parked(1).await;
+        held_idle(&server, 1).await;
+        server.drain();
+        // h2's client ends its connection without an error only after a GOAWAY.
+        tokio::time::timeout(Duration::from_secs(2), driving)
+            .await
+            .expect("closed at once, not after the grace")
+            .unwrap()
+            .expect("a GOAWAY, then the close");
+        all_ended(&server, Duration::from_secs(1), "the connection ended").await;
+    }
+
+    /// A frame of `kind` on `stream`.
+    fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+        let mut out = (payload.len() as u32).to_be_bytes()[1..].to_vec();
+        out.extend_from_slice(&[kind, flags]);
+        out.extend_from_slice(&stream.to_be_bytes());
+        out.extend_from_slice(payload);
+        out
+    }
+
+    /// A GET of the health path on `stream`, its header block with no table entries.
+    fn h2_get(stream: u32) -> Vec<u8> {
+        let path = b"/_baton/health";
+        let mut block = vec![0x82, 0x86, 0x04, path.len() as u8];
+        block.extend_from_slice(path);
+        block.extend_from_slice(&[0x01, 0x01, b'x']);
+        h2_frame(1, 0x5, stream, &block)
+    }
+
+    /// Reads frames until `stream` ends, or for stream 0 until a PING answer
+    /// (acknowledging the server's SETTINGS); false if a GOAWAY or the end came first.
+    async fn h2_answered(client: &mut tokio::net::TcpStream, stream: u32) -> bool {
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            while got.len() >= 9 {
+                let len =
+                    usize::from(got[0]) << 16 | usize::from(got[1]) << 8 | usize::from(got[2]);
+                if got.len() < 9 + len {
+                    break;
+                }
+                let (kind, flags) = (got[3], got[4]);
+                let id = u32::from_be_bytes([got[5], got[6], got[7], got[8]]);
+                got.drain(..9 + len);
+                match kind {
+                    4 if flags & 1 == 0 => client.write_all(&h2_frame(4, 1, 0, &[])).await.unwrap(),
+                    7 => return false,
+                    0 | 1 if id == stream && stream != 0 && flags & 1 != 0 => return true,
+                    6 if stream == 0 && flags & 1 != 0 => return true,
+                    _ => {}
+                }
+            }
+            let n = tokio::time::timeout(Duration::from_secs(5), client.read(&mut buf))
+                .await
+                .expect("frames within 5 s")
+                .unwrap();
+            if n == 0 {
+                return false;
+            }
+            got.extend_from_slice(&buf[..n]);
+        }
+    }
+
+    #[tokio::test]
+    async fn late_frames_on_streams_closed_before_the_park_are_ignored() {
+        let server = Arc::new(one_connection_with(200));
+        let (mut client, _serving) = tcp_connection_of(server.clone()).await;
+        let mut hello = H2_PREFACE.to_vec();
+        hello.extend(h2_frame(4, 0, 0, &[]));
+        // A window as clients open it.
+        hello.extend(h2_frame(8, 0, 0, &(1u32 << 24).to_be_bytes()));
+        hello.extend(h2_get(1));
+        client.write_all(&hello).await.unwrap();
+        assert!(h2_answered(&mut client, 1).await);
+        parked(1).await;
+        held_idle(&server, 1).await;
+        // RFC 9113 lets a WINDOW_UPDATE or RST_STREAM follow a stream's end for a while.
+        let mut late = h2_frame(8, 0, 1, &100u32.to_be_bytes());
+        late.extend(h2_frame(3, 0, 1, &8u32.to_be_bytes()));
+        // Sent in two pieces, the second header cut in two.
+        client.write_all(&late[..17]).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        client.write_all(&late[17..]).await.unwrap();
+        client.write_all(&h2_get(3)).await.unwrap();
+        assert!(h2_answered(&mut client, 3).await, "the connection went on");
+        parked(2).await;
+        held_idle(&server, 1).await;
+        // A PING is answered by the next connection too (after its SETTINGS, which the
+        // client acknowledges).
+        client.write_all(&h2_frame(6, 0, 0, &[7; 8])).await.unwrap();
+        assert!(h2_answered(&mut client, 0).await, "a PING answer");
+        parked(3).await;
     }
 
     #[tokio::test]

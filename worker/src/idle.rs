@@ -19,6 +19,11 @@
 //! phase closes them at once. It never reads from a socket and never answers a request:
 //! what it resumes is handed back to the connection's code ([`Resume`]).
 //!
+//! An idle HTTP/2 connection out of h2 ([`Waiting::Http2`], from [`crate::h2_idle`])
+//! waits here as a keep-alive one does, with two differences: the set closes it with a
+//! GOAWAY before the FIN, and at once when a drain begins (a GOAWAY tells an HTTP/2 client
+//! to take its next request elsewhere; no grace is needed for it).
+//!
 //! Quiet WebSockets wait here too ([`Waiting::WebSocket`], from [`crate::websocket`]),
 //! without their task and tungstenite's buffers. The set never closes one: it resumes it
 //! when its client sends, when its ping is due (checked every quarter of the shorter of
@@ -80,10 +85,37 @@ pub(crate) enum Waiting {
     /// An HTTP/1 keep-alive connection, for its next request: closed (with a FIN) when its
     /// idle time runs out, or when the drain's grace ends.
     Request,
+    /// An HTTP/2 connection out of h2 ([`crate::h2_idle`]), for its next request: as
+    /// [`Waiting::Request`], but closed at once when the drain begins, and always with a
+    /// GOAWAY that says every stream up to `last_stream` was processed.
+    Http2 { last_stream: u32 },
     /// A quiet WebSocket: resumed when its client sends, when its deadline comes (a ping
     /// is due), when its plugin sends ([`IdleSet::wake`]), `spread` after the drain began
     /// (its task then closes it with 1012) or at the forced phase. Never closed here.
     WebSocket { spread: Duration },
+}
+
+impl Waiting {
+    /// The set closes such a connection when its idle time runs out or the drain says so
+    /// (unless its client sent something meanwhile): a keep-alive connection, not a
+    /// WebSocket.
+    fn closed_here(self) -> bool {
+        matches!(self, Waiting::Request | Waiting::Http2 { .. })
+    }
+
+    /// What the client is told before the set closes its connection: an HTTP/2 client a
+    /// GOAWAY (a connection with nothing in flight and an empty send buffer takes the few
+    /// bytes at once; if not, the close alone tells it).
+    fn farewell(self, socket: &IdleSocket) {
+        use std::io::Write;
+        if let Waiting::Http2 { last_stream } = self {
+            let goaway = crate::h2_idle::goaway(last_stream);
+            let _ = match socket {
+                IdleSocket::Tcp(s) => (&*s).write(&goaway),
+                IdleSocket::Unix(s) => (&*s).write(&goaway),
+            };
+        }
+    }
 }
 
 /// An entry's place in the set, for [`IdleSet::wake`].
@@ -108,6 +140,9 @@ struct Entry {
 enum Sweep {
     /// Takes what is due by then: keep-alive connections are closed, WebSockets resumed.
     Due(Instant),
+    /// The drain began: idle HTTP/2 connections are closed (their GOAWAY tells their
+    /// clients to go elsewhere at once).
+    Http2,
     /// The drain's grace is over: every keep-alive connection is closed, and none parks
     /// any more; WebSockets wait for their place in the drain's spread.
     GraceOver,
@@ -234,15 +269,17 @@ impl IdleSet {
         let mut slots = self.lock();
         let refused = match waiting {
             Waiting::Request => slots.ended,
-            Waiting::WebSocket { .. } => slots.draining || slots.ended,
+            Waiting::Http2 { .. } | Waiting::WebSocket { .. } => slots.draining || slots.ended,
         };
         if refused {
             drop(slots);
             // A request that arrived after the drain's grace is still served (with
             // `Connection: close`), as in a connection's own task; a WebSocket goes back
             // to its task, which closes it.
-            if waiting != Waiting::Request || socket.has_unread() {
+            if !waiting.closed_here() || socket.has_unread() {
                 resume(socket);
+            } else {
+                waiting.farewell(&socket);
             }
             return None;
         }
@@ -362,7 +399,8 @@ impl IdleSet {
                         .as_ref()
                         .is_some_and(|e| match sweep {
                             Sweep::Due(now) => e.deadline <= now,
-                            Sweep::GraceOver => e.waiting == Waiting::Request,
+                            Sweep::Http2 => matches!(e.waiting, Waiting::Http2 { .. }),
+                            Sweep::GraceOver => e.waiting.closed_here(),
                             Sweep::All => true,
                         });
                     if taken {
@@ -379,12 +417,12 @@ impl IdleSet {
             // Outside the lock: each drop closes a socket and releases its connection.
             for entry in due.drain(..) {
                 let resumed = match epoll {
-                    Some(_) => entry.waiting != Waiting::Request || entry.socket.has_unread(),
+                    Some(_) => !entry.waiting.closed_here() || entry.socket.has_unread(),
                     // The watcher is gone (it failed, or the worker stops): a WebSocket
                     // still goes back to a task, while the runtime runs, so that it is
                     // closed properly and its plugin hears of it.
                     None => {
-                        entry.waiting != Waiting::Request
+                        !entry.waiting.closed_here()
                             && tokio::runtime::Handle::try_current().is_ok()
                     }
                 };
@@ -393,6 +431,8 @@ impl IdleSet {
                         let _ = epoll.delete(&entry.socket);
                     }
                     (entry.resume)(entry.socket);
+                } else {
+                    entry.waiting.farewell(&entry.socket);
                 }
             }
             if !more {
@@ -447,6 +487,7 @@ impl IdleSet {
                     let now = Instant::now();
                     grace_ends = Some(now + grace);
                     spread = self.begin_drain(now);
+                    self.sweep(Some(epoll), Sweep::Http2);
                 }
                 () = tokio::time::sleep_until(next_spread.unwrap_or_else(Instant::now)),
                     if next_spread.is_some() => {

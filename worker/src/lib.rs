@@ -21,6 +21,7 @@ mod connection;
 mod drain;
 mod env;
 pub mod fuzzing;
+mod h2_idle;
 mod handle;
 mod idle;
 mod inherit;

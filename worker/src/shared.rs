@@ -28,6 +28,9 @@ pub(crate) struct Shared {
     pub(crate) slots: Arc<Semaphore>,
     pub(crate) http1: http1::Builder,
     pub(crate) http2: http2::Builder<TokioExecutor>,
+    /// HTTP/2 on a socket that can wait idle ([`crate::h2_idle`]): asks clients for a
+    /// header table of 0 bytes, so that the connection can leave h2 between requests.
+    pub(crate) http2_idle: http2::Builder<TokioExecutor>,
     pub(crate) router: Router,
     /// Per plugin (same index as `router.plugins`): the share of the blocking pool of a
     /// plugin whose handlers may block, so that a saturated one cannot starve the others.
@@ -87,7 +90,8 @@ impl Shared {
             generation,
             pid: std::process::id(),
             http1: http1_builder(&settings),
-            http2: http2_builder(&settings),
+            http2: http2_builder(&settings, None),
+            http2_idle: http2_builder(&settings, Some(0)),
             slots: Arc::new(Semaphore::new(settings.http.max_connections.max(1))),
             settings,
             metrics,
@@ -136,10 +140,19 @@ fn http1_builder(settings: &WorkerSettings) -> http1::Builder {
 /// Hyper's limit on HTTP/1 request header fields when none is set.
 const HYPER_MAX_HEADERS: usize = 100;
 
-fn http2_builder(settings: &WorkerSettings) -> http2::Builder<TokioExecutor> {
+/// `header_table`: the HPACK table the client may keep (h2's default, 4,096 bytes, if
+/// none).
+fn http2_builder(
+    settings: &WorkerSettings,
+    header_table: Option<u32>,
+) -> http2::Builder<TokioExecutor> {
     let mut builder = http2::Builder::new(TokioExecutor::new());
     builder
         .timer(TokioTimer::new())
+        .header_table_size(header_table)
+        // Hyper's default, stated: an idle connection's next h2 connection must open the
+        // same window (crate::h2_idle).
+        .initial_connection_window_size(crate::h2_idle::CONN_WINDOW)
         .max_header_list_size(u32::try_from(settings.http.max_header_bytes).unwrap_or(u32::MAX));
     builder
 }
