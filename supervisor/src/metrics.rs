@@ -400,7 +400,7 @@ fn connections<A: Clone + std::fmt::Debug>(out: &mut Text, core: &Core<A>) {
         ),
         (
             "baton_connections_idle",
-            "Of the open connections, idle keep-alive ones and quiet WebSockets waiting in the workers' idle sets.",
+            "Of the open connections, idle keep-alive ones (HTTP/1 and HTTP/2) and quiet WebSockets waiting in the workers' idle sets.",
             live(|g| g.idle()),
         ),
         (

@@ -973,12 +973,17 @@ D_KINDS = ("h1", "h2", "ws")
 
 
 def d_h2_request(path):
-    """The HTTP/2 preface, an empty SETTINGS frame and a GET of `path` on stream 1."""
+    """The HTTP/2 preface, an empty SETTINGS frame, a WINDOW_UPDATE that opens the
+    connection's window to 32 MiB (as curl 7.88 does; h2load opens it to 1 GiB) and a GET
+    of `path` on stream 1. Baton keeps a connection whose client never opened the window
+    in h2 (about 20 KiB): see docs/BENCHMARKS.md."""
     def literal(index, value):  # literal header field without indexing, indexed name
         return bytes([index, len(value)]) + value.encode()
     block = b"\x82\x86" + literal(0x04, path) + literal(0x01, "127.0.0.1")  # GET, http
     headers = len(block).to_bytes(3, "big") + b"\x01\x05" + (1).to_bytes(4, "big") + block
-    return b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00" + headers
+    window = b"\x00\x00\x04\x08\x00\x00\x00\x00\x00" + (32 * 2**20 - 65535).to_bytes(4, "big")
+    return (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00" + window
+            + headers)
 
 
 def d_h2_answered(s):
@@ -1098,12 +1103,17 @@ def d_baton_ws(conns):
         server.stop()
 
 
-def f_baton_ws(levels):
-    """Idle WebSockets (one message echoed each) held at each of `levels` by Baton (the C
-    test plugin): the worker's RSS and PSS per connection at each, as (f) measures HTTP/1.1.
-    Opened one after another; measured 3 s after the last opened (quiet, out of their
-    tasks, and past the worker's trim tick)."""
+F_IDLE_KINDS = {"ws": "WebSockets (one message echoed each)",
+                "h2": "HTTP/2 connections with prior knowledge (one request each)"}
+
+
+def f_baton_idle(kind, levels):
+    """Idle connections of `kind` ("ws" or "h2", see F_IDLE_KINDS) held at each of `levels`
+    by Baton (the one with the C test plugin): the worker's RSS and PSS per connection at
+    each, as (f) measures HTTP/1.1. Opened one after another; measured 3 s after the last
+    opened (quiet, out of their tasks, and past the worker's trim tick)."""
     server = baton_ws(max(levels))
+    path = server.path if kind == "ws" else "/_baton/health"
     socks = []
     try:
         server.start()
@@ -1112,9 +1122,9 @@ def f_baton_ws(levels):
         for n in sorted(levels):
             t = time.monotonic()
             while len(socks) < n:
-                s = d_open("ws", server.port, server.path)
+                s = d_open(kind, server.port, path)
                 if s is None:
-                    raise RuntimeError(f"WebSocket {len(socks) + 1} refused")
+                    raise RuntimeError(f"{kind} connection {len(socks) + 1} refused")
                 socks.append(s)
             seconds = time.monotonic() - t
             time.sleep(3.0)
@@ -1122,8 +1132,8 @@ def f_baton_ws(levels):
             per = lambda key: (m[key] - idle[key]) / n  # noqa: E731
             out["levels"][str(n)] = {**m, "open": len(socks), "fill_s": round(seconds, 2),
                                      "rss_kib_per_conn": per("rss_kib"), "pss_kib_per_conn": per("pss_kib")}
-            log(f"(f) baton: {n} idle WebSockets in {seconds:.1f} s, worker {m['rss_kib'] / 1024:.1f} MiB RSS "
-                f"({per('rss_kib'):.2f} KiB each)")
+            log(f"(f) baton: {n} idle {kind} connections in {seconds:.1f} s, worker "
+                f"{m['rss_kib'] / 1024:.1f} MiB RSS ({per('rss_kib'):.2f} KiB each)")
         return out
     finally:
         for s in socks:
@@ -1418,10 +1428,12 @@ def report(results, quick):
                 add(f"{'':14} {level:>6} {r['rss_kib'] / 1024:>8.1f} {r['pss_kib'] / 1024:>8.1f} "
                     f"{fmt(r['rss_kib_per_conn'], 2):>9} {fmt(r['pss_kib_per_conn'], 2):>9} "
                     f"{fmt(r['all_rss_kib_per_conn'], 2):>9} {fmt(r['kernel_kib_per_conn'], 2):>12} {r['fill_s']:>7.1f}")
-        ws = results["servers"].get("baton", {}).get("f_ws")
-        if ws:
+        for kind, what in F_IDLE_KINDS.items():
+            ws = results["servers"].get("baton", {}).get(f"f_{kind}")
+            if not ws:
+                continue
             add("")
-            add("(f) idle WebSockets (one message echoed each), Baton's worker: marginal KiB per connection")
+            add(f"(f) idle {what}, Baton's worker: marginal KiB per connection")
             add(f"{'server':14} {'conns':>6} {'RSS MiB':>8} {'PSS MiB':>8} {'KiB/conn':>9} {'PSS KiB/c':>9} {'fill s':>7}")
             add(f"{'baton':14} {0:>6} {ws['idle']['rss_kib'] / 1024:>8.1f} {ws['idle']['pss_kib'] / 1024:>8.1f}")
             for level, r in ws["levels"].items():
@@ -1520,11 +1532,13 @@ def goals(results):
                 line(mine is not None and mine <= theirs["all_rss_kib_per_conn"],
                      f"(f) {fmt(mine, 2)} KiB per connection vs {other} {fmt(theirs['rss_kib_per_conn'], 2)} "
                      f"marginal, {fmt(theirs['all_rss_kib_per_conn'], 2)} with what it preallocates")
-        ws = b.get("f_ws")
-        if ws:
-            top_ws = list(ws["levels"])[-1]
-            per = ws["levels"][top_ws]["rss_kib_per_conn"]
-            line(per is not None and per <= 2.0, f"(f) memory per idle WebSocket at {top_ws}: {fmt(per, 2)} KiB (<= 2)")
+        for kind, what in (("ws", "WebSocket"), ("h2", "HTTP/2 connection")):
+            idle = b.get(f"f_{kind}")
+            if idle:
+                top_idle = list(idle["levels"])[-1]
+                per = idle["levels"][top_idle]["rss_kib_per_conn"]
+                line(per is not None and per <= 2.0,
+                     f"(f) memory per idle {what} at {top_idle}: {fmt(per, 2)} KiB (<= 2)")
         u = f.get("upgrade")
         if u:
             line(u["fin"] == u["held"] and u["reset"] == 0,
@@ -1634,8 +1648,9 @@ def main():
             log(f"({key}) {n}")
             results["servers"][n][key] = with_server(cls, fn, key)
             if key == "f" and n == "baton":
-                log("(f) baton: idle WebSockets")
-                results["servers"][n]["f_ws"] = f_baton_ws(plan["f_levels"])
+                for kind in F_IDLE_KINDS:
+                    log(f"(f) baton: idle {kind} connections")
+                    results["servers"][n][f"f_{kind}"] = f_baton_idle(kind, plan["f_levels"])
         if key == "c":
             # The supervisor upgrading itself: Baton's re-exec next to nginx's binary upgrade.
             for n, cls in servers_for(names):
