@@ -178,3 +178,64 @@ fn tail(log: &str) -> String {
     let lines: Vec<&str> = log.lines().collect();
     lines[lines.len().saturating_sub(150)..].join("\n")
 }
+
+/// Runs tests/harness/h2_clients.py (httpx with Python's h2) against `url`: `clients`
+/// clients, `rounds` requests each, `pause` seconds apart. Its JSON report.
+async fn httpx_clients(url: &str, clients: u32, rounds: u32, pause: f64) -> serde_json::Value {
+    let python = baton_tests::python_with("h2", &["httpx[http2]"], "httpx, h2");
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/harness/h2_clients.py");
+    let run = tokio::process::Command::new(python)
+        .args([
+            script,
+            url,
+            &clients.to_string(),
+            &rounds.to_string(),
+            &pause.to_string(),
+        ])
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(60), run)
+        .await
+        .expect("the clients end within 60 s")
+        .expect("python");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("{e}: {stdout}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn httpx_http2_clients_lose_nothing_across_upgrades_whether_idle_or_busy() {
+    // httpx (Python's h2) takes a PING after a GOAWAY for an error, which is what h2's
+    // graceful shutdown sends: connections at rest (most of these, between requests) get
+    // one GOAWAY of their own instead. Short pauses keep some busy at each upgrade too.
+    let _heavy = heavy().await;
+    let baton = Baton::start(TestConfig {
+        extra: "[http]\nheader_read_timeout = \"400ms\"\n".into(),
+        ..TestConfig::default()
+    })
+    .await;
+    let url = format!("http://{}/_baton/health", baton.addr());
+    for (pause, rounds) in [(0.6, 8), (0.05, 60)] {
+        let clients = httpx_clients(&url, 24, rounds, pause);
+        let upgrades = async {
+            for _ in 0..2 {
+                tokio::time::sleep(Duration::from_millis(1500)).await;
+                let out = baton.upgrade_wait().await;
+                assert_eq!(out.code, Some(0), "{out:?}");
+            }
+        };
+        let (report, ()) = tokio::join!(clients, upgrades);
+        assert_eq!(report["error_count"], 0, "pause {pause}: {report}");
+        assert_eq!(report["answers"], 24 * rounds, "pause {pause}: {report}");
+        assert_eq!(
+            report["versions"],
+            serde_json::json!(["HTTP/2"]),
+            "{report}"
+        );
+        assert_eq!(report["statuses"], serde_json::json!([200]), "{report}");
+    }
+}

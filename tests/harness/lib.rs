@@ -516,6 +516,50 @@ pub fn slow_start_worker_script(dir: &Path, delay: &str) -> PathBuf {
 /// A temporary directory every user may enter (mode 0755), for files a worker running
 /// as `worker.user` must reach, or that Baton checks like its own (parents not writable
 /// by others).
+/// A Python with `packages` installed (pip, from PyPI), in a virtual environment of its
+/// own under the target directory: made on first use, shared by the tests after. For
+/// clients nobody here wrote (httpx with Python's h2).
+pub fn python_with(name: &str, packages: &[&str], imports: &str) -> PathBuf {
+    static MADE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one_at_a_time = MADE.lock().unwrap_or_else(|e| e.into_inner());
+    let target = bins()
+        .baton
+        .parent()
+        .and_then(Path::parent)
+        .expect("target dir");
+    let venv = target.join("test-venvs").join(name);
+    let python = venv.join("bin").join("python");
+    let ready = || {
+        std::process::Command::new(&python)
+            .args(["-c", &format!("import {imports}")])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    if !ready() {
+        let made = std::process::Command::new("python3")
+            .args(["-m", "venv"])
+            .arg(&venv)
+            .status()
+            .expect("python3 (Debian packages python3, python3-venv)");
+        assert!(made.success(), "python3 -m venv {}", venv.display());
+        let pip = std::process::Command::new(&python)
+            .args(["-m", "pip", "install", "--quiet"])
+            .args(packages)
+            .status()
+            .expect("pip");
+        assert!(
+            pip.success(),
+            "pip install {packages:?} (PyPI) into {}",
+            venv.display()
+        );
+        assert!(
+            ready(),
+            "{imports} not importable after pip install {packages:?}"
+        );
+    }
+    python
+}
+
 pub fn traversable_tempdir(prefix: &str) -> tempfile::TempDir {
     let dir = tempfile::Builder::new()
         .prefix(prefix)

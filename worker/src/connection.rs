@@ -464,7 +464,35 @@ async fn drive_h2<C: Future<Output = hyper::Result<()>>>(
             tracing::debug!("request head not complete within header_read_timeout; closing");
             return None;
         }
-        Either::Side(_) => {}
+        Either::Side(Some(Expired::Idle)) => {}
+        Either::Side(None) => {
+            // The drain: a connection at rest leaves h2 now, and the idle set (draining)
+            // closes it with one GOAWAY that names its last stream. h2's own graceful
+            // shutdown sends a GOAWAY, then a PING to time the second, and some clients
+            // (Python's h2, under httpx) take a PING after a GOAWAY for an error.
+            if slot.is_some() {
+                state.h2_leave_now();
+                let mut serving = H2Serving {
+                    conn: conn.as_mut(),
+                    slot,
+                };
+                let polled = std::future::poll_fn(|cx| {
+                    std::task::Poll::Ready(Pin::new(&mut serving).poll(cx))
+                })
+                .await;
+                match polled {
+                    std::task::Poll::Ready(H2End::Parked(handoff)) => {
+                        drop(conn);
+                        return Some(handoff);
+                    }
+                    std::task::Poll::Ready(H2End::Ended(result)) => {
+                        log_end(result);
+                        return None;
+                    }
+                    std::task::Poll::Pending => {}
+                }
+            }
+        }
     }
     // The GOAWAY may wait in h2's buffer: the connection must not leave h2 now.
     state.h2_closes();
@@ -1207,11 +1235,11 @@ impl Detached {
 /// Whether an HTTP/2 connection at rest as far as its frames show may leave h2: the first
 /// time at once (most connections of an idle crowd go quiet after their first exchange),
 /// later once its clock found it idle for a tick (a new h2 connection per request would
-/// cost more than it saves); after a reset stream, only then.
+/// cost more than it saves); after a reset stream, only then. At a drain, at once.
 fn may_go(idle: &H2Idle, state: &ConnState) -> bool {
     match idle.rest() {
-        Rest::Yes => idle.parks() == 0 || state.quiet(),
-        Rest::AfterReset => state.quiet(),
+        Rest::Yes => idle.parks() == 0 || state.quiet() || state.h2_leaving(),
+        Rest::AfterReset => state.quiet() || state.h2_leaving(),
         Rest::No => false,
     }
 }
@@ -1564,6 +1592,58 @@ mod tests {
             }
             got.extend_from_slice(&buf[..n]);
         }
+    }
+
+    /// The frames the server sends until it closes: (type, flags, stream, payload).
+    async fn h2_frames_until_the_end(
+        client: &mut tokio::net::TcpStream,
+    ) -> Vec<(u8, u8, u32, Vec<u8>)> {
+        let mut got = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), client.read_to_end(&mut got))
+            .await
+            .expect("closed within 5 s")
+            .expect("a FIN, not a reset");
+        let mut frames = Vec::new();
+        let mut rest = &got[..];
+        while rest.len() >= 9 {
+            let len = usize::from(rest[0]) << 16 | usize::from(rest[1]) << 8 | usize::from(rest[2]);
+            let id = u32::from_be_bytes([rest[5], rest[6], rest[7], rest[8]]);
+            frames.push((rest[3], rest[4], id, rest[9..9 + len].to_vec()));
+            rest = &rest[9 + len..];
+        }
+        assert!(rest.is_empty(), "half a frame at the end: {got:?}");
+        frames
+    }
+
+    #[tokio::test]
+    async fn a_drain_closes_an_http2_connection_at_rest_in_h2_with_one_goaway_and_no_ping() {
+        // A tick of 5 s: after its second request the connection stays in h2.
+        let server = Arc::new(one_connection_with(10_000));
+        let (mut client, serving) = tcp_connection_of(server.clone()).await;
+        let mut hello = H2_PREFACE.to_vec();
+        hello.extend(h2_frame(4, 0, 0, &[]));
+        hello.extend(h2_frame(8, 0, 0, &(1u32 << 24).to_be_bytes()));
+        hello.extend(h2_get(1));
+        client.write_all(&hello).await.unwrap();
+        assert!(h2_answered(&mut client, 1).await);
+        parked(1).await;
+        client.write_all(&h2_get(3)).await.unwrap();
+        assert!(h2_answered(&mut client, 3).await);
+        // Back in h2, where it stays until its clock ticks.
+        held_idle(&server, 0).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        server.drain();
+        let frames = h2_frames_until_the_end(&mut client).await;
+        let kinds: Vec<u8> = frames.iter().map(|f| f.0).collect();
+        // One GOAWAY: every stream up to 3 was processed, NO_ERROR. No PING before it.
+        assert_eq!(
+            frames.iter().filter(|f| f.0 == 7).collect::<Vec<_>>(),
+            [&(7, 0, 0, [0, 0, 0, 3, 0, 0, 0, 0].to_vec())],
+            "{frames:?}"
+        );
+        assert!(!kinds.contains(&6), "a PING: {frames:?}");
+        ended(serving, Duration::from_secs(1), "the connection ended").await;
+        all_ended(&server, Duration::from_secs(1), "the connection ended").await;
     }
 
     #[tokio::test]
