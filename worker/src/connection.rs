@@ -177,6 +177,16 @@ pub(crate) async fn watch_idle(shared: Arc<Shared>, watch: DrainWatch) {
 /// ([`crate::idle`]): its client sent something (or closed). An HTTP/2 connection goes
 /// back to a new h2 connection ([`crate::h2_idle`]).
 fn resume<I: Socket>(socket: IdleSocket, detached: Detached, guard: ConnectionGuard) {
+    if let Some(h2) = &detached.h2 {
+        // Brought back by the drain or its deadline, not by its client: closed.
+        let ctx = &detached.ctx;
+        let keepalive = Duration::from_millis(ctx.shared.settings.http.keepalive_timeout_ms);
+        let over = ctx.shared.closing_at.get().is_some()
+            || h2.quiet_for(ctx.state.activity()) >= keepalive;
+        if over && !socket.has_unread() {
+            return goodbye::<I>(socket, h2.last_stream(), guard);
+        }
+    }
     match detached.attach::<I>(socket) {
         Ok(io) => {
             let ctx = io.ctx.clone();
@@ -275,19 +285,29 @@ fn serve<I: Socket>(
                 &mut watch,
                 &ctx.state,
                 slot.as_deref(),
+                grace,
             );
-            let Some((socket, detached)) = driven.await else {
+            let Some((socket, mut detached)) = driven.await else {
                 return;
             };
             ctx.shared.parked.fetch_add(1, Ordering::Relaxed);
             #[cfg(test)]
             tests::PARKS.with(|p| p.set(p.get() + 1));
-            let last_stream = detached.h2.as_ref().map_or(0, |h2| h2.last_stream());
-            let idle_for = Duration::from_millis(settings.http.keepalive_timeout_ms);
+            let (last_stream, quiet_since) = match detached.h2.as_mut() {
+                Some(h2) => (h2.last_stream(), h2.quiet_since(ctx.state.activity())),
+                None => (0, std::time::Instant::now()),
+            };
+            // What is left of keepalive_timeout since its last request (none left: closed
+            // now, with a GOAWAY).
+            let keepalive = Duration::from_millis(settings.http.keepalive_timeout_ms);
+            let idle_for = keepalive.saturating_sub(quiet_since.elapsed());
+            if idle_for.is_zero() {
+                return goodbye::<I>(socket, last_stream, guard);
+            }
             ctx.shared.idle.park(
                 socket,
                 idle_for,
-                Waiting::Http2 { last_stream },
+                Waiting::Http2,
                 Box::new(move |socket| resume::<I>(socket, detached, guard)),
             );
             return;
@@ -444,6 +464,7 @@ async fn drive_h2<C: Future<Output = hyper::Result<()>>>(
     watch: &mut DrainWatch,
     state: &ConnState,
     slot: Option<&Mutex<Option<HandOff>>>,
+    grace: Duration,
 ) -> Option<HandOff> {
     let serving = H2Serving {
         conn: conn.as_mut(),
@@ -466,30 +487,30 @@ async fn drive_h2<C: Future<Output = hyper::Result<()>>>(
         }
         Either::Side(Some(Expired::Idle)) => {}
         Either::Side(None) => {
-            // The drain: a connection at rest leaves h2 now, and the idle set (draining)
-            // closes it with one GOAWAY that names its last stream. h2's own graceful
-            // shutdown sends a GOAWAY, then a PING to time the second, and some clients
-            // (Python's h2, under httpx) take a PING after a GOAWAY for an error.
+            // The drain: the connection leaves h2 as soon as it is at rest (now, if it is),
+            // served meanwhile, and the idle set gives it back to be closed with one GOAWAY
+            // that names its last stream. h2's own graceful shutdown sends a GOAWAY while
+            // answers may still be on their way, then a PING to time a second GOAWAY; and
+            // Python's h2 (under httpx) takes any frame but a GOAWAY after a GOAWAY for an
+            // error. A connection never at rest within `drain_idle_grace` (streams always
+            // open) gets h2's graceful shutdown after it.
             if slot.is_some() {
                 state.h2_leave_now();
-                let mut serving = H2Serving {
+                let serving = H2Serving {
                     conn: conn.as_mut(),
                     slot,
                 };
-                let polled = std::future::poll_fn(|cx| {
-                    std::task::Poll::Ready(Pin::new(&mut serving).poll(cx))
-                })
-                .await;
-                match polled {
-                    std::task::Poll::Ready(H2End::Parked(handoff)) => {
+                let waited = Box::pin(tokio::time::sleep(grace));
+                match lazy_select(serving, waited).await {
+                    Either::Main(H2End::Parked(handoff)) => {
                         drop(conn);
                         return Some(handoff);
                     }
-                    std::task::Poll::Ready(H2End::Ended(result)) => {
+                    Either::Main(H2End::Ended(result)) => {
                         log_end(result);
                         return None;
                     }
-                    std::task::Poll::Pending => {}
+                    Either::Side(()) => {}
                 }
             }
         }
@@ -790,8 +811,11 @@ impl<I: Socket> ConnIo<I> {
     /// from here, beginning with those already read.
     fn begin_h2(&mut self) {
         let mut idle = Box::new(H2Idle::new());
-        idle.inbound(&mut self.prefix, false);
-        self.h2 = Some(H2Conn::new(idle, false));
+        let keep = idle.inbound(&mut self.prefix);
+        let mut h2 = H2Conn::new(idle, false);
+        // A header cut off at the end of the first read passes with what follows it.
+        h2.held = self.prefix.split_off(self.prefix.len() - keep);
+        self.h2 = Some(h2);
     }
 
     /// Gives the socket to the idle set if the HTTP/2 connection is at rest: nothing left
@@ -823,6 +847,11 @@ impl<I: Socket> ConnIo<I> {
                 return false;
             }
         };
+        // A read that found nothing may only mean that tokio has not heard of what came
+        // yet (a socket just registered again, after the idle set): what is there is read.
+        if socket.has_unread() {
+            return false;
+        }
         let h2 = self.h2.take().expect("checked above");
         let H2Conn { mut idle, slot, .. } = *h2;
         idle.park();
@@ -870,7 +899,7 @@ impl<I: Socket> ConnIo<I> {
                 if !read.filled().is_empty() {
                     arrived(&self.ctx, read.filled().len());
                     piece.extend_from_slice(read.filled());
-                    let keep = h2.idle.inbound(&mut piece, true);
+                    let keep = h2.idle.inbound(&mut piece);
                     h2.held = piece.split_off(piece.len() - keep);
                 }
                 // At the end of the stream h2 gets the cut header as it is, then the end.
@@ -891,7 +920,7 @@ impl<I: Socket> ConnIo<I> {
             }
             arrived(&self.ctx, n);
             let piece = &mut buf.filled_mut()[before..];
-            let keep = h2.idle.inbound(piece, true);
+            let keep = h2.idle.inbound(piece);
             if keep > 0 {
                 h2.held = piece[n - keep..].to_vec();
                 buf.set_filled(before + n - keep);
@@ -1244,6 +1273,35 @@ fn may_go(idle: &H2Idle, state: &ConnState) -> bool {
     }
 }
 
+/// Closes an idle HTTP/2 connection out of h2: a GOAWAY that says every stream up to
+/// `last_stream` was processed, then a FIN, then what the client still sends is read and
+/// dropped until it closes (bounded as a lingering close is, [`Linger`]). A request its
+/// client sent meanwhile is not lost: the GOAWAY tells the client it was not processed,
+/// so it may send it again elsewhere, and the close after it is a FIN, not a reset that
+/// could destroy the GOAWAY before the client reads it.
+fn goodbye<I: Socket>(socket: IdleSocket, last_stream: u32, guard: ConnectionGuard) {
+    use std::io::Write;
+    let goaway = crate::h2_idle::goaway(last_stream);
+    // An idle connection's send buffer is empty: the few bytes go at once.
+    let _ = match &socket {
+        IdleSocket::Tcp(s) => (&*s)
+            .write(&goaway)
+            .and_then(|_| s.shutdown(std::net::Shutdown::Write)),
+        IdleSocket::Unix(s) => (&*s)
+            .write(&goaway)
+            .and_then(|_| s.shutdown(std::net::Shutdown::Write)),
+    };
+    let Ok(mut io) = I::from_idle(socket) else {
+        return;
+    };
+    tokio::spawn(async move {
+        // The connection counts as open until then.
+        let _guard = guard;
+        let mut linger = Linger::new();
+        std::future::poll_fn(|cx| linger.poll_discard(&mut io, cx)).await;
+    });
+}
+
 /// `n` bytes came from the client.
 fn arrived(ctx: &ConnCtx, n: usize) {
     ctx.state.bytes_arrived();
@@ -1560,65 +1618,12 @@ mod tests {
         h2_frame(1, 0x5, stream, &block)
     }
 
-    /// Reads frames until `stream` ends, or for stream 0 until a PING answer
-    /// (acknowledging the server's SETTINGS); false if a GOAWAY or the end came first.
-    async fn h2_answered(client: &mut tokio::net::TcpStream, stream: u32) -> bool {
-        let mut got = Vec::new();
-        let mut buf = [0u8; 4096];
-        loop {
-            while got.len() >= 9 {
-                let len =
-                    usize::from(got[0]) << 16 | usize::from(got[1]) << 8 | usize::from(got[2]);
-                if got.len() < 9 + len {
-                    break;
-                }
-                let (kind, flags) = (got[3], got[4]);
-                let id = u32::from_be_bytes([got[5], got[6], got[7], got[8]]);
-                got.drain(..9 + len);
-                match kind {
-                    4 if flags & 1 == 0 => client.write_all(&h2_frame(4, 1, 0, &[])).await.unwrap(),
-                    7 => return false,
-                    0 | 1 if id == stream && stream != 0 && flags & 1 != 0 => return true,
-                    6 if stream == 0 && flags & 1 != 0 => return true,
-                    _ => {}
-                }
-            }
-            let n = tokio::time::timeout(Duration::from_secs(5), client.read(&mut buf))
-                .await
-                .expect("frames within 5 s")
-                .unwrap();
-            if n == 0 {
-                return false;
-            }
-            got.extend_from_slice(&buf[..n]);
-        }
-    }
-
-    /// The frames the server sends until it closes: (type, flags, stream, payload).
-    async fn h2_frames_until_the_end(
-        client: &mut tokio::net::TcpStream,
-    ) -> Vec<(u8, u8, u32, Vec<u8>)> {
-        let mut got = Vec::new();
-        tokio::time::timeout(Duration::from_secs(5), client.read_to_end(&mut got))
-            .await
-            .expect("closed within 5 s")
-            .expect("a FIN, not a reset");
-        let mut frames = Vec::new();
-        let mut rest = &got[..];
-        while rest.len() >= 9 {
-            let len = usize::from(rest[0]) << 16 | usize::from(rest[1]) << 8 | usize::from(rest[2]);
-            let id = u32::from_be_bytes([rest[5], rest[6], rest[7], rest[8]]);
-            frames.push((rest[3], rest[4], id, rest[9..9 + len].to_vec()));
-            rest = &rest[9 + len..];
-        }
-        assert!(rest.is_empty(), "half a frame at the end: {got:?}");
-        frames
-    }
-
-    #[tokio::test]
-    async fn a_drain_closes_an_http2_connection_at_rest_in_h2_with_one_goaway_and_no_ping() {
-        // A tick of 5 s: after its second request the connection stays in h2.
-        let server = Arc::new(one_connection_with(10_000));
+    /// A raw HTTP/2 client of `server` that opened its connection window (as clients do)
+    /// and got its first answer, after which its connection left h2; and the task that
+    /// served it.
+    async fn h2_first_exchange(
+        server: &Arc<OneConnection>,
+    ) -> (tokio::net::TcpStream, tokio::task::JoinHandle<()>) {
         let (mut client, serving) = tcp_connection_of(server.clone()).await;
         let mut hello = H2_PREFACE.to_vec();
         hello.extend(h2_frame(4, 0, 0, &[]));
@@ -1627,6 +1632,73 @@ mod tests {
         client.write_all(&hello).await.unwrap();
         assert!(h2_answered(&mut client, 1).await);
         parked(1).await;
+        (client, serving)
+    }
+
+    /// The next frame from the server, from `got` and what more it sends (within 5 s):
+    /// (type, flags, stream, payload); none if it closed.
+    async fn h2_next_frame(
+        client: &mut tokio::net::TcpStream,
+        got: &mut Vec<u8>,
+    ) -> Option<(u8, u8, u32, Vec<u8>)> {
+        let mut buf = [0u8; 4096];
+        loop {
+            if got.len() >= 9 {
+                let len =
+                    usize::from(got[0]) << 16 | usize::from(got[1]) << 8 | usize::from(got[2]);
+                if got.len() >= 9 + len {
+                    let id = u32::from_be_bytes([got[5], got[6], got[7], got[8]]);
+                    let frame = (got[3], got[4], id, got[9..9 + len].to_vec());
+                    got.drain(..9 + len);
+                    return Some(frame);
+                }
+            }
+            let n = tokio::time::timeout(Duration::from_secs(5), client.read(&mut buf))
+                .await
+                .expect("frames within 5 s")
+                .unwrap();
+            if n == 0 {
+                return None;
+            }
+            got.extend_from_slice(&buf[..n]);
+        }
+    }
+
+    /// The frames the server sends until it closes, with a FIN: (type, flags, stream,
+    /// payload).
+    async fn h2_frames_until_the_end(
+        client: &mut tokio::net::TcpStream,
+    ) -> Vec<(u8, u8, u32, Vec<u8>)> {
+        let mut got = Vec::new();
+        let mut frames = Vec::new();
+        while let Some(frame) = h2_next_frame(client, &mut got).await {
+            frames.push(frame);
+        }
+        assert!(got.is_empty(), "half a frame at the end: {got:?}");
+        frames
+    }
+
+    /// Reads frames until `stream` ends, or for stream 0 until a PING answer
+    /// (acknowledging the server's SETTINGS); false if a GOAWAY or the end came first.
+    async fn h2_answered(client: &mut tokio::net::TcpStream, stream: u32) -> bool {
+        let mut got = Vec::new();
+        while let Some((kind, flags, id, _)) = h2_next_frame(client, &mut got).await {
+            match kind {
+                4 if flags & 1 == 0 => client.write_all(&h2_frame(4, 1, 0, &[])).await.unwrap(),
+                7 => return false,
+                0 | 1 if id == stream && stream != 0 && flags & 1 != 0 => return true,
+                6 if stream == 0 && flags & 1 != 0 => return true,
+                _ => {}
+            }
+        }
+        false
+    }
+
+    #[tokio::test]
+    async fn a_drain_closes_an_http2_connection_at_rest_in_h2_with_one_goaway_and_no_ping() {
+        // A tick of 5 s: after its second request the connection stays in h2.
+        let server = Arc::new(one_connection_with(10_000));
+        let (mut client, serving) = h2_first_exchange(&server).await;
         client.write_all(&h2_get(3)).await.unwrap();
         assert!(h2_answered(&mut client, 3).await);
         // Back in h2, where it stays until its clock ticks.
@@ -1642,22 +1714,127 @@ mod tests {
             "{frames:?}"
         );
         assert!(!kinds.contains(&6), "a PING: {frames:?}");
+        // The server reads what the client still sends until it closes too.
+        drop(client);
         ended(serving, Duration::from_secs(1), "the connection ended").await;
         all_ended(&server, Duration::from_secs(1), "the connection ended").await;
     }
 
     #[tokio::test]
-    async fn late_frames_on_streams_closed_before_the_park_are_ignored() {
+    async fn pings_alone_do_not_keep_an_idle_http2_connection_past_keepalive_timeout() {
+        let mut settings = WorkerSettings::default();
+        settings.http.header_read_timeout_ms = 200;
+        settings.http.keepalive_timeout_ms = 600;
+        let router = Router::build(Vec::new(), &settings.http.health_path).expect("router");
+        let server = Arc::new(OneConnection::new(settings, router));
+        let (mut client, _serving) = h2_first_exchange(&server).await;
+        // A PING every 100 ms brings the connection back each time; yet it is closed, with
+        // a GOAWAY, within 2.25 keepalive_timeouts of its last request (and some slack).
+        let began = std::time::Instant::now();
+        let goaway = loop {
+            assert!(
+                began.elapsed() < Duration::from_secs(3),
+                "still open after 3 s of PINGs"
+            );
+            if client.write_all(&h2_frame(6, 0, 0, &[1; 8])).await.is_err() {
+                break false;
+            }
+            let mut buf = [0u8; 4096];
+            match tokio::time::timeout(Duration::from_millis(100), client.read(&mut buf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => break false,
+                Ok(Ok(n)) => {
+                    // A GOAWAY (type 7) among what came: the connection is closing.
+                    let mut rest = &buf[..n];
+                    let mut seen = false;
+                    while rest.len() >= 9 {
+                        let len = usize::from(rest[1]) << 8 | usize::from(rest[2]);
+                        seen |= rest[3] == 7;
+                        rest = &rest[(9 + len).min(rest.len())..];
+                    }
+                    if seen {
+                        break true;
+                    }
+                }
+                Err(_) => {}
+            }
+        };
+        assert!(goaway, "closed without a GOAWAY");
+        drop(client);
+        all_ended(&server, Duration::from_secs(2), "the connection ended").await;
+    }
+
+    /// Reads frames until `stream` ends or is reset: the RST_STREAM error codes seen on it,
+    /// and whether a GOAWAY came.
+    async fn h2_resets_of(client: &mut tokio::net::TcpStream, stream: u32) -> (Vec<u32>, bool) {
+        let mut got = Vec::new();
+        let mut resets = Vec::new();
+        while let Some((kind, flags, id, payload)) = h2_next_frame(client, &mut got).await {
+            match kind {
+                7 => return (resets, true),
+                3 if id == stream => {
+                    resets.push(u32::from_be_bytes(payload[..4].try_into().unwrap()));
+                    break;
+                }
+                0 | 1 if id == stream && flags & 1 != 0 => break,
+                _ => {}
+            }
+        }
+        (resets, false)
+    }
+
+    #[tokio::test]
+    async fn a_request_body_past_64_kib_sent_at_once_to_a_resumed_connection_is_taken() {
+        let server = Arc::new(one_connection_with(200));
+        let (mut client, _serving) = h2_first_exchange(&server).await;
+        held_idle(&server, 1).await;
+        // The server's settings (1 MiB per stream) were acknowledged long ago: a POST with
+        // 160 KiB of body, all at once, as the client may.
+        let path = b"/_baton/health";
+        let mut block = vec![0x83, 0x86, 0x04, path.len() as u8];
+        block.extend_from_slice(path);
+        block.extend_from_slice(&[0x01, 0x01, b'x']);
+        let mut post = h2_frame(1, 0x4, 3, &block);
+        for i in 0..10 {
+            post.extend(h2_frame(
+                0,
+                if i == 9 { 1 } else { 0 },
+                3,
+                &[b'a'; 16 * 1024],
+            ));
+        }
+        client.write_all(&post).await.unwrap();
+        let (resets, goaway) = h2_resets_of(&mut client, 3).await;
+        assert!(!goaway, "a GOAWAY");
+        // FLOW_CONTROL_ERROR is 3.
+        assert!(
+            !resets.contains(&3),
+            "stream 3 reset for flow control: {resets:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_preface_read_with_half_a_frame_header_after_it_is_followed_whole() {
         let server = Arc::new(one_connection_with(200));
         let (mut client, _serving) = tcp_connection_of(server.clone()).await;
         let mut hello = H2_PREFACE.to_vec();
         hello.extend(h2_frame(4, 0, 0, &[]));
-        // A window as clients open it.
         hello.extend(h2_frame(8, 0, 0, &(1u32 << 24).to_be_bytes()));
-        hello.extend(h2_get(1));
+        let get = h2_get(1);
+        // The first read ends 4 bytes into a header, the next brings 1 byte, then the rest.
+        hello.extend_from_slice(&get[..4]);
         client.write_all(&hello).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        client.write_all(&get[4..5]).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        client.write_all(&get[5..]).await.unwrap();
         assert!(h2_answered(&mut client, 1).await);
         parked(1).await;
+    }
+
+    #[tokio::test]
+    async fn late_frames_on_streams_closed_before_the_park_are_ignored() {
+        let server = Arc::new(one_connection_with(200));
+        let (mut client, _serving) = h2_first_exchange(&server).await;
         held_idle(&server, 1).await;
         // RFC 9113 lets a WINDOW_UPDATE or RST_STREAM follow a stream's end for a while.
         let mut late = h2_frame(8, 0, 1, &100u32.to_be_bytes());

@@ -27,9 +27,13 @@
 //!   start afresh: the entries it adds are the newest in the client's table, found at the
 //!   same indices whatever older ones that table still holds.
 //!
-//! Every SETTINGS and PING must be acknowledged and the client's first SETTINGS replayed
-//! is answered by the new connection with an acknowledgement the client never asked for:
-//! that one is dropped on its way out.
+//! Every SETTINGS and PING must be acknowledged before a connection leaves h2. The replay
+//! also acknowledges the new connection's own SETTINGS, which the client already applied
+//! (the same worker sends the same settings), so that they hold from its first frame:
+//! the window of a new stream among them (h2 opens new streams with 64 KiB until its
+//! settings are acknowledged, and a request body sent at once would overrun that). So
+//! the new connection's SETTINGS is dropped on its way out, and so is its acknowledgement
+//! of the client's replayed SETTINGS: the client never asked for either.
 //!
 //! A connection is at rest ([`H2Idle::rest`]) when all of that is settled: every stream
 //! the client opened has ended both ways, no frame is half read or half written, no GOAWAY
@@ -327,6 +331,8 @@ pub(crate) enum Rest {
 struct OutFilter {
     /// SETTINGS acknowledgements to drop (the answer to the replayed SETTINGS).
     acks: u32,
+    /// SETTINGS frames to drop (the new connection's own, acknowledged in the replay).
+    settings: u32,
     /// How much more the new connection thinks the client may send than the client
     /// thinks: taken off (or added to) its connection WINDOW_UPDATEs until even.
     debt: i64,
@@ -336,7 +342,7 @@ struct OutFilter {
 
 impl OutFilter {
     fn done(&self) -> bool {
-        self.acks == 0 && self.debt == 0
+        self.acks == 0 && self.settings == 0 && self.debt == 0
     }
 }
 
@@ -374,6 +380,9 @@ pub(crate) struct H2Idle {
     parks: u32,
     /// The header table size the server last told the client (HPACK's 4,096 if never).
     server_table: u32,
+    /// The connection's request count ([`crate::conn_state::ConnState::activity`]) at a
+    /// park, and when it was first seen there: since then no request began.
+    quiet_since: Option<(u64, std::time::Instant)>,
 }
 
 impl H2Idle {
@@ -400,6 +409,7 @@ impl H2Idle {
             broken: false,
             parks: 0,
             server_table: 4096,
+            quiet_since: None,
         }
     }
 
@@ -410,12 +420,10 @@ impl H2Idle {
     }
 
     /// Bytes from the client, about to be given to h2. Frames on streams closed before the
-    /// last park are turned into frames h2 ignores. With `hold`, returns how many bytes at
-    /// the end begin a frame header that is not complete: they are to be held back and
-    /// given again with what follows, so that a header is always whole in one piece, where
-    /// it can be changed. (Without, 0: the bytes a new connection's first read brought, on
-    /// which there is nothing to change.)
-    pub(crate) fn inbound(&mut self, piece: &mut [u8], hold: bool) -> usize {
+    /// last park are turned into frames h2 ignores. Returns how many bytes at the end begin
+    /// a frame header that is not complete: they are to be held back and given again with
+    /// what follows, so that a header is always whole in one piece, where it can be changed.
+    pub(crate) fn inbound(&mut self, piece: &mut [u8]) -> usize {
         let mut pos = 0;
         if self.preface_left > 0 {
             let n = self.preface_left.min(piece.len());
@@ -428,7 +436,9 @@ impl H2Idle {
         while let Some(event) = self.inbound.next(piece, &mut pos) {
             match event {
                 Event::Head { head, at } => {
-                    if head.stream != 0 && head.stream <= self.old_streams && head.kind != HEADERS {
+                    // Their HEADERS too (trailers): a client that knows its header table is
+                    // 0 bytes adds nothing to it with them.
+                    if head.stream != 0 && head.stream <= self.old_streams {
                         match at {
                             Some(at) => piece[at + 3] = IGNORED,
                             None => self.broken = true,
@@ -437,9 +447,6 @@ impl H2Idle {
                 }
                 Event::Frame(head) => self.client_frame(head),
             }
-        }
-        if !hold {
-            return 0;
         }
         let held = self.inbound.partial_head();
         self.inbound.unsee_partial_head();
@@ -588,6 +595,30 @@ impl H2Idle {
         }
     }
 
+    /// Since when the connection has had no request, at a park with `activity` requests
+    /// begun in all: now, unless none began since an earlier park. A client that only sends
+    /// frames of its own (PINGs, WINDOW_UPDATEs) brings the connection back each time, and
+    /// must not keep it open past `keepalive_timeout` so.
+    pub(crate) fn quiet_since(&mut self, activity: u64) -> std::time::Instant {
+        match self.quiet_since {
+            Some((mark, since)) if mark == activity => since,
+            _ => {
+                let now = std::time::Instant::now();
+                self.quiet_since = Some((activity, now));
+                now
+            }
+        }
+    }
+
+    /// How long the connection has had no request, if no request began since the last
+    /// park (`activity` as in [`H2Idle::quiet_since`]); zero otherwise.
+    pub(crate) fn quiet_for(&self, activity: u64) -> std::time::Duration {
+        match self.quiet_since {
+            Some((mark, since)) if mark == activity => since.elapsed(),
+            _ => std::time::Duration::ZERO,
+        }
+    }
+
     /// How often the connection left h2.
     pub(crate) fn parks(&self) -> u32 {
         self.parks
@@ -604,9 +635,10 @@ impl H2Idle {
     }
 
     /// The bytes a new h2 connection reads first, in front of what the socket brings: the
-    /// client's preface and settings as it sent them, and what it granted the server on the
-    /// connection. From here on, frames on the streams it used before are ignored, and the
-    /// new connection's first frames to the client are adjusted ([`H2Idle::filter_out`]).
+    /// client's preface and settings as it sent them, the acknowledgement of the server's
+    /// settings, and what the client granted the server on the connection. From here on,
+    /// frames on the streams it used before are ignored, and the new connection's first
+    /// frames to the client are adjusted ([`H2Idle::filter_out`]).
     pub(crate) fn resume(&mut self) -> Vec<u8> {
         let mut replay = PREFACE.to_vec();
         let settings: Vec<u8> = self
@@ -615,6 +647,7 @@ impl H2Idle {
             .flat_map(|(id, value)| id.to_be_bytes().into_iter().chain(value.to_be_bytes()))
             .collect();
         replay.extend(frame(SETTINGS, 0, 0, &settings));
+        replay.extend(frame(SETTINGS, ACK, 0, &[]));
         let granted = self.send_window - INITIAL_WINDOW;
         if granted > 0 {
             replay.extend(frame(WINDOW_UPDATE, 0, 0, &(granted as u32).to_be_bytes()));
@@ -622,6 +655,7 @@ impl H2Idle {
         self.old_streams = self.last_stream;
         self.filter = Some(OutFilter {
             acks: 1,
+            settings: 1,
             debt: INITIAL_WINDOW - self.recv_window,
             partial: Vec::new(),
         });
@@ -658,6 +692,10 @@ impl H2Idle {
             used += whole.len();
             if head.kind == SETTINGS && head.flags & ACK != 0 && filter.acks > 0 {
                 filter.acks -= 1;
+                continue;
+            }
+            if head.kind == SETTINGS && head.flags & ACK == 0 && filter.settings > 0 {
+                filter.settings -= 1;
                 continue;
             }
             if head.kind == WINDOW_UPDATE && head.stream == 0 && filter.debt != 0 {
@@ -741,7 +779,7 @@ mod tests {
         for chunk in bytes.chunks(size) {
             let mut piece = std::mem::take(&mut held);
             piece.extend_from_slice(chunk);
-            let keep = h2.inbound(&mut piece, true);
+            let keep = h2.inbound(&mut piece);
             held = piece.split_off(piece.len() - keep);
             given.extend(piece);
         }
@@ -901,6 +939,7 @@ mod tests {
         let replay = h2.resume();
         let mut expected = PREFACE.to_vec();
         expected.extend(settings(&[(2, 0), (4, 1 << 20)]));
+        expected.extend(frame(SETTINGS, ACK, 0, &[]));
         expected.extend(window_update(0, (1 << 24) - 5));
         assert_eq!(replay, expected);
         assert!(h2.filtering());
@@ -932,8 +971,9 @@ mod tests {
             h2.filter_out(piece, &mut out);
         }
         assert!(!h2.filtering());
-        let mut expected = settings(&[(1, 0), (3, 200)]);
-        expected.extend(window_update(0, 1000));
+        // Its SETTINGS (acknowledged in the replay) and its acknowledgement of the
+        // client's go; the update is what the client's window lacks.
+        let mut expected = window_update(0, 1000);
         expected.extend(frame(HEADERS, END_HEADERS, 5, &[0x88]));
         assert_eq!(out, expected);
         assert_eq!(h2.recv_window, i64::from(CONN_WINDOW));
@@ -943,6 +983,7 @@ mod tests {
         whole.park();
         whole.resume();
         let mut out = Vec::new();
+        whole.filter_out(&settings(&[(1, 0), (3, 200)]), &mut out);
         whole.filter_out(&frame(SETTINGS, ACK, 0, &[]), &mut out);
         whole.filter_out(&window_update(0, CONN_WINDOW - 65_535), &mut out);
         assert!(out.is_empty());
@@ -957,6 +998,8 @@ mod tests {
         h2.resume();
         let mut late = window_update(1, 100);
         late.extend(frame(RST_STREAM, 0, 1, &[0, 0, 0, 8]));
+        // Trailers, on a stream the new connection never saw.
+        late.extend(frame(HEADERS, END_STREAM | END_HEADERS, 1, &[0x82]));
         late.extend(get(3, PLAIN_BLOCK));
         late.extend(window_update(3, 100));
         for size in [1, 4, 9, 11, 4096] {
@@ -968,7 +1011,8 @@ mod tests {
             assert_eq!(given.len(), late.len());
             assert_eq!(given[3], IGNORED, "pieces of {size}");
             assert_eq!(given[13 + 3], IGNORED);
-            assert_eq!(given[26..], late[26..], "stream 3 is new");
+            assert_eq!(given[26 + 3], IGNORED);
+            assert_eq!(given[36..], late[36..], "stream 3 is new");
             assert_eq!(copy.last_stream(), 3);
         }
     }

@@ -20,9 +20,10 @@
 //! what it resumes is handed back to the connection's code ([`Resume`]).
 //!
 //! An idle HTTP/2 connection out of h2 ([`Waiting::Http2`], from [`crate::h2_idle`])
-//! waits here as a keep-alive one does, with two differences: the set closes it with a
-//! GOAWAY before the FIN, and at once when a drain begins (a GOAWAY tells an HTTP/2 client
-//! to take its next request elsewhere; no grace is needed for it).
+//! waits here until its client sends, its `keepalive_timeout` runs out or a drain begins;
+//! the set never closes one: it resumes it, and the connection's code closes it with a
+//! GOAWAY of its own (a GOAWAY tells an HTTP/2 client to take its next request elsewhere,
+//! so no grace is needed for it at a drain).
 //!
 //! Quiet WebSockets wait here too ([`Waiting::WebSocket`], from [`crate::websocket`]),
 //! without their task and tungstenite's buffers. The set never closes one: it resumes it
@@ -61,7 +62,7 @@ impl AsFd for IdleSocket {
 impl IdleSocket {
     /// Whether the client sent something that is not read yet. Closing the socket then
     /// would send a reset (and lose a request): such a connection is resumed instead.
-    fn has_unread(&self) -> bool {
+    pub(crate) fn has_unread(&self) -> bool {
         use nix::sys::socket::{MsgFlags, recv};
         use std::os::fd::AsRawFd;
         let mut byte = [0u8; 1];
@@ -85,10 +86,10 @@ pub(crate) enum Waiting {
     /// An HTTP/1 keep-alive connection, for its next request: closed (with a FIN) when its
     /// idle time runs out, or when the drain's grace ends.
     Request,
-    /// An HTTP/2 connection out of h2 ([`crate::h2_idle`]), for its next request: as
-    /// [`Waiting::Request`], but closed at once when the drain begins, and always with a
-    /// GOAWAY that says every stream up to `last_stream` was processed.
-    Http2 { last_stream: u32 },
+    /// An HTTP/2 connection out of h2 ([`crate::h2_idle`]), for its next request: resumed
+    /// when its client sends, when its deadline comes (`keepalive_timeout`) and when the
+    /// drain begins; its resume closes it then, with a GOAWAY. Never closed here.
+    Http2,
     /// A quiet WebSocket: resumed when its client sends, when its deadline comes (a ping
     /// is due), when its plugin sends ([`IdleSet::wake`]), `spread` after the drain began
     /// (its task then closes it with 1012) or at the forced phase. Never closed here.
@@ -96,25 +97,11 @@ pub(crate) enum Waiting {
 }
 
 impl Waiting {
-    /// The set closes such a connection when its idle time runs out or the drain says so
-    /// (unless its client sent something meanwhile): a keep-alive connection, not a
-    /// WebSocket.
+    /// The set closes such a connection when its idle time runs out or the drain's grace
+    /// ends (unless its client sent something meanwhile): an HTTP/1 keep-alive connection.
+    /// The others are resumed instead, and closed by their own code.
     fn closed_here(self) -> bool {
-        matches!(self, Waiting::Request | Waiting::Http2 { .. })
-    }
-
-    /// What the client is told before the set closes its connection: an HTTP/2 client a
-    /// GOAWAY (a connection with nothing in flight and an empty send buffer takes the few
-    /// bytes at once; if not, the close alone tells it).
-    fn farewell(self, socket: &IdleSocket) {
-        use std::io::Write;
-        if let Waiting::Http2 { last_stream } = self {
-            let goaway = crate::h2_idle::goaway(last_stream);
-            let _ = match socket {
-                IdleSocket::Tcp(s) => (&*s).write(&goaway),
-                IdleSocket::Unix(s) => (&*s).write(&goaway),
-            };
-        }
+        self == Waiting::Request
     }
 }
 
@@ -140,9 +127,6 @@ struct Entry {
 enum Sweep {
     /// Takes what is due by then: keep-alive connections are closed, WebSockets resumed.
     Due(Instant),
-    /// The drain began: idle HTTP/2 connections are closed (their GOAWAY tells their
-    /// clients to go elsewhere at once).
-    Http2,
     /// The drain's grace is over: every keep-alive connection is closed, and none parks
     /// any more; WebSockets wait for their place in the drain's spread.
     GraceOver,
@@ -269,7 +253,7 @@ impl IdleSet {
         let mut slots = self.lock();
         let refused = match waiting {
             Waiting::Request => slots.ended,
-            Waiting::Http2 { .. } | Waiting::WebSocket { .. } => slots.draining || slots.ended,
+            Waiting::Http2 | Waiting::WebSocket { .. } => slots.draining || slots.ended,
         };
         if refused {
             drop(slots);
@@ -278,8 +262,6 @@ impl IdleSet {
             // to its task, which closes it.
             if !waiting.closed_here() || socket.has_unread() {
                 resume(socket);
-            } else {
-                waiting.farewell(&socket);
             }
             return None;
         }
@@ -335,8 +317,11 @@ impl IdleSet {
             .enumerate()
             .filter_map(|(index, entry)| {
                 let entry = entry.as_ref()?;
-                let Waiting::WebSocket { spread } = entry.waiting else {
-                    return None;
+                let spread = match entry.waiting {
+                    Waiting::WebSocket { spread } => spread,
+                    // Closed at once, by its resume.
+                    Waiting::Http2 => Duration::ZERO,
+                    Waiting::Request => return None,
                 };
                 let parked = Parked {
                     index: index as u32,
@@ -385,7 +370,7 @@ impl IdleSet {
     /// [`IdleSet::sweep`], `chunk` entries at a time: a park or a resume on another thread
     /// waits for one chunk at most, not for a look through a million entries.
     fn sweep_by(&self, epoll: Option<&Epoll>, sweep: Sweep, chunk: usize) {
-        if !matches!(sweep, Sweep::Due(_)) {
+        if matches!(sweep, Sweep::GraceOver | Sweep::All) {
             self.lock().ended = true;
         }
         let mut due = Vec::new();
@@ -399,7 +384,6 @@ impl IdleSet {
                         .as_ref()
                         .is_some_and(|e| match sweep {
                             Sweep::Due(now) => e.deadline <= now,
-                            Sweep::Http2 => matches!(e.waiting, Waiting::Http2 { .. }),
                             Sweep::GraceOver => e.waiting.closed_here(),
                             Sweep::All => true,
                         });
@@ -431,8 +415,6 @@ impl IdleSet {
                         let _ = epoll.delete(&entry.socket);
                     }
                     (entry.resume)(entry.socket);
-                } else {
-                    entry.waiting.farewell(&entry.socket);
                 }
             }
             if !more {
@@ -487,7 +469,6 @@ impl IdleSet {
                     let now = Instant::now();
                     grace_ends = Some(now + grace);
                     spread = self.begin_drain(now);
-                    self.sweep(Some(epoll), Sweep::Http2);
                 }
                 () = tokio::time::sleep_until(next_spread.unwrap_or_else(Instant::now)),
                     if next_spread.is_some() => {
@@ -755,12 +736,49 @@ mod tests {
         tokio::time::sleep(grace / 3).await;
         sender.write_all(b"last").unwrap();
         until("the sender resumed", || resumed.load(Ordering::SeqCst) == 1).await;
+        // Within the grace a keep-alive connection that goes idle still waits (its next
+        // request would be answered with `Connection: close`); an HTTP/2 one goes back to
+        // its own code at once, which closes it with a GOAWAY.
+        let (during, socket) = pair();
+        let waits = set.park(
+            socket,
+            Duration::from_secs(60),
+            Waiting::Request,
+            echo_once(&resumed),
+        );
+        assert!(waits.is_some(), "refused within the grace");
+        let (_h2, socket) = pair();
+        let h2_resumed = Arc::new(AtomicUsize::new(0));
+        let h2_waits = {
+            let h2_resumed = h2_resumed.clone();
+            set.park(
+                socket,
+                Duration::from_secs(60),
+                Waiting::Http2,
+                Box::new(move |_| {
+                    h2_resumed.fetch_add(1, Ordering::SeqCst);
+                }),
+            )
+        };
+        assert!(h2_waits.is_none());
+        assert_eq!(
+            h2_resumed.load(Ordering::SeqCst),
+            1,
+            "given back to be closed"
+        );
         let mut rest = Vec::new();
         let n = tokio::task::spawn_blocking(move || silent.read_to_end(&mut rest))
             .await
             .unwrap()
             .expect("a FIN, not a reset");
         assert_eq!(n, 0);
+        let mut during = during;
+        let mut rest = Vec::new();
+        let n = tokio::task::spawn_blocking(move || during.read_to_end(&mut rest))
+            .await
+            .unwrap()
+            .expect("a FIN, not a reset");
+        assert_eq!(n, 0, "closed after the grace, with nothing sent");
         assert!(began.elapsed() >= grace, "{:?}", began.elapsed());
         watcher.await.unwrap();
         // The grace is over: a connection that goes idle now is closed, not held.
