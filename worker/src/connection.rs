@@ -176,13 +176,12 @@ pub(crate) async fn watch_idle(shared: Arc<Shared>, watch: DrainWatch) {
 /// Serves a connection again that waited idle in the worker's idle set
 /// ([`crate::idle`]): its client sent something (or closed). An HTTP/2 connection goes
 /// back to a new h2 connection ([`crate::h2_idle`]).
-fn resume<I: Socket>(socket: IdleSocket, detached: Detached, guard: ConnectionGuard) {
-    if let Some(h2) = &detached.h2 {
+fn resume<I: Socket>(socket: IdleSocket, mut detached: Detached, guard: ConnectionGuard) {
+    if let Some(h2) = &mut detached.h2 {
         // Brought back by the drain or its deadline, not by its client: closed.
         let ctx = &detached.ctx;
-        let keepalive = Duration::from_millis(ctx.shared.settings.http.keepalive_timeout_ms);
         let over = ctx.shared.closing_at.get().is_some()
-            || h2.quiet_for(ctx.state.activity()) >= keepalive;
+            || h2.idle_left(ctx.state.activity(), keepalive(ctx)).is_zero();
         if over && !socket.has_unread() {
             return goodbye::<I>(socket, h2.last_stream(), guard);
         }
@@ -293,14 +292,14 @@ fn serve<I: Socket>(
             ctx.shared.parked.fetch_add(1, Ordering::Relaxed);
             #[cfg(test)]
             tests::PARKS.with(|p| p.set(p.get() + 1));
-            let (last_stream, quiet_since) = match detached.h2.as_mut() {
-                Some(h2) => (h2.last_stream(), h2.quiet_since(ctx.state.activity())),
-                None => (0, std::time::Instant::now()),
-            };
+            let h2 = detached
+                .h2
+                .as_mut()
+                .expect("a handed-off connection is HTTP/2");
+            let last_stream = h2.last_stream();
             // What is left of keepalive_timeout since its last request (none left: closed
             // now, with a GOAWAY).
-            let keepalive = Duration::from_millis(settings.http.keepalive_timeout_ms);
-            let idle_for = keepalive.saturating_sub(quiet_since.elapsed());
+            let idle_for = h2.idle_left(ctx.state.activity(), keepalive(&ctx));
             if idle_for.is_zero() {
                 return goodbye::<I>(socket, last_stream, guard);
             }
@@ -470,16 +469,10 @@ async fn drive_h2<C: Future<Output = hyper::Result<()>>>(
         conn: conn.as_mut(),
         slot,
     };
+    // On return h2's connection is dropped, and its socket with it: a connection handed
+    // off goes on with the idle set's copy.
     match lazy_select(serving, side).await {
-        Either::Main(H2End::Parked(handoff)) => {
-            // h2's connection goes, and its socket with it (the idle set has a copy).
-            drop(conn);
-            return Some(handoff);
-        }
-        Either::Main(H2End::Ended(result)) => {
-            log_end(result);
-            return None;
-        }
+        Either::Main(end) => return end.handed_off(),
         Either::Side(Some(Expired::Header)) => {
             // Nothing is in flight; hyper would wait for the head to finish.
             tracing::debug!("request head not complete within header_read_timeout; closing");
@@ -501,16 +494,8 @@ async fn drive_h2<C: Future<Output = hyper::Result<()>>>(
                     slot,
                 };
                 let waited = Box::pin(tokio::time::sleep(grace));
-                match lazy_select(serving, waited).await {
-                    Either::Main(H2End::Parked(handoff)) => {
-                        drop(conn);
-                        return Some(handoff);
-                    }
-                    Either::Main(H2End::Ended(result)) => {
-                        log_end(result);
-                        return None;
-                    }
-                    Either::Side(()) => {}
+                if let Either::Main(end) = lazy_select(serving, waited).await {
+                    return end.handed_off();
                 }
             }
         }
@@ -530,6 +515,19 @@ async fn drive_h2<C: Future<Output = hyper::Result<()>>>(
 enum H2End {
     Ended(hyper::Result<()>),
     Parked(HandOff),
+}
+
+impl H2End {
+    /// The socket handed off, if it was; an end is logged.
+    fn handed_off(self) -> Option<HandOff> {
+        match self {
+            H2End::Parked(handoff) => Some(handoff),
+            H2End::Ended(result) => {
+                log_end(result);
+                None
+            }
+        }
+    }
 }
 
 /// h2's connection, watched for its socket being handed off ([`ConnIo::try_hand_off`]).
@@ -621,6 +619,40 @@ pub(crate) trait Socket: AsyncRead + AsyncWrite + Unpin + Send + 'static {
     }
 }
 
+/// The idle-set methods of a socket kind that waits there as `IdleSocket::$kind`: TCP and
+/// Unix sockets make the same calls on two types.
+macro_rules! idle_socket {
+    ($kind:ident) => {
+        fn poll_readable(
+            &self,
+            cx: &mut std::task::Context<'_>,
+        ) -> Option<std::task::Poll<std::io::Result<()>>> {
+            Some(self.poll_read_ready(cx))
+        }
+
+        fn can_idle(&self) -> bool {
+            true
+        }
+
+        fn into_idle(self) -> std::io::Result<IdleSocket> {
+            self.into_std().map(IdleSocket::$kind)
+        }
+
+        fn from_idle(socket: IdleSocket) -> std::io::Result<Self> {
+            match socket {
+                IdleSocket::$kind(s) => Self::from_std(s),
+                _ => Err(std::io::ErrorKind::InvalidInput.into()),
+            }
+        }
+
+        fn try_clone_idle(&self) -> std::io::Result<IdleSocket> {
+            use std::os::fd::AsFd;
+            let fd = self.as_fd().try_clone_to_owned()?;
+            Ok(IdleSocket::$kind(fd.into()))
+        }
+    };
+}
+
 impl Socket for tokio::net::TcpStream {
     fn set_nodelay(&self) {
         if let Err(e) = tokio::net::TcpStream::set_nodelay(self, true) {
@@ -628,63 +660,11 @@ impl Socket for tokio::net::TcpStream {
         }
     }
 
-    fn poll_readable(
-        &self,
-        cx: &mut std::task::Context<'_>,
-    ) -> Option<std::task::Poll<std::io::Result<()>>> {
-        Some(self.poll_read_ready(cx))
-    }
-
-    fn can_idle(&self) -> bool {
-        true
-    }
-
-    fn into_idle(self) -> std::io::Result<IdleSocket> {
-        self.into_std().map(IdleSocket::Tcp)
-    }
-
-    fn from_idle(socket: IdleSocket) -> std::io::Result<Self> {
-        match socket {
-            IdleSocket::Tcp(s) => Self::from_std(s),
-            IdleSocket::Unix(_) => Err(std::io::ErrorKind::InvalidInput.into()),
-        }
-    }
-
-    fn try_clone_idle(&self) -> std::io::Result<IdleSocket> {
-        use std::os::fd::AsFd;
-        let fd = self.as_fd().try_clone_to_owned()?;
-        Ok(IdleSocket::Tcp(fd.into()))
-    }
+    idle_socket!(Tcp);
 }
 
 impl Socket for tokio::net::UnixStream {
-    fn poll_readable(
-        &self,
-        cx: &mut std::task::Context<'_>,
-    ) -> Option<std::task::Poll<std::io::Result<()>>> {
-        Some(self.poll_read_ready(cx))
-    }
-
-    fn can_idle(&self) -> bool {
-        true
-    }
-
-    fn into_idle(self) -> std::io::Result<IdleSocket> {
-        self.into_std().map(IdleSocket::Unix)
-    }
-
-    fn from_idle(socket: IdleSocket) -> std::io::Result<Self> {
-        match socket {
-            IdleSocket::Unix(s) => Self::from_std(s),
-            IdleSocket::Tcp(_) => Err(std::io::ErrorKind::InvalidInput.into()),
-        }
-    }
-
-    fn try_clone_idle(&self) -> std::io::Result<IdleSocket> {
-        use std::os::fd::AsFd;
-        let fd = self.as_fd().try_clone_to_owned()?;
-        Ok(IdleSocket::Unix(fd.into()))
-    }
+    idle_socket!(Unix);
 }
 
 impl Socket for tokio::io::DuplexStream {}
@@ -1265,12 +1245,24 @@ impl Detached {
 /// time at once (most connections of an idle crowd go quiet after their first exchange),
 /// later once its clock found it idle for a tick (a new h2 connection per request would
 /// cost more than it saves); after a reset stream, only then. At a drain, at once.
+///
+/// The timing is looked at first: it is cheaper than the frames, and on the write path of
+/// a busy connection it is usually what says no.
 fn may_go(idle: &H2Idle, state: &ConnState) -> bool {
+    let timely = state.quiet() || state.h2_leaving();
+    if !timely && idle.parks() > 0 {
+        return false;
+    }
     match idle.rest() {
-        Rest::Yes => idle.parks() == 0 || state.quiet() || state.h2_leaving(),
-        Rest::AfterReset => state.quiet() || state.h2_leaving(),
+        Rest::Yes => true,
+        Rest::AfterReset => timely,
         Rest::No => false,
     }
+}
+
+/// `http.keepalive_timeout`.
+fn keepalive(ctx: &ConnCtx) -> Duration {
+    Duration::from_millis(ctx.shared.settings.http.keepalive_timeout_ms)
 }
 
 /// Closes an idle HTTP/2 connection out of h2: a GOAWAY that says every stream up to

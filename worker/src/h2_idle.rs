@@ -595,28 +595,24 @@ impl H2Idle {
         }
     }
 
-    /// Since when the connection has had no request, at a park with `activity` requests
-    /// begun in all: now, unless none began since an earlier park. A client that only sends
-    /// frames of its own (PINGs, WINDOW_UPDATEs) brings the connection back each time, and
-    /// must not keep it open past `keepalive_timeout` so.
-    pub(crate) fn quiet_since(&mut self, activity: u64) -> std::time::Instant {
-        match self.quiet_since {
+    /// What is left of `keepalive` for the connection, with `activity` requests begun in
+    /// all: counted from the first park since its last request (a client that only sends
+    /// frames of its own, PINGs or WINDOW_UPDATEs, brings the connection back each time, and
+    /// must not keep it open so).
+    pub(crate) fn idle_left(
+        &mut self,
+        activity: u64,
+        keepalive: std::time::Duration,
+    ) -> std::time::Duration {
+        let since = match self.quiet_since {
             Some((mark, since)) if mark == activity => since,
             _ => {
                 let now = std::time::Instant::now();
                 self.quiet_since = Some((activity, now));
                 now
             }
-        }
-    }
-
-    /// How long the connection has had no request, if no request began since the last
-    /// park (`activity` as in [`H2Idle::quiet_since`]); zero otherwise.
-    pub(crate) fn quiet_for(&self, activity: u64) -> std::time::Duration {
-        match self.quiet_since {
-            Some((mark, since)) if mark == activity => since.elapsed(),
-            _ => std::time::Duration::ZERO,
-        }
+        };
+        keepalive.saturating_sub(since.elapsed())
     }
 
     /// How often the connection left h2.
