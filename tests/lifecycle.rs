@@ -149,6 +149,47 @@ async fn baton_stop_wait_drains_and_exits_zero() {
     );
 }
 
+/// `SCHED_BATCH` and `SCHED_OTHER` (sched.h).
+const SCHED_BATCH: u32 = 3;
+const SCHED_OTHER: u32 = 0;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_run_under_sched_batch_unless_told_to_inherit() {
+    let threads = |extra: &str| TestConfig {
+        threads: 2,
+        extra: extra.to_owned(),
+        ..TestConfig::default()
+    };
+    let baton = Baton::start(threads("")).await;
+    let (_, pids) = baton.serving().await.unwrap();
+    for pid in pids {
+        let policies = procfs::policies(pid);
+        assert!(
+            policies.len() >= 3,
+            "main thread and two runtime threads: {policies:?}"
+        );
+        assert!(
+            policies.iter().all(|&p| p == SCHED_BATCH),
+            "worker {pid}: {policies:?}"
+        );
+    }
+    let supervisor = procfs::policies(baton.pid);
+    assert!(
+        supervisor.iter().all(|&p| p == SCHED_OTHER),
+        "the supervisor keeps its policy: {supervisor:?}"
+    );
+
+    let inherit = Baton::start(threads("scheduling = \"inherit\"\n")).await;
+    let (_, pids) = inherit.serving().await.unwrap();
+    for pid in pids {
+        let policies = procfs::policies(pid);
+        assert!(
+            !policies.is_empty() && policies.iter().all(|&p| p == SCHED_OTHER),
+            "worker {pid}: {policies:?}"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigquit_kills_the_workers_and_exits() {
     let mut baton = Baton::start(TestConfig {

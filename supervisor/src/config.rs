@@ -112,6 +112,9 @@ pub struct WorkerConfig {
     pub path: PathBuf,
     pub processes: usize,
     pub threads: usize,
+    /// `worker.scheduling = "batch"` (the default): workers move from the normal CPU
+    /// scheduling policy to `SCHED_BATCH`; `"inherit"`: they keep baton's.
+    pub batch_scheduling: bool,
     pub ready_timeout: Duration,
     pub drain_timeout: Duration,
     pub drain_idle_grace: Duration,
@@ -217,6 +220,7 @@ impl Config {
     pub fn worker_settings(&self, plugins: Vec<PluginSpec>) -> WorkerSettings {
         WorkerSettings {
             threads: self.worker.threads,
+            batch_scheduling: self.worker.batch_scheduling,
             drain_timeout_ms: millis(self.worker.drain_timeout),
             drain_idle_grace_ms: millis(self.worker.drain_idle_grace),
             drain_spread_ms: millis(self.worker.drain_spread.min(self.worker.drain_timeout)),
@@ -609,6 +613,21 @@ mod tests {
         let err = http_key("max_headers", "0").unwrap_err().to_string();
         assert!(
             err.starts_with("/etc/baton/baton.toml:5: http.max_headers: 0 is out of range"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn scheduling_is_batch_or_inherit_and_reaches_the_workers() {
+        let settings = |c: Config| c.worker_settings(Vec::new()).batch_scheduling;
+        assert!(settings(parse(MINIMAL).unwrap()), "batch by default");
+        let with = |value: &str| parse(&format!("{MINIMAL}[worker]\nscheduling = {value}\n"));
+        assert!(settings(with("\"batch\"").unwrap()));
+        assert!(!settings(with("\"inherit\"").unwrap()));
+        let err = with("\"fifo\"").unwrap_err().to_string();
+        assert!(err.contains(":5: worker.scheduling: \"fifo\""), "{err}");
+        assert!(
+            err.contains("\"batch\"") && err.contains("\"inherit\""),
             "{err}"
         );
     }

@@ -41,3 +41,20 @@ pub fn generation_of(pid: u32) -> Option<u64> {
         kv.strip_prefix("BATON_GENERATION=")?.parse().ok()
     })
 }
+
+/// The CPU scheduling policy of each thread of `pid` (`SCHED_OTHER` 0, `SCHED_BATCH` 3):
+/// field 41 of its `stat`.
+pub fn policies(pid: u32) -> Vec<u32> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    tasks
+        .flatten()
+        .filter_map(|task| {
+            let stat = std::fs::read_to_string(task.path().join("stat")).ok()?;
+            // Fields from the third (the state) follow the parenthesised command name.
+            let (_, rest) = stat.rsplit_once(')')?;
+            rest.split_whitespace().nth(41 - 3)?.parse().ok()
+        })
+        .collect()
+}

@@ -19,6 +19,8 @@ pub const WORKER_PATH: &str = "baton-worker";
 pub const PROCESSES: usize = 1;
 /// `worker.threads`: runtime threads per worker; 0 is one per core.
 pub const THREADS: usize = 0;
+/// `worker.scheduling`: the workers' CPU scheduling policy, `SCHED_BATCH`.
+pub const SCHEDULING: &str = "batch";
 /// `worker.ready_timeout`: how long a new generation has to become ready.
 pub const READY_TIMEOUT: &str = "10s";
 /// `worker.drain_timeout`: how long a draining worker may take.
@@ -136,6 +138,7 @@ pub const KEYS: &[(&str, DefaultValue)] = {
         ("worker.path", Str(WORKER_PATH)),
         ("worker.processes", Int(PROCESSES as u64)),
         ("worker.threads", Int(THREADS as u64)),
+        ("worker.scheduling", Str(SCHEDULING)),
         ("worker.ready_timeout", Str(READY_TIMEOUT)),
         ("worker.drain_timeout", Str(DRAIN_TIMEOUT)),
         ("worker.drain_idle_grace", Str(DRAIN_IDLE_GRACE)),

@@ -227,6 +227,7 @@ pub(super) struct RawWorker {
     path: Option<Spanned<String>>,
     processes: Option<Spanned<i64>>,
     threads: Option<Spanned<i64>>,
+    scheduling: Option<Spanned<String>>,
     ready_timeout: Option<Spanned<String>>,
     drain_timeout: Option<Spanned<String>>,
     drain_idle_grace: Option<Spanned<String>>,
@@ -252,6 +253,19 @@ impl RawWorker {
                 1..=1024,
             )?,
             threads: v.int(&self.threads, "worker.threads", defaults::THREADS, 0..=1024)?,
+            batch_scheduling: match self.scheduling.as_ref().map(|s| (s, s.get_ref().as_str())) {
+                None | Some((_, "batch")) => true,
+                Some((_, "inherit")) => false,
+                Some((s, other)) => {
+                    return Err(v.invalid(
+                        s,
+                        "worker.scheduling",
+                        &format!(
+                            "{other:?}: write \"batch\" (SCHED_BATCH) or \"inherit\" (the policy baton runs under)"
+                        ),
+                    ));
+                }
+            },
             ready_timeout: v.duration(
                 &self.ready_timeout,
                 "worker.ready_timeout",

@@ -11,6 +11,11 @@ use serde::{Deserialize, Serialize};
 pub struct WorkerSettings {
     /// Runtime threads; 0 means one per available core.
     pub threads: usize,
+    /// Move the worker's threads from the normal CPU scheduling policy to `SCHED_BATCH`
+    /// (`worker.scheduling = "batch"`). Left out of the JSON when on, the default, so
+    /// that a worker binary that predates it still reads it.
+    #[serde(default = "yes", skip_serializing_if = "is_true")]
+    pub batch_scheduling: bool,
     /// How long a drain may take before what is left is closed, in milliseconds.
     pub drain_timeout_ms: u64,
     /// How long an idle keep-alive connection is kept open once a drain began, so that a
@@ -141,6 +146,7 @@ impl Default for WorkerSettings {
     fn default() -> Self {
         Self {
             threads: 0,
+            batch_scheduling: true,
             drain_timeout_ms: 30_000,
             drain_idle_grace_ms: 1_000,
             drain_spread_ms: default_drain_spread_ms(),
@@ -199,6 +205,14 @@ impl WorkerSettings {
     }
 }
 
+fn yes() -> bool {
+    true
+}
+
+fn is_true(on: &bool) -> bool {
+    *on
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -215,6 +229,21 @@ mod tests {
         };
         let back = WorkerSettings::from_json(&settings.to_json()).unwrap();
         assert_eq!(back, settings);
+    }
+
+    #[test]
+    fn batch_scheduling_is_written_only_when_off() {
+        let on = WorkerSettings::default();
+        assert!(on.batch_scheduling);
+        assert!(
+            !on.to_json().contains("batch_scheduling"),
+            "older workers read it"
+        );
+        let off = WorkerSettings {
+            batch_scheduling: false,
+            ..WorkerSettings::default()
+        };
+        assert_eq!(WorkerSettings::from_json(&off.to_json()).unwrap(), off);
     }
 
     #[test]

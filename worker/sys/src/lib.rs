@@ -14,7 +14,8 @@
 //! - [`lease`]: whether some process has a file open for writing;
 //! - [`memory`] and [`random`]: `malloc_trim` and `getrandom`;
 //! - [`process`]: `pidfd_open`, to watch a child inherited across `exec`;
-//! - [`readiness`]: registering an owned fd with the tokio reactor.
+//! - [`readiness`]: registering an owned fd with the tokio reactor;
+//! - [`scheduling`]: the CPU scheduling policy (`SCHED_BATCH`).
 //!
 //! It decides no policy: which variable names which fd, and what a failure means, is the
 //! caller's.
@@ -27,6 +28,7 @@ pub mod memory;
 pub mod process;
 pub mod random;
 pub mod readiness;
+pub mod scheduling;
 
 /// A duplicate of `fd` that nothing owns, at a number no other test uses and the process
 /// never hands out itself (it takes the lowest free one): what an fd a parent placed for
