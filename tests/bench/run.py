@@ -6,15 +6,16 @@ One run installs what it needs (wrk, nginx, haproxy, golang-go and tableflip fro
 packages; the Go server is built offline from tests/bench/http_tableflip.go), builds Baton
 in release mode, then runs every scenario for every server, alternating them, and prints
 one table plus a JSON file. Everything binds to 127.0.0.1 and every step is bounded in
-time. `--quick` shortens (a) to (c) (under 6 minutes in all instead of about 14;
-the variants of (a) add 40 s each).
+time. `--quick` shortens (a) to (c) (about 7 minutes in all instead of about 17;
+the variants of (a) add 60 s each).
 
     python3 tests/bench/run.py [--quick] [--json PATH] [--only a,b,c,d,e,f] [--conns 1000,5000,15000]
 
 Scenarios:
-  a  steady throughput and latency: wrk -t2 -c64, keep-alive and Connection: close
-     (every server up at once, measured in turns of 2 s, 10 turns each in a full run and
-     2 in a quick one; a server's figure is over all its turns)
+  a  steady throughput and latency: wrk -t2 -c64, keep-alive and Connection: close, and
+     keep-alive under wrk -t1 (which leaves the server more CPU) (every server up at
+     once, measured in turns of 2 s, 10 turns each in a full run and 2 in a quick one; a
+     server's figure is over all its turns)
   b  an upgrade every 0.5 s under wrk -t1 -c32 (keep-alive / close): failed requests,
      socket errors, p99 and max latency
   c  upgrade latency over N upgrades, idle and under load: signal -> a new worker
@@ -740,18 +741,23 @@ def parse_wrk(out):
 
 # ---------------------------------------------------------------------- scenarios
 
+# (a)'s modes: name, Connection: close, wrk threads.
+A_MODES = (("keepalive", False, 2), ("close", True, 2), ("keepalive-t1", False, 1))
+
+
 def scenario_a(servers, turns, seconds):
     """Every server is up; they take turns of `seconds` under the same load, in an order
     that rotates, `turns` times for each mode. The machine's slow spells last several
     seconds (rounds of 5 s per server ranged by +-20% for every server): short turns,
-    taken in alternation, spread them over all servers alike."""
+    taken in alternation, spread them over all servers alike. `keepalive-t1`: keep-alive
+    under `wrk -t1`, which leaves the server more of the two cores."""
     out = {}
-    for mode, close in (("keepalive", False), ("close", True)):
+    for mode, close, threads in A_MODES:
         slices = {s.name: [] for s in servers}
         for t in range(turns):
             k = t % len(servers)
             for server in servers[k:] + servers[:k]:
-                slices[server.name].append(wrk(server.port, server.path, 2, 64, seconds, close=close))
+                slices[server.name].append(wrk(server.port, server.path, threads, 64, seconds, close=close))
         for name, rs in slices.items():
             total = {key: sum(r[key] for r in rs)
                      for key in ("requests", "non2xx", "connect", "read", "write", "timeout", "errors")}
@@ -1326,16 +1332,16 @@ def report(results, quick):
     a = {n: results["servers"][n].get("a") for n in names}
     anchor_n = a.get("nginx")
     anchor_h = a.get("hyper")
-    add("(a) steady state, wrk -t2 -c64 (servers taking turns of 2 s; p50/p99: median turn)")
-    add(f"{'server':14} {'mode':10} {'req/s':>10} {'x nginx':>8} {'x hyper':>8} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} {'errors':>7}")
+    add("(a) steady state, wrk -t2 -c64 (keepalive-t1: wrk -t1) (servers taking turns of 2 s; p50/p99: median turn)")
+    add(f"{'server':14} {'mode':12} {'req/s':>10} {'x nginx':>8} {'x hyper':>8} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} {'errors':>7}")
     for n in names:
         if not a[n]:
             continue
-        for mode in ("keepalive", "close"):
+        for mode in [m for m, _, _ in A_MODES if m in a[n]]:
             r = a[n][mode]
-            xn = r["rps"] / anchor_n[mode]["rps"] if anchor_n else None
-            xh = r["rps"] / anchor_h[mode]["rps"] if anchor_h else None
-            add(f"{n:14} {mode:10} {r['rps']:>10.0f} {fmt(xn, 2):>8} {fmt(xh, 2):>8} {fmt(r['p50_ms'], 2):>8} "
+            xn = r["rps"] / anchor_n[mode]["rps"] if anchor_n and mode in anchor_n else None
+            xh = r["rps"] / anchor_h[mode]["rps"] if anchor_h and mode in anchor_h else None
+            add(f"{n:14} {mode:12} {r['rps']:>10.0f} {fmt(xn, 2):>8} {fmt(xh, 2):>8} {fmt(r['p50_ms'], 2):>8} "
                 f"{fmt(r['p99_ms'], 2):>8} {fmt(r['max_ms'], 1):>8} {r['errors']:>7}")
     costs = [(n, VARIANTS[n]) for n in names if n in VARIANTS and a.get(n) and a.get(VARIANTS[n])]
     if costs:
@@ -1472,7 +1478,7 @@ def goals(results):
         failed = sum(b["b"][m]["errors"] for m in ("keepalive", "close"))
         line(failed == 0, f"zero failed requests across upgrades (keep-alive and close): {failed}")
     if b.get("a") and s.get("nginx", {}).get("a") and s.get("hyper", {}).get("a"):
-        for mode in ("keepalive", "close"):
+        for mode in [m for m, _, _ in A_MODES if m in b["a"] and m in s["nginx"]["a"] and m in s["hyper"]["a"]]:
             xn = b["a"][mode]["rps"] / s["nginx"]["a"][mode]["rps"]
             xh = b["a"][mode]["rps"] / s["hyper"]["a"][mode]["rps"]
             line(xn >= 1.0 and xh >= 0.95, f"{mode} throughput {xn:.2f}x nginx (>= 1.0), {xh:.2f}x bare hyper (>= 0.95)")

@@ -126,8 +126,9 @@ fn run(env: env::WorkerEnv, notifier: &notify::Notifier) -> anyhow::Result<()> {
 /// thread woken by a request preempts whatever runs on that CPU (the client of a local
 /// benchmark, a neighbouring service, another worker thread) after every few requests;
 /// under `SCHED_BATCH` it waits for that task's time slice or sleep and then finds
-/// several requests ready, at the same share of the CPU. Measured with `wrk -t1 -c64` on
-/// two cores: 1.15x the throughput (docs/BENCHMARKS.md).
+/// several requests ready, at the same share of the CPU. Measured on two cores shared
+/// with wrk: keep-alive from 0.88x to 1.06x nginx's throughput under `wrk -t1 -c64`
+/// (docs/BENCHMARKS.md, "What profiling found and changed").
 fn batch_scheduling() {
     match baton_sys::scheduling::batch_if_normal() {
         Ok(true) => tracing::debug!("scheduling policy: SCHED_BATCH"),
