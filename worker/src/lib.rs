@@ -74,6 +74,10 @@ fn run(env: env::WorkerEnv, notifier: &notify::Notifier) -> anyhow::Result<()> {
     if env.check {
         return check(&settings, env.generation, notifier);
     }
+    // First: plugins' own threads, started by their init, inherit it too.
+    if settings.batch_scheduling {
+        batch_scheduling();
+    }
     let span = tracing::info_span!(
         "worker",
         generation = env.generation,
@@ -83,9 +87,6 @@ fn run(env: env::WorkerEnv, notifier: &notify::Notifier) -> anyhow::Result<()> {
     let lifeline = inherit::lifeline(&env)?;
     let tls = tls::load(env.tls_fd.as_deref(), &settings.tls)?;
     let router = span.in_scope(|| load_plugins(&settings, env.generation, notifier))?;
-    if settings.batch_scheduling {
-        batch_scheduling();
-    }
     let threads = match settings.threads {
         0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
         n => n,
@@ -121,14 +122,14 @@ fn run(env: env::WorkerEnv, notifier: &notify::Notifier) -> anyhow::Result<()> {
     served
 }
 
-/// Moves the worker to `SCHED_BATCH` before its runtime starts any thread (they inherit
-/// it), unless it runs under a policy set on purpose. Under the normal policy a worker
-/// thread woken by a request preempts whatever runs on that CPU (the client of a local
-/// benchmark, a neighbouring service, another worker thread) after every few requests;
-/// under `SCHED_BATCH` it waits for that task's time slice or sleep and then finds
-/// several requests ready, at the same share of the CPU. Measured on two cores shared
-/// with wrk: keep-alive from 0.88x to 1.06x nginx's throughput under `wrk -t1 -c64`
-/// (docs/BENCHMARKS.md, "What profiling found and changed").
+/// Moves the worker to `SCHED_BATCH` before it starts any thread (its runtime's and its
+/// plugins' inherit it), unless it runs under a policy set on purpose. Under the normal
+/// policy a worker thread woken by a request preempts whatever runs on that CPU (the
+/// client of a local benchmark, a neighbouring service, another worker thread) after every
+/// few requests; under `SCHED_BATCH` it waits for that task's time slice or sleep and then
+/// finds several requests ready, at the same share of the CPU. Measured on two cores
+/// shared with wrk: keep-alive from 0.88x to 1.06x nginx's throughput under
+/// `wrk -t1 -c64` (docs/BENCHMARKS.md, "What profiling found and changed").
 fn batch_scheduling() {
     match baton_sys::scheduling::batch_if_normal() {
         Ok(true) => tracing::debug!("scheduling policy: SCHED_BATCH"),

@@ -10,12 +10,7 @@
 /// same nice value), except that its waking up never preempts the task running on that
 /// CPU: it runs once that task sleeps or its time slice ends.
 pub fn batch_if_normal() -> std::io::Result<bool> {
-    // SAFETY: sched_getscheduler takes no pointers; 0 names the calling thread.
-    let policy = unsafe { libc::sched_getscheduler(0) };
-    if policy < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    if policy != libc::SCHED_OTHER {
+    if policy()? != libc::SCHED_OTHER {
         return Ok(false);
     }
     let param = libc::sched_param { sched_priority: 0 };
@@ -27,26 +22,31 @@ pub fn batch_if_normal() -> std::io::Result<bool> {
     Ok(true)
 }
 
-/// Whether the calling thread runs under `SCHED_BATCH`.
-pub fn is_batch() -> std::io::Result<bool> {
-    // SAFETY: as in batch_if_normal.
+/// The calling thread's policy (with `SCHED_RESET_ON_FORK` if that is set, so that a
+/// policy set with it never counts as the normal one).
+fn policy() -> std::io::Result<libc::c_int> {
+    // SAFETY: sched_getscheduler takes no pointers; 0 names the calling thread.
     let policy = unsafe { libc::sched_getscheduler(0) };
     if policy < 0 {
         return Err(std::io::Error::last_os_error());
     }
-    Ok(policy == libc::SCHED_BATCH)
+    Ok(policy)
 }
 
 #[cfg(test)]
 mod tests {
+    fn is_batch() -> bool {
+        super::policy().unwrap() == libc::SCHED_BATCH
+    }
+
     #[test]
     fn a_normal_thread_becomes_batch_and_its_new_threads_inherit_it() {
         // A thread of its own: the policy is the thread's, not the test process's.
         std::thread::spawn(|| {
-            assert!(!super::is_batch().unwrap(), "test threads start normal");
+            assert!(!is_batch(), "test threads start normal");
             assert!(super::batch_if_normal().unwrap());
-            assert!(super::is_batch().unwrap());
-            let child = std::thread::spawn(|| super::is_batch().unwrap());
+            assert!(is_batch());
+            let child = std::thread::spawn(is_batch);
             assert!(child.join().unwrap(), "a thread started later inherits it");
             assert!(
                 !super::batch_if_normal().unwrap(),
