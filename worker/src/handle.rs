@@ -377,7 +377,10 @@ fn route(parts: &http::request::Parts, input: Input<'_>, ctx: &ConnCtx) -> (Rout
                 };
                 return (Routed::Blocking(call), id);
             }
-            let _counted = CallGuard::new(&shared.plugin_calls);
+            // Not counted in `plugin_calls`: an inline call runs inside its connection's
+            // task, so an open connection already stands for it at shutdown, and the
+            // counter's cache line would bounce between the runtime threads at every
+            // request.
             let answer = plugin.call_with(
                 &call_of(route, parts, &params, body, shared.generation, shared.pid),
                 CallOpts {
