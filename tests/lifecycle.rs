@@ -692,11 +692,7 @@ async fn idle_http2_connections_leave_h2_between_requests_of_a_real_client() {
         "at most {idle} of {CLIENTS} idle: {text}"
     );
     // Every request was served by this generation (counts come once a second).
-    let deadline = Instant::now() + WAIT;
-    while baton.generation_count(1, "requests").await != Some(CLIENTS * 4) {
-        assert!(Instant::now() < deadline, "{:#}", baton.status().await);
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    baton.wait_count(1, "requests", CLIENTS * 4).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -724,15 +720,7 @@ async fn idle_http2_connections_get_a_goaway_at_once_when_a_drain_begins() {
         assert_eq!(response.status(), 200);
         held.push((sender, conn));
     }
-    let deadline = Instant::now() + WAIT;
-    while baton.generation_count(1, "idle").await != Some(HELD) {
-        assert!(
-            Instant::now() < deadline,
-            "not all idle: {:#}",
-            baton.status().await
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    baton.wait_count(1, "idle", HELD).await;
     // Each client's connection ends without an error: a GOAWAY, then the close. Before
     // the grace is over: a GOAWAY tells an HTTP/2 client to go elsewhere at once.
     let began = Instant::now();

@@ -386,19 +386,6 @@ async fn a_draining_chat_tells_its_rooms_then_they_reconnect_to_the_new_generati
     assert_eq!(baton.serving().await.map(|s| s.0), Some(2));
 }
 
-/// Waits until `n` connections of generation `number` wait in its idle set.
-async fn wait_idle(baton: &Baton, number: u64, n: u64) {
-    let deadline = Instant::now() + WAIT;
-    while baton.generation_count(number, "idle").await != Some(n) {
-        assert!(
-            Instant::now() < deadline,
-            "not {n} idle in generation {number}: {:#}",
-            baton.status().await
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 /// A chat client that reads all the time (answering pings, as a browser does): what it
 /// hears, and how many pings.
 struct Member {
@@ -466,7 +453,7 @@ async fn quiet_chat_clients_wait_in_the_idle_set_and_miss_no_message_ping_or_101
         while member.text().await != format!("* c{} joined", CLIENTS - 1) {}
     }
     // Quiet: every connection waits in the idle set, none in a task of its own.
-    wait_idle(&baton, 1, CLIENTS as u64).await;
+    baton.wait_count(1, "idle", CLIENTS as u64).await;
 
     // A message to the room reaches everyone: the plugin's sends bring each quiet
     // connection back from the idle set.
@@ -474,7 +461,7 @@ async fn quiet_chat_clients_wait_in_the_idle_set_and_miss_no_message_ping_or_101
     for member in &mut members {
         assert_eq!(member.text().await, "c0: hello");
     }
-    wait_idle(&baton, 1, CLIENTS as u64).await;
+    baton.wait_count(1, "idle", CLIENTS as u64).await;
 
     // Pings still go out to the connections that wait there, and they stay open.
     let deadline = Instant::now() + WAIT;
@@ -482,7 +469,7 @@ async fn quiet_chat_clients_wait_in_the_idle_set_and_miss_no_message_ping_or_101
         assert!(Instant::now() < deadline, "not every client was pinged");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    wait_idle(&baton, 1, CLIENTS as u64).await;
+    baton.wait_count(1, "idle", CLIENTS as u64).await;
 
     // The drain: the plugin's farewell (which brings each back from the idle set), then
     // 1012, spread over the window.

@@ -348,7 +348,7 @@ async fn a_client_that_never_reads_is_closed_and_memory_stays_bounded() {
         "worker RSS grew from {before} to {peak}"
     );
     drop(raw);
-    wait_websockets(&baton, 1, 0).await;
+    baton.wait_count(1, "websockets", 0).await;
 }
 
 #[tokio::test]
@@ -385,24 +385,7 @@ async fn a_client_gone_while_a_blocking_open_runs_still_gets_its_close_callback(
     let s = wait_stats(&baton, |s| stat(s, "closes") == 1).await;
     assert_eq!(stat(&s, "opens"), 1, "{s}");
     assert_eq!(stat(&s, "last_close"), 1006, "{s}");
-    wait_websockets(&baton, 1, 0).await;
-}
-
-/// Waits until generation `number` has `n` WebSockets open (`baton status --json`).
-async fn wait_websockets(baton: &Baton, number: u64, n: u64) {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let now = baton.generation_count(number, "websockets").await;
-        if now == Some(n) {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "generation {number}: {now:?} WebSockets, not {n}; status: {:#}",
-            baton.status().await
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    baton.wait_count(1, "websockets", 0).await;
 }
 
 #[tokio::test]
@@ -421,14 +404,10 @@ async fn across_an_upgrade_every_client_gets_1012_spread_out_and_reconnects() {
         assert_eq!(next(&mut ws).await, Message::text("gen=1"));
         clients.push(ws);
     }
-    wait_websockets(&baton, 1, CLIENTS as u64).await;
+    baton.wait_count(1, "websockets", CLIENTS as u64).await;
     // Quiet, they wait in the idle sets: the drain brings each back at its place in the
     // spread, to be closed.
-    let deadline = Instant::now() + WAIT;
-    while baton.generation_count(1, "idle").await != Some(CLIENTS as u64) {
-        assert!(Instant::now() < deadline, "{:#}", baton.status().await);
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    baton.wait_count(1, "idle", CLIENTS as u64).await;
 
     let upgraded = Instant::now();
     let tasks: Vec<_> = clients
@@ -473,7 +452,7 @@ async fn across_an_upgrade_every_client_gets_1012_spread_out_and_reconnects() {
         last - first > SPREAD / 3,
         "closes from {first:?} to {last:?}: not spread"
     );
-    wait_websockets(&baton, 2, CLIENTS as u64).await;
+    baton.wait_count(2, "websockets", CLIENTS as u64).await;
     let log = baton.log();
     assert!(!log.contains("drain forced"), "{log}");
 }
@@ -613,7 +592,7 @@ async fn a_thousand_clients_across_five_upgrades_each_see_1012_and_reconnect() {
         );
         eprintln!("upgrade to generation {generation}: last 1012 after {last:?}");
     }
-    wait_websockets(&baton, 6, CLIENTS as u64).await;
+    baton.wait_count(6, "websockets", CLIENTS as u64).await;
     assert!(!baton.log().contains("drain forced"), "{}", baton.log());
 }
 

@@ -323,6 +323,24 @@ impl Baton {
             .as_u64()
     }
 
+    /// Waits until [`Baton::generation_count`] of `field` is `n` (counts are reported once
+    /// a second), at most [`WAIT`].
+    pub async fn wait_count(&self, number: u64, field: &str, n: u64) {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let now = self.generation_count(number, field).await;
+            if now == Some(n) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "generation {number}: {field} {now:?}, not {n}; status: {:#}",
+                self.status().await
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Pids of the serving generation (number, pids).
     pub async fn serving(&self) -> Option<(u64, Vec<u32>)> {
         let status = self.status().await;

@@ -98,19 +98,12 @@ impl RawTls {
                 line: v.line(c),
             });
         }
-        let tls13_only = match self.min_version.as_ref().map(|m| (m, m.get_ref().as_str())) {
-            None | Some((_, "1.2")) => false,
-            Some((_, "1.3")) => true,
-            Some((m, other)) => {
-                return Err(v.invalid(
-                    m,
-                    "listener.tls.min_version",
-                    &format!(
-                        "{other:?}: write \"1.2\" (TLS 1.2 and 1.3) or \"1.3\" (TLS 1.3 only)"
-                    ),
-                ));
-            }
-        };
+        let tls13_only = v.choice(
+            &self.min_version,
+            "listener.tls.min_version",
+            &[("1.2", false), ("1.3", true)],
+            "write \"1.2\" (TLS 1.2 and 1.3) or \"1.3\" (TLS 1.3 only)",
+        )?;
         let alpn = match &self.alpn {
             None => defaults::TLS_ALPN.iter().map(|s| (*s).to_owned()).collect(),
             Some(list) => {
@@ -253,19 +246,12 @@ impl RawWorker {
                 1..=1024,
             )?,
             threads: v.int(&self.threads, "worker.threads", defaults::THREADS, 0..=1024)?,
-            batch_scheduling: match self.scheduling.as_ref().map(|s| (s, s.get_ref().as_str())) {
-                None | Some((_, "batch")) => true,
-                Some((_, "inherit")) => false,
-                Some((s, other)) => {
-                    return Err(v.invalid(
-                        s,
-                        "worker.scheduling",
-                        &format!(
-                            "{other:?}: write \"batch\" (SCHED_BATCH) or \"inherit\" (the policy baton runs under)"
-                        ),
-                    ));
-                }
-            },
+            batch_scheduling: v.choice(
+                &self.scheduling,
+                "worker.scheduling",
+                &[("batch", true), ("inherit", false)],
+                "write \"batch\" (SCHED_BATCH) or \"inherit\" (the policy baton runs under)",
+            )?,
             ready_timeout: v.duration(
                 &self.ready_timeout,
                 "worker.ready_timeout",
@@ -618,17 +604,15 @@ impl RawLog {
         v: &Validator,
         base: &Path,
     ) -> Result<Option<baton_proto::AccessLogSettings>, ConfigError> {
-        let format = match self.access_format.as_ref().map(|f| f.get_ref().as_str()) {
-            None | Some("combined") => baton_proto::AccessLogFormat::Combined,
-            Some("json") => baton_proto::AccessLogFormat::Json,
-            Some(other) => {
-                return Err(v.invalid(
-                    self.access_format.as_ref().expect("set"),
-                    "log.access_format",
-                    &format!("{other:?}: expected \"combined\" or \"json\""),
-                ));
-            }
-        };
+        let format = v.choice(
+            &self.access_format,
+            "log.access_format",
+            &[
+                ("combined", baton_proto::AccessLogFormat::Combined),
+                ("json", baton_proto::AccessLogFormat::Json),
+            ],
+            "expected \"combined\" or \"json\"",
+        )?;
         let target = match v.non_empty(&self.access, "log.access")? {
             None | Some("off") => return Ok(None),
             Some("stdout") => "stdout".to_owned(),

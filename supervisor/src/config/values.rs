@@ -87,6 +87,25 @@ impl Validator<'_> {
         }
     }
 
+    /// One of the words in `choices`, as what it stands for; the first when absent.
+    /// `hint` follows the word in the message for any other ("write ... or ...").
+    pub fn choice<T: Copy>(
+        &self,
+        value: &Option<Spanned<String>>,
+        key: &str,
+        choices: &[(&str, T)],
+        hint: &str,
+    ) -> Result<T, ConfigError> {
+        let Some(v) = value else {
+            return Ok(choices[0].1);
+        };
+        let word = v.get_ref().as_str();
+        match choices.iter().find(|(w, _)| *w == word) {
+            Some(&(_, meaning)) => Ok(meaning),
+            None => Err(self.invalid(v, key, &format!("{word:?}: {hint}"))),
+        }
+    }
+
     /// An integer in `range`; `default` when absent.
     pub fn int(
         &self,
