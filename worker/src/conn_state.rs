@@ -59,9 +59,6 @@ pub(crate) struct ConnState {
     /// An HTTP/2 connection is closing (its GOAWAY may be on its way): it no longer leaves
     /// h2 to wait idle.
     h2_closing: AtomicBool,
-    /// A drain began: an HTTP/2 connection at rest leaves h2 now, whatever its clock says,
-    /// to be closed with a GOAWAY of its own.
-    h2_leave: AtomicBool,
 }
 
 /// [`ConnState::park`] when no park was requested.
@@ -81,7 +78,6 @@ impl ConnState {
             park: AtomicU64::new(NO_PARK),
             park_due: AtomicU64::new(NO_PARK),
             h2_closing: AtomicBool::new(false),
-            h2_leave: AtomicBool::new(false),
         }
     }
 
@@ -209,15 +205,6 @@ impl ConnState {
 
     pub(crate) fn h2_closing(&self) -> bool {
         self.h2_closing.load(Ordering::Relaxed)
-    }
-
-    /// A drain began: an HTTP/2 connection at rest is to leave h2 at once.
-    pub(crate) fn h2_leave_now(&self) {
-        self.h2_leave.store(true, Ordering::Relaxed);
-    }
-
-    pub(crate) fn h2_leaving(&self) -> bool {
-        self.h2_leave.load(Ordering::Relaxed)
     }
 
     /// The last read from the socket found nothing to read.

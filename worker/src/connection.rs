@@ -488,7 +488,6 @@ async fn drive_h2<C: Future<Output = hyper::Result<()>>>(
             // error. A connection never at rest within `drain_idle_grace` (streams always
             // open) gets h2's graceful shutdown after it.
             if slot.is_some() {
-                state.h2_leave_now();
                 let serving = H2Serving {
                     conn: conn.as_mut(),
                     slot,
@@ -816,7 +815,7 @@ impl<I: Socket> ConnIo<I> {
             && !state.write_blocked()
             && !state.busy()
             && !state.h2_closing();
-        let due = settled && may_go(&h2.idle, state);
+        let due = settled && may_go(&h2.idle, state, &self.ctx.shared);
         if !due || !self.ctx.shared.idle.open() {
             return false;
         }
@@ -998,7 +997,7 @@ impl<I: Socket> ConnIo<I> {
                 break;
             }
         }
-        if may_go(&h2.idle, &self.ctx.state) {
+        if may_go(&h2.idle, &self.ctx.state, &self.ctx.shared) {
             cx.waker().wake_by_ref();
         }
     }
@@ -1248,8 +1247,9 @@ impl Detached {
 ///
 /// The timing is looked at first: it is cheaper than the frames, and on the write path of
 /// a busy connection it is usually what says no.
-fn may_go(idle: &H2Idle, state: &ConnState) -> bool {
-    let timely = state.quiet() || state.h2_leaving();
+fn may_go(idle: &H2Idle, state: &ConnState, shared: &Shared) -> bool {
+    // A drain began (`Shared::begin_closing`, before the connections hear of it): at once.
+    let timely = state.quiet() || shared.closing.load(Ordering::Relaxed);
     if !timely && idle.parks() > 0 {
         return false;
     }
