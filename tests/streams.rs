@@ -97,6 +97,19 @@ async fn raw(addr: std::net::SocketAddr, request: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// An HTTP/2 (prior knowledge) client on a new connection.
+async fn h2_client(
+    addr: std::net::SocketAddr,
+) -> hyper::client::conn::http2::SendRequest<Empty<Bytes>> {
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    sender
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deferred_answer_comes_from_a_thread_over_http1_and_http2() {
     let s = start("").await;
@@ -118,12 +131,7 @@ async fn a_deferred_answer_comes_from_a_thread_over_http1_and_http2() {
     assert_eq!((code, body.as_str()), (201, expected.as_str()));
 
     // HTTP/2 with prior knowledge.
-    let stream = TcpStream::connect(addr).await.unwrap();
-    let (mut sender, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
-            .await
-            .unwrap();
-    tokio::spawn(conn);
+    let mut sender = h2_client(addr).await;
     for _ in 0..3 {
         let request = http::Request::get(format!("http://{addr}/st/thread?n=500"))
             .body(Empty::<Bytes>::new())
@@ -145,12 +153,7 @@ async fn a_deferred_answer_comes_from_a_thread_over_http1_and_http2() {
     let lines: String = (0..100_000).map(|i| format!("line {i}\n")).collect();
     for version in [http::Version::HTTP_11, http::Version::HTTP_2] {
         let body = if version == http::Version::HTTP_2 {
-            let stream = TcpStream::connect(addr).await.unwrap();
-            let (mut sender, conn) =
-                hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
-                    .await
-                    .unwrap();
-            tokio::spawn(conn);
+            let mut sender = h2_client(addr).await;
             let request = http::Request::get(format!("http://{addr}/sb/in-handler?n=100000"))
                 .body(Empty::<Bytes>::new())
                 .unwrap();
@@ -169,6 +172,55 @@ async fn a_deferred_answer_comes_from_a_thread_over_http1_and_http2() {
         status_eventually_zero(&s.baton).await,
         "streams still counted"
     );
+}
+
+/// A stream written a line at a time reaches an HTTP/2 client that leaves it unread for a
+/// while, whole. Rust's `h2` (hyper's client) counts the small DATA frames it holds unread
+/// and closes the connection with `ENHANCE_YOUR_CALM` past a budget. Lines go out in
+/// frames of 16 KiB, or one frame per millisecond at most, not a frame each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_line_at_a_time_stream_reaches_a_slow_http2_reader_whole() {
+    let s = start("").await;
+    let addr = s.baton.addr();
+    let lines: String = (0..100_000).map(|i| format!("line {i}\n")).collect();
+    let mut sender = h2_client(addr).await;
+    for path in ["/sb/in-handler?n=100000", "/st/thread?n=100000"] {
+        let request = http::Request::get(format!("http://{addr}{path}"))
+            .body(Empty::<Bytes>::new())
+            .unwrap();
+        let started = Instant::now();
+        let response = sender.send_request(request).await.unwrap();
+        // The client's window (2 MiB) holds the whole body: the server sends it all while
+        // nothing is read.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let mut body = response.into_body();
+        let (mut got, mut frames) = (Vec::new(), 0);
+        while let Some(frame) = body.frame().await {
+            let frame = frame.unwrap_or_else(|e| panic!("{path}: after {frames} frames: {e:?}"));
+            if let Ok(data) = frame.into_data() {
+                got.extend_from_slice(&data);
+                frames += 1;
+            }
+        }
+        let expected = if path.starts_with("/sb") {
+            lines.clone()
+        } else {
+            (0..100_000).map(|i| format!("chunk {i}\n")).collect()
+        };
+        assert!(got == expected.as_bytes(), "{path}: {} bytes", got.len());
+        // Each frame is full, or at least a millisecond after the one before (or the
+        // first, or the last).
+        let ms = started.elapsed().as_millis() as usize;
+        let bound = got.len() / 16384 + ms + 2;
+        eprintln!(
+            "{path}: {} bytes in {frames} DATA frames over {ms} ms",
+            got.len()
+        );
+        assert!(
+            frames <= bound,
+            "{path}: {frames} frames, more than {bound}"
+        );
+    }
 }
 
 async fn status_eventually_zero(baton: &Baton) -> bool {

@@ -11,7 +11,7 @@
 use crate::conn_state::{ConnCtx, InFlight};
 use crate::metrics::Global;
 use crate::shared::Shared;
-use baton_loader::stream::{BodyFeed, Head, Room, StreamError, StreamReceiver};
+use baton_loader::stream::{BodyFeed, COALESCE_BYTES, Head, Room, StreamError, StreamReceiver};
 use bytes::Bytes;
 use http::Response;
 use http_body_util::Full;
@@ -20,6 +20,8 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::time::{Instant, Sleep};
 
 /// A response body: whole, or streamed by a plugin.
 pub(crate) enum Body {
@@ -45,7 +47,7 @@ impl hyper::body::Body for Body {
             Body::Full(full) => Pin::new(full)
                 .poll_frame(cx)
                 .map(|f| f.map(|f| f.map_err(|never| match never {}))),
-            Body::Stream(s) => s.rx.poll_chunk(cx).map(|c| c.map(|c| c.map(Frame::data))),
+            Body::Stream(s) => s.poll_data(cx).map(|c| c.map(|c| c.map(Frame::data))),
         }
     }
 
@@ -68,8 +70,46 @@ impl hyper::body::Body for Body {
 /// connection ended) ends the stream.
 pub(crate) struct StreamBody {
     rx: StreamReceiver,
+    /// When the last chunk was taken: writes that follow within [`GATHER`] are gathered.
+    last_take: Option<Instant>,
+    /// Ends a gathering, made for the stream's first.
+    gather_timer: Option<Pin<Box<Sleep>>>,
     _counted: Counted,
     _in_flight: InFlight,
+}
+
+/// How long writes that follow a chunk taken are gathered into the next one, unless
+/// [`COALESCE_BYTES`] are there sooner or the stream ends. A write after a quiet spell
+/// goes out at once; a plugin writing line after line sends a full frame, or one frame per
+/// `GATHER`, not one per line (which an HTTP/2 client may count against it: see
+/// [`COALESCE_BYTES`]).
+const GATHER: Duration = Duration::from_millis(1);
+
+impl StreamBody {
+    fn poll_data(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes, StreamError>>> {
+        let until = self
+            .last_take
+            .map(|t| t + GATHER)
+            .filter(|&t| t > Instant::now());
+        let mut out = self.rx.poll_chunk(cx, until.map_or(1, |_| COALESCE_BYTES));
+        if out.is_pending()
+            && let Some(deadline) = until
+        {
+            let timer = self
+                .gather_timer
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+            if timer.deadline() != deadline {
+                timer.as_mut().reset(deadline);
+            }
+            if timer.as_mut().poll(cx).is_ready() {
+                out = self.rx.poll_chunk(cx, 1);
+            }
+        }
+        if let Poll::Ready(Some(Ok(_))) = out {
+            self.last_take = Some(Instant::now());
+        }
+        out
+    }
 }
 
 /// Counts a stream in [`Shared::streams`] while it lives.
@@ -100,6 +140,8 @@ pub(crate) async fn deferred(mut rx: StreamReceiver, in_flight: InFlight) -> Def
             ctx.shared.metrics.add(Global::StreamsOpened, 1);
             let body = StreamBody {
                 rx,
+                last_take: None,
+                gather_timer: None,
                 _counted: Counted(ctx),
                 _in_flight: in_flight,
             };

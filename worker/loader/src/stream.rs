@@ -28,7 +28,7 @@ use baton_plugin::abi::{
     BATON_E_CLOSED, BATON_E_INVALID, BATON_E_STATE, BATON_E_TOO_LARGE, BATON_E_WOULD_BLOCK,
     BATON_OK, BatonHandle, BatonResponse, BatonStr, NotifyFn, WRITE_BLOCK,
 };
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use std::cell::Cell;
 use std::collections::{HashMap, VecDeque};
@@ -36,6 +36,14 @@ use std::ffi::c_void;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, LazyLock, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll, Waker};
+
+/// Writes the receiver has not taken yet are joined into chunks of up to this many bytes
+/// (16 KiB is HTTP/2's default frame size), and a receiver may ask to be woken only once
+/// this many are buffered ([`StreamReceiver::poll_chunk`]'s `at_least`): a plugin writing a
+/// line at a time goes out in full frames, not a frame per write. HTTP/2 clients count
+/// small DATA frames against a budget; Rust's `h2` (0.4.20 on) closes the connection with
+/// `ENHANCE_YOUR_CALM` once a slow reader holds too many.
+pub const COALESCE_BYTES: usize = 16 * 1024;
 
 /// The next handle; never reused within the process.
 static NEXT: AtomicU64 = AtomicU64::new(1);
@@ -197,11 +205,16 @@ struct StreamState {
     head_sent: bool,
     /// The receiver took the head; with a `Content-Length` in it.
     head_out: Option<Length>,
-    chunks: VecDeque<Bytes>,
+    /// Written and not yet taken; small writes are joined (see [`COALESCE_BYTES`]).
+    chunks: VecDeque<BytesMut>,
     buffered: usize,
     end: Option<End>,
-    /// The receiver's task, woken on a head, data or the end.
+    /// The receiver's task, woken on a head, the end, or data once `wake_at` bytes are
+    /// buffered.
     waker: Option<Waker>,
+    wake_at: usize,
+    /// A writer found no room since the receiver last took a chunk.
+    no_room: bool,
     on_writable: Option<Callback>,
     /// The request body of the same request, closed with the stream.
     body: Option<BodyStream>,
@@ -327,10 +340,24 @@ impl StreamReceiver {
 
     /// The next body chunk: `None` at the end (finished by the plugin or ended by the
     /// host), an error if the plugin failed the stream.
-    pub fn poll_chunk(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes, StreamError>>> {
+    ///
+    /// A chunk is taken only once `at_least` bytes are buffered (at most the buffer's
+    /// capacity), or the stream ended, or a writer found no room; until then the task is
+    /// woken only when one of these happens. `1` takes whatever there is.
+    pub fn poll_chunk(
+        &mut self,
+        cx: &mut Context<'_>,
+        at_least: usize,
+    ) -> Poll<Option<Result<Bytes, StreamError>>> {
+        let at_least = at_least.clamp(1, self.stream.capacity);
         let (out, due, took) = {
             let mut st = self.stream.state();
-            let chunk = st.chunks.pop_front();
+            let chunk = if st.buffered >= at_least || st.no_room || st.end.is_some() {
+                st.no_room = false;
+                st.chunks.pop_front().map(BytesMut::freeze)
+            } else {
+                None
+            };
             let took = chunk.is_some();
             if let Some(c) = &chunk {
                 st.buffered -= c.len();
@@ -343,6 +370,7 @@ impl StreamReceiver {
                 }
                 (None, Some(_)) => Poll::Ready(None),
                 (None, None) => {
+                    st.wake_at = at_least;
                     store_waker(&mut st.waker, cx);
                     Poll::Pending
                 }
@@ -410,7 +438,7 @@ pub(crate) fn new_stream(
     let mut chunks = VecDeque::new();
     let buffered = body.len();
     if !body.is_empty() {
-        chunks.push_back(Bytes::from(body));
+        chunks.push_back(BytesMut::from(Bytes::from(body)));
     }
     let stream = Arc::new(Stream {
         handle,
@@ -424,6 +452,8 @@ pub(crate) fn new_stream(
             buffered,
             end: None,
             waker: None,
+            wake_at: 1,
+            no_room: false,
             on_writable: None,
             body: request_body,
         }),
@@ -525,6 +555,9 @@ pub(crate) unsafe extern "C" fn host_write(s: BatonHandle, d: BatonStr, f: u32) 
         if st.fits(data.len(), s.capacity) {
             break;
         }
+        // No room: whatever is buffered is all the receiver gets for now.
+        st.no_room = true;
+        st.wake();
         if !block {
             return BATON_E_WOULD_BLOCK;
         }
@@ -532,10 +565,17 @@ pub(crate) unsafe extern "C" fn host_write(s: BatonHandle, d: BatonStr, f: u32) 
     }
     st.head_sent = true;
     if !data.is_empty() {
-        st.chunks.push_back(Bytes::copy_from_slice(data));
+        match st.chunks.back_mut() {
+            Some(last) if last.len() + data.len() <= COALESCE_BYTES => {
+                last.extend_from_slice(data);
+            }
+            _ => st.chunks.push_back(BytesMut::from(data)),
+        }
         st.buffered += data.len();
     }
-    st.wake();
+    if st.buffered >= st.wake_at {
+        st.wake();
+    }
     data.len() as i64
 }
 
@@ -954,7 +994,7 @@ mod tests {
 
     fn poll_chunk(rx: &mut StreamReceiver) -> Poll<Option<Result<Bytes, StreamError>>> {
         let waker = Waker::from(Arc::new(Count::default()));
-        rx.poll_chunk(&mut Context::from_waker(&waker))
+        rx.poll_chunk(&mut Context::from_waker(&waker), 1)
     }
 
     static CALLED: AtomicUsize = AtomicUsize::new(0);
@@ -999,6 +1039,83 @@ mod tests {
         assert_eq!(write(rx.handle(), b"0123456789", 0), 10);
         assert_eq!(write(rx.handle(), b"x", 0), BATON_E_WOULD_BLOCK);
         assert!(matches!(poll_chunk(&mut rx), Poll::Ready(Some(Ok(c))) if c.len() == 10));
+    }
+
+    #[test]
+    fn small_writes_not_yet_taken_are_joined_up_to_a_frame() {
+        let mut rx = receiver(1 << 20);
+        let h = rx.handle();
+        let line = b"line 12345\n";
+        let per_chunk = COALESCE_BYTES / line.len();
+        for _ in 0..per_chunk + 1 {
+            assert_eq!(write(h, line, 0), line.len() as i64);
+        }
+        let big = vec![b'x'; COALESCE_BYTES];
+        assert_eq!(write(h, &big, 0), big.len() as i64);
+        let mut taken = Vec::new();
+        while let Poll::Ready(Some(Ok(c))) = poll_chunk(&mut rx) {
+            taken.push(c);
+        }
+        let sizes: Vec<usize> = taken.iter().map(|c| c.len()).collect();
+        // One full chunk of lines, the line that did not fit, then the big write alone.
+        assert_eq!(sizes, [per_chunk * line.len(), line.len(), COALESCE_BYTES]);
+        assert!(
+            taken[..2]
+                .iter()
+                .all(|c| c.chunks(line.len()).all(|l| l == line))
+        );
+
+        // What the receiver already took is never added to: the next write is new.
+        assert_eq!(write(h, b"a", 0), 1);
+        assert!(matches!(poll_chunk(&mut rx), Poll::Ready(Some(Ok(c))) if &c[..] == b"a"));
+        assert_eq!(write(h, b"b", 0), 1);
+        assert!(matches!(poll_chunk(&mut rx), Poll::Ready(Some(Ok(c))) if &c[..] == b"b"));
+    }
+
+    #[test]
+    fn a_receiver_asking_for_at_least_n_bytes_is_woken_once_they_are_there() {
+        let mut rx = receiver(100);
+        let h = rx.handle();
+        let woken = Arc::new(Count::default());
+        let waker = Waker::from(woken.clone());
+        let mut cx = Context::from_waker(&waker);
+        let woken = || woken.0.load(Ordering::SeqCst);
+        assert!(rx.poll_chunk(&mut cx, 10).is_pending());
+        assert_eq!(write(h, b"12345", 0), 5);
+        assert_eq!(woken(), 0, "not for 5 of 10 bytes");
+        assert!(rx.poll_chunk(&mut cx, 10).is_pending());
+        assert_eq!(write(h, b"67890", 0), 5);
+        assert_eq!(woken(), 1);
+        let got = rx.poll_chunk(&mut cx, 10);
+        assert!(matches!(got, Poll::Ready(Some(Ok(c))) if &c[..] == b"1234567890"));
+
+        // Asking for more than the buffer holds is asking for a full buffer, and a writer
+        // that finds no room gets the receiver to take what there is.
+        assert!(rx.poll_chunk(&mut cx, 1 << 20).is_pending());
+        assert_eq!(write(h, &[b'x'; 95], 0), 95);
+        assert_eq!(woken(), 1);
+        assert_eq!(write(h, &[b'y'; 10], 0), BATON_E_WOULD_BLOCK);
+        assert_eq!(woken(), 2);
+        let got = rx.poll_chunk(&mut cx, 1 << 20);
+        assert!(matches!(got, Poll::Ready(Some(Ok(c))) if c.len() == 95));
+        assert!(rx.poll_chunk(&mut cx, 1 << 20).is_pending());
+        assert_eq!(write(h, &[b'y'; 100], 0), 100);
+        assert_eq!(woken(), 3, "a full buffer");
+        assert!(matches!(
+            rx.poll_chunk(&mut cx, 1 << 20),
+            Poll::Ready(Some(Ok(_)))
+        ));
+
+        // The end is taken at once, with what is left.
+        assert!(rx.poll_chunk(&mut cx, 50).is_pending());
+        assert_eq!(write(h, b"tail", 0), 4);
+        assert_eq!(woken(), 3);
+        // SAFETY: a live handle.
+        assert_eq!(unsafe { host_finish(h) }, BATON_OK);
+        assert_eq!(woken(), 4);
+        let got = rx.poll_chunk(&mut cx, 50);
+        assert!(matches!(got, Poll::Ready(Some(Ok(c))) if &c[..] == b"tail"));
+        assert!(matches!(rx.poll_chunk(&mut cx, 50), Poll::Ready(None)));
     }
 
     #[test]
