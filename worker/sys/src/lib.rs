@@ -10,6 +10,7 @@
 //! - [`inherit`]: taking the fds a process inherited across `exec`, by number;
 //! - [`activation`]: systemd's socket-activation protocol (`LISTEN_FDS`), receiving side,
 //!   used by the supervisor and the worker alike;
+//! - [`cache`]: prefetching a value's cache lines;
 //! - [`child`]: placing fds in a child process between `fork` and `exec`;
 //! - [`lease`]: whether some process has a file open for writing;
 //! - [`memory`] and [`random`]: `malloc_trim` and `getrandom`;
@@ -21,6 +22,7 @@
 //! caller's.
 
 pub mod activation;
+pub mod cache;
 pub mod child;
 pub mod inherit;
 pub mod lease;
