@@ -59,6 +59,11 @@ pub(crate) struct ConnState {
     /// An HTTP/2 connection is closing (its GOAWAY may be on its way): it no longer leaves
     /// h2 to wait idle.
     h2_closing: AtomicBool,
+    /// Where the last read from the socket went and the last write came from (hyper's
+    /// buffers, which it keeps for the connection's life), to be prefetched before the
+    /// next request is read ([`ConnState::buffers`]). Addresses only, never read through.
+    read_at: AtomicUsize,
+    write_at: AtomicUsize,
 }
 
 /// [`ConnState::park`] when no park was requested.
@@ -78,7 +83,28 @@ impl ConnState {
             park: AtomicU64::new(NO_PARK),
             park_due: AtomicU64::new(NO_PARK),
             h2_closing: AtomicBool::new(false),
+            read_at: AtomicUsize::new(0),
+            write_at: AtomicUsize::new(0),
         }
+    }
+
+    /// Notes where a read from the socket went (`read`) or a write came from (`write`).
+    pub(crate) fn read_into(&self, read: *const u8) {
+        self.read_at.store(read.addr(), Ordering::Relaxed);
+    }
+
+    /// See [`ConnState::read_into`].
+    pub(crate) fn wrote_from(&self, write: *const u8) {
+        self.write_at.store(write.addr(), Ordering::Relaxed);
+    }
+
+    /// Where the last read went and the last write came from (0: none yet). They may be
+    /// gone since: only ever prefetched.
+    pub(crate) fn buffers(&self) -> (usize, usize) {
+        (
+            self.read_at.load(Ordering::Relaxed),
+            self.write_at.load(Ordering::Relaxed),
+        )
     }
 
     /// HTTP/2 with prior knowledge: known from the connection's first read.
@@ -284,6 +310,16 @@ impl Drop for InFlight {
 mod tests {
     use super::*;
     use http::Request;
+
+    #[test]
+    fn the_buffers_noted_are_the_last_read_into_and_written_from() {
+        let state = ConnState::new();
+        assert_eq!(state.buffers(), (0, 0), "none before the first read");
+        let (read, write) = ([0u8; 16], [0u8; 16]);
+        state.read_into(read.as_ptr());
+        state.wrote_from(write[4..].as_ptr());
+        assert_eq!(state.buffers(), (read.as_ptr().addr(), write.as_ptr().addr() + 4));
+    }
 
     #[test]
     fn keep_alive_follows_the_version_and_the_connection_header() {

@@ -21,3 +21,22 @@ pub fn prefetch<T>(value: &T) {
     #[cfg(not(target_arch = "x86_64"))]
     let _ = value;
 }
+
+/// Asks the CPU to bring the cache lines of the `len` bytes at `address` into its caches.
+/// The address need not be valid (a prefetch never faults), so a buffer that may have
+/// been freed since is fine: the hint is then merely wasted.
+#[inline]
+pub fn prefetch_at(address: usize, len: usize) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
+        for offset in (0..len).step_by(64) {
+            let line = std::ptr::without_provenance::<i8>(address.wrapping_add(offset));
+            // SAFETY: as in `prefetch`: SSE is in the target's baseline, and a prefetch
+            // never faults, whatever the address; nothing is read or written through it.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(line) };
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (address, len);
+}
