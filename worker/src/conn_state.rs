@@ -318,7 +318,10 @@ mod tests {
         let (read, write) = ([0u8; 16], [0u8; 16]);
         state.read_into(read.as_ptr());
         state.wrote_from(write[4..].as_ptr());
-        assert_eq!(state.buffers(), (read.as_ptr().addr(), write.as_ptr().addr() + 4));
+        assert_eq!(
+            state.buffers(),
+            (read.as_ptr().addr(), write.as_ptr().addr() + 4)
+        );
     }
 
     #[test]
