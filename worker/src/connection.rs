@@ -438,12 +438,13 @@ where
     ) -> std::task::Poll<Self::Output> {
         let this = self.get_mut();
         // With thousands of connections, what hyper keeps for this one (its connection,
-        // with the socket in it) and its state are out of the CPU's caches by its next
-        // request, and hyper's code reads them one line after another. Asked for at once
-        // they came in 0.3 µs sooner per request at 10,000 connections (docs/BENCHMARKS.md).
+        // with the socket in it), its state, and where its next request is read into and
+        // its answer's head written from are out of the CPU's caches by its next request,
+        // and the code reads them one line after another. Asked for at once here, they
+        // cost 0.9 µs less CPU per request at 10,000 connections, of about 11.8
+        // (docs/BENCHMARKS.md, "Cache misses at 10,000 connections").
         baton_sys::cache::prefetch(&*this.conn);
         baton_sys::cache::prefetch(this.state);
-        // And where its next request will be read into, and its answer's head written.
         let (read, write) = this.state.buffers();
         baton_sys::cache::prefetch_at(read, 128);
         baton_sys::cache::prefetch_at(write, 192);
