@@ -73,8 +73,9 @@ impl hyper::body::Body for Body {
 /// common case nothing (see the test).
 pub(crate) struct StreamBody {
     rx: StreamReceiver,
-    /// What is being gathered (see [`GATHER`]), made at the stream's first chunk.
-    gather: Option<Box<Gather>>,
+    /// Runs out [`GATHER`] after the last chunk was taken (made at the stream's first):
+    /// until then, writes are gathered.
+    gather: Option<Pin<Box<Sleep>>>,
     in_flight: InFlight,
 }
 
@@ -93,40 +94,26 @@ impl Drop for StreamBody {
 /// [`COALESCE_BYTES`]).
 const GATHER: Duration = Duration::from_millis(1);
 
-struct Gather {
-    /// When the last chunk was taken: writes that follow within [`GATHER`] are gathered.
-    last_take: Instant,
-    /// Ends a gathering.
-    timer: Pin<Box<Sleep>>,
-}
-
 impl StreamBody {
     fn poll_data(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes, StreamError>>> {
-        let until = (self.gather.as_ref())
-            .map(|g| g.last_take + GATHER)
-            .filter(|&t| t > Instant::now());
-        let mut out = self.rx.poll_chunk(cx, until.map_or(1, |_| COALESCE_BYTES));
+        let gathering = (self.gather.as_mut()).filter(|timer| timer.deadline() > Instant::now());
+        let at_least = if gathering.is_some() {
+            COALESCE_BYTES
+        } else {
+            1
+        };
+        let mut out = self.rx.poll_chunk(cx, at_least);
         if out.is_pending()
-            && let Some(deadline) = until
+            && let Some(timer) = gathering
+            && timer.as_mut().poll(cx).is_ready()
         {
-            let timer = &mut self.gather.as_mut().expect("gathering").timer;
-            if timer.deadline() != deadline {
-                timer.as_mut().reset(deadline);
-            }
-            if timer.as_mut().poll(cx).is_ready() {
-                out = self.rx.poll_chunk(cx, 1);
-            }
+            out = self.rx.poll_chunk(cx, 1);
         }
         if let Poll::Ready(Some(Ok(_))) = out {
-            let now = Instant::now();
+            let until = Instant::now() + GATHER;
             match &mut self.gather {
-                Some(g) => g.last_take = now,
-                None => {
-                    self.gather = Some(Box::new(Gather {
-                        last_take: now,
-                        timer: Box::pin(tokio::time::sleep_until(now + GATHER)),
-                    }));
-                }
+                Some(timer) => timer.as_mut().reset(until),
+                None => self.gather = Some(Box::pin(tokio::time::sleep_until(until))),
             }
         }
         out

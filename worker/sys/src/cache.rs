@@ -7,19 +7,7 @@
 /// changes nothing, and cannot fault; elsewhere than on x86-64 it does nothing.
 #[inline]
 pub fn prefetch<T>(value: &T) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
-        let start = std::ptr::from_ref(value).cast::<i8>();
-        for offset in (0..size_of::<T>()).step_by(64) {
-            // SAFETY: `_mm_prefetch` needs SSE, which every x86-64 CPU has (it is in the
-            // target's baseline); a prefetch never faults, whatever the address, and here
-            // every address is within `value`.
-            unsafe { _mm_prefetch::<_MM_HINT_T0>(start.wrapping_add(offset)) };
-        }
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = value;
+    prefetch_at(std::ptr::from_ref(value).addr(), size_of::<T>());
 }
 
 /// Asks the CPU to bring the cache lines of the `len` bytes at `address` into its caches.
@@ -32,8 +20,9 @@ pub fn prefetch_at(address: usize, len: usize) {
         use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
         for offset in (0..len).step_by(64) {
             let line = std::ptr::without_provenance::<i8>(address.wrapping_add(offset));
-            // SAFETY: as in `prefetch`: SSE is in the target's baseline, and a prefetch
-            // never faults, whatever the address; nothing is read or written through it.
+            // SAFETY: `_mm_prefetch` needs SSE, which every x86-64 CPU has (it is in the
+            // target's baseline); a prefetch never faults, whatever the address, and
+            // nothing is read or written through it.
             unsafe { _mm_prefetch::<_MM_HINT_T0>(line) };
         }
     }
