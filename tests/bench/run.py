@@ -1187,6 +1187,28 @@ def scenario_e(server, conns, upgrades):
     return r
 
 
+def scenario_e_turns(servers, conns, upgrades, turns):
+    """(e) for every server, up at once, taking `turns` turns each in an order that
+    rotates, as in (a): a single run per server was as far off as 0.78x or 0.96x on the
+    same build, the machine's slow spells falling on one server or another. Totals over
+    the turns, with each turn's requests kept."""
+    slices = {s.name: [] for s in servers}
+    for t in range(turns):
+        k = t % len(servers)
+        for server in servers[k:] + servers[:k]:
+            log(f"(e) {server.name}, turn {t + 1} of {turns}")
+            slices[server.name].append(scenario_e(server, conns, upgrades))
+    out = {}
+    for name, rs in slices.items():
+        total = {key: sum(r[key] for r in rs)
+                 for key in ("requests", "non2xx", "connect", "read", "write", "timeout", "errors")}
+        total["max_ms"] = max((r["max_ms"] for r in rs if r["max_ms"] is not None), default=None)
+        total["turns"] = len(rs)
+        total["turns_requests"] = [r["requests"] for r in rs]
+        out[name] = total
+    return out
+
+
 def kernel_memory():
     """Kernel memory that grows with sockets, KiB: slab (struct sock, file, epoll items, ...)
     and TCP's buffers (sockstat's mem, in pages). System-wide; on loopback both ends count."""
@@ -1412,14 +1434,16 @@ def report(results, quick):
         add(f"{n:14} {d['idle']['rss_kib'] / 1024:>9.1f} {d['idle']['pss_kib'] / 1024:>9.1f} "
             f"{' '.join(per_kind)} {' '.join(after)}  {per}")
     add("")
-    add("(e) 10,000 keep-alive connections across 5 upgrades (wrk -t2 -c10000)")
-    add(f"{'server':14} {'requests':>9} {'non-2xx':>8} {'connect':>8} {'read':>6} {'write':>6} {'timeout':>8} {'max ms':>8}")
+    add("(e) 10,000 keep-alive connections across 5 upgrades (wrk -t2 -c10000), totals over the turns")
+    add(f"{'server':14} {'turns':>5} {'requests':>9} {'non-2xx':>8} {'connect':>8} {'read':>6} {'write':>6} "
+        f"{'timeout':>8} {'max ms':>8}  per turn")
     for n in names:
         e = results["servers"][n].get("e")
         if not e:
             continue
-        add(f"{n:14} {e['requests']:>9} {e['non2xx']:>8} {e['connect']:>8} {e['read']:>6} {e['write']:>6} "
-            f"{e['timeout']:>8} {fmt(e['max_ms'], 1):>8}")
+        add(f"{n:14} {e.get('turns', 1):>5} {e['requests']:>9} {e['non2xx']:>8} {e['connect']:>8} {e['read']:>6} "
+            f"{e['write']:>6} {e['timeout']:>8} {fmt(e['max_ms'], 1):>8}  "
+            f"{' '.join(str(r) for r in e.get('turns_requests', []))}")
     f_rows = [(n, results["servers"][n]["f"]) for n in names if results["servers"][n].get("f")]
     if f_rows:
         add("")
@@ -1585,7 +1609,7 @@ def main():
     plan = {
         "a_seconds": 2, "a_turns": 2 if q else 10,
         "b_seconds": 8 if q else 30, "c_upgrades": 10 if q else 50, "c_self_upgrades": 5 if q else 20,
-        "d_connections": 1000, "e_connections": 10000, "e_upgrades": 5,
+        "d_connections": 1000, "e_connections": 10000, "e_upgrades": 5, "e_turns": 1 if q else 3,
         "f_levels": levels,
     }
     SCENARIO_CONNS["f"] = levels[-1]
@@ -1609,6 +1633,16 @@ def main():
     for n in names:
         results["servers"][n] = {}
 
+    def start_all(names, key, wanted, up):
+        """Starts every server `wanted(name, class)` says, set up for scenario `key`, into
+        `up` (so that the caller stops those that started if a later one fails)."""
+        for n, cls in servers_for(names):
+            if wanted(n, cls):
+                server = cls()
+                server.conns = SCENARIO_CONNS[key]
+                up.append(server)
+                server.start()
+
     def with_server(cls, fn, key):
         server = cls()
         server.conns = SCENARIO_CONNS[key]
@@ -1622,13 +1656,7 @@ def main():
     if "a" in only:
         up = []
         try:
-            for n, cls in servers_for(names):
-                if n == "nginx-binary":
-                    continue
-                server = cls()
-                server.conns = SCENARIO_CONNS["a"]
-                up.append(server)
-                server.start()
+            start_all(names, "a", lambda n, cls: n != "nginx-binary", up)
             log(f"(a) {plan['a_turns']} turns of {plan['a_seconds']} s per server and mode")
             for n, r in scenario_a(up, plan["a_turns"], plan["a_seconds"]).items():
                 results["servers"][n]["a"] = r
@@ -1638,7 +1666,6 @@ def main():
     for key, fn in (("b", lambda s: scenario_b(s, plan["b_seconds"])),
                     ("c", lambda s: scenario_c(s, plan["c_upgrades"])),
                     ("d", lambda s: scenario_d(s, plan["d_connections"])),
-                    ("e", lambda s: scenario_e(s, plan["e_connections"], plan["e_upgrades"])),
                     ("f", lambda s: scenario_f(s, plan["f_levels"], upgrade=s.upgrade_kind is not None))):
         if key not in only:
             continue
@@ -1666,6 +1693,18 @@ def main():
                 results["servers"][n]["c_self"] = with_server(
                     (lambda: Baton(own_binary=True)) if n == "baton" else cls,
                     lambda s: scenario_c_self(s, plan["c_self_upgrades"]), "c_self")
+    # (e): every server up at once, taking turns (see scenario_e_turns).
+    if "e" in only:
+        up = []
+        try:
+            start_all(names, "e", lambda n, cls: n not in VARIANTS and cls is not Bare, up)
+            log(f"(e) {plan['e_turns']} turns per server")
+            for n, r in scenario_e_turns(up, plan["e_connections"], plan["e_upgrades"],
+                                         plan["e_turns"]).items():
+                results["servers"][n]["e"] = r
+        finally:
+            for server in up:
+                server.stop()
     results["seconds"] = round(time.time() - started)
 
     table = report(results, q)
