@@ -196,15 +196,29 @@ mod tests {
             "polled at the first select only"
         );
 
-        // A side that wakes during a later select is polled there, and wins.
+        // A side that wakes while a later select waits is polled there, and wins.
         let (tx, rx) = tokio::sync::oneshot::channel::<u8>();
         let mut side = LazySide::new(rx);
-        let first = std::pin::pin!(async { 1 });
-        assert!(matches!(side.select(first).await, Either::Main(1)));
-        tx.send(9).unwrap();
+        let mut waited = false;
+        let first = std::future::poll_fn(move |cx| {
+            if std::mem::replace(&mut waited, true) {
+                return Poll::Ready(1);
+            }
+            cx.waker().wake_by_ref();
+            Poll::Pending
+        });
+        assert!(matches!(
+            side.select(std::pin::pin!(first)).await,
+            Either::Main(1)
+        ));
+        let sender = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            tx.send(9).unwrap();
+        });
         let pending = std::pin::pin!(std::future::pending::<()>());
         let out = tokio::time::timeout(Duration::from_secs(5), side.select(pending)).await;
         assert!(matches!(out, Ok(Either::Side(Ok(9)))), "{out:?}");
+        sender.await.unwrap();
     }
 
     #[tokio::test]
