@@ -16,7 +16,7 @@ use crate::drain::{ConnectionGuard, Drain, DrainWatch, Phase};
 use crate::h2_idle::{H2Idle, Rest};
 use crate::handle::handle;
 use crate::idle::{IdleSocket, Waiting};
-use crate::lazy_select::{Either, LazySide, lazy_select};
+use crate::lazy_select::{Either, lazy_select};
 use crate::metrics::Global;
 use crate::router::Router;
 use crate::shared::Shared;
@@ -311,12 +311,11 @@ fn serve<I: Socket>(
             );
             return;
         }
-        // The drain and the clock, polled only when they wake the task, over every hyper
-        // connection and every wait between them.
-        let mut side = LazySide::new(side.as_mut());
         loop {
-            // Borrows the connection's context: hyper's connection lives in this loop.
-            let service = service_fn(|req| handle(req, &ctx));
+            let service = {
+                let ctx = ctx.clone();
+                service_fn(move |req| handle(req, &ctx))
+            };
             // With upgrades: a WebSocket route takes the connection over after its 101.
             let mut conn = Box::new(
                 ctx.shared
@@ -330,7 +329,7 @@ fn serve<I: Socket>(
                 entered: ctx.state.activity(),
                 parking: false,
             };
-            match side.select(serving).await {
+            match lazy_select(serving, side.as_mut()).await {
                 Either::Main(Ok(())) => {}
                 Either::Main(result) => return log_end(result),
                 Either::Side(Some(Expired::Header)) => {
@@ -391,13 +390,16 @@ fn serve<I: Socket>(
             }
             // Idle outside hyper until the client sends (or closes). Biased like the first
             // read: a request that arrived is served even if the drain's grace is over.
-            let waiting = std::pin::pin!(io.idle_read());
-            match side.select(waiting).await {
-                Either::Main(Ok(())) => {}
-                Either::Main(Err(e)) => return tracing::debug!("connection ended: {e}"),
+            tokio::select! {
+                biased;
+                ready = io.idle_read() => {
+                    if let Err(e) = ready {
+                        return tracing::debug!("connection ended: {e}");
+                    }
+                }
                 // The drain's grace or keepalive_timeout is over: closed (nothing is unread,
                 // so the close is a FIN).
-                Either::Side(_) => return,
+                _ = side.as_mut() => return,
             }
         }
     }

@@ -4,10 +4,8 @@
 //!
 //! `tokio::select!` polls every branch whenever the task wakes. A connection task wakes
 //! for every request, while its drain and clock change a few times in its life; polling
-//! them each time (a watch channel's lock, a timer entry) showed up in profiles. A
-//! [`LazySide`] keeps the side future and its waker across the several selects of a
-//! connection's life (each hyper connection, each wait between them). Owns no I/O and
-//! never decides anything: it only reports which future finished first.
+//! them each time (a watch channel's lock, a timer entry) showed up in profiles. Owns no
+//! I/O and never decides anything: it only reports which future finished first.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -23,32 +21,33 @@ pub enum Either<A, B> {
 }
 
 /// Resolves when `main` or `side` does; `main` is polled first.
-pub async fn lazy_select<M, S>(main: M, side: S) -> Either<M::Output, S::Output>
+pub fn lazy_select<M, S>(main: M, side: S) -> LazySelect<M, S>
 where
     M: Future + Unpin,
     S: Future + Unpin,
 {
-    LazySide::new(side).select(main).await
+    let flag = Arc::new(SideWaker {
+        // Set, so that the first poll polls `side` and lets it register its wakers.
+        fired: AtomicBool::new(true),
+        task: Mutex::new(None),
+    });
+    LazySelect {
+        main,
+        side,
+        side_waker: Waker::from(flag.clone()),
+        flag,
+        task: None,
+    }
 }
 
-/// A side future kept across several selects ([`LazySide::select`]), each with its own
-/// main future: polled at the first select, and after that only when a waker it
-/// registered has fired, whichever select is running then. What a select per step of a
-/// connection's life would cost anew each time (an `Arc` for its waker, a poll of the
-/// side to register it) is paid once.
-pub struct LazySide<S> {
+pub struct LazySelect<M, S> {
+    main: M,
     side: S,
     flag: Arc<SideWaker>,
     /// The waker `side` is polled with: it marks `flag` and wakes the task.
     side_waker: Waker,
     /// The task waker last handed to `flag`.
     task: Option<Waker>,
-}
-
-/// [`LazySide::select`]'s future.
-pub struct Select<'a, M, S> {
-    main: M,
-    side: &'a mut LazySide<S>,
 }
 
 /// The side future's waker: remembers that it fired, and wakes the task.
@@ -71,59 +70,7 @@ impl Wake for SideWaker {
     }
 }
 
-impl<S: Future + Unpin> LazySide<S> {
-    pub fn new(side: S) -> Self {
-        let flag = Arc::new(SideWaker {
-            // Set, so that the first poll polls `side` and lets it register its wakers.
-            fired: AtomicBool::new(true),
-            task: Mutex::new(None),
-        });
-        Self {
-            side,
-            side_waker: Waker::from(flag.clone()),
-            flag,
-            task: None,
-        }
-    }
-
-    /// Resolves when `main` or the side future does; `main` is polled first.
-    pub fn select<M: Future + Unpin>(&mut self, main: M) -> Select<'_, M, S> {
-        Select { main, side: self }
-    }
-
-    fn poll_with<M: Future + Unpin>(
-        &mut self,
-        main: &mut M,
-        cx: &mut Context<'_>,
-    ) -> Poll<Either<M::Output, S::Output>> {
-        // Hand over the task's waker before looking at the flag, so that a side wake-up
-        // after the look still reaches this task. A task's waker rarely changes.
-        if !self.task.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
-            let waker = cx.waker().clone();
-            *self
-                .flag
-                .task
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner) = Some(waker.clone());
-            self.task = Some(waker);
-        }
-        if let Poll::Ready(out) = Pin::new(main).poll(cx) {
-            return Poll::Ready(Either::Main(out));
-        }
-        // A plain load first: most polls find the flag clear, and a wake-up between the
-        // load and the store is not lost, since `side` is polled right after.
-        if self.flag.fired.load(Ordering::Acquire) {
-            self.flag.fired.store(false, Ordering::Release);
-            let mut side_cx = Context::from_waker(&self.side_waker);
-            if let Poll::Ready(out) = Pin::new(&mut self.side).poll(&mut side_cx) {
-                return Poll::Ready(Either::Side(out));
-            }
-        }
-        Poll::Pending
-    }
-}
-
-impl<M, S> Future for Select<'_, M, S>
+impl<M, S> Future for LazySelect<M, S>
 where
     M: Future + Unpin,
     S: Future + Unpin,
@@ -132,7 +79,30 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.get_mut();
-        this.side.poll_with(&mut this.main, cx)
+        // Hand over the task's waker before looking at the flag, so that a side wake-up
+        // after the look still reaches this task. A task's waker rarely changes.
+        if !this.task.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            let waker = cx.waker().clone();
+            *this
+                .flag
+                .task
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner) = Some(waker.clone());
+            this.task = Some(waker);
+        }
+        if let Poll::Ready(out) = Pin::new(&mut this.main).poll(cx) {
+            return Poll::Ready(Either::Main(out));
+        }
+        // A plain load first: most polls find the flag clear, and a wake-up between the
+        // load and the store is not lost, since `side` is polled right after.
+        if this.flag.fired.load(Ordering::Acquire) {
+            this.flag.fired.store(false, Ordering::Release);
+            let mut side_cx = Context::from_waker(&this.side_waker);
+            if let Poll::Ready(out) = Pin::new(&mut this.side).poll(&mut side_cx) {
+                return Poll::Ready(Either::Side(out));
+            }
+        }
+        Poll::Pending
     }
 }
 
@@ -140,17 +110,6 @@ where
 mod tests {
     use super::*;
     use std::time::Duration;
-
-    /// A side future that never finishes and counts its polls.
-    struct CountPolls<'a>(&'a std::sync::atomic::AtomicUsize);
-
-    impl Future for CountPolls<'_> {
-        type Output = ();
-        fn poll(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<()> {
-            self.0.fetch_add(1, Ordering::Relaxed);
-            Poll::Pending
-        }
-    }
 
     #[tokio::test]
     async fn the_main_future_wins_when_it_finishes_first() {
@@ -174,55 +133,15 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_side_kept_across_selects_is_polled_once_until_it_wakes() {
-        let polls = std::sync::atomic::AtomicUsize::new(0);
-        let mut side = LazySide::new(CountPolls(&polls));
-        for round in 0..3 {
-            // Pending once (so that the select looks at the side), then ready.
-            let mut waited = false;
-            let main = std::future::poll_fn(move |cx| {
-                if std::mem::replace(&mut waited, true) {
-                    return Poll::Ready(round);
-                }
-                cx.waker().wake_by_ref();
-                Poll::Pending
-            });
-            let main = std::pin::pin!(main);
-            assert!(matches!(side.select(main).await, Either::Main(r) if r == round));
-        }
-        assert_eq!(
-            polls.load(Ordering::Relaxed),
-            1,
-            "polled at the first select only"
-        );
-
-        // A side that wakes while a later select waits is polled there, and wins.
-        let (tx, rx) = tokio::sync::oneshot::channel::<u8>();
-        let mut side = LazySide::new(rx);
-        let mut waited = false;
-        let first = std::future::poll_fn(move |cx| {
-            if std::mem::replace(&mut waited, true) {
-                return Poll::Ready(1);
-            }
-            cx.waker().wake_by_ref();
-            Poll::Pending
-        });
-        assert!(matches!(
-            side.select(std::pin::pin!(first)).await,
-            Either::Main(1)
-        ));
-        let sender = tokio::spawn(async move {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-            tx.send(9).unwrap();
-        });
-        let pending = std::pin::pin!(std::future::pending::<()>());
-        let out = tokio::time::timeout(Duration::from_secs(5), side.select(pending)).await;
-        assert!(matches!(out, Ok(Either::Side(Ok(9)))), "{out:?}");
-        sender.await.unwrap();
-    }
-
-    #[tokio::test]
     async fn the_side_future_is_not_polled_when_only_the_main_one_woke() {
+        struct CountPolls<'a>(&'a std::sync::atomic::AtomicUsize);
+        impl Future for CountPolls<'_> {
+            type Output = ();
+            fn poll(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<()> {
+                self.0.fetch_add(1, Ordering::Relaxed);
+                Poll::Pending
+            }
+        }
         let polls = std::sync::atomic::AtomicUsize::new(0);
         // A main future that wakes its task ten times before it finishes.
         let mut left = 10;
