@@ -745,6 +745,14 @@ def parse_wrk(out):
 A_MODES = (("keepalive", False, 2), ("close", True, 2), ("keepalive-t1", False, 1))
 
 
+def turn_totals(rs):
+    """wrk's counts summed over turns, and the largest latency of any turn."""
+    total = {key: sum(r[key] for r in rs)
+             for key in ("requests", "non2xx", "connect", "read", "write", "timeout", "errors")}
+    total["max_ms"] = max((r["max_ms"] for r in rs if r["max_ms"] is not None), default=None)
+    return total
+
+
 def scenario_a(servers, turns, seconds):
     """Every server is up; they take turns of `seconds` under the same load, in an order
     that rotates, `turns` times for each mode. The machine's slow spells last several
@@ -759,13 +767,11 @@ def scenario_a(servers, turns, seconds):
             for server in servers[k:] + servers[:k]:
                 slices[server.name].append(wrk(server.port, server.path, threads, 64, seconds, close=close))
         for name, rs in slices.items():
-            total = {key: sum(r[key] for r in rs)
-                     for key in ("requests", "non2xx", "connect", "read", "write", "timeout", "errors")}
+            total = turn_totals(rs)
             total["rps"] = sum(r["requests"] for r in rs) / (seconds * len(rs))
             for key in ("p50_ms", "p99_ms"):
                 got = sorted(r[key] for r in rs if r[key] is not None)
                 total[key] = statistics.median(got) if got else None
-            total["max_ms"] = max((r["max_ms"] for r in rs if r["max_ms"] is not None), default=None)
             total["turns_rps"] = [r["rps"] for r in rs]
             out.setdefault(name, {})[mode] = total
     return out
@@ -1200,9 +1206,7 @@ def scenario_e_turns(servers, conns, upgrades, turns):
             slices[server.name].append(scenario_e(server, conns, upgrades))
     out = {}
     for name, rs in slices.items():
-        total = {key: sum(r[key] for r in rs)
-                 for key in ("requests", "non2xx", "connect", "read", "write", "timeout", "errors")}
-        total["max_ms"] = max((r["max_ms"] for r in rs if r["max_ms"] is not None), default=None)
+        total = turn_totals(rs)
         total["turns"] = len(rs)
         total["turns_requests"] = [r["requests"] for r in rs]
         out[name] = total

@@ -96,7 +96,10 @@ const GATHER: Duration = Duration::from_millis(1);
 
 impl StreamBody {
     fn poll_data(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes, StreamError>>> {
-        let gathering = (self.gather.as_mut()).filter(|timer| timer.deadline() > Instant::now());
+        let gathering = self
+            .gather
+            .as_mut()
+            .filter(|timer| timer.deadline() > Instant::now());
         let at_least = if gathering.is_some() {
             COALESCE_BYTES
         } else {
